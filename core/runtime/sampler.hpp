@@ -1,0 +1,31 @@
+// Picks the next token from a row of logits, as transformers' generate does: repetition penalty
+// over the prompt and the tokens so far, then greedy argmax (first index of the maximum), or
+// temperature, top-k, top-p and a draw from the softmax with the sampler's own seeded generator.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <span>
+
+namespace tpe {
+
+struct SamplingParams {
+  bool do_sample = false;
+  double temperature = 1.0;         // > 0
+  int64_t top_k = 0;                // 0 = off
+  double top_p = 1.0;               // in (0, 1]; 1 = off
+  double repetition_penalty = 1.0;  // 1 = off
+};
+
+class Sampler {
+ public:
+  explicit Sampler(uint64_t seed) : rng_(seed) {}
+  // logits is modified in place; history: the sequence's prompt and generated tokens.
+  int64_t sample(std::span<float> logits, std::span<const int64_t> history,
+                 const SamplingParams& params);
+
+ private:
+  std::mt19937_64 rng_;
+};
+
+}  // namespace tpe
