@@ -1,0 +1,113 @@
+// The graph IR: what a policy plugin describes of its architecture, before any split or load.
+// Every value is a [tokens, width] activation; ops are kept in program order (a valid
+// topological order) and grouped into blocks named like the HF module class. Owns: the IR and
+// its validation. May not touch: plugins (core/plugin fills it), ranks, devices, weights.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <tpengine/policy.h>
+
+namespace tpe::graph {
+
+enum class OpKind {
+  kInputIds,
+  kEmbedding,
+  kNorm,
+  kLinear,
+  kSplit,
+  kRotary,
+  kAttention,
+  kActivation,
+  kMul,
+  kAdd,
+  kLmHead
+};
+
+const char* op_kind_name(OpKind kind);
+
+struct Op {
+  OpKind kind = OpKind::kInputIds;
+  std::vector<int> inputs;   // value ids
+  std::vector<int> outputs;  // value ids; several for kSplit
+  int block = -1;            // index into Graph::blocks, -1 outside any block
+  // kLinear, kNorm: the checkpoint prefix (weights are name + ".weight"/".bias");
+  // kEmbedding, kLmHead: the full weight tensor name.
+  std::string name;
+  int64_t in_features = 0;   // kLinear; kEmbedding/kLmHead: width
+  int64_t out_features = 0;  // kLinear; kEmbedding/kLmHead: vocab
+  bool has_bias = false;     // kLinear, kNorm
+  tpe_norm_kind norm_kind = TPE_NORM_RMS;
+  double eps = 0;
+  tpe_activation activation = TPE_ACT_SILU;
+  tpe_split_layout layout = TPE_SPLIT_CONCAT;  // kSplit
+  std::vector<int64_t> part_widths;            // kSplit
+  int64_t n_heads = 0;                         // kSplit (interleaved), kRotary
+  int64_t head_dim = 0;                        // kSplit (interleaved), kRotary
+  tpe_rope_desc rope{};                        // kRotary
+  tpe_attention_desc attention{};              // kAttention
+};
+
+struct Value {
+  int64_t width = 0;
+  int producer = -1;  // op index
+};
+
+struct Block {
+  std::string cls;     // "LlamaDecoderLayer"
+  std::string prefix;  // "model.layers.3"
+};
+
+struct Graph {
+  std::vector<Op> ops;
+  std::vector<Value> values;
+  std::vector<Block> blocks;
+  int logits = -1;  // the value the lm_head produced
+
+  // "model.layers.3.self_attn.o_proj (linear, LlamaDecoderLayer model.layers.3)"
+  std::string describe(int op) const;
+  // Names relative to the op's block prefix ("self_attn.o_proj"), or the full name outside one.
+  std::string relative_name(int op) const;
+  int num_attention_ops() const;
+};
+
+// Builds a graph op by op with the host API's argument checks; every check failure is recorded
+// as the first error, and later calls given an invalid value return invalid values.
+class GraphBuilder {
+ public:
+  int input_ids();
+  int embedding(int ids, const std::string& weight, int64_t vocab, int64_t width);
+  int norm(int x, tpe_norm_kind kind, const std::string& prefix, bool has_bias, double eps);
+  int linear(int x, const std::string& prefix, int64_t in_features, int64_t out_features,
+             bool has_bias);
+  // Returns false on error; parts receives n_parts values.
+  bool split(int x, tpe_split_layout layout, const std::vector<int64_t>& part_widths,
+             int64_t n_heads, int64_t head_dim, std::vector<int>& parts);
+  int rotary(int x, int64_t n_heads, int64_t head_dim, const tpe_rope_desc& rope);
+  int attention(int q, int k, int v, const tpe_attention_desc& desc);
+  int activation(int x, tpe_activation act);
+  int mul(int a, int b);
+  int add(int a, int b);
+  int lm_head(int x, const std::string& weight, int64_t vocab, int64_t width);
+  void begin_block(const std::string& cls, const std::string& prefix);
+  void end_block();
+
+  void set_error(const std::string& message);
+  const std::optional<std::string>& error() const { return error_; }
+  // The finished graph; fails (tpe::Error) if an error was recorded, no lm_head was built, or a
+  // block was left open.
+  Graph finish();
+
+ private:
+  bool valid(int v) const { return v >= 0 && v < static_cast<int>(graph_.values.size()); }
+  bool check(bool ok, const std::string& message);
+  int add_op(graph::Op op, std::vector<int64_t> output_widths);
+  Graph graph_;
+  int current_block_ = -1;
+  std::optional<std::string> error_;
+};
+
+}  // namespace tpe::graph

@@ -1,0 +1,171 @@
+#include "core/plugin/registry.hpp"
+
+#include <boost/dll/shared_library.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+
+#include "core/common/error.hpp"
+
+namespace tpe::plugin {
+namespace fs = std::filesystem;
+
+const char* origin_name(Origin origin) {
+  switch (origin) {
+    case Origin::kConfig: return "config policy.search_paths";
+    case Origin::kEnvironment: return "TPENGINE_POLICY_PATH";
+    case Origin::kBuiltin: return "built-in";
+  }
+  return "?";
+}
+
+std::vector<SearchDir> Registry::default_search_path(const std::vector<fs::path>& config_paths) {
+  std::vector<SearchDir> dirs;
+  for (const fs::path& p : config_paths) dirs.push_back({p, Origin::kConfig});
+  if (const char* env = std::getenv("TPENGINE_POLICY_PATH")) {
+    std::string_view rest = env;
+    while (!rest.empty()) {
+      const size_t colon = rest.find(':');
+      const std::string_view item = rest.substr(0, colon);
+      if (!item.empty()) dirs.push_back({fs::path(item), Origin::kEnvironment});
+      rest = colon == std::string_view::npos ? std::string_view() : rest.substr(colon + 1);
+    }
+  }
+  dirs.push_back({fs::path(TPE_POLICY_BUILD_DIR), Origin::kBuiltin});
+  return dirs;
+}
+
+namespace {
+
+bool has_elf_header(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  char magic[4] = {};
+  in.read(magic, 4);
+  return in.gcount() == 4 && magic[0] == 0x7f && magic[1] == 'E' && magic[2] == 'L' &&
+         magic[3] == 'F';
+}
+
+std::vector<std::string> string_list(const char* const* list) {
+  std::vector<std::string> out;
+  for (; list != nullptr && *list != nullptr; ++list) out.emplace_back(*list);
+  return out;
+}
+
+}  // namespace
+
+Policy Registry::load(const fs::path& file, Origin origin) {
+  const std::string where = fmt::format("plugin {}", file.string());
+  if (!has_elf_header(file)) fail("{}: not a shared library (no ELF header)", where);
+  auto library = std::make_shared<boost::dll::shared_library>();
+  try {
+    library->load(file, boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local);
+  } catch (const std::exception& e) {
+    fail("{}: cannot be loaded: {}", where, e.what());
+  }
+  if (!library->has(TPE_POLICY_ENTRY_SYMBOL)) {
+    fail("{}: does not export {}; is it a tpengine policy?", where, TPE_POLICY_ENTRY_SYMBOL);
+  }
+  auto entry = library->get<std::remove_pointer_t<tpe_policy_entry_fn>>(TPE_POLICY_ENTRY_SYMBOL);
+  const tpe_policy_desc* desc = nullptr;
+  try {
+    desc = entry(TPE_ABI_MAJOR, TPE_ABI_MINOR);
+  } catch (...) {
+    fail("{}: {} threw an exception", where, TPE_POLICY_ENTRY_SYMBOL);
+  }
+  if (desc == nullptr) {
+    fail("{}: {} returned NULL: the plugin cannot serve policy ABI {}.{}", where,
+         TPE_POLICY_ENTRY_SYMBOL, TPE_ABI_MAJOR, TPE_ABI_MINOR);
+  }
+  if (desc->abi_major != TPE_ABI_MAJOR) {
+    fail("{}: built for policy ABI {}.{}, this tpengine speaks {}.{}; rebuild it against the "
+         "tpengine {} SDK",
+         where, desc->abi_major, desc->abi_minor, TPE_ABI_MAJOR, TPE_ABI_MINOR, TPE_ABI_MAJOR);
+  }
+  if (desc->struct_size < sizeof(tpe_policy_desc)) {
+    fail("{}: descriptor is {} bytes, ABI {}.0 needs {}", where, desc->struct_size,
+         TPE_ABI_MAJOR, sizeof(tpe_policy_desc));
+  }
+  if (desc->name == nullptr || *desc->name == '\0' || desc->build == nullptr ||
+      desc->model_types == nullptr) {
+    fail("{}: descriptor lacks a name, model_types or build function", where);
+  }
+  Policy policy;
+  policy.file = file;
+  policy.origin = origin;
+  policy.name = desc->name;
+  policy.version = desc->version != nullptr ? desc->version : "";
+  policy.abi_major = desc->abi_major;
+  policy.abi_minor = desc->abi_minor;
+  policy.model_types = string_list(desc->model_types);
+  policy.architectures = string_list(desc->architectures);
+  for (const tpe_injection_rule* rule = desc->injection_policy;
+       rule != nullptr && rule->block_class != nullptr; ++rule) {
+    policy.injection_policy.emplace_back(rule->block_class, string_list(rule->row_parallel));
+  }
+  policy.desc = desc;
+  policy.library = std::move(library);
+  return policy;
+}
+
+Registry Registry::discover(const std::vector<SearchDir>& dirs) {
+  Registry registry;
+  registry.dirs_ = dirs;
+  for (const SearchDir& dir : dirs) {
+    std::error_code ec;
+    if (!fs::is_directory(dir.path, ec)) {
+      if (dir.origin == Origin::kBuiltin) continue;
+      fail("policy directory {} (from {}) does not exist", dir.path.string(),
+           origin_name(dir.origin));
+    }
+    std::vector<fs::path> files;
+    for (const auto& entry : fs::directory_iterator(dir.path)) {
+      if (entry.is_regular_file() && entry.path().extension() == ".so") files.push_back(entry);
+    }
+    std::sort(files.begin(), files.end());
+    for (const fs::path& file : files) registry.policies_.push_back(load(file, dir.origin));
+  }
+  return registry;
+}
+
+Choice Registry::choose(const config::ModelConfig& config,
+                        const std::optional<std::string>& forced) const {
+  auto found = [&] {
+    std::vector<std::string> items;
+    for (const Policy& p : policies_) {
+      items.push_back(fmt::format("{} [{}] ({})", p.name, fmt::join(p.model_types, ", "),
+                                  p.file.string()));
+    }
+    return items.empty() ? std::string("none") : fmt::format("{}", fmt::join(items, "; "));
+  };
+  if (forced) {
+    for (const Policy& p : policies_) {
+      if (p.name == *forced) {
+        return {&p, fmt::format("forced by policy.name = \"{}\"", *forced)};
+      }
+    }
+    fail("policy '{}' was asked for but not found; policies found: {}", *forced, found());
+  }
+  const std::string model_type = config.model_type();
+  for (const Policy& p : policies_) {
+    if (std::find(p.model_types.begin(), p.model_types.end(), model_type) != p.model_types.end()) {
+      return {&p, fmt::format("serves model_type '{}'; first in search order ({})", model_type,
+                              origin_name(p.origin))};
+    }
+  }
+  for (const std::string& arch : config.architectures()) {
+    for (const Policy& p : policies_) {
+      if (std::find(p.architectures.begin(), p.architectures.end(), arch) !=
+          p.architectures.end()) {
+        return {&p, fmt::format("serves architecture '{}'; first in search order ({})", arch,
+                                origin_name(p.origin))};
+      }
+    }
+  }
+  fail("{}: no policy serves model_type '{}'; policies found: {}", config.path().string(),
+       model_type, found());
+}
+
+}  // namespace tpe::plugin

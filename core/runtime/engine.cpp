@@ -1,0 +1,243 @@
+#include "core/runtime/engine.hpp"
+
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "core/common/error.hpp"
+#include "core/io/safetensors.hpp"
+#include "core/parallel/communicator.hpp"
+#include "core/runtime/executor.hpp"
+
+namespace tpe::runtime {
+
+Model prepare(const config::RunConfig& run) {
+  if (run.model_path.empty()) {
+    fail("no model given: set [model] path in the config file or pass --model DIR");
+  }
+  if (run.device != "cpu") {
+    fail("device '{}' is not available in this build: it has the cpu backend only", run.device);
+  }
+  if (run.dtype != "auto" && run.dtype != "float32") {
+    fail("dtype '{}': the cpu backend computes in float32 (use dtype = \"auto\" or \"float32\")",
+         run.dtype);
+  }
+  if (run.kernel_inject) {
+    fail("kernel_inject = true: the cpu backend has no fused kernels; set kernel_inject = false");
+  }
+  config::ModelConfig config = config::ModelConfig::load(run.model_path);
+  plugin::Registry registry =
+      plugin::Registry::discover(plugin::Registry::default_search_path(run.policy_search_paths));
+  plugin::Choice choice = registry.choose(config, run.policy_name);
+  graph::Graph graph = plugin::build_graph(*choice.policy, config);
+  std::optional<config::InjectionPolicy> injection = run.injection_policy;
+  if (!injection && !choice.policy->injection_policy.empty()) {
+    injection.emplace(choice.policy->injection_policy.begin(),
+                      choice.policy->injection_policy.end());
+  }
+  parallel::Plan plan =
+      parallel::make_plan(graph, run.tp_size, injection ? &*injection : nullptr);
+  return Model{std::move(config), std::move(registry), choice, std::move(graph), std::move(plan),
+               std::move(injection)};
+}
+
+GenerationParams resolve_generation(const config::GenerationSettings& s,
+                                    const config::GenerationDefaults& d) {
+  GenerationParams p;
+  p.sampling.do_sample = s.do_sample.value_or(d.do_sample.value_or(false));
+  p.sampling.temperature = s.temperature.value_or(d.temperature.value_or(1.0));
+  p.sampling.top_k = s.top_k.value_or(d.top_k.value_or(0));
+  p.sampling.top_p = s.top_p.value_or(d.top_p.value_or(1.0));
+  p.sampling.repetition_penalty = s.repetition_penalty.value_or(d.repetition_penalty.value_or(1.0));
+  p.max_new_tokens = s.max_new_tokens.value_or(d.max_new_tokens.value_or(32));
+  p.seed = s.seed.value_or(0);
+  if (!s.ignore_eos.value_or(false)) {
+    p.stop_token_ids = s.stop_token_ids.value_or(d.eos_token_ids);
+  }
+  return p;
+}
+
+struct Engine::Ranks {
+  explicit Ranks(int world) : group(world) {}
+  parallel::ThreadGroup group;
+  std::vector<std::unique_ptr<Executor>> executors;
+
+  // Runs fn(rank) on one thread per rank. The first failure aborts the group, so the other ranks
+  // stop waiting in collectives, and is rethrown here.
+  void run(const std::function<void(int)>& fn) {
+    std::exception_ptr first;
+    std::mutex mutex;
+    std::vector<std::thread> threads;
+    for (int r = 0; r < group.world(); ++r) {
+      threads.emplace_back([&, r] {
+        try {
+          fn(r);
+        } catch (...) {
+          std::lock_guard lock(mutex);
+          if (!first) first = std::current_exception();
+          group.abort();
+        }
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    if (first) std::rethrow_exception(first);
+  }
+};
+
+namespace {
+
+int64_t tensors_per_rank(const graph::Graph& graph) {
+  int64_t n = 0;
+  for (const graph::Op& op : graph.ops) {
+    if (op.kind == graph::OpKind::kEmbedding || op.kind == graph::OpKind::kLmHead) n += 1;
+    if (op.kind == graph::OpKind::kNorm || op.kind == graph::OpKind::kLinear) {
+      n += op.has_bias ? 2 : 1;
+    }
+  }
+  return n;
+}
+
+void check_prompts(const std::vector<std::vector<int64_t>>& prompts) {
+  if (prompts.empty()) fail("no prompt given");
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (prompts[i].empty()) fail("prompt {} is empty", i);
+  }
+}
+
+}  // namespace
+
+Engine::Engine(Model model, bool quiet) : model_(std::move(model)) {
+  const io::Checkpoint checkpoint = io::Checkpoint::open(model_.config.path().parent_path());
+  ranks_ = std::make_unique<Ranks>(model_.plan.world);
+  for (int r = 0; r < world(); ++r) {
+    ranks_->executors.push_back(
+        std::make_unique<Executor>(model_.graph, model_.plan, r, ranks_->group));
+  }
+  const int64_t total = tensors_per_rank(model_.graph) * world();
+  std::atomic<int64_t> done = 0;
+  const bool progress = !quiet && isatty(STDERR_FILENO);
+  std::mutex print;
+  const auto start = std::chrono::steady_clock::now();
+  ranks_->run([&](int r) {
+    ranks_->executors[r]->load(checkpoint, [&] {
+      const int64_t n = ++done;
+      if (progress && (n % 16 == 0 || n == total)) {
+        std::lock_guard lock(print);
+        std::fprintf(stderr, "\rloading %s: %lld/%lld tensor slices", checkpoint.dir().c_str(),
+                     static_cast<long long>(n), static_cast<long long>(total));
+      }
+    });
+  });
+  if (progress) std::fprintf(stderr, "\n");
+  if (!quiet) {
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    spdlog::info("loaded {} on {} rank(s) in {:.2f} s, {:.1f} MiB per rank", checkpoint.dir().string(),
+                 world(), seconds, static_cast<double>(weight_bytes()[0]) / (1 << 20));
+  }
+}
+
+Engine::~Engine() = default;
+
+std::vector<Tensor> Engine::prompt_logits(const std::vector<std::vector<int64_t>>& prompts) {
+  check_prompts(prompts);
+  Batch batch;
+  int64_t max_len = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const int64_t n = static_cast<int64_t>(prompts[i].size());
+    batch.segments.push_back({static_cast<int>(i), 0, n});
+    batch.tokens.insert(batch.tokens.end(), prompts[i].begin(), prompts[i].end());
+    max_len = std::max(max_len, n);
+  }
+  for (int64_t t = 0; t < static_cast<int64_t>(batch.tokens.size()); ++t) {
+    batch.logit_rows.push_back(t);
+  }
+  Tensor all;
+  ranks_->run([&](int r) {
+    ranks_->executors[r]->reset_cache(static_cast<int>(prompts.size()), max_len);
+    Tensor logits = ranks_->executors[r]->forward(batch);
+    if (r == 0) all = std::move(logits);
+  });
+  std::vector<Tensor> out;
+  int64_t row = 0;
+  for (const auto& prompt : prompts) {
+    const int64_t n = static_cast<int64_t>(prompt.size());
+    Tensor t({n, all.cols()});
+    std::copy_n(all.row(row), n * all.cols(), t.data.begin());
+    out.push_back(std::move(t));
+    row += n;
+  }
+  return out;
+}
+
+std::vector<std::vector<int64_t>> Engine::generate(
+    const std::vector<std::vector<int64_t>>& prompts, const GenerationParams& params,
+    const std::function<void(size_t, int64_t)>& on_token) {
+  check_prompts(prompts);
+  const size_t n = prompts.size();
+  std::vector<std::vector<int64_t>> generated(n);
+  if (params.max_new_tokens <= 0) return generated;
+  int64_t max_prompt = 0;
+  for (const auto& p : prompts) max_prompt = std::max(max_prompt, static_cast<int64_t>(p.size()));
+  Sampler sampler(params.seed);
+  ranks_->run([&](int r) {
+    Executor& executor = *ranks_->executors[r];
+    executor.reset_cache(static_cast<int>(n), max_prompt + params.max_new_tokens);
+    std::vector<std::vector<int64_t>> history = prompts;
+    Batch batch;  // the prompts first, then one token per live sequence
+    for (size_t i = 0; i < n; ++i) {
+      batch.segments.push_back({static_cast<int>(i), 0, static_cast<int64_t>(prompts[i].size())});
+      batch.tokens.insert(batch.tokens.end(), prompts[i].begin(), prompts[i].end());
+      batch.logit_rows.push_back(static_cast<int64_t>(batch.tokens.size()) - 1);
+    }
+    for (int64_t step = 0; step < params.max_new_tokens; ++step) {
+      Tensor logits = executor.forward(batch);
+      // Rank 0 samples; every rank takes its choice so all caches stay identical.
+      std::vector<int64_t> next(batch.segments.size());
+      if (r == 0) {
+        for (size_t j = 0; j < batch.segments.size(); ++j) {
+          const size_t seq = static_cast<size_t>(batch.segments[j].slot);
+          next[j] = sampler.sample({logits.row(static_cast<int64_t>(j)),
+                                    static_cast<size_t>(logits.cols())},
+                                   history[seq], params.sampling);
+        }
+      }
+      ranks_->group.broadcast(r, next.data(), static_cast<int64_t>(next.size()), 0);
+      Batch following;
+      for (size_t j = 0; j < batch.segments.size(); ++j) {
+        const size_t seq = static_cast<size_t>(batch.segments[j].slot);
+        history[seq].push_back(next[j]);
+        if (r == 0) {
+          generated[seq].push_back(next[j]);
+          if (on_token) on_token(seq, next[j]);
+        }
+        const auto& stop = params.stop_token_ids;
+        if (std::find(stop.begin(), stop.end(), next[j]) != stop.end()) continue;
+        following.segments.push_back(
+            {static_cast<int>(seq), static_cast<int64_t>(history[seq].size()) - 1, 1});
+        following.tokens.push_back(next[j]);
+        following.logit_rows.push_back(static_cast<int64_t>(following.tokens.size()) - 1);
+      }
+      if (following.segments.empty()) break;
+      batch = std::move(following);
+    }
+  });
+  return generated;
+}
+
+int64_t Engine::all_reduce_count() const { return ranks_->group.all_reduce_count(); }
+
+std::vector<int64_t> Engine::weight_bytes() const {
+  std::vector<int64_t> bytes;
+  for (const auto& e : ranks_->executors) bytes.push_back(e->weight_bytes());
+  return bytes;
+}
+
+}  // namespace tpe::runtime

@@ -1,0 +1,78 @@
+// The engine: a model prepared for a tensor-parallel group (config, policy, graph, plan), its
+// weights loaded rank by rank, and prompt logits and generation on top. Ranks are threads with an
+// in-process communicator. Owns: orchestration of ranks. May not touch: kernels directly.
+#pragma once
+
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/common/tensor.hpp"
+#include "core/config/model_config.hpp"
+#include "core/config/run_config.hpp"
+#include "core/graph/graph.hpp"
+#include "core/parallel/plan.hpp"
+#include "core/plugin/registry.hpp"
+#include "core/runtime/sampler.hpp"
+
+namespace tpe::runtime {
+
+// Everything known before a weight is read.
+struct Model {
+  config::ModelConfig config;
+  plugin::Registry registry;
+  plugin::Choice choice;
+  graph::Graph graph;
+  parallel::Plan plan;
+  // The injection policy the plan followed (the TOML's, else the plugin's), if any.
+  std::optional<config::InjectionPolicy> injection_policy;
+};
+
+// Reads config.json, finds the policy, builds the graph and plans it for run.tp_size ranks.
+Model prepare(const config::RunConfig& run);
+
+struct GenerationParams {
+  SamplingParams sampling;
+  int64_t max_new_tokens = 32;
+  uint64_t seed = 0;
+  std::vector<int64_t> stop_token_ids;
+};
+
+// The user's settings over the model's generation_config.json defaults.
+GenerationParams resolve_generation(const config::GenerationSettings& settings,
+                                    const config::GenerationDefaults& defaults);
+
+class Engine {
+ public:
+  // Loads each rank's weight slices from the checkpoint (progress on stderr unless quiet).
+  Engine(Model model, bool quiet);
+  ~Engine();
+
+  const Model& model() const { return model_; }
+  int world() const { return model_.plan.world; }
+
+  // The logits at every position of each prompt, each prompt in its own KV-cache slot of one
+  // batch: [len_i, vocab] per prompt.
+  std::vector<Tensor> prompt_logits(const std::vector<std::vector<int64_t>>& prompts);
+
+  // Generates up to max_new_tokens per prompt (batched); a sequence ends after emitting a stop
+  // token (which is kept). on_token(sequence, token) is called as tokens are chosen.
+  std::vector<std::vector<int64_t>> generate(
+      const std::vector<std::vector<int64_t>>& prompts, const GenerationParams& params,
+      const std::function<void(size_t, int64_t)>& on_token = {});
+
+  // All-reduces issued so far (each counted once, not per rank).
+  int64_t all_reduce_count() const;
+  // Weight bytes each rank holds (fp32 on the CPU backend).
+  std::vector<int64_t> weight_bytes() const;
+
+ private:
+  struct Ranks;
+  Model model_;
+  std::unique_ptr<Ranks> ranks_;
+};
+
+}  // namespace tpe::runtime

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Bad input through the CLI: each case must end with a non-zero exit (not a crash: no signal),
+# exactly one line on stderr, and that line must name what is wrong.
+# usage: cli_errors.sh TPENGINE FIXTURES_DIR TOY_PLUGIN_DIR CASE
+set -u
+tpengine=$1 fixtures=$2 toys=$3 case=$4
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+model=$work/model
+cp -r "$fixtures/llama_mha" "$model"
+st=$model/model.safetensors
+
+# Rewrites model.safetensors' header with a python expression over `h` (the header dict) and
+# `data` (the data section), using the standard library only.
+edit_header() {
+  python3 - "$st" "$1" <<'PY'
+import json, struct, sys
+path, code = sys.argv[1], sys.argv[2]
+raw = open(path, "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+h = json.loads(raw[8:8 + n])
+data = raw[8 + n:]
+header_len = None
+exec(code)
+blob = json.dumps(h).encode()
+open(path, "wb").write(struct.pack("<Q", header_len if header_len else len(blob)) + blob + data)
+PY
+}
+
+run=(generate --model "$model" --prompt-ids 1,2,3 -n 2 --quiet)
+expect=""
+case $case in
+  truncated)
+    truncate -s $(( $(stat -c %s "$st") / 2 )) "$st"
+    expect="model.safetensors.*(past|beyond|end|truncated)";;
+  overlapping_offsets)
+    edit_header 'k = sorted(x for x in h if x != "__metadata__"); a, b = h[k[0]], h[k[1]]; b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + b["data_offsets"][1] - b["data_offsets"][0]]'
+    expect="model.safetensors.*overlap";;
+  offsets_past_end)
+    edit_header 'k = sorted(x for x in h if x != "__metadata__")[0]; e = h[k]["data_offsets"]; h[k]["data_offsets"] = [len(data), len(data) + e[1] - e[0]]'
+    expect="model.safetensors.*'.*'";;
+  header_length_too_large)
+    edit_header 'header_len = 10**9'
+    expect="model.safetensors.*header length";;
+  missing_tensor)
+    edit_header 'del h["model.layers.1.mlp.up_proj.weight"]'
+    expect="model.layers.1.mlp.up_proj.weight.*missing";;
+  wrong_shape)
+    edit_header 's = h["model.layers.0.mlp.down_proj.weight"]["shape"]; h["model.layers.0.mlp.down_proj.weight"]["shape"] = s[::-1]'
+    expect="model.layers.0.mlp.down_proj.weight.*shape";;
+  config_missing_field)
+    python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); del c['num_attention_heads']; json.dump(c, open(p,'w'))"
+    expect="policy 'llama'.*num_attention_heads";;
+  unknown_model_type)
+    python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); c['model_type']='martian'; c['architectures']=['MartianForCausalLM']; json.dump(c, open(p,'w'))"
+    expect="config.json.*'martian'.*policies found: .*llama.*gpt_neox|config.json.*'martian'.*policies found: .*gpt_neox.*llama";;
+  unknown_toml_key)
+    printf '[model]\npath = "model"\n[parallel]\ntp = 2\n' > "$work/run.toml"
+    run=(generate --config "$work/run.toml" --prompt-ids 1,2 -n 2 --quiet)
+    expect="run.toml:4: unknown key 'parallel.tp'";;
+  plugin_not_a_library)
+    mkdir "$work/plugins" && echo "not a plugin" > "$work/plugins/libbroken.so"
+    run+=(--policy-path "$work/plugins")
+    expect="libbroken.so: not a shared library";;
+  plugin_other_abi_major)
+    run+=(--policy-path "$toys/next_major")
+    expect="libtoy.so: built for policy ABI 2.0, this tpengine speaks 1";;
+  *) echo "unknown case $case" >&2; exit 2;;
+esac
+
+"$tpengine" "${run[@]}" >"$work/out" 2>"$work/err"
+status=$?
+lines=$(wc -l <"$work/err")
+echo "exit $status; stderr:"; cat "$work/err"
+if [ $status -eq 0 ] || [ $status -ge 128 ]; then echo "FAIL: expected a non-zero exit without a signal"; exit 1; fi
+if [ "$lines" -ne 1 ]; then echo "FAIL: expected exactly one line on stderr, got $lines"; exit 1; fi
+if ! grep -Eq "$expect" "$work/err"; then echo "FAIL: stderr does not match /$expect/"; exit 1; fi
+echo PASS

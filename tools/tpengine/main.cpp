@@ -1,0 +1,256 @@
+// The tpengine command line: generate, plan, policies, inspect. Settings come from a TOML file
+// (--config) with flags overriding it. Every error is one line on stderr and a non-zero exit.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/common/error.hpp"
+#include "core/config/run_config.hpp"
+#include "core/io/safetensors.hpp"
+#include "core/parallel/report.hpp"
+#include "core/runtime/engine.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using tpe::config::RunConfig;
+
+// Flags shared by the subcommands that run a model; unset ones leave the TOML's values alone.
+struct CommonFlags {
+  std::string config_file;
+  std::string model;
+  std::optional<int> tp;
+  std::string dtype;
+  std::string device;
+  std::optional<bool> kernel_inject;
+  std::string policy;
+  std::vector<std::string> policy_paths;
+  bool quiet = false;
+
+  void add_to(CLI::App& app, bool with_runtime) {
+    app.add_option("-c,--config", config_file, "TOML run configuration")->check(CLI::ExistingFile);
+    app.add_option("-m,--model", model, "model directory (config.json, *.safetensors)");
+    app.add_option("--tp", tp, "tensor-parallel size (ranks)")->check(CLI::Range(1, 1024));
+    app.add_option("--policy", policy, "use this policy plugin, by name");
+    app.add_option("--policy-path", policy_paths, "extra directory of policy plugins (repeatable)");
+    if (with_runtime) {
+      app.add_option("--dtype", dtype, "auto | float32 | float16 | bfloat16");
+      app.add_option("--device", device, "cpu | cuda");
+      app.add_option("--kernel-inject", kernel_inject, "fused kernels (true) or plain (false)");
+      app.add_flag("-q,--quiet", quiet, "no progress or log lines");
+    }
+  }
+
+  RunConfig resolve() const {
+    RunConfig run;
+    if (!config_file.empty()) run = tpe::config::load_run_config(config_file);
+    if (!model.empty()) run.model_path = model;
+    if (tp) run.tp_size = *tp;
+    if (!dtype.empty()) run.dtype = dtype;
+    if (!device.empty()) run.device = device;
+    if (kernel_inject) run.kernel_inject = *kernel_inject;
+    if (!policy.empty()) run.policy_name = policy;
+    for (const std::string& p : policy_paths) run.policy_search_paths.emplace_back(p);
+    return run;
+  }
+};
+
+std::vector<int64_t> parse_ids(const std::string& text, const std::string& flag) {
+  std::vector<int64_t> ids;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    const size_t end = std::min(text.find_first_of(", ", pos), text.size());
+    const std::string item = text.substr(pos, end - pos);
+    pos = end + 1;
+    if (item.empty()) continue;
+    size_t used = 0;
+    long long value = -1;
+    try {
+      value = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != item.size() || value < 0) {
+      tpe::fail("{} \"{}\": '{}' is not a token id (a non-negative integer)", flag, text, item);
+    }
+    ids.push_back(value);
+  }
+  if (ids.empty()) tpe::fail("{} \"{}\": no token ids", flag, text);
+  return ids;
+}
+
+int run_generate(const CommonFlags& common, const std::vector<std::string>& prompt_ids,
+                 const tpe::config::GenerationSettings& overrides) {
+  RunConfig run = common.resolve();
+  auto& g = run.generation;
+  if (overrides.max_new_tokens) g.max_new_tokens = overrides.max_new_tokens;
+  if (overrides.do_sample) g.do_sample = overrides.do_sample;
+  if (overrides.temperature) g.temperature = overrides.temperature;
+  if (overrides.top_k) g.top_k = overrides.top_k;
+  if (overrides.top_p) g.top_p = overrides.top_p;
+  if (overrides.repetition_penalty) g.repetition_penalty = overrides.repetition_penalty;
+  if (overrides.seed) g.seed = overrides.seed;
+  if (overrides.stop_token_ids) g.stop_token_ids = overrides.stop_token_ids;
+  if (overrides.ignore_eos) g.ignore_eos = overrides.ignore_eos;
+  if (prompt_ids.empty()) tpe::fail("no prompt: pass --prompt-ids \"1,2,3\" (once per sequence)");
+  std::vector<std::vector<int64_t>> prompts;
+  for (const std::string& p : prompt_ids) prompts.push_back(parse_ids(p, "--prompt-ids"));
+
+  tpe::runtime::Model model = tpe::runtime::prepare(run);
+  const tpe::runtime::GenerationParams params =
+      tpe::runtime::resolve_generation(run.generation, model.config.generation());
+  tpe::runtime::Engine engine(std::move(model), common.quiet);
+  const auto outputs = engine.generate(prompts, params);
+  for (const auto& out : outputs) fmt::print("{}\n", fmt::join(out, " "));
+  return 0;
+}
+
+int run_plan(const CommonFlags& common, int64_t batch, int64_t seq_len) {
+  const RunConfig run = common.resolve();
+  const tpe::runtime::Model model = tpe::runtime::prepare(run);
+  fmt::print("model:  {}\n", model.config.path().parent_path().string());
+  fmt::print("policy: {} {} ({}): {}\n", model.choice.policy->name, model.choice.policy->version,
+             model.choice.policy->file.string(), model.choice.reason);
+  if (model.injection_policy) {
+    std::vector<std::string> rules;
+    for (const auto& [cls, names] : *model.injection_policy) {
+      rules.push_back(fmt::format("{} = [{}]", cls, fmt::join(names, ", ")));
+    }
+    fmt::print("split:  injection policy {{{}}}\n", fmt::join(rules, "; "));
+  } else {
+    fmt::print("split:  automatic (sharding propagation over the graph)\n");
+  }
+  tpe::parallel::ReportOptions options;
+  options.batch = batch;
+  options.seq_len = seq_len;
+  fmt::print("{}", tpe::parallel::format_plan(model.graph, model.plan, options));
+  return 0;
+}
+
+int run_policies(const CommonFlags& common) {
+  const RunConfig run = common.resolve();
+  const auto dirs = tpe::plugin::Registry::default_search_path(run.policy_search_paths);
+  const tpe::plugin::Registry registry = tpe::plugin::Registry::discover(dirs);
+  fmt::print("search path (earlier wins):\n");
+  for (const auto& d : dirs) {
+    fmt::print("  {} ({})\n", d.path.string(), tpe::plugin::origin_name(d.origin));
+  }
+  fmt::print("policies:\n");
+  for (const auto& p : registry.policies()) {
+    fmt::print("  {} {}  ABI {}.{}  model_types [{}]  architectures [{}]\n    {} ({})\n", p.name,
+               p.version, p.abi_major, p.abi_minor, fmt::join(p.model_types, ", "),
+               fmt::join(p.architectures, ", "), p.file.string(),
+               tpe::plugin::origin_name(p.origin));
+  }
+  if (!run.model_path.empty()) {
+    const auto config = tpe::config::ModelConfig::load(run.model_path);
+    const auto choice = registry.choose(config, run.policy_name);
+    fmt::print("for {} (model_type '{}'): {} from {}: {}\n", run.model_path.string(),
+               config.model_type(), choice.policy->name, choice.policy->file.string(),
+               choice.reason);
+  }
+  return 0;
+}
+
+int run_inspect(const std::string& path) {
+  const fs::path dir = fs::is_directory(path) ? fs::path(path) : fs::path(path).parent_path();
+  std::vector<const tpe::io::TensorInfo*> tensors;
+  std::unique_ptr<tpe::io::SafetensorsFile> single;
+  std::optional<tpe::io::Checkpoint> checkpoint;
+  if (fs::is_directory(path)) {
+    checkpoint = tpe::io::Checkpoint::open(dir);
+    tensors = checkpoint->tensors();
+  } else {
+    single = tpe::io::SafetensorsFile::open(path);
+    for (const auto& t : single->tensors()) tensors.push_back(&t);
+  }
+  uint64_t total = 0;
+  for (const auto* t : tensors) {
+    const uint64_t bytes = t->end - t->begin;
+    total += bytes;
+    fmt::print("{:<56} {:<5} {:<16} {:>12}  {}\n", t->name, tpe::io::dtype_name(t->dtype),
+               fmt::format("[{}]", fmt::join(t->shape, ", ")), bytes,
+               t->file.filename().string());
+  }
+  fmt::print("{} tensors, {} bytes\n", tensors.size(), total);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  spdlog::set_default_logger(spdlog::stderr_color_st("tpengine"));
+  spdlog::set_pattern("[%l] %v");
+
+  CLI::App app{"tpengine: tensor-parallel inference for Hugging Face checkpoints"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "tpengine 0.1.0 (policy ABI " +
+                                        std::to_string(TPE_ABI_MAJOR) + "." +
+                                        std::to_string(TPE_ABI_MINOR) + ")");
+
+  CommonFlags gen_flags, plan_flags, policies_flags;
+  CLI::App* gen = app.add_subcommand("generate", "generate tokens from prompts");
+  gen_flags.add_to(*gen, true);
+  std::vector<std::string> prompt_ids;
+  tpe::config::GenerationSettings overrides;
+  std::vector<int64_t> stop_ids;
+  gen->add_option("--prompt-ids", prompt_ids, "comma-separated token ids; repeat for a batch");
+  gen->add_option("-n,--max-new-tokens", overrides.max_new_tokens, "tokens to generate")
+      ->check(CLI::NonNegativeNumber);
+  gen->add_option("--do-sample", overrides.do_sample, "sample (true) or greedy (false)");
+  gen->add_option("--temperature", overrides.temperature)->check(CLI::PositiveNumber);
+  gen->add_option("--top-k", overrides.top_k)->check(CLI::NonNegativeNumber);
+  gen->add_option("--top-p", overrides.top_p)->check(CLI::Range(0.0, 1.0));
+  gen->add_option("--repetition-penalty", overrides.repetition_penalty)
+      ->check(CLI::PositiveNumber);
+  gen->add_option("--seed", overrides.seed);
+  gen->add_option("--stop-ids", stop_ids, "stop token ids (replace the model's eos)")
+      ->delimiter(',');
+  gen->add_flag("--ignore-eos", overrides.ignore_eos, "never stop before max_new_tokens");
+
+  CLI::App* plan = app.add_subcommand("plan", "show how a model splits, without loading weights");
+  plan_flags.add_to(*plan, true);
+  int64_t batch = 1, seq_len = 2048;
+  plan->add_option("--batch", batch, "batch size for the KV-cache estimate")
+      ->check(CLI::PositiveNumber);
+  plan->add_option("--seq-len", seq_len, "tokens per sequence for the KV-cache estimate")
+      ->check(CLI::PositiveNumber);
+
+  CLI::App* policies = app.add_subcommand("policies", "list policy plugins and which one wins");
+  policies_flags.add_to(*policies, false);
+
+  CLI::App* inspect = app.add_subcommand("inspect", "list a checkpoint's tensors");
+  std::string inspect_path;
+  inspect->add_option("path", inspect_path, "model directory or .safetensors file")
+      ->required()
+      ->check(CLI::ExistingPath);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (!stop_ids.empty()) overrides.stop_token_ids = stop_ids;
+
+  try {
+    if (*gen) return run_generate(gen_flags, prompt_ids, overrides);
+    if (*plan) return run_plan(plan_flags, batch, seq_len);
+    if (*policies) return run_policies(policies_flags);
+    if (*inspect) return run_inspect(inspect_path);
+  } catch (const tpe::Error& e) {
+    std::fprintf(stderr, "tpengine: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tpengine: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
