@@ -1,0 +1,205 @@
+// The sampler against transformers' logits processors. Reference values come from
+// transformers 5.23 (see the snippets by each test); draws are checked statistically, since
+// the generator is ours, not torch's.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "core/runtime/sampler.hpp"
+
+namespace {
+
+using tpe::Sampler;
+using tpe::SamplingParams;
+
+SamplingParams Sampling(double temperature = 1.0, int64_t top_k = 0, double top_p = 1.0) {
+  SamplingParams p;
+  p.do_sample = true;
+  p.temperature = temperature;
+  p.top_k = top_k;
+  p.top_p = top_p;
+  return p;
+}
+
+int64_t Sample(Sampler& sampler, std::vector<float> logits, const SamplingParams& params,
+               const std::vector<int64_t>& history = {}) {
+  return sampler.sample(logits, history, params);
+}
+
+// Frequencies of `draws` samples from the same logits.
+std::vector<double> Frequencies(const std::vector<float>& logits, const SamplingParams& params,
+                                const std::vector<int64_t>& history, int draws) {
+  Sampler sampler(1234);
+  std::vector<double> freq(logits.size(), 0.0);
+  for (int i = 0; i < draws; ++i) {
+    freq[static_cast<size_t>(Sample(sampler, logits, params, history))] += 1.0 / draws;
+  }
+  return freq;
+}
+
+// Within five standard deviations of a binomial proportion; exact zeros must stay zero.
+void ExpectFrequencies(const std::vector<double>& freq, const std::vector<double>& probs,
+                       int draws) {
+  ASSERT_EQ(freq.size(), probs.size());
+  for (size_t i = 0; i < probs.size(); ++i) {
+    if (probs[i] == 0.0) {
+      EXPECT_EQ(freq[i], 0.0) << "filtered token " << i << " was drawn";
+    } else {
+      EXPECT_NEAR(freq[i], probs[i], 5.0 * std::sqrt(probs[i] * (1 - probs[i]) / draws))
+          << "token " << i;
+    }
+  }
+}
+
+std::vector<float> RandomLogits(size_t n, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.0f, 3.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(gen);
+  return v;
+}
+
+int64_t ArgMax(const std::vector<float>& v) {
+  return std::max_element(v.begin(), v.end()) - v.begin();
+}
+
+TEST(Sampler, GreedyPicksFirstMaximum) {
+  Sampler sampler(0);
+  EXPECT_EQ(Sample(sampler, {1.0f, 5.0f, 3.0f, 5.0f}, SamplingParams{}), 1);
+}
+
+TEST(Sampler, GreedyIgnoresSamplingSettings) {
+  Sampler sampler(0);
+  SamplingParams params = Sampling(0.3, 2, 0.5);
+  params.do_sample = false;
+  EXPECT_EQ(Sample(sampler, {0.5f, -1.0f, 2.0f, 1.9f}, params), 2);
+}
+
+// RepetitionPenaltyLogitsProcessor(2.0)(torch.tensor([[0, 1, 0]]),
+//                                      torch.tensor([[2.0, -2.0, 1.0, 0.5]]))
+// -> [[1.0, -4.0, 1.0, 0.5]]: token 0 is penalized once although it occurs twice.
+TEST(Sampler, RepetitionPenaltyMatchesTransformers) {
+  Sampler sampler(0);
+  std::vector<float> logits = {2.0f, -2.0f, 1.0f, 0.5f};
+  const std::vector<int64_t> history = {0, 1, 0};
+  SamplingParams params;
+  params.repetition_penalty = 2.0;
+  // The tie between tokens 0 and 2 goes to the first.
+  EXPECT_EQ(sampler.sample(logits, history, params), 0);
+  EXPECT_EQ(logits, (std::vector<float>{1.0f, -4.0f, 1.0f, 0.5f}));
+}
+
+TEST(Sampler, RepetitionPenaltyChangesGreedyChoice) {
+  Sampler sampler(0);
+  SamplingParams params;
+  params.repetition_penalty = 1.5;
+  // 3 / 1.5 = 2 falls below 2.5; a penalized negative logit only sinks further.
+  EXPECT_EQ(Sample(sampler, {3.0f, 2.5f, -0.1f}, params, {0, 2}), 1);
+  // Ids past the vocabulary are ignored, as transformers does.
+  EXPECT_EQ(Sample(sampler, {3.0f, 2.5f}, params, {7}), 0);
+}
+
+TEST(Sampler, TopKOfOneIsGreedy) {
+  Sampler sampler(7);
+  for (uint32_t seed = 0; seed < 20; ++seed) {
+    const std::vector<float> logits = RandomLogits(50, seed);
+    EXPECT_EQ(Sample(sampler, logits, Sampling(1.5, 1)), ArgMax(logits));
+  }
+}
+
+// 1 - 1e-9 rounds to 1 in fp32, so every cumulative probability is under the threshold: the
+// highest token must survive regardless.
+TEST(Sampler, TinyTopPIsGreedy) {
+  Sampler sampler(7);
+  for (uint32_t seed = 0; seed < 20; ++seed) {
+    const std::vector<float> logits = RandomLogits(50, seed);
+    EXPECT_EQ(Sample(sampler, logits, Sampling(1.5, 0, 1e-6)), ArgMax(logits));
+    EXPECT_EQ(Sample(sampler, logits, Sampling(1.5, 0, 1e-9)), ArgMax(logits));
+  }
+  // Among tied maxima it keeps the first, as greedy does.
+  EXPECT_EQ(Sample(sampler, {1.0f, 3.0f, 3.0f, 2.0f}, Sampling(1.0, 0, 1e-9)), 1);
+}
+
+TEST(Sampler, SameSeedSameTokens) {
+  const std::vector<float> logits = RandomLogits(100, 3);
+  Sampler a(42), b(42), c(43);
+  std::vector<int64_t> from_a, from_b, from_c;
+  for (int i = 0; i < 200; ++i) {
+    from_a.push_back(Sample(a, logits, Sampling(0.7)));
+    from_b.push_back(Sample(b, logits, Sampling(0.7)));
+    from_c.push_back(Sample(c, logits, Sampling(0.7)));
+  }
+  EXPECT_EQ(from_a, from_b);
+  EXPECT_NE(from_a, from_c);
+}
+
+TEST(Sampler, FrequenciesMatchTemperedSoftmax) {
+  const std::vector<float> logits = {0.0f, 1.0f, 2.0f, 0.5f, -1.0f};
+  const double temperature = 0.8;
+  std::vector<double> probs;
+  double total = 0.0;
+  for (const float l : logits) total += std::exp(l / temperature);
+  for (const float l : logits) probs.push_back(std::exp(l / temperature) / total);
+  const int draws = 100000;
+  ExpectFrequencies(Frequencies(logits, Sampling(temperature), {}, draws), probs, draws);
+}
+
+TEST(Sampler, TopKFilteredTokensAreNeverDrawn) {
+  const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 1.5f, 0.9f, 1.8f, 0.0f};
+  // Softmax over the three kept logits 2.0, 1.5 and 1.8.
+  const double z = std::exp(2.0) + std::exp(1.5) + std::exp(1.8);
+  const std::vector<double> probs = {0, std::exp(2.0) / z, 0, std::exp(1.5) / z,
+                                     0, std::exp(1.8) / z, 0};
+  const int draws = 50000;
+  ExpectFrequencies(Frequencies(logits, Sampling(1.0, 3), {}, draws), probs, draws);
+}
+
+// As transformers' `scores < topk[-1]`, every token tied with the k-th largest survives.
+TEST(Sampler, TopKKeepsTies) {
+  const int draws = 20000;
+  ExpectFrequencies(Frequencies({1.0f, 3.0f, 3.0f, 2.0f}, Sampling(1.0, 1), {}, draws),
+                    {0.0, 0.5, 0.5, 0.0}, draws);
+}
+
+// p = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log(); TopPLogitsWarper(0.7)(None, p)
+// -> [[-0.6931, -1.2040, -inf, -inf]]: cumulative 0.05 and 0.2 are <= 0.3 and go.
+TEST(Sampler, TopPFilteredTokensAreNeverDrawn) {
+  const std::vector<float> logits = {std::log(0.5f), std::log(0.3f), std::log(0.15f),
+                                     std::log(0.05f)};
+  const int draws = 50000;
+  ExpectFrequencies(Frequencies(logits, Sampling(1.0, 0, 0.7), {}, draws),
+                    {0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0}, draws);
+}
+
+// The whole chain, as generate(do_sample=True, repetition_penalty=1.3, temperature=0.8,
+// top_k=6, top_p=0.8) orders it:
+//   chain = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3),
+//       TemperatureLogitsWarper(0.8), TopKLogitsWarper(6), TopPLogitsWarper(0.8)])
+//   logits = torch.tensor([[1.5, -0.5, 2.0, 0.25, -1.0, 1.75, 0.5, -2.0, 1.0, 0.0]])
+//   print(chain(torch.tensor([[2, 4, 2, 9]]), logits).softmax(-1))
+TEST(Sampler, PipelineMatchesTransformers) {
+  const std::vector<float> logits = {1.5f,  -0.5f, 2.0f,  0.25f, -1.0f,
+                                     1.75f, 0.5f,  -2.0f, 1.0f,  0.0f};
+  SamplingParams params = Sampling(0.8, 6, 0.8);
+  params.repetition_penalty = 1.3;
+  const int draws = 100000;
+  ExpectFrequencies(Frequencies(logits, params, {2, 4, 2, 9}, draws),
+                    {0.253078014, 0, 0.265542477, 0, 0, 0.345916629, 0, 0, 0.135462895, 0}, draws);
+}
+
+TEST(Sampler, RejectsInvalidSettings) {
+  Sampler sampler(0);
+  EXPECT_THROW(Sample(sampler, {}, SamplingParams{}), std::invalid_argument);
+  EXPECT_THROW(Sample(sampler, {1.0f}, Sampling(0.0)), std::invalid_argument);
+  EXPECT_THROW(Sample(sampler, {1.0f}, Sampling(1.0, 0, 0.0)), std::invalid_argument);
+  SamplingParams params;
+  params.repetition_penalty = 0.0;
+  EXPECT_THROW(Sample(sampler, {1.0f}, params), std::invalid_argument);
+}
+
+}  // namespace
