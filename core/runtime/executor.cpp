@@ -188,16 +188,18 @@ void Executor::run_op(int index, const Batch& batch, std::vector<Tensor>& values
       }
       break;
     case OpKind::kRotary: {
-      std::vector<int64_t> positions;
-      int64_t max_pos = 0;
-      for (const Batch::Segment& s : batch.segments) {
-        for (int64_t i = 0; i < s.count; ++i) positions.push_back(s.start_pos + i);
-        max_pos = std::max(max_pos, s.start_pos + s.count);
-      }
+      // Frequencies per sequence: dynamic NTK scaling depends on the sequence's own length.
       out = in(0);
-      const std::vector<float> inv_freq = cpu::rope_inv_freq(op.rope, op.head_dim, max_pos);
-      cpu::rotary(out.data.data(), tokens, out.cols() / op.head_dim, op.head_dim,
-                  positions.data(), inv_freq);
+      int64_t row = 0;
+      for (const Batch::Segment& s : batch.segments) {
+        std::vector<int64_t> positions(static_cast<size_t>(s.count));
+        for (int64_t i = 0; i < s.count; ++i) positions[i] = s.start_pos + i;
+        const std::vector<float> inv_freq =
+            cpu::rope_inv_freq(op.rope, op.head_dim, s.start_pos + s.count);
+        cpu::rotary(out.row(row), s.count, out.cols() / op.head_dim, op.head_dim,
+                    positions.data(), inv_freq);
+        row += s.count;
+      }
       break;
     }
     case OpKind::kAttention: run_attention(index, batch, values); break;

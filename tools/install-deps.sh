@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs everything tpengine needs to build and test, from Debian's packages. Idempotent: it
+# installs only what is missing. Needs root (or sudo) on Debian 12 / Ubuntu 22.04 or newer.
+set -euo pipefail
+
+packages=(
+  build-essential cmake pkg-config ccache python3
+  libtomlplusplus-dev   # TOML run configuration
+  libspdlog-dev libfmt-dev
+  libboost-dev          # Boost.DLL (header-only) for loading policy plugins
+  nlohmann-json3-dev    # config.json and safetensors headers
+  libcli11-dev          # the command line
+  libopenblas-dev       # CPU matrix products
+  libgtest-dev libgmock-dev
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "install-deps: installing ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
