@@ -87,8 +87,10 @@ typedef struct tpe_rope_desc {
   double partial_rotary_factor; /* fraction of head_dim that rotates; 1.0 = all */
   double factor;                /* linear, dynamic, llama3 */
   double low_freq_factor;       /* llama3 */
-  double high_freq_factor;      /* llama3 */
-  int64_t original_max_position_embeddings; /* dynamic, llama3 */
+  double high_freq_factor;      /* llama3; may equal low_freq_factor */
+  /* llama3: the pretraining length; dynamic: config.json's max_position_embeddings, beyond
+   * which the base is rescaled (as transformers does) */
+  int64_t original_max_position_embeddings;
 } tpe_rope_desc;
 
 typedef struct tpe_attention_desc {
