@@ -58,7 +58,7 @@ class SafetensorsFile {
   size_t map_size_ = 0;
   size_t data_offset_ = 0;  // 8 + header length
   std::vector<TensorInfo> tensors_;
-  std::map<std::string, size_t> by_name_;
+  std::map<std::string, size_t, std::less<>> by_name_;
   std::map<std::string, std::string> metadata_;
 };
 

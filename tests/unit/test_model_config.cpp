@@ -250,7 +250,7 @@ TEST(ModelConfig, RejectsMissingRopeParameters) {
                     {"config.json: missing key 'rope_scaling.factor'", "'linear'"});
   expect_rope_error(
       R"({"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2}})",
-      {"config.json: missing key 'rope_scaling.original_max_position_embeddings'", "'dynamic'"});
+      {"config.json: missing key 'max_position_embeddings'", "'dynamic'"});
 }
 
 TEST(ModelConfig, RejectsBadRopeValues) {

@@ -195,7 +195,9 @@ TEST(Plan, ShardsCoverEveryFeatureOnce) {
     for (const auto& m : memory) total += m.weight_elements;
     // Norm weights are replicated on every rank; with at least as many kv heads as ranks every
     // other weight is held exactly once.
-    if (world <= 3) EXPECT_EQ(total, 50 * 96 * 2 + 3 * 96 * 96 + world * 2 * 96) << world;
+    if (world <= 3) {
+      EXPECT_EQ(total, 50 * 96 * 2 + 3 * 96 * 96 + world * 2 * 96) << world;
+    }
   }
 }
 
