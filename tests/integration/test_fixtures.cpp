@@ -15,6 +15,8 @@ struct Case {
   int tp;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << " at TP " << c.tp; }
+
 std::string case_name(const testing::TestParamInfo<Case>& info) {
   return info.param.fixture + "_tp" + std::to_string(info.param.tp);
 }
