@@ -188,7 +188,8 @@ const tpe_host_api kHostApi = {
 graph::Graph build_graph(const Policy& policy, const config::ModelConfig& config) {
   tpe_graph g;
   g.config = &config;
-  const std::string who = fmt::format("policy '{}' ({})", policy.name, policy.file.string());
+  const std::string who = fmt::format("policy '{}' ({}) building {}", policy.name,
+                                      policy.file.string(), config.path().string());
   tpe_status status = TPE_ERROR;
   try {
     status = policy.desc->build(&kHostApi, &g);

@@ -38,7 +38,7 @@ case $case in
     expect="model.safetensors.*overlap";;
   offsets_past_end)
     edit_header 'k = sorted(x for x in h if x != "__metadata__")[0]; e = h[k]["data_offsets"]; h[k]["data_offsets"] = [len(data), len(data) + e[1] - e[0]]'
-    expect="model.safetensors.*'.*'";;
+    expect="model.safetensors: tensor '[^']*': data_offsets .* past the data section";;
   header_length_too_large)
     edit_header 'header_len = 10**9'
     expect="model.safetensors.*header length";;
@@ -50,7 +50,7 @@ case $case in
     expect="model.layers.0.mlp.down_proj.weight.*shape";;
   config_missing_field)
     python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); del c['num_attention_heads']; json.dump(c, open(p,'w'))"
-    expect="policy 'llama'.*num_attention_heads";;
+    expect="policy 'llama'.*config.json.*num_attention_heads";;
   unknown_model_type)
     python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); c['model_type']='martian'; c['architectures']=['MartianForCausalLM']; json.dump(c, open(p,'w'))"
     expect="config.json.*'martian'.*policies found: .*llama.*gpt_neox|config.json.*'martian'.*policies found: .*gpt_neox.*llama";;
