@@ -2,8 +2,10 @@
 // identical 16-token greedy continuations, the prompts run as one ragged batch.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
+#include "core/parallel/report.hpp"
 #include "core/runtime/engine.hpp"
 #include "tests/integration/fixture.hpp"
 
@@ -64,6 +66,61 @@ TEST_P(FixtureTest, GreedyContinuationMatchesTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureTest, testing::ValuesIn(all_cases()), case_name);
+
+}  // namespace
+}  // namespace tpe::test
+
+namespace tpe::test {
+namespace {
+
+TEST(Generation, StopTokenEndsTheSequenceAndIsKept) {
+  const Reference ref = load_reference("llama_gqa");
+  runtime::Engine engine = make_engine("llama_gqa", 2);
+  runtime::GenerationParams params;
+  params.max_new_tokens = 16;
+  params.stop_token_ids = {ref.greedy[0][3]};
+  const auto out = engine.generate(ref.prompts, params);
+  // Sequence 0 stops at its 4th token (or earlier, if that id came before); sequence 1 runs on
+  // unless it meets the same id.
+  const auto& g0 = ref.greedy[0];
+  const size_t stop0 = std::find(g0.begin(), g0.end(), g0[3]) - g0.begin() + 1;
+  EXPECT_EQ(out[0], std::vector<int64_t>(g0.begin(), g0.begin() + stop0));
+  const auto& g1 = ref.greedy[1];
+  const auto hit = std::find(g1.begin(), g1.end(), g0[3]);
+  const size_t stop1 = hit == g1.end() ? g1.size() : hit - g1.begin() + 1;
+  EXPECT_EQ(out[1], std::vector<int64_t>(g1.begin(), g1.begin() + stop1));
+}
+
+TEST(Generation, SampledTokensDependOnlyOnTheSeed) {
+  const Reference ref = load_reference("neox_parallel");
+  runtime::GenerationParams params;
+  params.max_new_tokens = 12;
+  params.sampling.do_sample = true;
+  params.sampling.temperature = 1.5;
+  params.sampling.top_k = 40;
+  params.sampling.top_p = 0.95;
+  params.sampling.repetition_penalty = 1.2;
+  params.seed = 1234;
+  runtime::Engine tp1 = make_engine("neox_parallel", 1);
+  const auto reference = tp1.generate(ref.prompts, params);
+  EXPECT_EQ(tp1.generate(ref.prompts, params), reference);  // same seed, same tokens
+  for (int tp = 2; tp <= 4; ++tp) {
+    runtime::Engine engine = make_engine("neox_parallel", tp);
+    EXPECT_EQ(engine.generate(ref.prompts, params), reference) << "tp " << tp;
+  }
+  params.seed = 99;
+  EXPECT_NE(tp1.generate(ref.prompts, params), reference);
+  EXPECT_NE(reference[0], ref.greedy[0]);  // the settings above really sample
+}
+
+TEST(Generation, WeightBytesMatchThePlan) {
+  for (int tp = 1; tp <= 4; ++tp) {
+    runtime::Engine engine = make_engine("llama_6h2kv", tp);
+    const auto memory = parallel::rank_memory(engine.model().graph, engine.model().plan);
+    const auto bytes = engine.weight_bytes();
+    for (int r = 0; r < tp; ++r) EXPECT_EQ(bytes[r], memory[r].weight_elements * 4) << tp << r;
+  }
+}
 
 }  // namespace
 }  // namespace tpe::test

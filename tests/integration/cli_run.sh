@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The CLI's happy paths: generate from a TOML file with a flag overriding it (the output must be
+# transformers' greedy continuation), plan, policies and inspect.
+# usage: cli_run.sh TPENGINE FIXTURES_DIR CASE
+set -euo pipefail
+tpengine=$1 fixtures=$2 case=$3
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+expected() {  # the reference greedy tokens of prompt $2 of fixture $1, space-separated
+  python3 -c "import json,sys; r=json.load(open('$fixtures/$1/reference.json')); print(' '.join(map(str, r['greedy'][$2])))"
+}
+prompt() {
+  python3 -c "import json,sys; r=json.load(open('$fixtures/$1/reference.json')); print(','.join(map(str, r['prompts'][$2])))"
+}
+check() {  # check NAME ACTUAL EXPECTED
+  if [ "$2" != "$3" ]; then printf 'FAIL %s\n  got:      %s\n  expected: %s\n' "$1" "$2" "$3"; exit 1; fi
+}
+case $case in
+  generate_toml)
+    cat >"$work/run.toml" <<TOML
+[model]
+path = "$fixtures/neox_sequential"
+[parallel]
+tp_size = 2
+[generation]
+max_new_tokens = 16
+ignore_eos = true
+[policy.injection_policy]
+GPTNeoXLayer = ["attention.dense", "mlp.dense_4h_to_h"]
+TOML
+    out=$("$tpengine" generate --config "$work/run.toml" --tp 3 --quiet \
+          --prompt-ids "$(prompt neox_sequential 0)" --prompt-ids "$(prompt neox_sequential 1)")
+    check "batch of two at TP 3" "$out" "$(expected neox_sequential 0; expected neox_sequential 1)";;
+  plan)
+    out=$("$tpengine" plan --model "$fixtures/llama_6h2kv" --tp 4)
+    echo "$out"
+    grep -Eq "model.layers.0.self_attn.q_proj +column +\[32, 96\] \[32, 96\] \[16, 96\] \[16, 96\]" <<<"$out"
+    grep -Eq "model.layers.0.self_attn.k_proj +column +\[16, 96\] \[32, 96\] \[16, 96\] \[16, 96\]" <<<"$out"
+    grep -Eq "model.layers.1.mlp.down_proj +row +\[96, 64\] \[96, 32\] \[96, 32\] \[96, 32\]" <<<"$out"
+    grep -Eq "LlamaDecoderLayer model.layers.1 +2 all-reduce" <<<"$out"
+    grep -Eq "rank 1: weights .*, KV cache 1.00 MiB \(512 B per token\)" <<<"$out";;
+  policies)
+    out=$("$tpengine" policies --model "$fixtures/qwen2_bias")
+    echo "$out"
+    grep -Eq "^  llama .* ABI 1\.0 .*model_types \[llama, mistral, qwen2\]" <<<"$out"
+    grep -Eq "^  gpt_neox .* model_types \[gpt_neox\]" <<<"$out"
+    grep -Eq "model_type 'qwen2'\): llama from .*libtpengine_policy_llama.so: serves model_type 'qwen2'" <<<"$out";;
+  inspect)
+    out=$("$tpengine" inspect "$fixtures/llama_sharded")
+    echo "$out"
+    grep -Eq "^model.layers.1.mlp.down_proj.weight +F32 +\[64, 96\] +24576  model-0000[1-4]-of-00004.safetensors" <<<"$out"
+    grep -Eq "^2[0-9] tensors" <<<"$out";;
+  *) echo "unknown case $case" >&2; exit 2;;
+esac
+echo PASS
