@@ -23,11 +23,10 @@ template <typename... Args>
 
 }  // namespace tpe
 
-#define TPE_CHECK(cond, ...)                                                               \
-  do {                                                                                     \
-    if (!(cond)) {                                                                         \
-      throw ::tpe::Error(::fmt::format("internal error at {}:{}: check '{}' failed: {}", \
-                                       __FILE__, __LINE__, #cond,                          \
-                                       ::fmt::format(__VA_ARGS__)));                       \
-    }                                                                                      \
+#define TPE_CHECK(cond, ...)                                                                       \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      throw ::tpe::Error(::fmt::format("internal error at {}:{}: check '{}' failed: {}", __FILE__, \
+                                       __LINE__, #cond, ::fmt::format(__VA_ARGS__)));              \
+    }                                                                                              \
   } while (0)

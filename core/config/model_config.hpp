@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
 #include <tpengine/policy.h>
+#include <nlohmann/json.hpp>
 
 namespace tpe::config {
 

@@ -8,26 +8,37 @@ namespace tpe::graph {
 
 const char* op_kind_name(OpKind kind) {
   switch (kind) {
-    case OpKind::kInputIds: return "input_ids";
-    case OpKind::kEmbedding: return "embedding";
-    case OpKind::kNorm: return "norm";
-    case OpKind::kLinear: return "linear";
-    case OpKind::kSplit: return "split";
-    case OpKind::kRotary: return "rotary";
-    case OpKind::kAttention: return "attention";
-    case OpKind::kActivation: return "activation";
-    case OpKind::kMul: return "mul";
-    case OpKind::kAdd: return "add";
-    case OpKind::kLmHead: return "lm_head";
+    case OpKind::kInputIds:
+      return "input_ids";
+    case OpKind::kEmbedding:
+      return "embedding";
+    case OpKind::kNorm:
+      return "norm";
+    case OpKind::kLinear:
+      return "linear";
+    case OpKind::kSplit:
+      return "split";
+    case OpKind::kRotary:
+      return "rotary";
+    case OpKind::kAttention:
+      return "attention";
+    case OpKind::kActivation:
+      return "activation";
+    case OpKind::kMul:
+      return "mul";
+    case OpKind::kAdd:
+      return "add";
+    case OpKind::kLmHead:
+      return "lm_head";
   }
   return "?";
 }
 
 std::string Graph::describe(int op) const {
   const Op& o = ops[op];
-  std::string where = o.block >= 0 ? fmt::format(" in {} {}", blocks[o.block].cls,
-                                                 blocks[o.block].prefix)
-                                   : std::string();
+  std::string where = o.block >= 0
+                          ? fmt::format(" in {} {}", blocks[o.block].cls, blocks[o.block].prefix)
+                          : std::string();
   if (!o.name.empty()) return fmt::format("{} '{}'{}", op_kind_name(o.kind), o.name, where);
   return fmt::format("{} #{}{}", op_kind_name(o.kind), op, where);
 }
@@ -115,8 +126,8 @@ int GraphBuilder::linear(int x, const std::string& prefix, int64_t in_features,
                          int64_t out_features, bool has_bias) {
   if (!valid(x)) return -1;
   if (!check(in_features == graph_.values[x].width,
-             fmt::format("linear '{}': in_features {} does not match its input's width {}",
-                         prefix, in_features, graph_.values[x].width)) ||
+             fmt::format("linear '{}': in_features {} does not match its input's width {}", prefix,
+                         in_features, graph_.values[x].width)) ||
       !check(out_features > 0,
              fmt::format("linear '{}': out_features {} must be positive", prefix, out_features))) {
     return -1;
@@ -145,8 +156,8 @@ bool GraphBuilder::split(int x, tpe_split_layout layout, const std::vector<int64
       if (!check(w > 0, what + ": part widths must be positive")) return false;
       sum += w;
     }
-    if (!check(sum == width, fmt::format("{}: parts add up to {}, the value is {} wide", what,
-                                         sum, width))) {
+    if (!check(sum == width,
+               fmt::format("{}: parts add up to {}, the value is {} wide", what, sum, width))) {
       return false;
     }
   } else if (layout == TPE_SPLIT_INTERLEAVED_HEADS) {
@@ -280,11 +291,10 @@ int GraphBuilder::lm_head(int x, const std::string& weight, int64_t vocab, int64
 }
 
 void GraphBuilder::begin_block(const std::string& cls, const std::string& prefix) {
-  if (!check(current_block_ < 0, fmt::format("begin_block '{}' '{}': block '{}' is still open",
-                                             cls, prefix,
-                                             current_block_ < 0
-                                                 ? std::string()
-                                                 : graph_.blocks[current_block_].prefix)) ||
+  if (!check(
+          current_block_ < 0,
+          fmt::format("begin_block '{}' '{}': block '{}' is still open", cls, prefix,
+                      current_block_ < 0 ? std::string() : graph_.blocks[current_block_].prefix)) ||
       !check(!cls.empty(), fmt::format("begin_block at '{}': empty block class", prefix))) {
     return;
   }

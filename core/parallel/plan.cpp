@@ -124,9 +124,10 @@ class Planner {
       }
       current_[value] = State::kReplicated;
     } else if (current_[value] == State::kSplit) {
-      fail("{} needs the whole of a value that is split across ranks (produced by {}); "
-           "gathering it is not supported",
-           g_.describe(consumer), g_.describe(g_.values[value].producer));
+      fail(
+          "{} needs the whole of a value that is split across ranks (produced by {}); "
+          "gathering it is not supported",
+          g_.describe(consumer), g_.describe(g_.values[value].producer));
     }
   }
 
@@ -138,11 +139,17 @@ class Planner {
     const Op& op = g_.ops[index];
     const auto in = [&](size_t k) { return current_[op.inputs[k]]; };
     switch (op.kind) {
-      case OpKind::kInputIds: break;
-      case OpKind::kEmbedding: break;
+      case OpKind::kInputIds:
+        break;
+      case OpKind::kEmbedding:
+        break;
       case OpKind::kNorm:
-      case OpKind::kLmHead: need_replicated(op.inputs[0], index); break;
-      case OpKind::kLinear: plan_linear(index); break;
+      case OpKind::kLmHead:
+        need_replicated(op.inputs[0], index);
+        break;
+      case OpKind::kLinear:
+        plan_linear(index);
+        break;
       case OpKind::kSplit:
         if (in(0) != State::kSplit) {
           fail("{}: a fused value must come straight from a linear projection", g_.describe(index));
@@ -161,7 +168,9 @@ class Planner {
         }
         break;
       case OpKind::kMul:
-      case OpKind::kAdd: plan_binary(index); break;
+      case OpKind::kAdd:
+        plan_binary(index);
+        break;
     }
     plan_.steps.push_back({Step::Kind::kOp, index, op.block});
     finish_op(index);
@@ -191,13 +200,19 @@ class Planner {
   void finish_op(int index) {
     const Op& op = g_.ops[index];
     switch (op.kind) {
-      case OpKind::kInputIds: produce(op, State::kReplicated); break;
-      case OpKind::kEmbedding: produce(op, State::kPartial); break;  // vocabulary-parallel
+      case OpKind::kInputIds:
+        produce(op, State::kReplicated);
+        break;
+      case OpKind::kEmbedding:
+        produce(op, State::kPartial);
+        break;  // vocabulary-parallel
       case OpKind::kNorm:
-      case OpKind::kLmHead: produce(op, State::kReplicated); break;
+      case OpKind::kLmHead:
+        produce(op, State::kReplicated);
+        break;
       case OpKind::kLinear:
-        produce(op, plan_.linear_kind[index] == LinearKind::kColumn ? State::kSplit
-                                                                    : State::kPartial);
+        produce(op,
+                plan_.linear_kind[index] == LinearKind::kColumn ? State::kSplit : State::kPartial);
         break;
       case OpKind::kSplit:
       case OpKind::kRotary:
@@ -207,7 +222,9 @@ class Planner {
           classes_.unite(op.outputs[0], op.inputs[0]);
         }
         break;
-      case OpKind::kAttention: produce(op, State::kSplit); break;
+      case OpKind::kAttention:
+        produce(op, State::kSplit);
+        break;
       case OpKind::kMul:
       case OpKind::kAdd: {
         const State a = current_[op.inputs[0]], b = current_[op.inputs[1]];
@@ -247,15 +264,16 @@ class Planner {
     const bool row = std::find(rule->begin(), rule->end(), rel) != rule->end();
     const std::string producer = g_.describe(g_.values[x].producer);
     if (row && current_[x] != State::kSplit) {
-      fail("injection policy makes {} row-parallel (all-reduced), but its input from {} is {}, "
-           "not split: remove '{}' from the policy's {} list",
-           g_.describe(index), producer, state_name(current_[x]), rel,
-           g_.blocks[op.block].cls);
+      fail(
+          "injection policy makes {} row-parallel (all-reduced), but its input from {} is {}, "
+          "not split: remove '{}' from the policy's {} list",
+          g_.describe(index), producer, state_name(current_[x]), rel, g_.blocks[op.block].cls);
     }
     if (!row && current_[x] == State::kSplit) {
-      fail("injection policy leaves {} column-parallel, but its input from {} is split across "
-           "ranks: add '{}' to the policy's {} list",
-           g_.describe(index), producer, rel, g_.blocks[op.block].cls);
+      fail(
+          "injection policy leaves {} column-parallel, but its input from {} is split across "
+          "ranks: add '{}' to the policy's {} list",
+          g_.describe(index), producer, rel, g_.blocks[op.block].cls);
     }
     if (current_[x] == State::kPartial) need_replicated(x, index);
     plan_.linear_kind[index] = row ? LinearKind::kRow : LinearKind::kColumn;
@@ -336,7 +354,8 @@ class Planner {
   void compose_split(int index) {
     const Op& op = g_.ops[index];
     if (layout_of(op.inputs[0]) != nullptr) {
-      fail("{}: the fused value is constrained by another op; split it before using it", g_.describe(index));
+      fail("{}: the fused value is constrained by another op; split it before using it",
+           g_.describe(index));
     }
     for (size_t p = 0; p < op.outputs.size(); ++p) {
       if (layout_of(op.outputs[p]) == nullptr) {
@@ -391,18 +410,24 @@ class Planner {
 
 const char* state_name(State state) {
   switch (state) {
-    case State::kReplicated: return "replicated";
-    case State::kSplit: return "split";
-    case State::kPartial: return "partial";
+    case State::kReplicated:
+      return "replicated";
+    case State::kSplit:
+      return "split";
+    case State::kPartial:
+      return "partial";
   }
   return "?";
 }
 
 const char* linear_kind_name(LinearKind kind) {
   switch (kind) {
-    case LinearKind::kNone: return "none";
-    case LinearKind::kColumn: return "column";
-    case LinearKind::kRow: return "row";
+    case LinearKind::kNone:
+      return "none";
+    case LinearKind::kColumn:
+      return "column";
+    case LinearKind::kRow:
+      return "row";
   }
   return "?";
 }

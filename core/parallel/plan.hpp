@@ -25,7 +25,7 @@ const char* linear_kind_name(LinearKind kind);
 struct Step {
   enum class Kind { kOp, kAllReduce };
   Kind kind = Kind::kOp;
-  int index = 0;  // op index, or the value all-reduced
+  int index = 0;   // op index, or the value all-reduced
   int block = -1;  // the block a collective is counted in: its value's producer's
   bool operator==(const Step&) const = default;
 };

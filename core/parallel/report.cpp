@@ -22,7 +22,8 @@ std::vector<Slice> op_slices(const graph::Graph& g, const Plan& plan, size_t i, 
   const Op& op = g.ops[i];
   switch (op.kind) {
     case OpKind::kEmbedding:
-    case OpKind::kLmHead: return {{op.name, plan.vocab[r].size(), op.in_features}};
+    case OpKind::kLmHead:
+      return {{op.name, plan.vocab[r].size(), op.in_features}};
     case OpKind::kNorm: {
       const int64_t width = g.values[op.inputs[0]].width;
       std::vector<Slice> s = {{op.name + ".weight", width, 0}};
@@ -41,7 +42,8 @@ std::vector<Slice> op_slices(const graph::Graph& g, const Plan& plan, size_t i, 
       if (op.has_bias && r == 0) s.push_back({op.name + ".bias", op.out_features, 0});
       return s;
     }
-    default: return {};
+    default:
+      return {};
   }
 }
 
@@ -103,8 +105,10 @@ std::string format_plan(const graph::Graph& g, const Plan& plan, const ReportOpt
     line(fmt::format("  {:<32} {} all-reduce(s)", g.blocks[b].cls + " " + g.blocks[b].prefix,
                      reduces[b]));
   }
-  if (reduces.back() > 0) line(fmt::format("  {:<32} {} all-reduce(s)", "(outside blocks)", reduces.back()));
-  if (plan.world > 1) line(fmt::format("  {:<32} 1 all-gather (logits of the positions sampled)", "lm_head"));
+  if (reduces.back() > 0)
+    line(fmt::format("  {:<32} {} all-reduce(s)", "(outside blocks)", reduces.back()));
+  if (plan.world > 1)
+    line(fmt::format("  {:<32} 1 all-gather (logits of the positions sampled)", "lm_head"));
   line("");
   const std::vector<RankMemory> memory = rank_memory(g, plan);
   line(fmt::format("memory per rank ({} bytes per element; KV cache for batch {} x {} tokens):",

@@ -12,7 +12,7 @@
 namespace tpe::parallel {
 
 struct RankMemory {
-  int64_t weight_elements = 0;       // a tensor shared by two ops (tied embeddings) counts once
+  int64_t weight_elements = 0;        // a tensor shared by two ops (tied embeddings) counts once
   int64_t kv_elements_per_token = 0;  // keys and values over all layers, per token of a sequence
 };
 

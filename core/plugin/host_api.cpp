@@ -91,8 +91,7 @@ void end_block(tpe_graph* g) {
 tpe_value input_ids(tpe_graph* g) {
   return guarded(g, TPE_INVALID_VALUE, [&] { return g->builder.input_ids(); });
 }
-tpe_value embedding(tpe_graph* g, tpe_value ids, const char* weight, int64_t vocab,
-                    int64_t width) {
+tpe_value embedding(tpe_graph* g, tpe_value ids, const char* weight, int64_t vocab, int64_t width) {
   return guarded(g, TPE_INVALID_VALUE,
                  [&] { return g->builder.embedding(ids, str(weight), vocab, width); });
 }
@@ -112,8 +111,9 @@ tpe_status split(tpe_graph* g, tpe_value x, tpe_split_layout layout, int32_t n_p
   return guarded(g, TPE_ERROR, [&] {
     if (n_parts <= 0 || parts_out == nullptr ||
         (layout == TPE_SPLIT_CONCAT && part_widths == nullptr)) {
-      g->builder.set_error("split: n_parts must be positive and parts_out (and, for concat, "
-                           "part_widths) non-null");
+      g->builder.set_error(
+          "split: n_parts must be positive and parts_out (and, for concat, "
+          "part_widths) non-null");
       return TPE_ERROR;
     }
     std::vector<int64_t> widths(static_cast<size_t>(n_parts), 0);

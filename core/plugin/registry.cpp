@@ -1,8 +1,8 @@
 #include "core/plugin/registry.hpp"
 
-#include <boost/dll/shared_library.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <boost/dll/shared_library.hpp>
 
 #include <algorithm>
 #include <cstdlib>
@@ -15,9 +15,12 @@ namespace fs = std::filesystem;
 
 const char* origin_name(Origin origin) {
   switch (origin) {
-    case Origin::kConfig: return "config policy.search_paths";
-    case Origin::kEnvironment: return "TPENGINE_POLICY_PATH";
-    case Origin::kBuiltin: return "built-in";
+    case Origin::kConfig:
+      return "config policy.search_paths";
+    case Origin::kEnvironment:
+      return "TPENGINE_POLICY_PATH";
+    case Origin::kBuiltin:
+      return "built-in";
   }
   return "?";
 }
@@ -80,13 +83,14 @@ Policy Registry::load(const fs::path& file, Origin origin) {
          TPE_POLICY_ENTRY_SYMBOL, TPE_ABI_MAJOR, TPE_ABI_MINOR);
   }
   if (desc->abi_major != TPE_ABI_MAJOR) {
-    fail("{}: built for policy ABI {}.{}, this tpengine speaks {}.{}; rebuild it against the "
-         "tpengine {} SDK",
-         where, desc->abi_major, desc->abi_minor, TPE_ABI_MAJOR, TPE_ABI_MINOR, TPE_ABI_MAJOR);
+    fail(
+        "{}: built for policy ABI {}.{}, this tpengine speaks {}.{}; rebuild it against the "
+        "tpengine {} SDK",
+        where, desc->abi_major, desc->abi_minor, TPE_ABI_MAJOR, TPE_ABI_MINOR, TPE_ABI_MAJOR);
   }
   if (desc->struct_size < sizeof(tpe_policy_desc)) {
-    fail("{}: descriptor is {} bytes, ABI {}.0 needs {}", where, desc->struct_size,
-         TPE_ABI_MAJOR, sizeof(tpe_policy_desc));
+    fail("{}: descriptor is {} bytes, ABI {}.0 needs {}", where, desc->struct_size, TPE_ABI_MAJOR,
+         sizeof(tpe_policy_desc));
   }
   if (desc->name == nullptr || *desc->name == '\0' || desc->build == nullptr ||
       desc->model_types == nullptr) {
@@ -135,8 +139,8 @@ Choice Registry::choose(const config::ModelConfig& config,
   auto found = [&] {
     std::vector<std::string> items;
     for (const Policy& p : policies_) {
-      items.push_back(fmt::format("{} [{}] ({})", p.name, fmt::join(p.model_types, ", "),
-                                  p.file.string()));
+      items.push_back(
+          fmt::format("{} [{}] ({})", p.name, fmt::join(p.model_types, ", "), p.file.string()));
     }
     return items.empty() ? std::string("none") : fmt::format("{}", fmt::join(items, "; "));
   };

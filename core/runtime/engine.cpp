@@ -42,10 +42,9 @@ Model prepare(const config::RunConfig& run) {
     injection.emplace(choice.policy->injection_policy.begin(),
                       choice.policy->injection_policy.end());
   }
-  parallel::Plan plan =
-      parallel::make_plan(graph, run.tp_size, injection ? &*injection : nullptr);
-  return Model{std::move(config), std::move(registry), choice, std::move(graph), std::move(plan),
-               std::move(injection)};
+  parallel::Plan plan = parallel::make_plan(graph, run.tp_size, injection ? &*injection : nullptr);
+  return Model{std::move(config), std::move(registry), choice,
+               std::move(graph),  std::move(plan),     std::move(injection)};
 }
 
 GenerationParams resolve_generation(const config::GenerationSettings& s,
@@ -139,8 +138,9 @@ Engine::Engine(Model model, bool quiet) : model_(std::move(model)) {
   if (!quiet) {
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    spdlog::info("loaded {} on {} rank(s) in {:.2f} s, {:.1f} MiB per rank", checkpoint.dir().string(),
-                 world(), seconds, static_cast<double>(weight_bytes()[0]) / (1 << 20));
+    spdlog::info("loaded {} on {} rank(s) in {:.2f} s, {:.1f} MiB per rank",
+                 checkpoint.dir().string(), world(), seconds,
+                 static_cast<double>(weight_bytes()[0]) / (1 << 20));
   }
 }
 
@@ -204,9 +204,9 @@ std::vector<std::vector<int64_t>> Engine::generate(
       if (r == 0) {
         for (size_t j = 0; j < batch.segments.size(); ++j) {
           const size_t seq = static_cast<size_t>(batch.segments[j].slot);
-          next[j] = sampler.sample({logits.row(static_cast<int64_t>(j)),
-                                    static_cast<size_t>(logits.cols())},
-                                   history[seq], params.sampling);
+          next[j] = sampler.sample(
+              {logits.row(static_cast<int64_t>(j)), static_cast<size_t>(logits.cols())},
+              history[seq], params.sampling);
         }
       }
       ranks_->group.broadcast(r, next.data(), static_cast<int64_t>(next.size()), 0);

@@ -52,7 +52,8 @@ std::shared_ptr<const std::vector<float>> Executor::read(const io::Checkpoint& c
   const std::string key = slice_key(name, rows, cols);
   auto it = loaded_.find(key);
   if (it != loaded_.end()) return it->second;
-  auto data = std::make_shared<const std::vector<float>>(checkpoint.read_f32(name, shape, rows, cols));
+  auto data =
+      std::make_shared<const std::vector<float>>(checkpoint.read_f32(name, shape, rows, cols));
   loaded_.emplace(key, data);
   return data;
 }
@@ -87,8 +88,7 @@ void Executor::load(const io::Checkpoint& checkpoint, const std::function<void()
           w.w = read(checkpoint, op.name + ".weight", shape, rows, all);
           if (op.has_bias) w.b = read(checkpoint, op.name + ".bias", {op.out_features}, rows, all);
         } else {
-          w.w = read(checkpoint, op.name + ".weight", shape, all,
-                     plan_.shard[op.inputs[0]][rank_]);
+          w.w = read(checkpoint, op.name + ".weight", shape, all, plan_.shard[op.inputs[0]][rank_]);
           // A row-parallel output is a sum over ranks: its bias is added once, by rank 0.
           if (op.has_bias && rank_ == 0) {
             w.b = read(checkpoint, op.name + ".bias", {op.out_features}, all, all);
@@ -98,14 +98,16 @@ void Executor::load(const io::Checkpoint& checkpoint, const std::function<void()
         if (op.has_bias) on_tensor();
         break;
       }
-      default: break;
+      default:
+        break;
     }
   }
 }
 
 int64_t Executor::weight_bytes() const {
   int64_t bytes = 0;
-  for (const auto& [key, data] : loaded_) bytes += static_cast<int64_t>(data->size() * sizeof(float));
+  for (const auto& [key, data] : loaded_)
+    bytes += static_cast<int64_t>(data->size() * sizeof(float));
   return bytes;
 }
 
@@ -142,7 +144,8 @@ void Executor::run_op(int index, const Batch& batch, std::vector<Tensor>& values
   const auto in = [&](size_t k) -> const Tensor& { return values[op.inputs[k]]; };
   Tensor& out = values[op.outputs[0]];
   switch (op.kind) {
-    case OpKind::kInputIds: break;
+    case OpKind::kInputIds:
+      break;
     case OpKind::kEmbedding: {
       const Range vocab = plan_.vocab[rank_];
       out = Tensor({tokens, op.in_features});
@@ -166,17 +169,16 @@ void Executor::run_op(int index, const Batch& batch, std::vector<Tensor>& values
         cpu::rms_norm(x.data.data(), x.rows(), x.cols(), w.w->data(), static_cast<float>(op.eps),
                       out.data.data());
       } else {
-        cpu::layer_norm(x.data.data(), x.rows(), x.cols(), w.w->data(),
-                        w.b ? w.b->data() : nullptr, static_cast<float>(op.eps), out.data.data());
+        cpu::layer_norm(x.data.data(), x.rows(), x.cols(), w.w->data(), w.b ? w.b->data() : nullptr,
+                        static_cast<float>(op.eps), out.data.data());
       }
       break;
     }
     case OpKind::kLinear: {
       const Tensor& x = in(0);
-      const int64_t out_width =
-          plan_.linear_kind[index] == LinearKind::kColumn
-              ? index_count(plan_.shard[op.outputs[0]][rank_])
-              : op.out_features;
+      const int64_t out_width = plan_.linear_kind[index] == LinearKind::kColumn
+                                    ? index_count(plan_.shard[op.outputs[0]][rank_])
+                                    : op.out_features;
       out = Tensor({x.rows(), out_width});
       cpu::linear(x.data.data(), x.rows(), x.cols(), w.w->data(), out_width,
                   w.b ? w.b->data() : nullptr, out.data.data());
@@ -196,13 +198,15 @@ void Executor::run_op(int index, const Batch& batch, std::vector<Tensor>& values
         for (int64_t i = 0; i < s.count; ++i) positions[i] = s.start_pos + i;
         const std::vector<float> inv_freq =
             cpu::rope_inv_freq(op.rope, op.head_dim, s.start_pos + s.count);
-        cpu::rotary(out.row(row), s.count, out.cols() / op.head_dim, op.head_dim,
-                    positions.data(), inv_freq);
+        cpu::rotary(out.row(row), s.count, out.cols() / op.head_dim, op.head_dim, positions.data(),
+                    inv_freq);
         row += s.count;
       }
       break;
     }
-    case OpKind::kAttention: run_attention(index, batch, values); break;
+    case OpKind::kAttention:
+      run_attention(index, batch, values);
+      break;
     case OpKind::kActivation:
       out = in(0);
       cpu::activation(op.activation, out.data.data(), out.numel());
@@ -268,8 +272,8 @@ void Executor::run_attention(int index, const Batch& batch, std::vector<Tensor>&
   for (int64_t j = 0; j < n_q; ++j) {
     kv_of_q[j] = static_cast<int32_t>((first_q + j) / group - first_kv);
   }
-  const float scale = a.scale > 0 ? static_cast<float>(a.scale)
-                                  : 1.0f / std::sqrt(static_cast<float>(hd));
+  const float scale =
+      a.scale > 0 ? static_cast<float>(a.scale) : 1.0f / std::sqrt(static_cast<float>(hd));
   Tensor& out = values[op.outputs[0]];
   out = Tensor({q.rows(), q.cols()});
   int64_t row = 0;
@@ -282,8 +286,8 @@ void Executor::run_attention(int index, const Batch& batch, std::vector<Tensor>&
     std::vector<float>& vc = v_cache_[index][s.slot];
     std::copy_n(k.row(row), s.count * k.cols(), kc.data() + s.start_pos * k.cols());
     std::copy_n(v.row(row), s.count * v.cols(), vc.data() + s.start_pos * v.cols());
-    cpu::attention(q.row(row), s.count, s.start_pos, n_q, hd, kv_of_q.data(), kc.data(),
-                   vc.data(), n_kv, scale, a.sliding_window, out.row(row));
+    cpu::attention(q.row(row), s.count, s.start_pos, n_q, hd, kv_of_q.data(), kc.data(), vc.data(),
+                   n_kv, scale, a.sliding_window, out.row(row));
     row += s.count;
   }
 }

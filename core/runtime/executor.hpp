@@ -56,7 +56,7 @@ class Executor {
   const parallel::Plan& plan_;
   int rank_;
   parallel::ThreadGroup& group_;
-  std::vector<Weights> weights_;  // per op
+  std::vector<Weights> weights_;                                             // per op
   std::map<std::string, std::shared_ptr<const std::vector<float>>> loaded_;  // shared slices
   // Per attention op: per slot, keys and values [max_len, local kv width].
   std::vector<std::vector<std::vector<float>>> k_cache_, v_cache_;

@@ -26,8 +26,8 @@ void build(tpengine::Builder& b) {
     const std::string p = "gpt_neox.layers." + std::to_string(i);
     b.begin_block("GPTNeoXLayer", p);
     tpe_value h = b.norm(x, TPE_NORM_LAYER, p + ".input_layernorm", true, eps);
-    tpe_value qkv = b.linear(h, p + ".attention.query_key_value", hidden, 3 * hidden,
-                             attention_bias);
+    tpe_value qkv =
+        b.linear(h, p + ".attention.query_key_value", hidden, 3 * hidden, attention_bias);
     std::vector<tpe_value> parts = b.split_heads(qkv, 3, n_heads, head_dim);
     tpe_value q = b.rotary(parts[0], n_heads, head_dim, rope);
     tpe_value k = b.rotary(parts[1], n_heads, head_dim, rope);

@@ -68,8 +68,8 @@ void build(tpengine::Builder& b) {
 }
 
 const char* const kModelTypes[] = {"llama", "mistral", "qwen2", nullptr};
-const char* const kArchitectures[] = {"LlamaForCausalLM", "MistralForCausalLM",
-                                      "Qwen2ForCausalLM", nullptr};
+const char* const kArchitectures[] = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                      nullptr};
 
 const tpe_policy_desc kDesc = {
     /* .struct_size = */ sizeof(tpe_policy_desc),

@@ -35,9 +35,7 @@ TEST(Abi, NoEntrySymbol) {
   expect_contains(m, "does not export tpe_policy_entry");
 }
 
-TEST(Abi, EntryReturningNull) {
-  expect_contains(load_error(toy("null_entry")), "returned NULL");
-}
+TEST(Abi, EntryReturningNull) { expect_contains(load_error(toy("null_entry")), "returned NULL"); }
 
 TEST(Abi, NewerMajorIsRefused) {
   const std::string m = load_error(toy("next_major"));
@@ -80,8 +78,8 @@ TEST(Abi, UserDirectoryBeatsBuiltIn) {
   config::RunConfig run;
   run.model_path = fs::path(TPE_FIXTURES_DIR) / "llama_mha";
   run.policy_search_paths = {toy("failing_build").parent_path()};
-  const auto registry = plugin::Registry::discover(
-      plugin::Registry::default_search_path(run.policy_search_paths));
+  const auto registry =
+      plugin::Registry::discover(plugin::Registry::default_search_path(run.policy_search_paths));
   const auto config = config::ModelConfig::load(run.model_path);
   const plugin::Choice choice = registry.choose(config, std::nullopt);
   EXPECT_EQ(choice.policy->name, "toy");

@@ -45,7 +45,8 @@ const tpe_policy_desc kDesc = {
 }  // namespace
 
 #if TOY_VARIANT == TOY_NO_ENTRY
-extern "C" TPE_POLICY_EXPORT const tpe_policy_desc* tpe_policy_entry_misspelled(uint16_t, uint16_t) {
+extern "C" TPE_POLICY_EXPORT const tpe_policy_desc* tpe_policy_entry_misspelled(uint16_t,
+                                                                                uint16_t) {
   return &kDesc;
 }
 #else

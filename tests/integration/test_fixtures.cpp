@@ -52,8 +52,8 @@ TEST_P(FixtureTest, LogitsMatchTransformers) {
       max_ref = std::max(max_ref, std::abs(ref.logits[p].data[i]));
       max_diff = std::max(max_diff, std::abs(ref.logits[p].data[i] - logits[p].data[i]));
     }
-    EXPECT_LE(max_diff, 1e-4f * max_ref) << "prompt " << p << ": max |diff| " << max_diff
-                                         << ", max |logit| " << max_ref;
+    EXPECT_LE(max_diff, 1e-4f * max_ref)
+        << "prompt " << p << ": max |diff| " << max_diff << ", max |logit| " << max_ref;
   }
 }
 

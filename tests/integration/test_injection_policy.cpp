@@ -19,14 +19,16 @@ runtime::Model prepare(const std::string& fixture, int tp,
   return runtime::prepare(run);
 }
 
-const config::InjectionPolicy kLlama = {{"LlamaDecoderLayer", {"self_attn.o_proj", "mlp.down_proj"}}};
+const config::InjectionPolicy kLlama = {
+    {"LlamaDecoderLayer", {"self_attn.o_proj", "mlp.down_proj"}}};
 const config::InjectionPolicy kNeox = {{"GPTNeoXLayer", {"attention.dense", "mlp.dense_4h_to_h"}}};
 
 TEST(InjectionPolicy, EqualsAutomaticPlan) {
   for (int tp = 1; tp <= 4; ++tp) {
-    for (const auto& [fixture, policy] :
-         {std::pair{"llama_gqa", kLlama}, {"llama_6h2kv", kLlama}, {"neox_parallel", kNeox},
-          {"neox_sequential", kNeox}}) {
+    for (const auto& [fixture, policy] : {std::pair{"llama_gqa", kLlama},
+                                          {"llama_6h2kv", kLlama},
+                                          {"neox_parallel", kNeox},
+                                          {"neox_sequential", kNeox}}) {
       const runtime::Model automatic = prepare(fixture, tp);
       const runtime::Model injected = prepare(fixture, tp, policy);
       EXPECT_TRUE(automatic.plan == injected.plan) << fixture << " tp " << tp;

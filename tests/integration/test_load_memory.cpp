@@ -32,11 +32,12 @@ int64_t status_kib(const std::string& field) {
 // Writes a random-weight Llama checkpoint tensor by tensor, never holding more than one chunk.
 int64_t write_checkpoint(const fs::path& dir) {
   const int64_t hidden = 512, ffn = 1536, vocab = 4096, layers = 4;
-  nlohmann::json config = {
-      {"model_type", "llama"},      {"hidden_size", hidden},     {"intermediate_size", ffn},
-      {"num_attention_heads", 8},   {"num_key_value_heads", 8},  {"num_hidden_layers", layers},
-      {"vocab_size", vocab},        {"rms_norm_eps", 1e-5},      {"rope_theta", 10000.0},
-      {"tie_word_embeddings", false}, {"max_position_embeddings", 128}};
+  nlohmann::json config = {{"model_type", "llama"},         {"hidden_size", hidden},
+                           {"intermediate_size", ffn},      {"num_attention_heads", 8},
+                           {"num_key_value_heads", 8},      {"num_hidden_layers", layers},
+                           {"vocab_size", vocab},           {"rms_norm_eps", 1e-5},
+                           {"rope_theta", 10000.0},         {"tie_word_embeddings", false},
+                           {"max_position_embeddings", 128}};
   std::ofstream(dir / "config.json") << config.dump();
   std::vector<std::pair<std::string, std::vector<int64_t>>> tensors = {
       {"model.embed_tokens.weight", {vocab, hidden}},
@@ -71,7 +72,8 @@ int64_t write_checkpoint(const fs::path& dir) {
   std::vector<float> chunk(1 << 16);
   for (int64_t written = 0; written < offset; written += 4 * static_cast<int64_t>(chunk.size())) {
     for (float& f : chunk) f = dist(rng);
-    const int64_t bytes = std::min<int64_t>(offset - written, 4 * static_cast<int64_t>(chunk.size()));
+    const int64_t bytes =
+        std::min<int64_t>(offset - written, 4 * static_cast<int64_t>(chunk.size()));
     out.write(reinterpret_cast<const char*>(chunk.data()), bytes);
   }
   return offset;

@@ -248,9 +248,8 @@ TEST(ModelConfig, RejectsMissingRopeParameters) {
                     {"config.json: missing key 'rope_scaling.original_max_position_embeddings'"});
   expect_rope_error(R"({"model_type": "llama", "rope_scaling": {"type": "linear"}})",
                     {"config.json: missing key 'rope_scaling.factor'", "'linear'"});
-  expect_rope_error(
-      R"({"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2}})",
-      {"config.json: missing key 'max_position_embeddings'", "'dynamic'"});
+  expect_rope_error(R"({"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2}})",
+                    {"config.json: missing key 'max_position_embeddings'", "'dynamic'"});
 }
 
 TEST(ModelConfig, RejectsBadRopeValues) {

@@ -1,10 +1,10 @@
 // The tpengine command line: generate, plan, policies, inspect. Settings come from a TOML file
 // (--config) with flags overriding it. Every error is one line on stderr and a non-zero exit.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
 
 #include <cstdio>
 #include <iostream>
@@ -177,8 +177,7 @@ int run_inspect(const std::string& path) {
     const uint64_t bytes = t->end - t->begin;
     total += bytes;
     fmt::print("{:<56} {:<5} {:<16} {:>12}  {}\n", t->name, tpe::io::dtype_name(t->dtype),
-               fmt::format("[{}]", fmt::join(t->shape, ", ")), bytes,
-               t->file.filename().string());
+               fmt::format("[{}]", fmt::join(t->shape, ", ")), bytes, t->file.filename().string());
   }
   fmt::print("{} tensors, {} bytes\n", tensors.size(), total);
   return 0;
@@ -192,9 +191,8 @@ int main(int argc, char** argv) {
 
   CLI::App app{"tpengine: tensor-parallel inference for Hugging Face checkpoints"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "tpengine 0.1.0 (policy ABI " +
-                                        std::to_string(TPE_ABI_MAJOR) + "." +
-                                        std::to_string(TPE_ABI_MINOR) + ")");
+  app.set_version_flag("--version", "tpengine 0.1.0 (policy ABI " + std::to_string(TPE_ABI_MAJOR) +
+                                        "." + std::to_string(TPE_ABI_MINOR) + ")");
 
   CommonFlags gen_flags, plan_flags, policies_flags;
   CLI::App* gen = app.add_subcommand("generate", "generate tokens from prompts");
@@ -209,8 +207,7 @@ int main(int argc, char** argv) {
   gen->add_option("--temperature", overrides.temperature)->check(CLI::PositiveNumber);
   gen->add_option("--top-k", overrides.top_k)->check(CLI::NonNegativeNumber);
   gen->add_option("--top-p", overrides.top_p)->check(CLI::Range(0.0, 1.0));
-  gen->add_option("--repetition-penalty", overrides.repetition_penalty)
-      ->check(CLI::PositiveNumber);
+  gen->add_option("--repetition-penalty", overrides.repetition_penalty)->check(CLI::PositiveNumber);
   gen->add_option("--seed", overrides.seed);
   gen->add_option("--stop-ids", stop_ids, "stop token ids (replace the model's eos)")
       ->delimiter(',');

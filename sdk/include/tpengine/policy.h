@@ -42,8 +42,8 @@ typedef enum tpe_status { TPE_OK = 0, TPE_ERROR = 1 } tpe_status;
 /* Result of a config lookup. */
 typedef enum tpe_lookup {
   TPE_FOUND = 0,
-  TPE_MISSING = 1,    /* key absent or null */
-  TPE_WRONG_TYPE = 2  /* present with another JSON type */
+  TPE_MISSING = 1,   /* key absent or null */
+  TPE_WRONG_TYPE = 2 /* present with another JSON type */
 } tpe_lookup;
 
 /* The graph under construction; opaque to plugins. */
@@ -173,8 +173,8 @@ typedef struct tpe_policy_desc {
   uint32_t struct_size;
   uint16_t abi_major; /* TPE_ABI_MAJOR the plugin was built with */
   uint16_t abi_minor;
-  const char* name;    /* short, unique: "llama" */
-  const char* version; /* the plugin's own version */
+  const char* name;                 /* short, unique: "llama" */
+  const char* version;              /* the plugin's own version */
   const char* const* model_types;   /* NULL-terminated config.json model_type values */
   const char* const* architectures; /* NULL-terminated config.json architectures, or NULL */
   const tpe_injection_rule* injection_policy; /* terminated by block_class == NULL, or NULL */

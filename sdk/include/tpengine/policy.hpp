@@ -145,7 +145,7 @@ tpe_status build_with(const tpe_host_api* api, tpe_graph* graph) {
 
 // Exports the entry symbol returning `desc` (a static tpe_policy_desc). The host checks the ABI
 // version it declares, so the plugin answers every host and lets the host explain a mismatch.
-#define TPENGINE_POLICY(desc)                                                                  \
+#define TPENGINE_POLICY(desc)                                                                \
   extern "C" TPE_POLICY_EXPORT const tpe_policy_desc* tpe_policy_entry(uint16_t, uint16_t) { \
-    return &(desc);                                                                            \
+    return &(desc);                                                                          \
   }
