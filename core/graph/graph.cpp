@@ -245,31 +245,22 @@ int GraphBuilder::activation(int x, tpe_activation act) {
   return add_op(std::move(op), {graph_.values[x].width});
 }
 
-int GraphBuilder::mul(int a, int b) {
+int GraphBuilder::elementwise(OpKind kind, int a, int b) {
   if (!valid(a) || !valid(b)) return -1;
   if (!check(graph_.values[a].width == graph_.values[b].width,
-             fmt::format("mul: widths {} and {} differ", graph_.values[a].width,
-                         graph_.values[b].width))) {
+             fmt::format("{}: widths {} and {} differ", op_kind_name(kind),
+                         graph_.values[a].width, graph_.values[b].width))) {
     return -1;
   }
   Op op;
-  op.kind = OpKind::kMul;
+  op.kind = kind;
   op.inputs = {a, b};
   return add_op(std::move(op), {graph_.values[a].width});
 }
 
-int GraphBuilder::add(int a, int b) {
-  if (!valid(a) || !valid(b)) return -1;
-  if (!check(graph_.values[a].width == graph_.values[b].width,
-             fmt::format("add: widths {} and {} differ", graph_.values[a].width,
-                         graph_.values[b].width))) {
-    return -1;
-  }
-  Op op;
-  op.kind = OpKind::kAdd;
-  op.inputs = {a, b};
-  return add_op(std::move(op), {graph_.values[a].width});
-}
+int GraphBuilder::mul(int a, int b) { return elementwise(OpKind::kMul, a, b); }
+
+int GraphBuilder::add(int a, int b) { return elementwise(OpKind::kAdd, a, b); }
 
 int GraphBuilder::lm_head(int x, const std::string& weight, int64_t vocab, int64_t width) {
   if (!valid(x)) return -1;

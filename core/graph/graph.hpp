@@ -105,6 +105,7 @@ class GraphBuilder {
   bool valid(int v) const { return v >= 0 && v < static_cast<int>(graph_.values.size()); }
   bool check(bool ok, const std::string& message);
   int add_op(graph::Op op, std::vector<int64_t> output_widths);
+  int elementwise(OpKind kind, int a, int b);
   Graph graph_;
   int current_block_ = -1;
   std::optional<std::string> error_;
