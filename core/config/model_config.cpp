@@ -9,35 +9,13 @@
 #include <utility>
 
 #include "core/common/error.hpp"
+#include "core/common/json_error.hpp"
 
 namespace tpe::config {
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-// Values quoted from a file may hold control characters; messages must stay on one line.
-std::string printable(std::string_view text) {
-  std::string out;
-  for (const char c : text) {
-    const auto byte = static_cast<unsigned char>(c);
-    if (byte < 0x20 || byte == 0x7f) {
-      out += fmt::format("\\x{:02x}", byte);
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
-// nlohmann prefixes its messages with "[json.exception.parse_error.101] "; only the rest helps.
-std::string parser_message(const json::exception& e) {
-  std::string_view message = e.what();
-  if (const size_t end = message.find("] "); message.starts_with('[') && end != message.npos) {
-    message.remove_prefix(end + 2);
-  }
-  return printable(message);
-}
 
 json parse_json_file(const fs::path& file) {
   std::error_code ec;
@@ -49,7 +27,7 @@ json parse_json_file(const fs::path& file) {
   try {
     return json::parse(text);
   } catch (const json::exception& e) {
-    fail("{}: not valid JSON: {}", file.string(), parser_message(e));
+    fail("{}: not valid JSON: {}", file.string(), json_error_message(e));
   }
 }
 

@@ -20,20 +20,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Quoted TOML keys and strings may hold control characters; messages must stay on one line.
-std::string printable(std::string_view text) {
-  std::string out;
-  for (const char c : text) {
-    const auto byte = static_cast<unsigned char>(c);
-    if (byte < 0x20 || byte == 0x7f) {
-      out += fmt::format("\\x{:02x}", byte);
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
 std::string_view type_name(toml::node_type type) {
   switch (type) {
     case toml::node_type::table:

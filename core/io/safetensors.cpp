@@ -20,6 +20,7 @@
 #include <utility>
 
 #include "core/common/error.hpp"
+#include "core/common/json_error.hpp"
 
 namespace tpe::io {
 namespace {
@@ -38,22 +39,6 @@ constexpr std::pair<DType, std::string_view> kDTypeNames[] = {
     {DType::F32, "F32"}, {DType::F16, "F16"},  {DType::BF16, "BF16"}, {DType::F64, "F64"},
     {DType::I64, "I64"}, {DType::I32, "I32"},  {DType::I16, "I16"},   {DType::I8, "I8"},
     {DType::U8, "U8"},   {DType::BOOL, "BOOL"}};
-
-// Names and JSON text come from the file; escaping control characters keeps every message on
-// one line whatever the file contains.
-std::string printable(std::string_view text) {
-  std::string out;
-  out.reserve(text.size());
-  for (char c : text) {
-    const auto byte = static_cast<unsigned char>(c);
-    if (byte < 0x20 || byte == 0x7f) {
-      out += fmt::format("\\x{:02x}", byte);
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
 
 template <typename... Args>
 [[noreturn]] void fail_in(const fs::path& file, fmt::format_string<Args...> format,
@@ -129,13 +114,7 @@ json parse_json(const fs::path& file, const char* begin, const char* end) {
   try {
     return json::parse(begin, end, JsonGuard(file));
   } catch (const json::exception& error) {
-    // Mostly parse_error, but a number too large for a double is out_of_range. Drop nlohmann's
-    // "[json.exception.parse_error.101] " tag; the rest is the useful part.
-    std::string_view what = error.what();
-    if (const size_t tag_end = what.find("] "); what.starts_with('[') && tag_end != what.npos) {
-      what.remove_prefix(tag_end + 2);
-    }
-    fail_in(file, "malformed JSON: {}", printable(what));
+    fail_in(file, "malformed JSON: {}", json_error_message(error));
   }
 }
 
@@ -524,25 +503,21 @@ std::vector<const TensorInfo*> Checkpoint::tensors() const {
   return out;
 }
 
-std::vector<float> Checkpoint::read_f32(std::string_view name,
-                                        std::span<const int64_t> expected_shape,
-                                        const IndexSet& rows, const IndexSet& cols) const {
+std::vector<float> SafetensorsFile::read_f32(const TensorInfo& info,
+                                             std::span<const int64_t> expected_shape,
+                                             const IndexSet& rows, const IndexSet& cols) const {
+  const std::string_view name = info.name;
   TPE_CHECK(expected_shape.size() == 1 || expected_shape.size() == 2,
             "read_f32 of '{}' with a {}-D shape", printable(name), expected_shape.size());
   TPE_CHECK(expected_shape.size() == 2 || cols.empty(), "columns of 1-D tensor '{}'",
             printable(name));
-  const auto it = index_.find(name);
-  if (it == index_.end()) {
-    fail("tensor '{}' is missing from checkpoint {}", printable(name), printable(dir_.string()));
-  }
-  const auto [file, info] = it->second;
-  if (info->dtype != DType::F32 && info->dtype != DType::F16 && info->dtype != DType::BF16) {
+  if (info.dtype != DType::F32 && info.dtype != DType::F16 && info.dtype != DType::BF16) {
     fail("tensor '{}' in {} has dtype {}; only F32, F16 and BF16 weights are supported",
-         printable(name), printable(info->file.string()), dtype_name(info->dtype));
+         printable(name), printable(info.file.string()), dtype_name(info.dtype));
   }
-  if (!std::ranges::equal(info->shape, expected_shape)) {
+  if (!std::ranges::equal(info.shape, expected_shape)) {
     fail("tensor '{}' in {} has shape {}, expected {}", printable(name),
-         printable(info->file.string()), shape_text(info->shape), shape_text(expected_shape));
+         printable(info.file.string()), shape_text(info.shape), shape_text(expected_shape));
   }
   const int64_t height = expected_shape[0];
   const int64_t width = expected_shape.size() == 2 ? expected_shape[1] : 1;
@@ -553,9 +528,20 @@ std::vector<float> Checkpoint::read_f32(std::string_view name,
   check_within(row_set, height, name);
   check_within(col_set, width, name);
   std::vector<float> out(static_cast<size_t>(index_count(row_set) * index_count(col_set)));
-  copy_slice(info->dtype, file->bytes(*info), width, row_set, col_set, out.data());
-  file->release(*info);
+  copy_slice(info.dtype, bytes(info), width, row_set, col_set, out.data());
+  release(info);
   return out;
+}
+
+std::vector<float> Checkpoint::read_f32(std::string_view name,
+                                        std::span<const int64_t> expected_shape,
+                                        const IndexSet& rows, const IndexSet& cols) const {
+  const auto it = index_.find(name);
+  if (it == index_.end()) {
+    fail("tensor '{}' is missing from checkpoint {}", printable(name), printable(dir_.string()));
+  }
+  const auto [file, info] = it->second;
+  return file->read_f32(*info, expected_shape, rows, cols);
 }
 
 }  // namespace tpe::io

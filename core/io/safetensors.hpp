@@ -47,6 +47,9 @@ class SafetensorsFile {
   const TensorInfo* find(std::string_view name) const;
   // The tensor's bytes inside the mapping.
   const std::byte* bytes(const TensorInfo& info) const;
+  // Copies a slice of one of this file's tensors out as fp32 (see Checkpoint::read_f32).
+  std::vector<float> read_f32(const TensorInfo& info, std::span<const int64_t> expected_shape,
+                              const IndexSet& rows, const IndexSet& cols) const;
   // Tells the kernel the tensor's pages are no longer needed (they are clean, so they leave the
   // resident set), keeping peak memory near one tensor while slices are copied out.
   void release(const TensorInfo& info) const;

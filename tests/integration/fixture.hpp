@@ -51,8 +51,7 @@ inline Reference load_reference(const std::string& name) {
                                std::to_string(i));
     }
     Tensor t({info->shape[0], info->shape[1]});
-    const float* data = reinterpret_cast<const float*>(file->bytes(*info));
-    std::copy(data, data + t.numel(), t.data.begin());
+    t.data = file->read_f32(*info, info->shape, {}, {});
     ref.logits.push_back(std::move(t));
   }
   return ref;
