@@ -60,6 +60,21 @@ int Graph::num_attention_ops() const {
   return n;
 }
 
+std::vector<std::string> Graph::weight_tensors(int op) const {
+  const Op& o = ops[op];
+  switch (o.kind) {
+    case OpKind::kEmbedding:
+    case OpKind::kLmHead:
+      return {o.name};
+    case OpKind::kNorm:
+    case OpKind::kLinear:
+      if (o.has_bias) return {o.name + ".weight", o.name + ".bias"};
+      return {o.name + ".weight"};
+    default:
+      return {};
+  }
+}
+
 void GraphBuilder::set_error(const std::string& message) {
   if (!error_) error_ = message;
 }
@@ -248,8 +263,8 @@ int GraphBuilder::activation(int x, tpe_activation act) {
 int GraphBuilder::elementwise(OpKind kind, int a, int b) {
   if (!valid(a) || !valid(b)) return -1;
   if (!check(graph_.values[a].width == graph_.values[b].width,
-             fmt::format("{}: widths {} and {} differ", op_kind_name(kind),
-                         graph_.values[a].width, graph_.values[b].width))) {
+             fmt::format("{}: widths {} and {} differ", op_kind_name(kind), graph_.values[a].width,
+                         graph_.values[b].width))) {
     return -1;
   }
   Op op;

@@ -37,6 +37,14 @@ std::vector<SearchDir> Registry::default_search_path(const std::vector<fs::path>
       rest = colon == std::string_view::npos ? std::string_view() : rest.substr(colon + 1);
     }
   }
+  // An installed engine finds its plugins beside it (bin/../lib/tpengine/policies); a build-tree
+  // one in the build's policies folder.
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    dirs.push_back(
+        {exe.parent_path().parent_path() / "lib" / "tpengine" / "policies", Origin::kBuiltin});
+  }
   dirs.push_back({fs::path(TPE_POLICY_BUILD_DIR), Origin::kBuiltin});
   return dirs;
 }
@@ -88,9 +96,9 @@ Policy Registry::load(const fs::path& file, Origin origin) {
         "tpengine {} SDK",
         where, desc->abi_major, desc->abi_minor, TPE_ABI_MAJOR, TPE_ABI_MINOR, TPE_ABI_MAJOR);
   }
-  if (desc->struct_size < sizeof(tpe_policy_desc)) {
-    fail("{}: descriptor is {} bytes, ABI {}.0 needs {}", where, desc->struct_size, TPE_ABI_MAJOR,
-         sizeof(tpe_policy_desc));
+  if (desc->struct_size < TPE_POLICY_DESC_SIZE_1_0) {
+    fail("{}: descriptor is {} bytes, ABI {}.0 needs at least {}", where, desc->struct_size,
+         TPE_ABI_MAJOR, TPE_POLICY_DESC_SIZE_1_0);
   }
   if (desc->name == nullptr || *desc->name == '\0' || desc->build == nullptr ||
       desc->model_types == nullptr) {
@@ -101,6 +109,11 @@ Policy Registry::load(const fs::path& file, Origin origin) {
   policy.origin = origin;
   policy.name = desc->name;
   policy.version = desc->version != nullptr ? desc->version : "";
+  // Members added after 1.0 exist only if the plugin's descriptor is long enough.
+  if (desc->struct_size >= offsetof(tpe_policy_desc, description) + sizeof(desc->description) &&
+      desc->description != nullptr) {
+    policy.description = desc->description;
+  }
   policy.abi_major = desc->abi_major;
   policy.abi_minor = desc->abi_minor;
   policy.model_types = string_list(desc->model_types);

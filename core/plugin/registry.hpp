@@ -30,6 +30,7 @@ struct Policy {
   Origin origin = Origin::kBuiltin;
   std::string name;
   std::string version;
+  std::string description;  // since ABI 1.1; empty for older plugins
   uint16_t abi_major = 0;
   uint16_t abi_minor = 0;
   std::vector<std::string> model_types;

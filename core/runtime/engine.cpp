@@ -1,5 +1,7 @@
 #include "core/runtime/engine.hpp"
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -103,6 +105,27 @@ int64_t tensors_per_rank(const graph::Graph& graph) {
   return n;
 }
 
+// Names the policy when the graph it built reads tensors the checkpoint lacks: the usual cause is
+// a policy written for another revision of the architecture.
+void check_tensors_present(const Model& model, const io::Checkpoint& checkpoint) {
+  std::vector<std::string> missing;
+  for (int op = 0; op < static_cast<int>(model.graph.ops.size()); ++op) {
+    for (const std::string& name : model.graph.weight_tensors(op)) {
+      if (checkpoint.find(name) == nullptr &&
+          std::find(missing.begin(), missing.end(), name) == missing.end()) {
+        missing.push_back(name);
+      }
+    }
+  }
+  if (missing.empty()) return;
+  const size_t shown = std::min<size_t>(missing.size(), 3);
+  fail("policy '{}' ({}) reads tensor{} {}{}, which checkpoint {} does not have",
+       model.choice.policy->name, model.choice.policy->file.string(), missing.size() > 1 ? "s" : "",
+       fmt::format("'{}'", fmt::join(missing.begin(), missing.begin() + shown, "', '")),
+       missing.size() > shown ? fmt::format(" and {} more", missing.size() - shown) : "",
+       checkpoint.dir().string());
+}
+
 void check_prompts(const std::vector<std::vector<int64_t>>& prompts) {
   if (prompts.empty()) fail("no prompt given");
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -114,6 +137,7 @@ void check_prompts(const std::vector<std::vector<int64_t>>& prompts) {
 
 Engine::Engine(Model model, bool quiet) : model_(std::move(model)) {
   const io::Checkpoint checkpoint = io::Checkpoint::open(model_.config.path().parent_path());
+  check_tensors_present(model_, checkpoint);
   ranks_ = std::make_unique<Ranks>(model_.plan.world);
   for (int r = 0; r < world(); ++r) {
     ranks_->executors.push_back(

@@ -58,6 +58,8 @@ const tpe_policy_desc kDesc = {
     /* .architectures = */ kArchitectures,
     /* .injection_policy = */ nullptr,  // the core discovers the split
     /* .build = */ tpengine::build_with<build>,
+    /* .description = */
+    "GPT-NeoX: fused per-head query_key_value, partial rotary, parallel residual",
 };
 
 }  // namespace

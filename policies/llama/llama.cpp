@@ -81,6 +81,8 @@ const tpe_policy_desc kDesc = {
     /* .architectures = */ kArchitectures,
     /* .injection_policy = */ nullptr,  // the core discovers the split
     /* .build = */ tpengine::build_with<build>,
+    /* .description = */
+    "Llama, Mistral, Qwen2: RMSNorm decoder, q/k/v (MHA/GQA), rotary, gated MLP",
 };
 
 }  // namespace

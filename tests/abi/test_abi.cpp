@@ -40,7 +40,7 @@ TEST(Abi, EntryReturningNull) { expect_contains(load_error(toy("null_entry")), "
 TEST(Abi, NewerMajorIsRefused) {
   const std::string m = load_error(toy("next_major"));
   expect_contains(m, toy("next_major").string());
-  expect_contains(m, "built for policy ABI " + std::to_string(TPE_ABI_MAJOR + 1) + ".0");
+  expect_contains(m, "built for policy ABI " + std::to_string(TPE_ABI_MAJOR + 1) + ".");
 }
 
 TEST(Abi, NotASharedLibrary) {
@@ -85,6 +85,37 @@ TEST(Abi, UserDirectoryBeatsBuiltIn) {
   EXPECT_EQ(choice.policy->name, "toy");
   expect_contains(choice.reason, "config policy.search_paths");
   EXPECT_EQ(registry.choose(config, std::string("llama")).policy->name, "llama");
+}
+
+TEST(Abi, OlderMinorLoadsWithoutTheMembersItLacks) {
+  const plugin::Policy p = plugin::Registry::load(toy("minor0"), plugin::Origin::kConfig);
+  EXPECT_EQ(p.abi_minor, 0);
+  EXPECT_EQ(p.description, "");  // a 1.1 member, beyond the 1.0 descriptor: not read
+  config::RunConfig run;
+  run.model_path = fs::path(TPE_FIXTURES_DIR) / "llama_mha";
+  run.policy_search_paths = {toy("minor0").parent_path()};
+  const runtime::Model model = runtime::prepare(run);
+  EXPECT_EQ(model.choice.policy->name, "toy");
+  EXPECT_EQ(model.graph.ops.size(), 4u);
+}
+
+TEST(Abi, NewerMinorDescriptorIsRead) {
+  EXPECT_EQ(plugin::Registry::load(toy("failing_build"), plugin::Origin::kConfig).description,
+            "a deliberately broken policy for the ABI tests");
+}
+
+TEST(Abi, WeightTheCheckpointLacksNamesThePolicy) {
+  config::RunConfig run;
+  run.model_path = fs::path(TPE_FIXTURES_DIR) / "llama_mha";
+  run.policy_search_paths = {toy("missing_weight").parent_path()};
+  try {
+    runtime::Engine engine(runtime::prepare(run), /*quiet=*/true);
+    ADD_FAILURE() << "loaded a graph naming a missing tensor";
+  } catch (const Error& e) {
+    expect_contains(e.what(), "policy 'toy'");
+    expect_contains(e.what(), "'toy.missing_norm.weight'");
+    expect_contains(e.what(), "llama_mha");
+  }
 }
 
 }  // namespace

@@ -42,7 +42,7 @@ TOML
   policies)
     out=$("$tpengine" policies --model "$fixtures/qwen2_bias")
     echo "$out"
-    grep -Eq "^  llama .* ABI 1\.0 .*model_types \[llama, mistral, qwen2\]" <<<"$out"
+    grep -Eq "^  llama .* ABI 1\.[0-9]+ .*model_types \[llama, mistral, qwen2\]" <<<"$out"
     grep -Eq "^  gpt_neox .* model_types \[gpt_neox\]" <<<"$out"
     grep -Eq "model_type 'qwen2'\): llama from .*libtpengine_policy_llama.so: serves model_type 'qwen2'" <<<"$out";;
   inspect)

@@ -8,6 +8,7 @@
 
 #include <cstdio>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -145,10 +146,27 @@ int run_policies(const CommonFlags& common) {
   }
   fmt::print("policies:\n");
   for (const auto& p : registry.policies()) {
-    fmt::print("  {} {}  ABI {}.{}  model_types [{}]  architectures [{}]\n    {} ({})\n", p.name,
-               p.version, p.abi_major, p.abi_minor, fmt::join(p.model_types, ", "),
-               fmt::join(p.architectures, ", "), p.file.string(),
-               tpe::plugin::origin_name(p.origin));
+    fmt::print("  {} {}  ABI {}.{}  model_types [{}]  architectures [{}]\n", p.name, p.version,
+               p.abi_major, p.abi_minor, fmt::join(p.model_types, ", "),
+               fmt::join(p.architectures, ", "));
+    if (!p.description.empty()) fmt::print("    {}\n", p.description);
+    fmt::print("    {} ({})\n", p.file.string(), tpe::plugin::origin_name(p.origin));
+  }
+  // Where several plugins claim one model_type, say which wins: the first in search order.
+  std::map<std::string, std::vector<const tpe::plugin::Policy*>> claims;
+  for (const auto& p : registry.policies()) {
+    for (const auto& type : p.model_types) claims[type].push_back(&p);
+  }
+  for (const auto& [type, claimants] : claims) {
+    if (claimants.size() < 2) continue;
+    std::vector<std::string> losers;
+    for (size_t i = 1; i < claimants.size(); ++i) {
+      losers.push_back(fmt::format("{} ({}, {})", claimants[i]->name, claimants[i]->file.string(),
+                                   tpe::plugin::origin_name(claimants[i]->origin)));
+    }
+    fmt::print("model_type '{}': {} ({}, {}) wins over {}\n", type, claimants[0]->name,
+               claimants[0]->file.string(), tpe::plugin::origin_name(claimants[0]->origin),
+               fmt::join(losers, ", "));
   }
   if (!run.model_path.empty()) {
     const auto config = tpe::config::ModelConfig::load(run.model_path);

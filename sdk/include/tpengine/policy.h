@@ -26,7 +26,7 @@ extern "C" {
 #endif
 
 #define TPE_ABI_MAJOR 1
-#define TPE_ABI_MINOR 0
+#define TPE_ABI_MINOR 1
 
 /* The name of the one symbol a plugin exports. */
 #define TPE_POLICY_ENTRY_SYMBOL "tpe_policy_entry"
@@ -180,7 +180,14 @@ typedef struct tpe_policy_desc {
   const tpe_injection_rule* injection_policy; /* terminated by block_class == NULL, or NULL */
   /* Builds the graph for the model whose config.json the host holds. */
   tpe_status (*build)(const tpe_host_api* api, tpe_graph* graph);
+
+  /* ---- since 1.1 ---- */
+  const char* description; /* one line for `tpengine policies`, or NULL */
 } tpe_policy_desc;
+
+/* The descriptor size of ABI 1.0; a host reads members past it only when struct_size covers
+ * them. */
+#define TPE_POLICY_DESC_SIZE_1_0 offsetof(tpe_policy_desc, description)
 
 /* The entry point. The host passes its ABI version; the plugin returns its descriptor (static
  * storage), or NULL if it cannot serve that host. */
