@@ -41,10 +41,8 @@ std::vector<SearchDir> Registry::default_search_path(const std::vector<fs::path>
   // one in the build's policies folder.
   std::error_code ec;
   const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    dirs.push_back(
-        {exe.parent_path().parent_path() / "lib" / "tpengine" / "policies", Origin::kBuiltin});
-  }
+  const fs::path installed = exe.parent_path().parent_path() / "lib" / "tpengine" / "policies";
+  if (!ec && fs::is_directory(installed, ec)) dirs.push_back({installed, Origin::kBuiltin});
   dirs.push_back({fs::path(TPE_POLICY_BUILD_DIR), Origin::kBuiltin});
   return dirs;
 }
