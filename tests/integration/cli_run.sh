@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The CLI's happy paths: generate from a TOML file with a flag overriding it (the output must be
 # transformers' greedy continuation), plan, policies and inspect.
-# usage: cli_run.sh TPENGINE FIXTURES_DIR CASE
+# usage: cli_run.sh TPENGINE FIXTURES_DIR TOY_PLUGIN_DIR CASE
 set -euo pipefail
-tpengine=$1 fixtures=$2 case=$3
+tpengine=$1 fixtures=$2 toys=$3 case=$4
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 expected() {  # the reference greedy tokens of prompt $2 of fixture $1, space-separated
@@ -45,6 +45,12 @@ TOML
     grep -Eq "^  llama .* ABI 1\.[0-9]+ .*model_types \[llama, mistral, qwen2\]" <<<"$out"
     grep -Eq "^  gpt_neox .* model_types \[gpt_neox\]" <<<"$out"
     grep -Eq "model_type 'qwen2'\): llama from .*libtpengine_policy_llama.so: serves model_type 'qwen2'" <<<"$out";;
+  policies_contested)
+    # A user folder's plugin claiming llama wins over the built-in one, and the listing says so.
+    out=$("$tpengine" policies --policy-path "$toys/failing_build" --model "$fixtures/llama_mha")
+    echo "$out"
+    grep -Eq "^model_type 'llama': toy \(.*failing_build/libtoy.so, config policy.search_paths\) wins over llama \(.*libtpengine_policy_llama.so, built-in\)" <<<"$out"
+    grep -Eq "\(model_type 'llama'\): toy from .*failing_build/libtoy.so" <<<"$out";;
   inspect)
     out=$("$tpengine" inspect "$fixtures/llama_sharded")
     echo "$out"

@@ -32,15 +32,20 @@ ignore_eos = true
 [policy]
 search_paths = ["policies"]
 TOML
-cp "$work/auto.toml" "$work/injected.toml"
-printf '[policy.injection_policy]\nToyBlock = ["attn.out", "mlp.down"]\n' >>"$work/injected.toml"
+# The legacy form, as DeepSpeed users write it: {block class = [row-parallel linears]}.
+sed 's|^search_paths = .*|&\ninjection_policy = {"ToyBlock" = ["attn.out", "mlp.down"]}|' \
+  "$work/auto.toml" >"$work/injected.toml"
+grep -q 'injection_policy = {"ToyBlock"' "$work/injected.toml" || fail "could not write the TOML"
 
 "$tpengine" policies --config "$work/auto.toml" | tee "$work/policies.txt"
 grep -q "toy_lm from $work/policies/libtoy_lm.so" "$work/policies.txt" || fail "tpengine did not pick the plugin"
 
 for tp in 1 2 3 4; do
   "$tpengine" plan --config "$work/auto.toml" --tp $tp | grep -v '^split:' >"$work/auto.plan"
-  "$tpengine" plan --config "$work/injected.toml" --tp $tp | grep -v '^split:' >"$work/injected.plan"
+  "$tpengine" plan --config "$work/injected.toml" --tp $tp >"$work/injected.full"
+  grep -q '^split:  injection policy {ToyBlock = \[attn.out, mlp.down\]}' "$work/injected.full" ||
+    fail "the injection policy was not used"
+  grep -v '^split:' "$work/injected.full" >"$work/injected.plan"
   diff "$work/auto.plan" "$work/injected.plan" || fail "injection policy plan differs at TP $tp"
 done
 grep -Eq "blocks.0.attn.wqkv +column" "$work/auto.plan" || fail "wqkv is not column-parallel"
