@@ -65,6 +65,15 @@ case $case in
   plugin_other_abi_major)
     run+=(--policy-path "$toys/next_major")
     expect="libtoy.so: built for policy ABI 2\.[0-9]+, this tpengine speaks 1\.[0-9]+; rebuild";;
+  bad_flag_value)
+    run+=(--top-p abc)
+    expect="--top-p: top_p must be a number in \\(0, 1\\], got 'abc'";;
+  bad_prompt_ids)
+    run=(generate --model "$model" --prompt-ids 1,x,3 --quiet)
+    expect="--prompt-ids \"1,x,3\": 'x' is not a token id";;
+  token_out_of_range)
+    run=(generate --model "$model" --prompt-ids 1,999 --quiet --tp 2)
+    expect="token id 999 is out of range for the vocabulary of 128 tokens";;
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 
@@ -74,5 +83,5 @@ lines=$(wc -l <"$work/err")
 echo "exit $status; stderr:"; cat "$work/err"
 if [ $status -eq 0 ] || [ $status -ge 128 ]; then echo "FAIL: expected a non-zero exit without a signal"; exit 1; fi
 if [ "$lines" -ne 1 ]; then echo "FAIL: expected exactly one line on stderr, got $lines"; exit 1; fi
-if ! grep -Eq "$expect" "$work/err"; then echo "FAIL: stderr does not match /$expect/"; exit 1; fi
+if ! grep -Eq -e "$expect" "$work/err"; then echo "FAIL: stderr does not match /$expect/"; exit 1; fi
 echo PASS

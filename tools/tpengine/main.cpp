@@ -6,7 +6,9 @@
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -63,6 +65,22 @@ struct CommonFlags {
     return run;
   }
 };
+
+// A float in (low, high] (or (low, high) when !high_inclusive), with a message naming the option.
+CLI::Validator number_in(const std::string& name, double low, double high, bool high_inclusive) {
+  return CLI::Validator(
+      [=](std::string& text) {
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        const bool parsed = end != text.c_str() && *end == '\0';
+        const bool ok = parsed && v > low && (high_inclusive ? v <= high : v < high);
+        if (ok) return std::string();
+        return fmt::format("{} must be a number in ({}, {}{}, got '{}'", name, low,
+                           std::isinf(high) ? "inf" : fmt::format("{}", high),
+                           high_inclusive ? "]" : ")", text);
+      },
+      "NUMBER");
+}
 
 std::vector<int64_t> parse_ids(const std::string& text, const std::string& flag) {
   std::vector<int64_t> ids;
@@ -222,9 +240,10 @@ int main(int argc, char** argv) {
   gen->add_option("-n,--max-new-tokens", overrides.max_new_tokens, "tokens to generate")
       ->check(CLI::NonNegativeNumber);
   gen->add_option("--do-sample", overrides.do_sample, "sample (true) or greedy (false)");
-  gen->add_option("--temperature", overrides.temperature)->check(CLI::PositiveNumber);
+  gen->add_option("--temperature", overrides.temperature)
+      ->check(number_in("temperature", 0, HUGE_VAL, false));
   gen->add_option("--top-k", overrides.top_k)->check(CLI::NonNegativeNumber);
-  gen->add_option("--top-p", overrides.top_p)->check(CLI::Range(0.0, 1.0));
+  gen->add_option("--top-p", overrides.top_p)->check(number_in("top_p", 0, 1, true));
   gen->add_option("--repetition-penalty", overrides.repetition_penalty)->check(CLI::PositiveNumber);
   gen->add_option("--seed", overrides.seed);
   gen->add_option("--stop-ids", stop_ids, "stop token ids (replace the model's eos)")
@@ -248,6 +267,10 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::ExistingPath);
 
+  // Usage errors are one line too; --help and --version print as usual.
+  app.failure_message([](const CLI::App*, const CLI::Error& e) {
+    return std::string("tpengine: error: ") + e.what() + " (see --help)\n";
+  });
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
