@@ -16,6 +16,7 @@
 #include "core/common/error.hpp"
 #include "core/io/safetensors.hpp"
 #include "core/parallel/communicator.hpp"
+#include "core/parallel/report.hpp"
 #include "core/runtime/executor.hpp"
 
 namespace tpe::runtime {
@@ -126,6 +127,21 @@ void check_tensors_present(const Model& model, const io::Checkpoint& checkpoint)
        checkpoint.dir().string());
 }
 
+// The KV cache is sized up front; refuse one the machine cannot hold rather than die allocating.
+void check_cache_fits(const Model& model, int64_t slots, int64_t max_len) {
+  int64_t elements = 0;
+  for (const auto& rank : parallel::rank_memory(model.graph, model.plan)) {
+    elements += rank.kv_elements_per_token;
+  }
+  const double bytes = static_cast<double>(elements) * sizeof(float) * slots * max_len;
+  const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+  if (bytes > memory) {
+    fail("the KV cache for {} sequence(s) of up to {} tokens needs {:.1f} GiB, more than this "
+         "machine's {:.1f} GiB: lower max_new_tokens or the batch",
+         slots, max_len, bytes / (1 << 30), memory / (1 << 30));
+  }
+}
+
 void check_prompts(const std::vector<std::vector<int64_t>>& prompts) {
   if (prompts.empty()) fail("no prompt given");
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -210,6 +226,7 @@ std::vector<std::vector<int64_t>> Engine::generate(
   if (params.max_new_tokens <= 0) return generated;
   int64_t max_prompt = 0;
   for (const auto& p : prompts) max_prompt = std::max(max_prompt, static_cast<int64_t>(p.size()));
+  check_cache_fits(model_, static_cast<int64_t>(n), max_prompt + params.max_new_tokens);
   Sampler sampler(params.seed);
   ranks_->run([&](int r) {
     Executor& executor = *ranks_->executors[r];

@@ -99,7 +99,6 @@ class IncrementalDecoder {
   std::vector<uint32_t> ids_;  // the window: ids from the last emitted context on
   std::string prefix_;         // decode of ids_[0, prefix_end_)
   size_t prefix_end_ = 0;
-  bool started_ = false;  // the window no longer starts at the sequence's first id
 };
 
 }  // namespace tpe::tokenizer

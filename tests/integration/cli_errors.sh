@@ -74,6 +74,9 @@ case $case in
   token_out_of_range)
     run=(generate --model "$model" --prompt-ids 1,999 --quiet --tp 2)
     expect="token id 999 is out of range for the vocabulary of 128 tokens";;
+  kv_cache_too_large)
+    run=(generate --model "$model" --prompt-ids 1,2 -n 100000000000 --quiet)
+    expect="KV cache for 1 sequence\\(s\\) of up to 100000000002 tokens needs .* GiB, more than";;
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 
