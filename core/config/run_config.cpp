@@ -59,7 +59,15 @@ class Parser {
           {"parallel", section(parallel_fields(config))},
           {"inference", section(inference_fields(config))},
           {"generation", section(generation_fields(config.generation))},
-          {"policy", section(policy_fields(config))}});
+          // `policy = "name"` is shorthand for [policy] name = "name".
+          {"policy", [this, &config, policy = section(policy_fields(config))](
+                         const toml::node& node, const std::string& key) {
+             if (node.is_string()) {
+               config.policy_name = string(node, key);
+             } else {
+               policy(node, key);
+             }
+           }}});
     return config;
   }
 

@@ -104,6 +104,11 @@ TEST(RunConfig, EmptyFileGivesDefaults) {
   EXPECT_FALSE(config.generation.stop_token_ids.has_value());
 }
 
+TEST(RunConfig, PolicyShorthandForcesAPlugin) {
+  EXPECT_EQ(parse("policy = \"gpt_neox\"\n").policy_name, "gpt_neox");
+  expect_error("policy = 3\n", {"cfg.toml:1: key 'policy' must be a table, not an integer"});
+}
+
 TEST(RunConfig, AcceptsOtherSpellingsOfTheSameValues) {
   const RunConfig config = parse(R"(
 model = { path = "/abs/model" }
