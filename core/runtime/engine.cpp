@@ -18,6 +18,7 @@
 #include "core/parallel/communicator.hpp"
 #include "core/parallel/report.hpp"
 #include "core/runtime/executor.hpp"
+#include "core/runtime/random_weights.hpp"
 
 namespace tpe::runtime {
 
@@ -136,9 +137,10 @@ void check_cache_fits(const Model& model, int64_t slots, int64_t max_len) {
   const double bytes = static_cast<double>(elements) * sizeof(float) * slots * max_len;
   const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
   if (bytes > memory) {
-    fail("the KV cache for {} sequence(s) of up to {} tokens needs {:.1f} GiB, more than this "
-         "machine's {:.1f} GiB: lower max_new_tokens or the batch",
-         slots, max_len, bytes / (1 << 30), memory / (1 << 30));
+    fail(
+        "the KV cache for {} sequence(s) of up to {} tokens needs {:.1f} GiB, more than this "
+        "machine's {:.1f} GiB: lower max_new_tokens or the batch",
+        slots, max_len, bytes / (1 << 30), memory / (1 << 30));
   }
 }
 
@@ -151,9 +153,27 @@ void check_prompts(const std::vector<std::vector<int64_t>>& prompts) {
 
 }  // namespace
 
-Engine::Engine(Model model, bool quiet) : model_(std::move(model)) {
-  const io::Checkpoint checkpoint = io::Checkpoint::open(model_.config.path().parent_path());
-  check_tensors_present(model_, checkpoint);
+Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_seed)
+    : model_(std::move(model)) {
+  std::optional<io::Checkpoint> checkpoint;
+  Executor::WeightReader reader;
+  std::string source;
+  if (random_weights_seed) {
+    source = fmt::format("random weights (seed {}) for {}", *random_weights_seed,
+                         model_.config.path().string());
+    reader = [seed = *random_weights_seed](const std::string& name, std::span<const int64_t> shape,
+                                           const IndexSet& rows, const IndexSet& cols) {
+      return random_weights(seed, name, shape, rows, cols);
+    };
+  } else {
+    checkpoint = io::Checkpoint::open(model_.config.path().parent_path());
+    check_tensors_present(model_, *checkpoint);
+    source = checkpoint->dir().string();
+    reader = [&checkpoint](const std::string& name, std::span<const int64_t> shape,
+                           const IndexSet& rows, const IndexSet& cols) {
+      return checkpoint->read_f32(name, shape, rows, cols);
+    };
+  }
   ranks_ = std::make_unique<Ranks>(model_.plan.world);
   for (int r = 0; r < world(); ++r) {
     ranks_->executors.push_back(
@@ -165,22 +185,20 @@ Engine::Engine(Model model, bool quiet) : model_(std::move(model)) {
   std::mutex print;
   const auto start = std::chrono::steady_clock::now();
   ranks_->run([&](int r) {
-    ranks_->executors[r]->load(checkpoint, [&] {
+    ranks_->executors[r]->load(reader, [&] {
       const int64_t n = ++done;
       if (progress && (n % 16 == 0 || n == total)) {
         std::lock_guard lock(print);
-        std::fprintf(stderr, "\rloading %s: %lld/%lld tensor slices", checkpoint.dir().c_str(),
+        std::fprintf(stderr, "\rloading %s: %lld/%lld tensor slices", source.c_str(),
                      static_cast<long long>(n), static_cast<long long>(total));
       }
     });
   });
   if (progress) std::fprintf(stderr, "\n");
+  load_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!quiet) {
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    spdlog::info("loaded {} on {} rank(s) in {:.2f} s, {:.1f} MiB per rank",
-                 checkpoint.dir().string(), world(), seconds,
-                 static_cast<double>(weight_bytes()[0]) / (1 << 20));
+    spdlog::info("loaded {} on {} rank(s) in {:.2f} s, {:.1f} MiB per rank", source, world(),
+                 load_seconds_, static_cast<double>(weight_bytes()[0]) / (1 << 20));
   }
 }
 

@@ -47,8 +47,9 @@ GenerationParams resolve_generation(const config::GenerationSettings& settings,
 
 class Engine {
  public:
-  // Loads each rank's weight slices from the checkpoint (progress on stderr unless quiet).
-  Engine(Model model, bool quiet);
+  // Loads each rank's weight slices from the checkpoint (progress on stderr unless quiet), or,
+  // given a seed, makes random ones (see random_weights.hpp) and reads no checkpoint.
+  Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_seed = std::nullopt);
   ~Engine();
 
   const Model& model() const { return model_; }
@@ -68,11 +69,13 @@ class Engine {
   int64_t all_reduce_count() const;
   // Weight bytes each rank holds (fp32 on the CPU backend).
   std::vector<int64_t> weight_bytes() const;
+  double load_seconds() const { return load_seconds_; }
 
  private:
   struct Ranks;
   Model model_;
   std::unique_ptr<Ranks> ranks_;
+  double load_seconds_ = 0;
 };
 
 }  // namespace tpe::runtime

@@ -44,7 +44,7 @@ Executor::Executor(const graph::Graph& graph, const parallel::Plan& plan, int ra
                    parallel::ThreadGroup& group)
     : graph_(graph), plan_(plan), rank_(rank), group_(group), weights_(graph.ops.size()) {}
 
-std::shared_ptr<const std::vector<float>> Executor::read(const io::Checkpoint& checkpoint,
+std::shared_ptr<const std::vector<float>> Executor::read(const WeightReader& reader,
                                                          const std::string& name,
                                                          std::vector<int64_t> shape,
                                                          const IndexSet& rows,
@@ -52,13 +52,12 @@ std::shared_ptr<const std::vector<float>> Executor::read(const io::Checkpoint& c
   const std::string key = slice_key(name, rows, cols);
   auto it = loaded_.find(key);
   if (it != loaded_.end()) return it->second;
-  auto data =
-      std::make_shared<const std::vector<float>>(checkpoint.read_f32(name, shape, rows, cols));
+  auto data = std::make_shared<const std::vector<float>>(reader(name, shape, rows, cols));
   loaded_.emplace(key, data);
   return data;
 }
 
-void Executor::load(const io::Checkpoint& checkpoint, const std::function<void()>& on_tensor) {
+void Executor::load(const WeightReader& reader, const std::function<void()>& on_tensor) {
   const IndexSet all;
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
@@ -67,16 +66,16 @@ void Executor::load(const io::Checkpoint& checkpoint, const std::function<void()
     switch (op.kind) {
       case OpKind::kEmbedding:
       case OpKind::kLmHead:
-        w.w = read(checkpoint, op.name, {op.out_features, op.in_features},
-                   {{vocab.begin, vocab.end}}, all);
+        w.w = read(reader, op.name, {op.out_features, op.in_features}, {{vocab.begin, vocab.end}},
+                   all);
         on_tensor();
         break;
       case OpKind::kNorm: {
         const int64_t width = graph_.values[op.inputs[0]].width;
-        w.w = read(checkpoint, op.name + ".weight", {width}, all, all);
+        w.w = read(reader, op.name + ".weight", {width}, all, all);
         on_tensor();
         if (op.has_bias) {
-          w.b = read(checkpoint, op.name + ".bias", {width}, all, all);
+          w.b = read(reader, op.name + ".bias", {width}, all, all);
           on_tensor();
         }
         break;
@@ -85,13 +84,13 @@ void Executor::load(const io::Checkpoint& checkpoint, const std::function<void()
         const std::vector<int64_t> shape = {op.out_features, op.in_features};
         if (plan_.linear_kind[i] == LinearKind::kColumn) {
           const IndexSet& rows = plan_.shard[op.outputs[0]][rank_];
-          w.w = read(checkpoint, op.name + ".weight", shape, rows, all);
-          if (op.has_bias) w.b = read(checkpoint, op.name + ".bias", {op.out_features}, rows, all);
+          w.w = read(reader, op.name + ".weight", shape, rows, all);
+          if (op.has_bias) w.b = read(reader, op.name + ".bias", {op.out_features}, rows, all);
         } else {
-          w.w = read(checkpoint, op.name + ".weight", shape, all, plan_.shard[op.inputs[0]][rank_]);
+          w.w = read(reader, op.name + ".weight", shape, all, plan_.shard[op.inputs[0]][rank_]);
           // A row-parallel output is a sum over ranks: its bias is added once, by rank 0.
           if (op.has_bias && rank_ == 0) {
-            w.b = read(checkpoint, op.name + ".bias", {op.out_features}, all, all);
+            w.b = read(reader, op.name + ".bias", {op.out_features}, all, all);
           }
         }
         on_tensor();

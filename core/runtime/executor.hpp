@@ -7,9 +7,10 @@
 #include <memory>
 #include <vector>
 
+#include <span>
+#include <string>
 #include "core/common/tensor.hpp"
 #include "core/graph/graph.hpp"
-#include "core/io/safetensors.hpp"
 #include "core/parallel/communicator.hpp"
 #include "core/parallel/plan.hpp"
 
@@ -32,8 +33,12 @@ class Executor {
   Executor(const graph::Graph& graph, const parallel::Plan& plan, int rank,
            parallel::ThreadGroup& group);
 
-  // Copies this rank's slices out of the checkpoint; on_tensor is called after each tensor.
-  void load(const io::Checkpoint& checkpoint, const std::function<void()>& on_tensor);
+  // Reads one tensor's slice as fp32: (name, full shape, rows, cols), empty sets meaning all.
+  using WeightReader = std::function<std::vector<float>(
+      const std::string&, std::span<const int64_t>, const IndexSet&, const IndexSet&)>;
+
+  // Reads this rank's slices; on_tensor is called after each tensor.
+  void load(const WeightReader& reader, const std::function<void()>& on_tensor);
   // Drops the cache and makes room for `slots` sequences of up to max_len tokens.
   void reset_cache(int slots, int64_t max_len);
   // Returns the full logits [batch.logit_rows.size(), vocab] (gathered over ranks).
@@ -47,7 +52,7 @@ class Executor {
   };
   void run_op(int op, const Batch& batch, std::vector<Tensor>& values);
   void run_attention(int op, const Batch& batch, std::vector<Tensor>& values);
-  std::shared_ptr<const std::vector<float>> read(const io::Checkpoint& checkpoint,
+  std::shared_ptr<const std::vector<float>> read(const WeightReader& reader,
                                                  const std::string& name,
                                                  std::vector<int64_t> shape, const IndexSet& rows,
                                                  const IndexSet& cols);

@@ -51,6 +51,22 @@ TOML
     echo "$out"
     grep -Eq "^model_type 'llama': toy \(.*failing_build/libtoy.so, config policy.search_paths\) wins over llama \(.*libtpengine_policy_llama.so, built-in\)" <<<"$out"
     grep -Eq "\(model_type 'llama'\): toy from .*failing_build/libtoy.so" <<<"$out";;
+  bench_json)
+    out=$("$tpengine" bench --model "$fixtures/neox_parallel" --random-weights --tp 2 --batch 2 \
+          --prompt-len 16 --new-tokens 8 --repeat 2 --json)
+    echo "$out"
+    python3 - "$out" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["tp"] == 2 and r["batch"] == 2 and r["random_weights"] is True, r
+for key in ("ttft_ms", "decode_tokens_per_s", "prefill_tokens_per_s", "memory_bandwidth_gbs",
+            "achieved_bandwidth_gbs"):
+    assert r[key] > 0, key
+t = r["tpot_ms"]
+assert 0 < t["p50"] <= t["p90"], t
+assert len(r["weight_bytes_per_rank"]) == 2 and min(r["weight_bytes_per_rank"]) > 0
+PY
+    ;;
   inspect)
     out=$("$tpengine" inspect "$fixtures/llama_sharded")
     echo "$out"

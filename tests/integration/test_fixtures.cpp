@@ -124,3 +124,39 @@ TEST(Generation, WeightBytesMatchThePlan) {
 
 }  // namespace
 }  // namespace tpe::test
+
+namespace tpe::test {
+namespace {
+
+TEST(RandomWeights, EveryTpSizeRunsTheSameRandomModel) {
+  for (const char* fixture : {"llama_6h2kv", "neox_parallel"}) {
+    const Reference ref = load_reference(fixture);
+    runtime::GenerationParams params;
+    params.max_new_tokens = 8;
+    std::vector<std::vector<int64_t>> tp1;
+    std::vector<Tensor> logits1;
+    for (int tp = 1; tp <= 3; ++tp) {
+      config::RunConfig run;
+      run.model_path = fixture_dir(fixture);
+      run.tp_size = tp;
+      runtime::Engine engine(runtime::prepare(run), /*quiet=*/true, /*random_weights_seed=*/7);
+      const auto logits = engine.prompt_logits(ref.prompts);
+      const auto tokens = engine.generate(ref.prompts, params);
+      if (tp == 1) {
+        tp1 = tokens;
+        logits1 = logits;
+        EXPECT_NE(tokens, std::vector<std::vector<int64_t>>(ref.greedy.size()));
+        continue;
+      }
+      EXPECT_EQ(tokens, tp1) << fixture << " tp " << tp;
+      for (size_t p = 0; p < logits.size(); ++p) {
+        for (size_t i = 0; i < logits[p].data.size(); ++i) {
+          ASSERT_NEAR(logits[p].data[i], logits1[p].data[i], 1e-4f) << fixture << " tp " << tp;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tpe::test

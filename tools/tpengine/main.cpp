@@ -15,10 +15,12 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
 #include "core/common/error.hpp"
 #include "core/config/run_config.hpp"
 #include "core/io/safetensors.hpp"
 #include "core/parallel/report.hpp"
+#include "core/runtime/bench.hpp"
 #include "core/runtime/engine.hpp"
 
 namespace {
@@ -129,6 +131,61 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
   tpe::runtime::Engine engine(std::move(model), common.quiet);
   const auto outputs = engine.generate(prompts, params);
   for (const auto& out : outputs) fmt::print("{}\n", fmt::join(out, " "));
+  return 0;
+}
+
+int run_bench(const CommonFlags& common, const tpe::runtime::BenchOptions& options,
+              bool random_weights, bool json) {
+  const RunConfig run = common.resolve();
+  tpe::runtime::Model model = tpe::runtime::prepare(run);
+  const std::string policy = model.choice.policy->name;
+  tpe::runtime::Engine engine(std::move(model), common.quiet || json,
+                              random_weights ? std::optional<uint64_t>(0) : std::nullopt);
+  const tpe::runtime::BenchResult r = tpe::runtime::run_bench(engine, options);
+  const double achieved_fraction = r.achieved_bandwidth_gbs / r.memory_bandwidth_gbs;
+  if (json) {
+    const nlohmann::json out = {
+        {"model", run.model_path.string()},
+        {"policy", policy},
+        {"device", run.device},
+        {"tp", engine.world()},
+        {"random_weights", random_weights},
+        {"batch", options.batch},
+        {"prompt_len", options.prompt_len},
+        {"new_tokens", options.new_tokens},
+        {"repeat", options.repeat},
+        {"load_s", engine.load_seconds()},
+        {"ttft_ms", r.ttft_ms},
+        {"tpot_ms", {{"mean", r.tpot_mean_ms}, {"p50", r.tpot_p50_ms}, {"p90", r.tpot_p90_ms}}},
+        {"decode_tokens_per_s", r.decode_tokens_per_s},
+        {"prefill_tokens_per_s", r.prefill_tokens_per_s},
+        {"weight_bytes_per_rank", r.weight_bytes},
+        {"kv_cache_bytes_per_rank", r.kv_cache_bytes},
+        {"memory_bandwidth_gbs", r.memory_bandwidth_gbs},
+        {"achieved_bandwidth_gbs", r.achieved_bandwidth_gbs},
+        {"achieved_bandwidth_fraction", achieved_fraction}};
+    fmt::print("{}\n", out.dump(2));
+    return 0;
+  }
+  const auto mib = [](int64_t b) { return static_cast<double>(b) / (1 << 20); };
+  fmt::print("{} ({}), TP {}, {}{}: batch {}, prompt {}, {} new tokens, {} repeat(s)\n",
+             run.model_path.string(), policy, engine.world(), run.device,
+             random_weights ? ", random weights" : "", options.batch, options.prompt_len,
+             options.new_tokens, options.repeat);
+  fmt::print("  load          {:.2f} s\n", engine.load_seconds());
+  fmt::print("  TTFT          {:.2f} ms\n", r.ttft_ms);
+  fmt::print("  TPOT          mean {:.3f} ms, p50 {:.3f}, p90 {:.3f}\n", r.tpot_mean_ms,
+             r.tpot_p50_ms, r.tpot_p90_ms);
+  fmt::print("  decode        {:.1f} tokens/s\n", r.decode_tokens_per_s);
+  fmt::print("  prefill       {:.1f} tokens/s\n", r.prefill_tokens_per_s);
+  for (size_t i = 0; i < r.weight_bytes.size(); ++i) {
+    fmt::print("  rank {}        weights {:.1f} MiB, KV cache {:.1f} MiB\n", i,
+               mib(r.weight_bytes[i]), mib(r.kv_cache_bytes[i]));
+  }
+  fmt::print(
+      "  bandwidth     {:.1f} GB/s achieved = {:.0f}% of the {:.1f} GB/s copy bandwidth "
+      "measured now\n",
+      r.achieved_bandwidth_gbs, 100 * achieved_fraction, r.memory_bandwidth_gbs);
   return 0;
 }
 
@@ -258,6 +315,24 @@ int main(int argc, char** argv) {
   plan->add_option("--seq-len", seq_len, "tokens per sequence for the KV-cache estimate")
       ->check(CLI::PositiveNumber);
 
+  CLI::App* bench = app.add_subcommand("bench", "measure latency, throughput and bandwidth");
+  CommonFlags bench_flags;
+  bench_flags.add_to(*bench, true);
+  tpe::runtime::BenchOptions bench_options;
+  bool random_weights = false, bench_json = false;
+  bench->add_option("--batch", bench_options.batch, "sequences per batch")
+      ->check(CLI::PositiveNumber);
+  bench->add_option("--prompt-len", bench_options.prompt_len, "prompt tokens per sequence")
+      ->check(CLI::PositiveNumber);
+  bench->add_option("--new-tokens", bench_options.new_tokens, "generated tokens per sequence")
+      ->check(CLI::Range(int64_t{2}, int64_t{1} << 30));
+  bench->add_option("--warmup", bench_options.warmup, "untimed runs first")
+      ->check(CLI::NonNegativeNumber);
+  bench->add_option("--repeat", bench_options.repeat, "timed runs")->check(CLI::PositiveNumber);
+  bench->add_flag("--random-weights", random_weights,
+                  "random weights for the model's config.json; no checkpoint is read");
+  bench->add_flag("--json", bench_json, "print the results as JSON");
+
   CLI::App* policies = app.add_subcommand("policies", "list policy plugins and which one wins");
   policies_flags.add_to(*policies, false);
 
@@ -281,6 +356,7 @@ int main(int argc, char** argv) {
   try {
     if (*gen) return run_generate(gen_flags, prompt_ids, overrides);
     if (*plan) return run_plan(plan_flags, batch, seq_len);
+    if (*bench) return run_bench(bench_flags, bench_options, random_weights, bench_json);
     if (*policies) return run_policies(policies_flags);
     if (*inspect) return run_inspect(inspect_path);
   } catch (const tpe::Error& e) {
