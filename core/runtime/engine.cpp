@@ -19,6 +19,7 @@
 #include "core/parallel/report.hpp"
 #include "core/runtime/executor.hpp"
 #include "core/runtime/random_weights.hpp"
+#include "kernels/cpu/ops.hpp"
 
 namespace tpe::runtime {
 
@@ -175,6 +176,7 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
     };
   }
   ranks_ = std::make_unique<Ranks>(model_.plan.world);
+  cpu::set_gemm_threads(static_cast<int>(std::thread::hardware_concurrency()) / world());
   for (int r = 0; r < world(); ++r) {
     ranks_->executors.push_back(
         std::make_unique<Executor>(model_.graph, model_.plan, r, ranks_->group));

@@ -136,13 +136,21 @@ void check_rope(const tpe_rope_desc& rope, int64_t rotary_dim) {
 
 }  // namespace
 
+void set_gemm_threads(int threads) { openblas_set_num_threads(std::max(threads, 1)); }
+
 void linear(const float* x, int64_t tokens, int64_t in, const float* w, int64_t out,
             const float* bias, float* y) {
   if (tokens == 0 || out == 0) return;
   // Leading dimensions must be at least 1 even when in == 0 (then y is just the bias).
   const blasint ld_in = std::max(blas_dim(in), blasint{1});
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(tokens), blas_dim(out),
-              blas_dim(in), 1.0f, x, ld_in, w, ld_in, 0.0f, y, blas_dim(out));
+  if (tokens == 1) {
+    // A decode step: sgemm would first pack (copy) the whole weight matrix; sgemv streams it once.
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, blas_dim(out), blas_dim(in), 1.0f, w, ld_in, x, 1,
+                0.0f, y, 1);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(tokens), blas_dim(out),
+                blas_dim(in), 1.0f, x, ld_in, w, ld_in, 0.0f, y, blas_dim(out));
+  }
   if (bias == nullptr) return;
   for (int64_t t = 0; t < tokens; ++t) {
     float* row = y + t * out;

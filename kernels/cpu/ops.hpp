@@ -10,6 +10,10 @@
 
 namespace tpe::cpu {
 
+// How many threads one matrix product may use (process-wide). With several ranks running as
+// threads, each should get its share of the cores, or the BLAS threads oversubscribe them.
+void set_gemm_threads(int threads);
+
 // y[t, o] = sum_i x[t, i] * w[o, i] (+ bias[o]). x: [tokens, in], w: [out, in], y: [tokens, out].
 // bias may be null.
 void linear(const float* x, int64_t tokens, int64_t in, const float* w, int64_t out,
