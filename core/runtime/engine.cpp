@@ -17,6 +17,7 @@
 #include "core/io/safetensors.hpp"
 #include "core/parallel/communicator.hpp"
 #include "core/parallel/report.hpp"
+#include "core/runtime/cpu_backend.hpp"
 #include "core/runtime/executor.hpp"
 #include "core/runtime/random_weights.hpp"
 #include "kernels/cpu/ops.hpp"
@@ -178,8 +179,8 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
   ranks_ = std::make_unique<Ranks>(model_.plan.world);
   cpu::set_gemm_threads(static_cast<int>(std::thread::hardware_concurrency()) / world());
   for (int r = 0; r < world(); ++r) {
-    ranks_->executors.push_back(
-        std::make_unique<Executor>(model_.graph, model_.plan, r, ranks_->group));
+    ranks_->executors.push_back(std::make_unique<Executor>(
+        model_.graph, model_.plan, r, std::make_unique<CpuBackend>(r, ranks_->group)));
   }
   const int64_t total = tensors_per_rank(model_.graph) * world();
   std::atomic<int64_t> done = 0;

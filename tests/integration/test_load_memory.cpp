@@ -12,6 +12,7 @@
 
 #include "core/io/safetensors.hpp"
 #include "core/parallel/communicator.hpp"
+#include "core/runtime/cpu_backend.hpp"
 #include "core/runtime/engine.hpp"
 #include "core/runtime/executor.hpp"
 
@@ -89,7 +90,8 @@ TEST(LoadMemory, OneRankOfFourStaysNearItsShare) {
   const runtime::Model model = runtime::prepare(run);
   const io::Checkpoint checkpoint = io::Checkpoint::open(dir);
   parallel::ThreadGroup group(4);
-  runtime::Executor rank1(model.graph, model.plan, 1, group);
+  runtime::Executor rank1(model.graph, model.plan, 1,
+                          std::make_unique<runtime::CpuBackend>(1, group));
 
   std::ofstream("/proc/self/clear_refs") << "5";  // reset the peak (VmHWM) to the current RSS
   const int64_t before_kib = status_kib("VmRSS");

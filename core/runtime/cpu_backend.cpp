@@ -1,0 +1,139 @@
+#include "core/runtime/cpu_backend.hpp"
+
+#include <algorithm>
+
+#include "core/common/error.hpp"
+#include "kernels/cpu/ops.hpp"
+
+namespace tpe::runtime {
+namespace {
+
+float* f32(Buffer& b) { return static_cast<float*>(b.data); }
+const float* f32(const Buffer& b) { return static_cast<const float*>(b.data); }
+
+}  // namespace
+
+Buffer CpuBackend::upload(std::vector<float> values, int64_t rows, int64_t cols) {
+  TPE_CHECK(static_cast<int64_t>(values.size()) == rows * cols, "upload of {} values as {}x{}",
+            values.size(), rows, cols);
+  auto storage = std::make_shared<std::vector<float>>(std::move(values));
+  return {storage, storage->data(), rows, cols};
+}
+
+Buffer CpuBackend::zeros(int64_t rows, int64_t cols) {
+  auto storage = std::make_shared<std::vector<float>>(static_cast<size_t>(rows * cols), 0.0f);
+  return {storage, storage->data(), rows, cols};
+}
+
+Tensor CpuBackend::to_host(const Buffer& x) {
+  Tensor t({x.rows, x.cols});
+  std::copy_n(f32(x), x.rows * x.cols, t.data.begin());
+  return t;
+}
+
+void CpuBackend::embedding(const Buffer& table, Range vocab, Buffer& out) {
+  for (int64_t t = 0; t < out.rows; ++t) {
+    const int64_t id = batch_->tokens[t];
+    float* row = f32(out) + t * out.cols;
+    if (id >= vocab.begin && id < vocab.end) {
+      std::copy_n(f32(table) + (id - vocab.begin) * out.cols, out.cols, row);
+    } else {
+      std::fill_n(row, out.cols, 0.0f);
+    }
+  }
+}
+
+void CpuBackend::norm(tpe_norm_kind kind, const Buffer& x, const Buffer& w, const Buffer* b,
+                      float eps, Buffer& y) {
+  if (kind == TPE_NORM_RMS) {
+    cpu::rms_norm(f32(x), x.rows, x.cols, f32(w), eps, f32(y));
+  } else {
+    cpu::layer_norm(f32(x), x.rows, x.cols, f32(w), b != nullptr ? f32(*b) : nullptr, eps, f32(y));
+  }
+}
+
+void CpuBackend::linear(const Buffer& x, const Buffer& w, const Buffer* bias, Buffer& y) {
+  cpu::linear(f32(x), x.rows, x.cols, f32(w), y.cols, bias != nullptr ? f32(*bias) : nullptr,
+              f32(y));
+}
+
+void CpuBackend::gather_columns(const Buffer& x, const IndexSet& cols, Buffer& out) {
+  for (int64_t t = 0; t < x.rows; ++t) {
+    float* dst = f32(out) + t * out.cols;
+    for (const Range& r : cols) {
+      dst = std::copy(f32(x) + t * x.cols + r.begin, f32(x) + t * x.cols + r.end, dst);
+    }
+  }
+}
+
+void CpuBackend::rotary(Buffer& x, int64_t head_dim, const tpe_rope_desc& rope) {
+  int64_t row = 0;
+  for (const Batch::Segment& s : batch_->segments) {
+    // Frequencies per sequence: dynamic NTK scaling depends on the sequence's own length.
+    std::vector<int64_t> positions(static_cast<size_t>(s.count));
+    for (int64_t i = 0; i < s.count; ++i) positions[i] = s.start_pos + i;
+    const std::vector<float> inv_freq = cpu::rope_inv_freq(rope, head_dim, s.start_pos + s.count);
+    cpu::rotary(f32(x) + row * x.cols, s.count, x.cols / head_dim, head_dim, positions.data(),
+                inv_freq);
+    row += s.count;
+  }
+}
+
+void CpuBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvCache& cache,
+                           const AttentionShape& a, Buffer& out) {
+  const int64_t n_q = q.cols / a.head_dim, n_kv = k.cols / a.head_dim;
+  std::vector<int32_t> kv_of_q(static_cast<size_t>(n_q));
+  for (int64_t h = 0; h < n_q; ++h) {
+    kv_of_q[h] = static_cast<int32_t>((a.first_q + h) / a.group - a.first_kv);
+  }
+  int64_t row = 0;
+  for (const Batch::Segment& s : batch_->segments) {
+    float* kc = f32(cache.k) + s.slot * cache.max_len * k.cols;
+    float* vc = f32(cache.v) + s.slot * cache.max_len * v.cols;
+    std::copy_n(f32(k) + row * k.cols, s.count * k.cols, kc + s.start_pos * k.cols);
+    std::copy_n(f32(v) + row * v.cols, s.count * v.cols, vc + s.start_pos * v.cols);
+    cpu::attention(f32(q) + row * q.cols, s.count, s.start_pos, n_q, a.head_dim, kv_of_q.data(), kc,
+                   vc, n_kv, a.scale, a.window, f32(out) + row * out.cols);
+    row += s.count;
+  }
+}
+
+void CpuBackend::activation(tpe_activation act, Buffer& x) {
+  cpu::activation(act, f32(x), x.rows * x.cols);
+}
+
+void CpuBackend::add(const Buffer& a, const Buffer& b, Buffer& out) {
+  for (int64_t i = 0; i < a.rows * a.cols; ++i) f32(out)[i] = f32(a)[i] + f32(b)[i];
+}
+
+void CpuBackend::mul(const Buffer& a, const Buffer& b, Buffer& out) {
+  for (int64_t i = 0; i < a.rows * a.cols; ++i) f32(out)[i] = f32(a)[i] * f32(b)[i];
+}
+
+void CpuBackend::copy(const Buffer& src, Buffer& dst) {
+  std::copy_n(f32(src), src.rows * src.cols, f32(dst));
+}
+
+void CpuBackend::select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) {
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::copy_n(f32(x) + rows[i] * x.cols, x.cols, f32(out) + static_cast<int64_t>(i) * x.cols);
+  }
+}
+
+void CpuBackend::all_reduce(Buffer& x) { group_.all_reduce_sum(rank_, f32(x), x.rows * x.cols); }
+
+void CpuBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) {
+  // Rank r's block is [rows, vocab_r] row-major, in rank order.
+  std::vector<float> gathered(static_cast<size_t>(full.rows * full.cols));
+  group_.all_gather(rank_, f32(local), local.rows * local.cols, gathered.data());
+  int64_t offset = 0;
+  for (const Range& v : vocab) {
+    for (int64_t i = 0; i < full.rows; ++i) {
+      std::copy_n(gathered.data() + offset + i * v.size(), v.size(),
+                  f32(full) + i * full.cols + v.begin);
+    }
+    offset += full.rows * v.size();
+  }
+}
+
+}  // namespace tpe::runtime

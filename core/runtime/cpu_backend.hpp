@@ -1,0 +1,42 @@
+// The CPU backend: fp32 host memory, the reference kernels of kernels/cpu, and the in-process
+// communicator (ranks are threads).
+#pragma once
+
+#include "core/parallel/communicator.hpp"
+#include "core/runtime/backend.hpp"
+
+namespace tpe::runtime {
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(int rank, parallel::ThreadGroup& group) : rank_(rank), group_(group) {}
+
+  Buffer upload(std::vector<float> values, int64_t rows, int64_t cols) override;
+  Buffer zeros(int64_t rows, int64_t cols) override;
+  int64_t element_bytes() const override { return sizeof(float); }
+  Tensor to_host(const Buffer& x) override;
+
+  void begin(const Batch& batch) override { batch_ = &batch; }
+  void embedding(const Buffer& table, Range vocab, Buffer& out) override;
+  void norm(tpe_norm_kind kind, const Buffer& x, const Buffer& w, const Buffer* b, float eps,
+            Buffer& y) override;
+  void linear(const Buffer& x, const Buffer& w, const Buffer* bias, Buffer& y) override;
+  void gather_columns(const Buffer& x, const IndexSet& cols, Buffer& out) override;
+  void rotary(Buffer& x, int64_t head_dim, const tpe_rope_desc& rope) override;
+  void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvCache& cache,
+                 const AttentionShape& shape, Buffer& out) override;
+  void activation(tpe_activation act, Buffer& x) override;
+  void add(const Buffer& a, const Buffer& b, Buffer& out) override;
+  void mul(const Buffer& a, const Buffer& b, Buffer& out) override;
+  void copy(const Buffer& src, Buffer& dst) override;
+  void select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) override;
+  void all_reduce(Buffer& x) override;
+  void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;
+
+ private:
+  int rank_;
+  parallel::ThreadGroup& group_;
+  const Batch* batch_ = nullptr;
+};
+
+}  // namespace tpe::runtime
