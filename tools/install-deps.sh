@@ -11,6 +11,9 @@ packages=(
   nlohmann-json3-dev    # config.json and safetensors headers
   libcli11-dev          # the command line
   libopenblas-dev       # CPU matrix products
+  libpcre2-dev          # tokenizer split regexes (Unicode properties, look-ahead, JIT)
+  libicu-dev            # tokenizer Unicode normalisation and character classes
+  zlib1g-dev            # the tokenizer tests' gzipped expected outputs
   libgtest-dev libgmock-dev
 )
 
