@@ -56,8 +56,11 @@ class Backend {
   virtual ~Backend() = default;
 
   // ---- memory ----
+  // Called first on every thread that uses this backend (a CUDA device is per-thread state).
+  virtual void bind_thread() {}
   virtual Buffer upload(std::vector<float> values, int64_t rows, int64_t cols) = 0;
-  virtual Buffer zeros(int64_t rows, int64_t cols) = 0;
+  // Uninitialised memory: every op writes the whole of its output.
+  virtual Buffer alloc(int64_t rows, int64_t cols) = 0;
   virtual int64_t element_bytes() const = 0;
   virtual Tensor to_host(const Buffer& x) = 0;  // fp32
 

@@ -20,7 +20,7 @@ Buffer CpuBackend::upload(std::vector<float> values, int64_t rows, int64_t cols)
   return {storage, storage->data(), rows, cols};
 }
 
-Buffer CpuBackend::zeros(int64_t rows, int64_t cols) {
+Buffer CpuBackend::alloc(int64_t rows, int64_t cols) {
   auto storage = std::make_shared<std::vector<float>>(static_cast<size_t>(rows * cols), 0.0f);
   return {storage, storage->data(), rows, cols};
 }

@@ -12,7 +12,7 @@ class CpuBackend final : public Backend {
   CpuBackend(int rank, parallel::ThreadGroup& group) : rank_(rank), group_(group) {}
 
   Buffer upload(std::vector<float> values, int64_t rows, int64_t cols) override;
-  Buffer zeros(int64_t rows, int64_t cols) override;
+  Buffer alloc(int64_t rows, int64_t cols) override;
   int64_t element_bytes() const override { return sizeof(float); }
   Tensor to_host(const Buffer& x) override;
 

@@ -49,6 +49,7 @@ std::shared_ptr<const Buffer> Executor::read(const WeightReader& reader, const s
 }
 
 void Executor::load(const WeightReader& reader, const std::function<void()>& on_tensor) {
+  backend_->bind_thread();
   const IndexSet all;
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
@@ -101,12 +102,13 @@ int64_t Executor::weight_bytes() const {
 }
 
 void Executor::reset_cache(int slots, int64_t max_len) {
+  backend_->bind_thread();
   caches_.assign(graph_.ops.size(), {});
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
     if (op.kind != OpKind::kAttention) continue;
     const int64_t width = index_count(plan_.shard[op.inputs[1]][rank_]);
-    caches_[i] = {backend_->zeros(slots * max_len, width), backend_->zeros(slots * max_len, width),
+    caches_[i] = {backend_->alloc(slots * max_len, width), backend_->alloc(slots * max_len, width),
                   max_len};
   }
 }
@@ -122,6 +124,7 @@ Tensor Executor::forward(const Batch& batch) {
            embedding->out_features, embedding->name);
     }
   }
+  backend_->bind_thread();
   backend_->begin(batch);
   std::vector<Buffer> values(graph_.values.size());
   for (const Step& step : plan_.steps) {
@@ -144,30 +147,30 @@ void Executor::run_op(int index, const Batch& batch, std::vector<Buffer>& values
     case OpKind::kInputIds:
       break;
     case OpKind::kEmbedding:
-      out = backend_->zeros(tokens, op.in_features);
+      out = backend_->alloc(tokens, op.in_features);
       backend_->embedding(*w.w, plan_.vocab[rank_], out);
       break;
     case OpKind::kNorm:
-      out = backend_->zeros(in(0).rows, in(0).cols);
+      out = backend_->alloc(in(0).rows, in(0).cols);
       backend_->norm(op.norm_kind, in(0), *w.w, w.b.get(), static_cast<float>(op.eps), out);
       break;
     case OpKind::kLinear: {
       const int64_t width = plan_.linear_kind[index] == LinearKind::kColumn
                                 ? index_count(plan_.shard[op.outputs[0]][rank_])
                                 : op.out_features;
-      out = backend_->zeros(in(0).rows, width);
+      out = backend_->alloc(in(0).rows, width);
       backend_->linear(in(0), *w.w, w.b.get(), out);
       break;
     }
     case OpKind::kSplit:
       for (size_t p = 0; p < op.outputs.size(); ++p) {
         const IndexSet& cols = plan_.split_parts[index][rank_][p];
-        values[op.outputs[p]] = backend_->zeros(in(0).rows, index_count(cols));
+        values[op.outputs[p]] = backend_->alloc(in(0).rows, index_count(cols));
         backend_->gather_columns(in(0), cols, values[op.outputs[p]]);
       }
       break;
     case OpKind::kRotary:
-      out = backend_->zeros(in(0).rows, in(0).cols);
+      out = backend_->alloc(in(0).rows, in(0).cols);
       backend_->copy(in(0), out);
       backend_->rotary(out, op.head_dim, op.rope);
       break;
@@ -190,18 +193,18 @@ void Executor::run_op(int index, const Batch& batch, std::vector<Buffer>& values
                s.start_pos + s.count, cache.max_len);
         }
       }
-      out = backend_->zeros(in(0).rows, in(0).cols);
+      out = backend_->alloc(in(0).rows, in(0).cols);
       backend_->attention(in(0), in(1), in(2), cache, shape, out);
       break;
     }
     case OpKind::kActivation:
-      out = backend_->zeros(in(0).rows, in(0).cols);
+      out = backend_->alloc(in(0).rows, in(0).cols);
       backend_->copy(in(0), out);
       backend_->activation(op.activation, out);
       break;
     case OpKind::kMul:
     case OpKind::kAdd: {
-      out = backend_->zeros(in(0).rows, in(0).cols);
+      out = backend_->alloc(in(0).rows, in(0).cols);
       const int skip = rank_ != 0 ? plan_.add_replicated_input[index] : -1;
       if (skip >= 0) {  // the replicated addend counts once, on rank 0
         backend_->copy(in(1 - skip), out);
@@ -213,11 +216,11 @@ void Executor::run_op(int index, const Batch& batch, std::vector<Buffer>& values
       break;
     }
     case OpKind::kLmHead: {
-      Buffer picked = backend_->zeros(static_cast<int64_t>(batch.logit_rows.size()), in(0).cols);
+      Buffer picked = backend_->alloc(static_cast<int64_t>(batch.logit_rows.size()), in(0).cols);
       backend_->select_rows(in(0), batch.logit_rows, picked);
-      Buffer local = backend_->zeros(picked.rows, plan_.vocab[rank_].size());
+      Buffer local = backend_->alloc(picked.rows, plan_.vocab[rank_].size());
       backend_->linear(picked, *w.w, nullptr, local);
-      out = backend_->zeros(picked.rows, op.out_features);
+      out = backend_->alloc(picked.rows, op.out_features);
       backend_->gather_vocab(local, plan_.vocab, out);
       break;
     }
