@@ -36,7 +36,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 TF_VERSION = transformers.__version__
 TF_MAJOR, TF_MINOR = (int(x) for x in TF_VERSION.split(".")[:2])
@@ -54,6 +54,18 @@ MAX_SEED_TRIES = 200
 
 # Common tiny dimensions.
 VOCAB = 128
+TOKENIZERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "tokenizer",
+                          "data")
+
+
+def tokenizer_size(name):
+    with open(os.path.join(TOKENIZERS, name, "tokenizer.json")) as f:
+        t = json.load(f)
+    return len(t["model"]["vocab"]) + sum(1 for a in t.get("added_tokens", [])
+                                          if a["content"] not in t["model"]["vocab"])
+
+
+TEXT_VOCAB = tokenizer_size("gpt2_bpe")
 HIDDEN = 64
 LAYERS = 2
 INIT_RANGE = 0.15
@@ -226,6 +238,18 @@ FIXTURES = {
             "fp16 weights upcast (the saved folder loaded with dtype=float32)."
         ),
     ),
+    "llama_text": dict(
+        model_type="llama", tf="5.", seed=2400,
+        config=llama_base(vocab_size=TEXT_VOCAB, tie_word_embeddings=True),
+        rope=dict(theta=10000.0),
+        tokenizer="gpt2_bpe",
+        prompt_texts=["Call me Ishmael. Some years ago", "The quick brown fox"],
+        description=(
+            "Llama with tied embeddings over the byte-level BPE tokenizer of "
+            "tests/tokenizer/data/gpt2_bpe (tokenizer.json copied in): text in, text out. "
+            "reference.json adds the prompt texts and transformers' decoded greedy texts."
+        ),
+    ),
     # ---- written by transformers 4.x (old config keys) ----
     "llama3_rope_v4": dict(
         twin="llama3_rope",
@@ -392,6 +416,9 @@ def build_and_save(name, spec, seed, path):
     if "max_shard_size" in save:
         kw["max_shard_size"] = save["max_shard_size"]
     model.save_pretrained(path, safe_serialization=True, **kw)
+    if "tokenizer" in spec:
+        for fn in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(TOKENIZERS, spec["tokenizer"], fn), path)
 
 
 def compute_reference(name, spec, path):
@@ -401,7 +428,11 @@ def compute_reference(name, spec, path):
     vocab = load_fp32(path).config.vocab_size
     # A *_v4 / *_v455 fixture uses its twin's prompts (and, the init being the same
     # across versions, ends up with its twin's seed and weights).
-    prompts = fixture_prompts(spec.get("twin", name), vocab, spec.get("prompt_lens", (7, 5)))
+    if "prompt_texts" in spec:
+        tok = AutoTokenizer.from_pretrained(path)
+        prompts = [tok(t)["input_ids"] for t in spec["prompt_texts"]]
+    else:
+        prompts = fixture_prompts(spec.get("twin", name), vocab, spec.get("prompt_lens", (7, 5)))
     logits = {}
     with torch.no_grad():
         for i, p in enumerate(prompts):
@@ -549,6 +580,10 @@ def make_fixture(name, spec, out_dir):
         "min_top2_gap_abs": min_abs,
         "weight_files": files,
     }
+    if "prompt_texts" in spec:
+        tok = AutoTokenizer.from_pretrained(tmp)
+        ref["prompt_texts"] = spec["prompt_texts"]
+        ref["greedy_texts"] = [tok.decode(g, skip_special_tokens=True) for g in greedy]
     if spec["rope"].get("scaling", {}).get("rope_type") == "dynamic":
         ref["greedy_nocache"] = greedy_nc
         ref["greedy_matches_nocache"] = not mismatch

@@ -67,6 +67,29 @@ assert 0 < t["p50"] <= t["p90"], t
 assert len(r["weight_bytes_per_rank"]) == 2 and min(r["weight_bytes_per_rank"]) > 0
 PY
     ;;
+  generate_text)
+    # Text in, text out, one prompt streamed and two batched: transformers' decoded greedy text.
+    m="$fixtures/llama_text"
+    "$tpengine" generate --model "$m" --tp 2 --quiet -n 16 --ignore-eos \
+      --prompt "Call me Ishmael. Some years ago" >"$work/one.txt"
+    "$tpengine" generate --model "$m" --tp 3 --quiet -n 16 --ignore-eos \
+      --prompt "Call me Ishmael. Some years ago" --prompt "The quick brown fox" >"$work/two.txt"
+    python3 - "$m/reference.json" "$work/one.txt" "$work/two.txt" <<'PY'
+import json, sys
+ref = json.load(open(sys.argv[1]))
+one = open(sys.argv[2], encoding="utf-8").read()
+two = open(sys.argv[3], encoding="utf-8").read()
+texts = ref["greedy_texts"]
+assert one == texts[0] + "\n", (one, texts[0])
+assert two == "".join(f"[{i}] {t}\n" for i, t in enumerate(texts)), (two, texts)
+PY
+    ;;
+  tokenize)
+    ids=$("$tpengine" tokenize --model "$fixtures/llama_text" "Call me Ishmael. Some years ago")
+    expected=$(python3 -c "import json; print(' '.join(map(str, json.load(open('$fixtures/llama_text/reference.json'))['prompts'][0])))")
+    check "tokenize" "$ids" "$expected"
+    text=$("$tpengine" detokenize --model "$fixtures/llama_text" $ids)
+    check "detokenize" "$text" "Call me Ishmael. Some years ago";;
   inspect)
     out=$("$tpengine" inspect "$fixtures/llama_sharded")
     echo "$out"

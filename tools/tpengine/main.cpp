@@ -22,6 +22,7 @@
 #include "core/parallel/report.hpp"
 #include "core/runtime/bench.hpp"
 #include "core/runtime/engine.hpp"
+#include "core/tokenizer/tokenizer.hpp"
 
 namespace {
 
@@ -109,6 +110,7 @@ std::vector<int64_t> parse_ids(const std::string& text, const std::string& flag)
 }
 
 int run_generate(const CommonFlags& common, const std::vector<std::string>& prompt_ids,
+                 const std::vector<std::string>& prompt_texts,
                  const tpe::config::GenerationSettings& overrides) {
   RunConfig run = common.resolve();
   auto& g = run.generation;
@@ -121,16 +123,71 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
   if (overrides.seed) g.seed = overrides.seed;
   if (overrides.stop_token_ids) g.stop_token_ids = overrides.stop_token_ids;
   if (overrides.ignore_eos) g.ignore_eos = overrides.ignore_eos;
-  if (prompt_ids.empty()) tpe::fail("no prompt: pass --prompt-ids \"1,2,3\" (once per sequence)");
+  if (prompt_ids.empty() == prompt_texts.empty()) {
+    tpe::fail("pass either --prompt \"text\" or --prompt-ids \"1,2,3\" (each once per sequence)");
+  }
   std::vector<std::vector<int64_t>> prompts;
   for (const std::string& p : prompt_ids) prompts.push_back(parse_ids(p, "--prompt-ids"));
 
   tpe::runtime::Model model = tpe::runtime::prepare(run);
+  std::optional<tpe::tokenizer::Tokenizer> tokenizer;
+  if (!prompt_texts.empty()) {
+    tokenizer = tpe::tokenizer::Tokenizer::load(run.model_path);
+    int64_t vocab = 0;
+    model.config.get_int("vocab_size", vocab);
+    tokenizer->check_embedding_size(vocab);
+    for (const std::string& text : prompt_texts) {
+      const std::vector<uint32_t> ids = tokenizer->encode(text);
+      prompts.emplace_back(ids.begin(), ids.end());
+    }
+  }
   const tpe::runtime::GenerationParams params =
       tpe::runtime::resolve_generation(run.generation, model.config.generation());
   tpe::runtime::Engine engine(std::move(model), common.quiet);
+  if (!tokenizer) {
+    for (const auto& out : engine.generate(prompts, params))
+      fmt::print("{}\n", fmt::join(out, " "));
+    return 0;
+  }
+  if (prompts.size() == 1) {  // one sequence: stream the text as it is generated
+    auto decoder = tokenizer->incremental_decoder(/*skip_special_tokens=*/true);
+    engine.generate(prompts, params, [&](size_t, int64_t id) {
+      fmt::print("{}", decoder.step(static_cast<uint32_t>(id)));
+      std::fflush(stdout);
+    });
+    fmt::print("{}\n", decoder.finish());
+    return 0;
+  }
   const auto outputs = engine.generate(prompts, params);
-  for (const auto& out : outputs) fmt::print("{}\n", fmt::join(out, " "));
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const std::vector<uint32_t> ids(outputs[i].begin(), outputs[i].end());
+    fmt::print("[{}] {}\n", i, tokenizer->decode(ids, /*skip_special_tokens=*/true));
+  }
+  return 0;
+}
+
+// tokenize: text -> ids, as the model's tokenizer.json encodes it.
+int run_tokenize(const std::string& model, const std::string& text, bool no_special) {
+  const auto tokenizer = tpe::tokenizer::Tokenizer::load(model);
+  fmt::print("{}\n", fmt::join(tokenizer.encode(text, !no_special), " "));
+  return 0;
+}
+
+// detokenize: ids -> text.
+int run_detokenize(const std::string& model, const std::vector<std::string>& ids_text,
+                   bool skip_special) {
+  const auto tokenizer = tpe::tokenizer::Tokenizer::load(model);
+  std::vector<uint32_t> ids;
+  for (const std::string& item : ids_text) {
+    for (const int64_t id : parse_ids(item, "ids")) {
+      if (id >= static_cast<int64_t>(tokenizer.vocab_size())) {
+        tpe::fail("id {} is outside the vocabulary of {} tokens of {}", id, tokenizer.vocab_size(),
+                  model);
+      }
+      ids.push_back(static_cast<uint32_t>(id));
+    }
+  }
+  fmt::print("{}\n", tokenizer.decode(ids, skip_special));
   return 0;
 }
 
@@ -293,6 +350,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> prompt_ids;
   tpe::config::GenerationSettings overrides;
   std::vector<int64_t> stop_ids;
+  std::vector<std::string> prompt_texts;
+  gen->add_option("-p,--prompt", prompt_texts,
+                  "text, encoded with the model's tokenizer.json; repeat for a batch");
   gen->add_option("--prompt-ids", prompt_ids, "comma-separated token ids; repeat for a batch");
   gen->add_option("-n,--max-new-tokens", overrides.max_new_tokens, "tokens to generate")
       ->check(CLI::NonNegativeNumber);
@@ -336,6 +396,19 @@ int main(int argc, char** argv) {
   CLI::App* policies = app.add_subcommand("policies", "list policy plugins and which one wins");
   policies_flags.add_to(*policies, false);
 
+  CLI::App* tokenize = app.add_subcommand("tokenize", "text to token ids (tokenizer.json)");
+  std::string tok_model, tok_text;
+  bool no_special = false, skip_special = false;
+  tokenize->add_option("-m,--model", tok_model, "model directory with tokenizer.json")->required();
+  tokenize->add_option("text", tok_text, "the text")->required();
+  tokenize->add_flag("--no-special", no_special, "do not add special tokens (BOS, ...)");
+  CLI::App* detokenize = app.add_subcommand("detokenize", "token ids to text (tokenizer.json)");
+  std::vector<std::string> detok_ids;
+  detokenize->add_option("-m,--model", tok_model, "model directory with tokenizer.json")
+      ->required();
+  detokenize->add_option("ids", detok_ids, "token ids (space- or comma-separated)")->required();
+  detokenize->add_flag("--skip-special", skip_special, "leave special tokens out");
+
   CLI::App* inspect = app.add_subcommand("inspect", "list a checkpoint's tensors");
   std::string inspect_path;
   inspect->add_option("path", inspect_path, "model directory or .safetensors file")
@@ -354,7 +427,9 @@ int main(int argc, char** argv) {
   if (!stop_ids.empty()) overrides.stop_token_ids = stop_ids;
 
   try {
-    if (*gen) return run_generate(gen_flags, prompt_ids, overrides);
+    if (*gen) return run_generate(gen_flags, prompt_ids, prompt_texts, overrides);
+    if (*tokenize) return run_tokenize(tok_model, tok_text, no_special);
+    if (*detokenize) return run_detokenize(tok_model, detok_ids, skip_special);
     if (*plan) return run_plan(plan_flags, batch, seq_len);
     if (*bench) return run_bench(bench_flags, bench_options, random_weights, bench_json);
     if (*policies) return run_policies(policies_flags);
