@@ -43,7 +43,7 @@ def run_tpengine(exe, model_dir, tp, args):
     cmd = [exe, "bench", "--model", model_dir, "--random-weights", "--json", "--tp", str(tp),
            "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat),
-           "--device", args.device]
+           "--device", "cuda" if args.device.startswith("cuda") else "cpu", "--dtype", args.dtype]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
@@ -53,9 +53,10 @@ def run_transformers(model_dir, args):
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                             attn_implementation="eager")
-    model.to(args.device).eval()
+    with torch.device(args.device):  # initialise on the device: a 7B model on the CPU takes minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype),
+                                                 attn_implementation="eager")
+    model.eval()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), device=args.device)
     mask = torch.ones_like(ids)
 
@@ -91,7 +92,8 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as model_dir:
@@ -112,8 +114,9 @@ def main():
 
     import torch
     import transformers
-    print(f"### {args.shape}, fp32, batch {args.batch}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, {args.device}")
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
+    print(f"### {args.shape}, {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, {args.device} {gpu}")
     print()
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; tpengine commit {commit()}; torch {torch.__version__}, "

@@ -63,6 +63,9 @@ class Backend {
   virtual Buffer alloc(int64_t rows, int64_t cols) = 0;
   virtual int64_t element_bytes() const = 0;
   virtual Tensor to_host(const Buffer& x) = 0;  // fp32
+  // The memory bandwidth the weights are read at, from a large copy (bytes read + written per
+  // second, GB/s): the roofline a decode step is measured against.
+  virtual double copy_bandwidth_gbs() = 0;
 
   // ---- one forward pass ----
   // Makes the batch's token ids, positions and slots available to the ops below.

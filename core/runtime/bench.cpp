@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstring>
 #include <numeric>
 #include <random>
 
@@ -47,20 +46,6 @@ Run run_once(Engine& engine, const std::vector<std::vector<int64_t>>& prompts,
 
 }  // namespace
 
-double measure_copy_bandwidth_gbs() {
-  const size_t bytes = size_t{256} << 20;
-  std::vector<char> a(bytes, 1), b(bytes, 2);
-  double best = 0;
-  for (int i = 0; i < 5; ++i) {
-    const auto start = Clock::now();
-    std::memcpy(b.data(), a.data(), bytes);
-    const double seconds = ms_between(start, Clock::now()) / 1e3;
-    best = std::max(best, 2.0 * static_cast<double>(bytes) / seconds / 1e9);
-    std::swap(a, b);
-  }
-  return best;
-}
-
 BenchResult run_bench(Engine& engine, const BenchOptions& o) {
   if (o.batch < 1 || o.prompt_len < 1 || o.new_tokens < 2 || o.repeat < 1 || o.warmup < 0) {
     fail("bench needs batch >= 1, prompt length >= 1, new tokens >= 2, repeat >= 1, warmup >= 0");
@@ -99,7 +84,7 @@ BenchResult run_bench(Engine& engine, const BenchOptions& o) {
     r.kv_cache_bytes.push_back(m.kv_elements_per_token * static_cast<int64_t>(sizeof(float)) *
                                o.batch * (o.prompt_len + o.new_tokens));
   }
-  r.memory_bandwidth_gbs = measure_copy_bandwidth_gbs();
+  r.memory_bandwidth_gbs = engine.copy_bandwidth_gbs();
   const int64_t largest = *std::max_element(r.weight_bytes.begin(), r.weight_bytes.end());
   r.achieved_bandwidth_gbs = static_cast<double>(largest) / (r.tpot_mean_ms / 1e3) / 1e9;
   return r;

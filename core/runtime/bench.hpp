@@ -34,7 +34,4 @@ struct BenchResult {
 // Runs warmup + repeat greedy generations of random prompts (never stopping early).
 BenchResult run_bench(Engine& engine, const BenchOptions& options);
 
-// The host's memory bandwidth from a large copy: bytes read + written per second, in GB/s.
-double measure_copy_bandwidth_gbs();
-
 }  // namespace tpe::runtime

@@ -1,6 +1,8 @@
 #include "core/runtime/cpu_backend.hpp"
 
 #include <algorithm>
+#include <chrono>
+#include <cstring>
 
 #include "core/common/error.hpp"
 #include "kernels/cpu/ops.hpp"
@@ -29,6 +31,21 @@ Tensor CpuBackend::to_host(const Buffer& x) {
   Tensor t({x.rows, x.cols});
   std::copy_n(f32(x), x.rows * x.cols, t.data.begin());
   return t;
+}
+
+double CpuBackend::copy_bandwidth_gbs() {
+  const size_t bytes = size_t{256} << 20;
+  std::vector<char> a(bytes, 1), b(bytes, 2);
+  double best = 0;
+  for (int i = 0; i < 5; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    std::memcpy(b.data(), a.data(), bytes);
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, 2.0 * static_cast<double>(bytes) / seconds / 1e9);
+    std::swap(a, b);
+  }
+  return best;
 }
 
 void CpuBackend::embedding(const Buffer& table, Range vocab, Buffer& out) {

@@ -15,6 +15,7 @@ class CpuBackend final : public Backend {
   Buffer alloc(int64_t rows, int64_t cols) override;
   int64_t element_bytes() const override { return sizeof(float); }
   Tensor to_host(const Buffer& x) override;
+  double copy_bandwidth_gbs() override;
 
   void begin(const Batch& batch) override { batch_ = &batch; }
   void embedding(const Buffer& table, Range vocab, Buffer& out) override;

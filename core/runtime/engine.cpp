@@ -21,24 +21,38 @@
 #include "core/runtime/executor.hpp"
 #include "core/runtime/random_weights.hpp"
 #include "kernels/cpu/ops.hpp"
+#if TPE_HAVE_CUDA
+#include "core/cuda/cuda_backend.hpp"
+#endif
 
 namespace tpe::runtime {
+
+#if TPE_HAVE_CUDA
+constexpr bool kHaveCuda = true;
+#else
+constexpr bool kHaveCuda = false;
+#endif
 
 Model prepare(const config::RunConfig& run) {
   if (run.model_path.empty()) {
     fail("no model given: set [model] path in the config file or pass --model DIR");
   }
-  if (run.device != "cpu") {
-    fail("device '{}' is not available in this build: it has the cpu backend only", run.device);
+  if (run.device != "cpu" && run.device != "cuda") {
+    fail("device '{}' is not one of cpu, cuda", run.device);
   }
-  if (run.dtype != "auto" && run.dtype != "float32") {
-    fail("dtype '{}': the cpu backend computes in float32 (use dtype = \"auto\" or \"float32\")",
-         run.dtype);
+  if (run.device == "cuda" && !kHaveCuda) {
+    fail("device = \"cuda\": this tpengine was built without CUDA (no nvcc at build time)");
   }
   if (run.kernel_inject) {
-    fail("kernel_inject = true: the cpu backend has no fused kernels; set kernel_inject = false");
+    fail("kernel_inject = true: fused kernels are not built yet; set kernel_inject = false");
   }
   config::ModelConfig config = config::ModelConfig::load(run.model_path);
+  const std::string dtype =
+      run.dtype == "auto" ? (run.device == "cpu" ? "float32" : config.dtype()) : run.dtype;
+  if (run.device == "cpu" && dtype != "float32") {
+    fail("dtype '{}': the cpu backend computes in float32 (use dtype = \"auto\" or \"float32\")",
+         dtype);
+  }
   plugin::Registry registry =
       plugin::Registry::discover(plugin::Registry::default_search_path(run.policy_search_paths));
   plugin::Choice choice = registry.choose(config, run.policy_name);
@@ -50,7 +64,8 @@ Model prepare(const config::RunConfig& run) {
   }
   parallel::Plan plan = parallel::make_plan(graph, run.tp_size, injection ? &*injection : nullptr);
   return Model{std::move(config), std::move(registry), choice,
-               std::move(graph),  std::move(plan),     std::move(injection)};
+               std::move(graph),  std::move(plan),     std::move(injection),
+               run.device,        dtype};
 }
 
 GenerationParams resolve_generation(const config::GenerationSettings& s,
@@ -71,7 +86,10 @@ GenerationParams resolve_generation(const config::GenerationSettings& s,
 
 struct Engine::Ranks {
   explicit Ranks(int world) : group(world) {}
-  parallel::ThreadGroup group;
+  parallel::ThreadGroup group;  // host-side: sampled tokens, and the CPU backend's collectives
+#if TPE_HAVE_CUDA
+  std::unique_ptr<NcclGroup> nccl;
+#endif
   std::vector<std::unique_ptr<Executor>> executors;
 
   // Runs fn(rank) on one thread per rank. The first failure aborts the group, so the other ranks
@@ -177,10 +195,9 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
     };
   }
   ranks_ = std::make_unique<Ranks>(model_.plan.world);
-  cpu::set_gemm_threads(static_cast<int>(std::thread::hardware_concurrency()) / world());
   for (int r = 0; r < world(); ++r) {
-    ranks_->executors.push_back(std::make_unique<Executor>(
-        model_.graph, model_.plan, r, std::make_unique<CpuBackend>(r, ranks_->group)));
+    ranks_->executors.push_back(
+        std::make_unique<Executor>(model_.graph, model_.plan, r, make_backend(r)));
   }
   const int64_t total = tensors_per_rank(model_.graph) * world();
   std::atomic<int64_t> done = 0;
@@ -206,6 +223,22 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
 }
 
 Engine::~Engine() = default;
+
+std::unique_ptr<Backend> Engine::make_backend(int rank) {
+#if TPE_HAVE_CUDA
+  if (model_.device == "cuda") {
+    if (rank == 0) {
+      check_gpu_count(world());
+      if (world() > 1) ranks_->nccl = std::make_unique<NcclGroup>(world());
+    }
+    return std::make_unique<CudaBackend>(rank, cuda_dtype(model_.dtype),
+                                         world() > 1 ? ranks_->nccl->comm(rank) : nullptr);
+  }
+#endif
+  // Each rank thread gets its share of the cores for matrix products.
+  cpu::set_gemm_threads(static_cast<int>(std::thread::hardware_concurrency()) / world());
+  return std::make_unique<CpuBackend>(rank, ranks_->group);
+}
 
 std::vector<Tensor> Engine::prompt_logits(const std::vector<std::vector<int64_t>>& prompts) {
   check_prompts(prompts);
@@ -247,7 +280,9 @@ std::vector<std::vector<int64_t>> Engine::generate(
   if (params.max_new_tokens <= 0) return generated;
   int64_t max_prompt = 0;
   for (const auto& p : prompts) max_prompt = std::max(max_prompt, static_cast<int64_t>(p.size()));
-  check_cache_fits(model_, static_cast<int64_t>(n), max_prompt + params.max_new_tokens);
+  if (model_.device == "cpu") {
+    check_cache_fits(model_, static_cast<int64_t>(n), max_prompt + params.max_new_tokens);
+  }
   Sampler sampler(params.seed);
   ranks_->run([&](int r) {
     Executor& executor = *ranks_->executors[r];
@@ -292,6 +327,14 @@ std::vector<std::vector<int64_t>> Engine::generate(
     }
   });
   return generated;
+}
+
+double Engine::copy_bandwidth_gbs() {
+  double gbs = 0;
+  ranks_->run([&](int r) {
+    if (r == 0) gbs = ranks_->executors[0]->copy_bandwidth_gbs();
+  });
+  return gbs;
 }
 
 int64_t Engine::all_reduce_count() const { return ranks_->group.all_reduce_count(); }

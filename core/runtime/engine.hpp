@@ -16,6 +16,7 @@
 #include "core/graph/graph.hpp"
 #include "core/parallel/plan.hpp"
 #include "core/plugin/registry.hpp"
+#include "core/runtime/backend.hpp"
 #include "core/runtime/sampler.hpp"
 
 namespace tpe::runtime {
@@ -29,6 +30,8 @@ struct Model {
   parallel::Plan plan;
   // The injection policy the plan followed (the TOML's, else the plugin's), if any.
   std::optional<config::InjectionPolicy> injection_policy;
+  std::string device;  // "cpu" | "cuda"
+  std::string dtype;   // resolved: "float32" | "float16" | "bfloat16"
 };
 
 // Reads config.json, finds the policy, builds the graph and plans it for run.tp_size ranks.
@@ -70,9 +73,12 @@ class Engine {
   // Weight bytes each rank holds (fp32 on the CPU backend).
   std::vector<int64_t> weight_bytes() const;
   double load_seconds() const { return load_seconds_; }
+  // Rank 0's device memory bandwidth, measured now (see Backend::copy_bandwidth_gbs).
+  double copy_bandwidth_gbs();
 
  private:
   struct Ranks;
+  std::unique_ptr<Backend> make_backend(int rank);
   Model model_;
   std::unique_ptr<Ranks> ranks_;
   double load_seconds_ = 0;

@@ -101,6 +101,11 @@ int64_t Executor::weight_bytes() const {
   return bytes;
 }
 
+double Executor::copy_bandwidth_gbs() {
+  backend_->bind_thread();
+  return backend_->copy_bandwidth_gbs();
+}
+
 void Executor::reset_cache(int slots, int64_t max_len) {
   backend_->bind_thread();
   caches_.assign(graph_.ops.size(), {});

@@ -35,6 +35,7 @@ class Executor {
   Tensor forward(const Batch& batch);
 
   int64_t weight_bytes() const;
+  double copy_bandwidth_gbs();
 
  private:
   struct Weights {

@@ -1,0 +1,365 @@
+#include "core/cuda/cuda_backend.hpp"
+
+#include <cuda_runtime_api.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+
+#include "core/common/error.hpp"
+#include "kernels/cpu/ops.hpp"
+#include "kernels/cuda/check.hpp"
+
+#define TPE_NCCL_CHECK(call)                                         \
+  do {                                                               \
+    const ncclResult_t tpe_nccl_result_ = (call);                    \
+    if (tpe_nccl_result_ != ncclSuccess) {                           \
+      ::tpe::fail("{}:{}: {} failed: {}", __FILE__, __LINE__, #call, \
+                  ncclGetErrorString(tpe_nccl_result_));             \
+    }                                                                \
+  } while (0)
+
+namespace tpe::runtime {
+
+cuda::DType cuda_dtype(const std::string& name) {
+  if (name == "float32") return cuda::DType::kF32;
+  if (name == "float16") return cuda::DType::kF16;
+  if (name == "bfloat16") return cuda::DType::kBF16;
+  fail("dtype '{}' is not one of float32, float16, bfloat16", name);
+}
+
+void check_gpu_count(int world) {
+  int count = 0;
+  const cudaError_t error = cudaGetDeviceCount(&count);
+  if (error != cudaSuccess) {
+    fail("device = \"cuda\": no usable CUDA device or driver ({})", cudaGetErrorString(error));
+  }
+  if (world > count) {
+    fail("tp_size {} needs {} GPUs, but this process sees {} (CUDA_VISIBLE_DEVICES limits them)",
+         world, world, count);
+  }
+}
+
+NcclGroup::NcclGroup(int world) : comms_(static_cast<size_t>(world)) {
+  std::vector<int> devices(static_cast<size_t>(world));
+  for (int r = 0; r < world; ++r) devices[r] = r;
+  TPE_NCCL_CHECK(ncclCommInitAll(comms_.data(), world, devices.data()));
+}
+
+NcclGroup::~NcclGroup() {
+  for (ncclComm_t comm : comms_) ncclCommDestroy(comm);
+}
+
+// Device memory by size class: a forward pass allocates every activation anew, and cudaMalloc
+// would synchronise the device each time. Blocks return to the pool when their Buffer dies.
+class CudaBackend::Pool {
+ public:
+  explicit Pool(int device) : device_(device) {}
+  ~Pool() {
+    cudaSetDevice(device_);
+    for (auto& [size, ptr] : free_) cudaFree(ptr);
+  }
+  std::shared_ptr<void> get(size_t bytes, const std::shared_ptr<Pool>& self) {
+    bytes = std::max<size_t>(256, (bytes + 255) / 256 * 256);
+    void* ptr = nullptr;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        ptr = it->second;
+        free_.erase(it);
+      }
+    }
+    if (ptr == nullptr) {
+      const cudaError_t error = cudaMalloc(&ptr, bytes);
+      if (error != cudaSuccess) {
+        cudaGetLastError();  // clear the sticky-free error state of a failed allocation
+        size_t free_bytes = 0, total = 0;
+        cudaMemGetInfo(&free_bytes, &total);
+        fail("GPU {}: cannot allocate {:.1f} MiB ({:.1f} of {:.1f} GiB free): {}", device_,
+             static_cast<double>(bytes) / (1 << 20), static_cast<double>(free_bytes) / (1 << 30),
+             static_cast<double>(total) / (1 << 30), cudaGetErrorString(error));
+      }
+    }
+    return std::shared_ptr<void>(ptr, [self, bytes](void* p) {
+      std::lock_guard lock(self->mutex_);
+      self->free_.emplace(bytes, p);
+    });
+  }
+
+ private:
+  int device_;
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+};
+
+CudaBackend::CudaBackend(int device, cuda::DType dtype, ncclComm_t comm)
+    : device_(device), dtype_(dtype), comm_(comm), pool_(std::make_shared<Pool>(device)) {
+  bind_thread();
+  TPE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  gemm_ = std::make_unique<cuda::Gemm>();
+}
+
+CudaBackend::~CudaBackend() {
+  cudaSetDevice(device_);
+  gemm_.reset();
+  batch_arrays_.clear();
+  columns_.clear();
+  rope_.clear();
+  cudaStreamDestroy(stream_);
+}
+
+void CudaBackend::bind_thread() { TPE_CUDA_CHECK(cudaSetDevice(device_)); }
+
+int64_t CudaBackend::element_bytes() const {
+  return static_cast<int64_t>(cuda::dtype_size(dtype_));
+}
+
+Buffer CudaBackend::alloc(int64_t rows, int64_t cols) {
+  auto storage = pool_->get(static_cast<size_t>(rows * cols) * cuda::dtype_size(dtype_), pool_);
+  void* data = storage.get();
+  return {std::move(storage), data, rows, cols};
+}
+
+Buffer CudaBackend::upload(std::vector<float> values, int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
+  TPE_CHECK(static_cast<int64_t>(values.size()) == n, "upload of {} values as {}x{}", values.size(),
+            rows, cols);
+  Buffer out = alloc(rows, cols);
+  if (dtype_ == cuda::DType::kF32) {
+    TPE_CUDA_CHECK(cudaMemcpyAsync(out.data, values.data(), static_cast<size_t>(n) * 4,
+                                   cudaMemcpyHostToDevice, stream_));
+  } else {
+    auto staging = pool_->get(static_cast<size_t>(n) * 4, pool_);
+    TPE_CUDA_CHECK(cudaMemcpyAsync(staging.get(), values.data(), static_cast<size_t>(n) * 4,
+                                   cudaMemcpyHostToDevice, stream_));
+    cuda::convert(staging.get(), cuda::DType::kF32, out.data, dtype_, n, stream_);
+  }
+  // The host vector and the staging block are released when this returns.
+  TPE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return out;
+}
+
+Tensor CudaBackend::to_host(const Buffer& x) {
+  const int64_t n = x.rows * x.cols;
+  Tensor t({x.rows, x.cols});
+  auto f32 = pool_->get(static_cast<size_t>(n) * 4, pool_);
+  cuda::convert(x.data, dtype_, f32.get(), cuda::DType::kF32, n, stream_);
+  TPE_CUDA_CHECK(cudaMemcpyAsync(t.data.data(), f32.get(), static_cast<size_t>(n) * 4,
+                                 cudaMemcpyDeviceToHost, stream_));
+  TPE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return t;
+}
+
+double CudaBackend::copy_bandwidth_gbs() {
+  const size_t bytes = size_t{1} << 30;
+  auto a = pool_->get(bytes, pool_), b = pool_->get(bytes, pool_);
+  cudaEvent_t start, stop;
+  TPE_CUDA_CHECK(cudaEventCreate(&start));
+  TPE_CUDA_CHECK(cudaEventCreate(&stop));
+  float best_ms = 1e30f;
+  for (int i = 0; i < 6; ++i) {  // the first is a warm-up
+    TPE_CUDA_CHECK(cudaEventRecord(start, stream_));
+    TPE_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream_));
+    TPE_CUDA_CHECK(cudaEventRecord(stop, stream_));
+    TPE_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    TPE_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i > 0) best_ms = std::min(best_ms, ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return 2.0 * static_cast<double>(bytes) / (best_ms / 1e3) / 1e9;
+}
+
+const int32_t* CudaBackend::to_device(const std::vector<int32_t>& values) {
+  auto storage = pool_->get(std::max<size_t>(values.size(), 1) * 4, pool_);
+  if (!values.empty()) {
+    TPE_CUDA_CHECK(cudaMemcpyAsync(storage.get(), values.data(), values.size() * 4,
+                                   cudaMemcpyHostToDevice, stream_));
+  }
+  // Pageable source: the copy is done with it only once the stream reaches it.
+  TPE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  void* data = storage.get();
+  batch_arrays_.push_back({std::move(storage), data, static_cast<int64_t>(values.size()), 1});
+  return static_cast<const int32_t*>(data);
+}
+
+void CudaBackend::begin(const Batch& batch) {
+  batch_ = &batch;
+  batch_arrays_.clear();
+  rope_.clear();
+  std::vector<int32_t> ids, slots, positions;
+  for (const int64_t id : batch.tokens) ids.push_back(static_cast<int32_t>(id));
+  for (const Batch::Segment& s : batch.segments) {
+    for (int64_t i = 0; i < s.count; ++i) {
+      slots.push_back(s.slot);
+      positions.push_back(static_cast<int32_t>(s.start_pos + i));
+    }
+  }
+  ids_ = to_device(ids);
+  slots_ = to_device(slots);
+  positions_ = to_device(positions);
+}
+
+void CudaBackend::embedding(const Buffer& table, Range vocab, Buffer& out) {
+  cuda::embedding(ids_, out.rows, table.data, vocab.begin, vocab.end, out.cols, dtype_, out.data,
+                  stream_);
+}
+
+void CudaBackend::norm(tpe_norm_kind kind, const Buffer& x, const Buffer& w, const Buffer* b,
+                       float eps, Buffer& y) {
+  if (kind == TPE_NORM_RMS) {
+    cuda::rms_norm(x.data, x.rows, x.cols, w.data, eps, dtype_, y.data, stream_);
+  } else {
+    cuda::layer_norm(x.data, x.rows, x.cols, w.data, b != nullptr ? b->data : nullptr, eps, dtype_,
+                     y.data, stream_);
+  }
+}
+
+void CudaBackend::linear(const Buffer& x, const Buffer& w, const Buffer* bias, Buffer& y) {
+  gemm_->linear(x.data, x.rows, x.cols, w.data, y.cols, bias != nullptr ? bias->data : nullptr,
+                dtype_, y.data, stream_);
+}
+
+void CudaBackend::gather_columns(const Buffer& x, const IndexSet& cols, Buffer& out) {
+  auto it = columns_.find(&cols);
+  if (it == columns_.end()) {
+    std::vector<int32_t> list;
+    for (const Range& r : cols) {
+      for (int64_t c = r.begin; c < r.end; ++c) list.push_back(static_cast<int32_t>(c));
+    }
+    auto storage = pool_->get(std::max<size_t>(list.size(), 1) * 4, pool_);
+    TPE_CUDA_CHECK(cudaMemcpy(storage.get(), list.data(), list.size() * 4, cudaMemcpyHostToDevice));
+    void* data = storage.get();
+    it = columns_.emplace(&cols, Buffer{std::move(storage), data, 1, out.cols}).first;
+  }
+  cuda::gather_columns(x.data, x.rows, x.cols, static_cast<const int32_t*>(it->second.data),
+                       out.cols, dtype_, out.data, stream_);
+}
+
+void CudaBackend::rotary(Buffer& x, int64_t head_dim, const tpe_rope_desc& rope) {
+  // One frequency table per sequence (dynamic NTK depends on its length), computed on the host
+  // by the reference code and shared by every rotary op with the same parameters this pass.
+  const std::string key(reinterpret_cast<const char*>(&rope), sizeof(rope));
+  auto it = rope_.find(key + std::to_string(head_dim));
+  const int64_t rotary_dim =
+      static_cast<int64_t>(static_cast<double>(head_dim) * rope.partial_rotary_factor) / 2 * 2;
+  if (it == rope_.end()) {
+    std::vector<float> tables;
+    std::vector<int32_t> table_of_token;
+    for (size_t s = 0; s < batch_->segments.size(); ++s) {
+      const Batch::Segment& seg = batch_->segments[s];
+      const std::vector<float> inv = cpu::rope_inv_freq(rope, head_dim, seg.start_pos + seg.count);
+      tables.insert(tables.end(), inv.begin(), inv.end());
+      table_of_token.insert(table_of_token.end(), static_cast<size_t>(seg.count),
+                            static_cast<int32_t>(s));
+    }
+    auto table_storage = pool_->get(std::max<size_t>(tables.size(), 1) * 4, pool_);
+    TPE_CUDA_CHECK(
+        cudaMemcpy(table_storage.get(), tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
+    const int32_t* index = to_device(table_of_token);
+    void* table_data = table_storage.get();
+    it = rope_
+             .emplace(key + std::to_string(head_dim),
+                      std::pair{Buffer{std::move(table_storage), table_data, 1, 1},
+                                Buffer{nullptr, const_cast<int32_t*>(index), 1, 1}})
+             .first;
+  }
+  cuda::rotary(x.data, x.rows, x.cols / head_dim, head_dim, rotary_dim, positions_,
+               static_cast<const int32_t*>(it->second.second.data),
+               static_cast<const float*>(it->second.first.data), dtype_, stream_);
+}
+
+void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvCache& cache,
+                            const AttentionShape& a, Buffer& out) {
+  cuda::kv_append(k.data, v.data, k.rows, k.cols, slots_, positions_, cache.k.data, cache.v.data,
+                  cache.max_len, dtype_, stream_);
+  cuda::attention(q.data, q.rows, q.cols / a.head_dim, a.head_dim, slots_, positions_, cache.k.data,
+                  cache.v.data, cache.max_len, k.cols / a.head_dim, a.first_q, a.group, a.first_kv,
+                  a.scale, a.window, dtype_, out.data, stream_);
+}
+
+void CudaBackend::activation(tpe_activation act, Buffer& x) {
+  cuda::activation(act, x.data, x.rows * x.cols, dtype_, stream_);
+}
+
+void CudaBackend::add(const Buffer& a, const Buffer& b, Buffer& out) {
+  cuda::add(a.data, b.data, out.data, a.rows * a.cols, dtype_, stream_);
+}
+
+void CudaBackend::mul(const Buffer& a, const Buffer& b, Buffer& out) {
+  cuda::mul(a.data, b.data, out.data, a.rows * a.cols, dtype_, stream_);
+}
+
+void CudaBackend::copy(const Buffer& src, Buffer& dst) {
+  TPE_CUDA_CHECK(cudaMemcpyAsync(
+      dst.data, src.data, static_cast<size_t>(src.rows * src.cols) * cuda::dtype_size(dtype_),
+      cudaMemcpyDeviceToDevice, stream_));
+}
+
+void CudaBackend::select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) {
+  const size_t row_bytes = static_cast<size_t>(x.cols) * cuda::dtype_size(dtype_);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    TPE_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(out.data) + i * row_bytes,
+                                   static_cast<const char*>(x.data) + rows[i] * row_bytes,
+                                   row_bytes, cudaMemcpyDeviceToDevice, stream_));
+  }
+}
+
+namespace {
+
+ncclDataType_t nccl_dtype(cuda::DType dtype) {
+  switch (dtype) {
+    case cuda::DType::kF32:
+      return ncclFloat32;
+    case cuda::DType::kF16:
+      return ncclFloat16;
+    case cuda::DType::kBF16:
+      return ncclBfloat16;
+  }
+  return ncclFloat32;
+}
+
+}  // namespace
+
+void CudaBackend::all_reduce(Buffer& x) {
+  if (comm_ == nullptr) return;
+  TPE_NCCL_CHECK(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.rows * x.cols),
+                               nccl_dtype(dtype_), ncclSum, comm_, stream_));
+}
+
+void CudaBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) {
+  const size_t esize = cuda::dtype_size(dtype_);
+  if (comm_ == nullptr) {
+    copy(local, full);
+    return;
+  }
+  // NCCL gathers equal counts: pad every slice to the widest, then place each rank's columns.
+  int64_t widest = 0;
+  for (const Range& v : vocab) widest = std::max(widest, v.size());
+  const int64_t rows = full.rows;
+  Buffer padded = alloc(rows, widest);
+  TPE_CUDA_CHECK(cudaMemcpy2DAsync(padded.data, static_cast<size_t>(widest) * esize, local.data,
+                                   static_cast<size_t>(local.cols) * esize,
+                                   static_cast<size_t>(local.cols) * esize,
+                                   static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream_));
+  Buffer gathered = alloc(static_cast<int64_t>(vocab.size()) * rows, widest);
+  TPE_NCCL_CHECK(ncclAllGather(padded.data, gathered.data, static_cast<size_t>(rows * widest),
+                               nccl_dtype(dtype_), comm_, stream_));
+  for (size_t r = 0; r < vocab.size(); ++r) {
+    if (vocab[r].size() == 0) continue;
+    TPE_CUDA_CHECK(cudaMemcpy2DAsync(
+        static_cast<char*>(full.data) + static_cast<size_t>(vocab[r].begin) * esize,
+        static_cast<size_t>(full.cols) * esize,
+        static_cast<const char*>(gathered.data) + r * static_cast<size_t>(rows * widest) * esize,
+        static_cast<size_t>(widest) * esize, static_cast<size_t>(vocab[r].size()) * esize,
+        static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream_));
+  }
+  // padded and gathered go back to the pool when this returns; the stream must be done with them.
+  TPE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+}  // namespace tpe::runtime

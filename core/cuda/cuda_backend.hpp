@@ -1,0 +1,87 @@
+// The CUDA backend: one GPU per rank, weights and activations in the model's dtype (fp32, fp16
+// or bf16) on the device, kernels/cuda for every op and cuBLASLt for matrix products, NCCL for
+// the all-reduce and the logits' all-gather.
+#pragma once
+
+#include <nccl.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/runtime/backend.hpp"
+#include "kernels/cuda/ops.hpp"
+
+namespace tpe::runtime {
+
+// "float32" | "float16" | "bfloat16".
+cuda::DType cuda_dtype(const std::string& name);
+
+// One communicator per rank of a single-process group: rank r drives GPU r.
+class NcclGroup {
+ public:
+  explicit NcclGroup(int world);
+  ~NcclGroup();
+  NcclGroup(const NcclGroup&) = delete;
+  NcclGroup& operator=(const NcclGroup&) = delete;
+  ncclComm_t comm(int rank) const { return comms_[rank]; }
+
+ private:
+  std::vector<ncclComm_t> comms_;
+};
+
+// Fails with a message naming both numbers when tp_size exceeds the GPUs this process sees.
+void check_gpu_count(int world);
+
+class CudaBackend final : public Backend {
+ public:
+  // comm may be null for a single rank.
+  CudaBackend(int device, cuda::DType dtype, ncclComm_t comm);
+  ~CudaBackend() override;
+
+  void bind_thread() override;
+  Buffer upload(std::vector<float> values, int64_t rows, int64_t cols) override;
+  Buffer alloc(int64_t rows, int64_t cols) override;
+  int64_t element_bytes() const override;
+  Tensor to_host(const Buffer& x) override;
+  double copy_bandwidth_gbs() override;
+
+  void begin(const Batch& batch) override;
+  void embedding(const Buffer& table, Range vocab, Buffer& out) override;
+  void norm(tpe_norm_kind kind, const Buffer& x, const Buffer& w, const Buffer* b, float eps,
+            Buffer& y) override;
+  void linear(const Buffer& x, const Buffer& w, const Buffer* bias, Buffer& y) override;
+  void gather_columns(const Buffer& x, const IndexSet& cols, Buffer& out) override;
+  void rotary(Buffer& x, int64_t head_dim, const tpe_rope_desc& rope) override;
+  void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvCache& cache,
+                 const AttentionShape& shape, Buffer& out) override;
+  void activation(tpe_activation act, Buffer& x) override;
+  void add(const Buffer& a, const Buffer& b, Buffer& out) override;
+  void mul(const Buffer& a, const Buffer& b, Buffer& out) override;
+  void copy(const Buffer& src, Buffer& dst) override;
+  void select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) override;
+  void all_reduce(Buffer& x) override;
+  void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;
+
+ private:
+  class Pool;
+  // Copies host ints to a device array that lives until the next begin().
+  const int32_t* to_device(const std::vector<int32_t>& values);
+
+  int device_;
+  cuda::DType dtype_;
+  ncclComm_t comm_;
+  cudaStream_t stream_ = nullptr;
+  std::shared_ptr<Pool> pool_;
+  std::unique_ptr<cuda::Gemm> gemm_;
+  const Batch* batch_ = nullptr;
+  const int32_t* ids_ = nullptr;
+  const int32_t* slots_ = nullptr;
+  const int32_t* positions_ = nullptr;
+  std::vector<Buffer> batch_arrays_;                       // this forward's uploaded metadata
+  std::map<const IndexSet*, Buffer> columns_;              // gather lists, by the plan's sets
+  std::map<std::string, std::pair<Buffer, Buffer>> rope_;  // this forward's (tables, table index)
+};
+
+}  // namespace tpe::runtime

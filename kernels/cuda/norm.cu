@@ -1,0 +1,144 @@
+// RMSNorm and LayerNorm: one block per row, fp32 block reductions, 16-byte packs when the row
+// width and the pointers allow. The row is read again for the output pass; it is still in L1/L2.
+#include "kernels/cuda/device.hpp"
+
+namespace tpe::cuda {
+namespace {
+
+using detail::block_reduce;
+using detail::from_float;
+using detail::Pack;
+using detail::SumOp;
+using detail::to_float;
+
+template <class T, int kW>
+__global__ void rms_norm_kernel(const T* x, int64_t width, const T* w, float eps, T* y) {
+  using P = Pack<T, kW>;
+  __shared__ float scratch[32];
+  const int64_t packs = width / kW;
+  const auto* xr = reinterpret_cast<const P*>(x + int64_t{blockIdx.x} * width);
+  const auto* wp = reinterpret_cast<const P*>(w);
+  auto* yr = reinterpret_cast<P*>(y + int64_t{blockIdx.x} * width);
+  float sum_sq = 0.0f;
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+    const P p = xr[i];
+#pragma unroll
+    for (int k = 0; k < kW; ++k) sum_sq += to_float(p.v[k]) * to_float(p.v[k]);
+  }
+  sum_sq = block_reduce(sum_sq, scratch, SumOp{}, 0.0f);
+  const float rstd = 1.0f / sqrtf(sum_sq / static_cast<float>(width) + eps);
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+    const P px = xr[i];
+    const P pw = wp[i];
+    P py;
+    // Llama multiplies the weight last: w * (x * rstd).
+#pragma unroll
+    for (int k = 0; k < kW; ++k)
+      py.v[k] = from_float<T>(to_float(pw.v[k]) * (to_float(px.v[k]) * rstd));
+    yr[i] = py;
+  }
+}
+
+// Two passes over the row (mean, then the centred sum of squares) rather than one pass of sum
+// and sum of squares: no cancellation when the mean is large against the spread.
+template <class T, int kW>
+__global__ void layer_norm_kernel(const T* x, int64_t width, const T* w, const T* b, float eps,
+                                  T* y) {
+  using P = Pack<T, kW>;
+  __shared__ float scratch[32];
+  const int64_t packs = width / kW;
+  const auto* xr = reinterpret_cast<const P*>(x + int64_t{blockIdx.x} * width);
+  const auto* wp = reinterpret_cast<const P*>(w);
+  const auto* bp = reinterpret_cast<const P*>(b);
+  auto* yr = reinterpret_cast<P*>(y + int64_t{blockIdx.x} * width);
+  float sum = 0.0f;
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+    const P p = xr[i];
+#pragma unroll
+    for (int k = 0; k < kW; ++k) sum += to_float(p.v[k]);
+  }
+  const float mean = block_reduce(sum, scratch, SumOp{}, 0.0f) / static_cast<float>(width);
+  float sum_sq = 0.0f;
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+    const P p = xr[i];
+#pragma unroll
+    for (int k = 0; k < kW; ++k) {
+      const float d = to_float(p.v[k]) - mean;
+      sum_sq += d * d;
+    }
+  }
+  sum_sq = block_reduce(sum_sq, scratch, SumOp{}, 0.0f);
+  const float rstd = 1.0f / sqrtf(sum_sq / static_cast<float>(width) + eps);
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+    const P px = xr[i];
+    const P pw = wp[i];
+    P pb{};
+    if (bp != nullptr) pb = bp[i];
+    P py;
+#pragma unroll
+    for (int k = 0; k < kW; ++k) {
+      const float bias = bp != nullptr ? to_float(pb.v[k]) : 0.0f;
+      py.v[k] = from_float<T>((to_float(px.v[k]) - mean) * rstd * to_float(pw.v[k]) + bias);
+    }
+    yr[i] = py;
+  }
+}
+
+// A multiple of 32 threads (the reductions need whole warps), at most 256, about one pack each.
+int norm_threads(int64_t packs) {
+  return static_cast<int>(std::clamp<int64_t>((packs + 31) / 32 * 32, 32, 256));
+}
+
+void check_norm_args(const char* op, int64_t tokens, int64_t width) {
+  TPE_CUDA_REQUIRE(tokens >= 0 && width >= 0, op, "negative size");
+  TPE_CUDA_REQUIRE(tokens <= int64_t{0x7fffffff}, op, "more rows than one grid can hold");
+}
+
+}  // namespace
+
+void rms_norm(const void* x, int64_t tokens, int64_t width, const void* w, float eps, DType dtype,
+              void* y, cudaStream_t stream) {
+  check_norm_args("rms_norm", tokens, width);
+  if (tokens == 0 || width == 0) return;
+  detail::dispatch(dtype, "rms_norm", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto* tx = static_cast<const T*>(x);
+    const auto* tw = static_cast<const T*>(w);
+    auto* ty = static_cast<T*>(y);
+    detail::dispatch_width<T>(
+        width,
+        [&](auto vec) {
+          constexpr int kW = decltype(vec)::value;
+          rms_norm_kernel<T, kW>
+              <<<static_cast<unsigned>(tokens), norm_threads(width / kW), 0, stream>>>(tx, width,
+                                                                                       tw, eps, ty);
+          TPE_CUDA_CHECK_LAUNCH();
+        },
+        tx, tw, ty);
+  });
+}
+
+void layer_norm(const void* x, int64_t tokens, int64_t width, const void* w, const void* b,
+                float eps, DType dtype, void* y, cudaStream_t stream) {
+  check_norm_args("layer_norm", tokens, width);
+  if (tokens == 0 || width == 0) return;
+  detail::dispatch(dtype, "layer_norm", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto* tx = static_cast<const T*>(x);
+    const auto* tw = static_cast<const T*>(w);
+    const auto* tb = static_cast<const T*>(b);
+    auto* ty = static_cast<T*>(y);
+    detail::dispatch_width<T>(
+        width,
+        [&](auto vec) {
+          constexpr int kW = decltype(vec)::value;
+          layer_norm_kernel<T, kW>
+              <<<static_cast<unsigned>(tokens), norm_threads(width / kW), 0, stream>>>(
+                  tx, width, tw, tb, eps, ty);
+          TPE_CUDA_CHECK_LAUNCH();
+        },
+        tx, tw, tb, ty);
+  });
+}
+
+}  // namespace tpe::cuda

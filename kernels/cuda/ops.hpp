@@ -1,0 +1,86 @@
+// CUDA plain kernels: one op, one kernel, mirroring kernels/cpu/ops.hpp on device memory.
+// Every function only enqueues work on `stream` (no synchronisation); pointers are device
+// pointers; activations and weights are in one model dtype (fp32, fp16 or bf16) and every
+// kernel computes in fp32 internally, rounding once on the way out. Launch errors are checked
+// (TPE_CUDA_CHECK: tpe::Error naming the file, line and call).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include <tpengine/policy.h>
+
+namespace tpe::cuda {
+
+enum class DType { kF32, kF16, kBF16 };
+size_t dtype_size(DType dtype);
+
+// dst[i] = src[i] converted (same or different dtype; n elements).
+void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,
+             cudaStream_t stream);
+
+// out[t] = table[ids[t] - vocab_begin] if vocab_begin <= ids[t] < vocab_end, else zeros.
+// table: [vocab_end - vocab_begin, width]; out: [tokens, width].
+void embedding(const int32_t* ids, int64_t tokens, const void* table, int64_t vocab_begin,
+               int64_t vocab_end, int64_t width, DType dtype, void* out, cudaStream_t stream);
+
+// As kernels/cpu: RMSNorm and LayerNorm (biased variance) per row; b may be null.
+void rms_norm(const void* x, int64_t tokens, int64_t width, const void* w, float eps, DType dtype,
+              void* y, cudaStream_t stream);
+void layer_norm(const void* x, int64_t tokens, int64_t width, const void* w, const void* b,
+                float eps, DType dtype, void* y, cudaStream_t stream);
+
+// In place, elementwise.
+void activation(tpe_activation act, void* x, int64_t n, DType dtype, cudaStream_t stream);
+// out = a + b, out = a * b; out may alias a or b.
+void add(const void* a, const void* b, void* out, int64_t n, DType dtype, cudaStream_t stream);
+void mul(const void* a, const void* b, void* out, int64_t n, DType dtype, cudaStream_t stream);
+
+// out[t, i] = x[t, cols[i]]: x [tokens, in_width], out [tokens, out_width].
+void gather_columns(const void* x, int64_t tokens, int64_t in_width, const int32_t* cols,
+                    int64_t out_width, DType dtype, void* out, cudaStream_t stream);
+
+// Rotate-half rotary in place on x [tokens, n_heads * head_dim]: the first rotary_dim features
+// of each head; token t uses angle positions[t] * inv_freq[table[t] * (rotary_dim / 2) + i]
+// (table may be null: row 0 for every token), cos/sin in fp32.
+void rotary(void* x, int64_t tokens, int64_t n_heads, int64_t head_dim, int64_t rotary_dim,
+            const int32_t* positions, const int32_t* table, const float* inv_freq, DType dtype,
+            cudaStream_t stream);
+
+// KV cache: k_cache, v_cache are [slots, max_len, kv_width]. Writes token t's k and v rows at
+// (slots[t], positions[t]).
+void kv_append(const void* k, const void* v, int64_t tokens, int64_t kv_width, const int32_t* slots,
+               const int32_t* positions, void* k_cache, void* v_cache, int64_t max_len, DType dtype,
+               cudaStream_t stream);
+
+// Causal attention: token t (query at positions[t] of sequence slots[t]) attends keys
+// 0..positions[t] of its slot, skipping keys with positions[t] - j >= window when window > 0.
+// q: [tokens, n_q * head_dim]; local q head h reads local kv head
+// (first_q + h) / group - first_kv. Softmax in fp32 with the max subtracted.
+// out: [tokens, n_q * head_dim].
+void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, const int32_t* slots,
+               const int32_t* positions, const void* k_cache, const void* v_cache, int64_t max_len,
+               int64_t n_kv, int64_t first_q, int64_t group, int64_t first_kv, float scale,
+               int64_t window, DType dtype, void* out, cudaStream_t stream);
+
+// Matrix products through cuBLASLt, one instance per device: y[tokens, out] = x[tokens, in] ·
+// w[out, in]^T (+ bias[out]), fp32 accumulation, bias added in the epilogue. The algorithm is
+// chosen once per (tokens, in, out, dtype, bias) and cached.
+class Gemm {
+ public:
+  explicit Gemm(size_t workspace_bytes = size_t{32} << 20);
+  ~Gemm();
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  void linear(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
+              const void* bias, DType dtype, void* y, cudaStream_t stream);
+
+ private:
+  struct Impl;
+  Impl* impl_;
+};
+
+}  // namespace tpe::cuda

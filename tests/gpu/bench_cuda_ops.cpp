@@ -1,0 +1,328 @@
+// Times the cuBLASLt GEMM on Llama-7B's decode shapes and a few plain kernels, against a
+// device-to-device copy as the bandwidth ceiling. Inputs are random, never zeros, and the weights
+// rotate among enough copies to keep them out of L2. Each figure is the median over samples of
+// the mean time of a batch of launches, timed with events after a warm-up.
+//
+//   tpe_gpu_bench            prints one line per measurement
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/ops.hpp"
+
+namespace {
+
+using tpe::cuda::DType;
+
+void check(cudaError_t error, const char* call) {
+  if (error != cudaSuccess) {
+    throw std::runtime_error(std::string(call) + " failed: " + cudaGetErrorString(error));
+  }
+}
+#define CK(call) check((call), #call)
+
+void check_lt(cublasStatus_t status, const char* call) {
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    throw std::runtime_error(std::string(call) + " failed: " + cublasLtGetStatusString(status));
+  }
+}
+#define CK_LT(call) check_lt((call), #call)
+
+struct Buffer {
+  void* p = nullptr;
+  explicit Buffer(size_t bytes) { CK(cudaMalloc(&p, bytes)); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { cudaFree(p); }
+};
+
+// Uniform values in [-1, 1) converted on the device to `dtype`.
+void fill_random(void* dst, DType dtype, size_t n, uint64_t seed, cudaStream_t stream) {
+  std::vector<float> host(n);
+  uint64_t s = seed;
+  for (float& v : host) {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    v = static_cast<float>(s >> 40) * 0x1p-23f - 1.0f;
+  }
+  Buffer staging(n * sizeof(float));
+  CK(cudaMemcpy(staging.p, host.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+  tpe::cuda::convert(staging.p, DType::kF32, dst, dtype, static_cast<int64_t>(n), stream);
+  CK(cudaStreamSynchronize(stream));
+}
+
+// Median over `samples` of the mean microseconds per call of `batch` calls of launch(i).
+template <class F>
+double time_us(cudaStream_t stream, F launch, int batch = 20, int samples = 15) {
+  for (int i = 0; i < 3; ++i) launch(i);
+  CK(cudaStreamSynchronize(stream));
+  cudaEvent_t start;
+  cudaEvent_t stop;
+  CK(cudaEventCreate(&start));
+  CK(cudaEventCreate(&stop));
+  std::vector<float> per_call;
+  for (int s = 0; s < samples; ++s) {
+    CK(cudaEventRecord(start, stream));
+    for (int i = 0; i < batch; ++i) launch(s * batch + i);
+    CK(cudaEventRecord(stop, stream));
+    CK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    CK(cudaEventElapsedTime(&ms, start, stop));
+    per_call.push_back(ms * 1000.0f / static_cast<float>(batch));
+  }
+  CK(cudaEventDestroy(start));
+  CK(cudaEventDestroy(stop));
+  std::sort(per_call.begin(), per_call.end());
+  return per_call[per_call.size() / 2];
+}
+
+const char* name(DType dtype) {
+  return dtype == DType::kF32 ? "f32" : dtype == DType::kF16 ? "f16" : "bf16";
+}
+
+void report(const std::string& what, double us, double bytes) {
+  std::printf("%-58s %9.2f us %7.3f TB/s\n", what.c_str(), us, bytes / (us * 1e-6) / 1e12);
+}
+
+void bench_copy(cudaStream_t stream) {
+  const size_t bytes = size_t{1} << 30;
+  Buffer a(bytes);
+  Buffer b(bytes);
+  CK(cudaMemset(a.p, 0x3c, bytes));
+  const double us = time_us(
+      stream, [&](int) { CK(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, stream)); },
+      5, 11);
+  report("copy 1 GiB device to device (read + write)", us, 2.0 * static_cast<double>(bytes));
+}
+
+// TB/s counts the bytes of W alone, the term that dominates at decode.
+void bench_gemm(cudaStream_t stream, tpe::cuda::Gemm& gemm, DType dtype, int64_t tokens, int64_t in,
+                int64_t out, bool bias) {
+  const size_t es = tpe::cuda::dtype_size(dtype);
+  const size_t w_bytes = static_cast<size_t>(in * out) * es;
+  // Enough copies of W to span 512 MB, ten times the H100's L2.
+  const size_t copies = std::max<size_t>(2, (size_t{512} << 20) / w_bytes + 1);
+  std::vector<std::unique_ptr<Buffer>> ws;
+  for (size_t c = 0; c < copies; ++c) {
+    ws.push_back(std::make_unique<Buffer>(w_bytes));
+    if (c == 0) {
+      fill_random(ws[0]->p, dtype, static_cast<size_t>(in * out), 7, stream);
+    } else {
+      CK(cudaMemcpy(ws[c]->p, ws[0]->p, w_bytes, cudaMemcpyDeviceToDevice));
+    }
+  }
+  Buffer x(static_cast<size_t>(tokens * in) * es);
+  Buffer y(static_cast<size_t>(tokens * out) * es);
+  Buffer b(static_cast<size_t>(out) * es);
+  fill_random(x.p, dtype, static_cast<size_t>(tokens * in), 11, stream);
+  fill_random(b.p, dtype, static_cast<size_t>(out), 13, stream);
+  const double us = time_us(stream, [&](int i) {
+    gemm.linear(x.p, tokens, in, ws[static_cast<size_t>(i) % copies]->p, out, bias ? b.p : nullptr,
+                dtype, y.p, stream);
+  });
+  const double tflops = 2.0 * static_cast<double>(tokens * in * out) / (us * 1e-6) / 1e12;
+  char what[128];
+  std::snprintf(what, sizeof what, "gemm %-4s tokens %3lld in %5lld out %5lld%s (%.1f TFLOP/s)",
+                name(dtype), static_cast<long long>(tokens), static_cast<long long>(in),
+                static_cast<long long>(out), bias ? " bias" : "", tflops);
+  report(what, us, static_cast<double>(w_bytes));
+}
+
+// Gemm takes cuBLASLt's first heuristic choice; this times the first 16 candidates for one bf16
+// decode shape (the same TN layout as Gemm), to see what autotuning would gain.
+void bench_gemm_candidates(cudaStream_t stream, int64_t in, int64_t out) {
+  const DType dtype = DType::kBF16;
+  const size_t w_bytes = static_cast<size_t>(in * out) * 2;
+  const size_t copies = std::max<size_t>(2, (size_t{512} << 20) / w_bytes + 1);
+  std::vector<std::unique_ptr<Buffer>> ws;
+  for (size_t c = 0; c < copies; ++c) {
+    ws.push_back(std::make_unique<Buffer>(w_bytes));
+    if (c == 0) {
+      fill_random(ws[0]->p, dtype, static_cast<size_t>(in * out), 7, stream);
+    } else {
+      CK(cudaMemcpy(ws[c]->p, ws[0]->p, w_bytes, cudaMemcpyDeviceToDevice));
+    }
+  }
+  Buffer x(static_cast<size_t>(in) * 2);
+  Buffer y(static_cast<size_t>(out) * 2);
+  fill_random(x.p, dtype, static_cast<size_t>(in), 11, stream);
+  const size_t workspace_bytes = size_t{32} << 20;
+  Buffer workspace(workspace_bytes);
+
+  cublasLtHandle_t handle;
+  CK_LT(cublasLtCreate(&handle));
+  cublasLtMatmulDesc_t desc;
+  CK_LT(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t trans = CUBLAS_OP_T;
+  CK_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof trans));
+  cublasLtMatrixLayout_t w_layout;
+  cublasLtMatrixLayout_t x_layout;
+  cublasLtMatrixLayout_t y_layout;
+  CK_LT(cublasLtMatrixLayoutCreate(&w_layout, CUDA_R_16BF, static_cast<uint64_t>(in),
+                                   static_cast<uint64_t>(out), in));
+  CK_LT(cublasLtMatrixLayoutCreate(&x_layout, CUDA_R_16BF, static_cast<uint64_t>(in), 1, in));
+  CK_LT(cublasLtMatrixLayoutCreate(&y_layout, CUDA_R_16BF, static_cast<uint64_t>(out), 1, out));
+  cublasLtMatmulPreference_t pref;
+  CK_LT(cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t max_workspace = workspace_bytes;
+  CK_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                             &max_workspace, sizeof max_workspace));
+  std::vector<cublasLtMatmulHeuristicResult_t> results(16);
+  int found = 0;
+  CK_LT(cublasLtMatmulAlgoGetHeuristic(handle, desc, w_layout, x_layout, y_layout, y_layout, pref,
+                                       static_cast<int>(results.size()), results.data(), &found));
+  std::string line;
+  double best = 1e30;
+  double first = 0.0;
+  for (int r = 0; r < found; ++r) {
+    const float alpha = 1.0f;
+    const float beta = 0.0f;
+    const double us = time_us(stream, [&](int i) {
+      CK_LT(cublasLtMatmul(handle, desc, &alpha, ws[static_cast<size_t>(i) % copies]->p, w_layout,
+                           x.p, x_layout, &beta, y.p, y_layout, y.p, y_layout, &results[r].algo,
+                           workspace.p, workspace_bytes, stream));
+    });
+    if (r == 0) first = us;
+    best = std::min(best, us);
+    char item[32];
+    std::snprintf(item, sizeof item, " %.1f", us);
+    line += item;
+  }
+  std::printf("gemm bf16 tokens 1 in %lld out %lld: %d candidates (us):%s\n",
+              static_cast<long long>(in), static_cast<long long>(out), found, line.c_str());
+  std::printf("  first %.2f us (%.3f TB/s), best %.2f us (%.3f TB/s)\n", first,
+              static_cast<double>(w_bytes) / (first * 1e-6) / 1e12, best,
+              static_cast<double>(w_bytes) / (best * 1e-6) / 1e12);
+  CK_LT(cublasLtMatmulPreferenceDestroy(pref));
+  CK_LT(cublasLtMatrixLayoutDestroy(w_layout));
+  CK_LT(cublasLtMatrixLayoutDestroy(x_layout));
+  CK_LT(cublasLtMatrixLayoutDestroy(y_layout));
+  CK_LT(cublasLtMatmulDescDestroy(desc));
+  CK_LT(cublasLtDestroy(handle));
+}
+
+// Attention of `seqs` sequences of context `ctx` whose last `new_tokens` are new, Llama-7B-like
+// heads (32 q, 8 kv) of head_dim `hd`.
+void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx,
+                     int64_t new_tokens, int64_t hd) {
+  const int64_t n_q = 32;
+  const int64_t n_kv = 8;
+  const size_t es = tpe::cuda::dtype_size(dtype);
+  const size_t cache = static_cast<size_t>(seqs * ctx * n_kv * hd);
+  const int64_t tokens = seqs * new_tokens;
+  Buffer k(cache * es);
+  Buffer v(cache * es);
+  Buffer q(static_cast<size_t>(tokens * n_q * hd) * es);
+  Buffer out(static_cast<size_t>(tokens * n_q * hd) * es);
+  fill_random(k.p, dtype, cache, 5, stream);
+  fill_random(v.p, dtype, cache, 6, stream);
+  fill_random(q.p, dtype, static_cast<size_t>(tokens * n_q * hd), 7, stream);
+  std::vector<int32_t> slots;
+  std::vector<int32_t> positions;
+  for (int64_t s = 0; s < seqs; ++s) {
+    for (int64_t i = ctx - new_tokens; i < ctx; ++i) {
+      slots.push_back(static_cast<int32_t>(s));
+      positions.push_back(static_cast<int32_t>(i));
+    }
+  }
+  const size_t index_bytes = slots.size() * sizeof(int32_t);
+  Buffer d_slots(index_bytes);
+  Buffer d_positions(index_bytes);
+  CK(cudaMemcpy(d_slots.p, slots.data(), index_bytes, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_positions.p, positions.data(), index_bytes, cudaMemcpyHostToDevice));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const double us = time_us(
+      stream,
+      [&](int) {
+        tpe::cuda::attention(q.p, tokens, n_q, hd, static_cast<const int32_t*>(d_slots.p),
+                             static_cast<const int32_t*>(d_positions.p), k.p, v.p, ctx, n_kv, 0,
+                             n_q / n_kv, 0, scale, 0, dtype, out.p, stream);
+      },
+      new_tokens > 1 ? 3 : 20, new_tokens > 1 ? 5 : 15);
+  char what[128];
+  std::snprintf(what, sizeof what, "attention %-4s %lld seqs x %lld keys, %lld new each, hd %lld",
+                name(dtype), static_cast<long long>(seqs), static_cast<long long>(ctx),
+                static_cast<long long>(new_tokens), static_cast<long long>(hd));
+  report(what, us, 2.0 * static_cast<double>(cache * es));
+}
+
+void bench_kernels(cudaStream_t stream) {
+  const DType dtype = DType::kBF16;
+  {  // rms_norm over a 4096-token prefill of width 4096: read x, write y (w stays cached)
+    const int64_t tokens = 4096;
+    const int64_t width = 4096;
+    Buffer x(static_cast<size_t>(tokens * width) * 2);
+    Buffer y(static_cast<size_t>(tokens * width) * 2);
+    Buffer w(static_cast<size_t>(width) * 2);
+    fill_random(x.p, dtype, static_cast<size_t>(tokens * width), 1, stream);
+    fill_random(w.p, dtype, static_cast<size_t>(width), 2, stream);
+    const double us = time_us(stream, [&](int) {
+      tpe::cuda::rms_norm(x.p, tokens, width, w.p, 1e-6f, dtype, y.p, stream);
+    });
+    report("rms_norm bf16 4096 x 4096", us, 2.0 * static_cast<double>(tokens * width) * 2);
+  }
+  {  // add over 64M elements: read two, write one
+    const int64_t n = int64_t{1} << 26;
+    Buffer a(static_cast<size_t>(n) * 2);
+    Buffer b(static_cast<size_t>(n) * 2);
+    Buffer out(static_cast<size_t>(n) * 2);
+    fill_random(a.p, dtype, static_cast<size_t>(n), 3, stream);
+    fill_random(b.p, dtype, static_cast<size_t>(n), 4, stream);
+    const double us =
+        time_us(stream, [&](int) { tpe::cuda::add(a.p, b.p, out.p, n, dtype, stream); });
+    report("add bf16 64M elements", us, 3.0 * static_cast<double>(n) * 2);
+  }
+  // Decode: 16 sequences at position 4095, one new token each; TB/s counts their K and V.
+  bench_attention(stream, DType::kBF16, 16, 4096, 1, 128);
+  bench_attention(stream, DType::kF32, 16, 4096, 1, 128);
+  bench_attention(stream, DType::kBF16, 16, 4096, 1, 80);  // 16-byte loads
+  // Prefill: one sequence of 2048 new tokens, each block re-reading its keys from L2.
+  bench_attention(stream, DType::kBF16, 1, 2048, 2048, 128);
+}
+
+}  // namespace
+
+int main() {
+  try {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+      std::printf("tpe_gpu_bench: no CUDA device\n");
+      return 1;
+    }
+    cudaDeviceProp prop{};
+    CK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
+                prop.l2CacheSize >> 20);
+    cudaStream_t stream;
+    CK(cudaStreamCreate(&stream));
+    bench_copy(stream);
+    tpe::cuda::Gemm gemm;
+    for (const DType dtype : {DType::kBF16, DType::kF16, DType::kF32}) {
+      for (const int64_t out : {int64_t{4096}, int64_t{11008}, int64_t{12288}}) {
+        bench_gemm(stream, gemm, dtype, 1, 4096, out, false);
+      }
+    }
+    bench_gemm(stream, gemm, DType::kBF16, 1, 11008, 4096, false);
+    bench_gemm(stream, gemm, DType::kBF16, 1, 4096, 12288, true);
+    bench_gemm(stream, gemm, DType::kBF16, 8, 4096, 12288, false);
+    bench_gemm(stream, gemm, DType::kBF16, 32, 4096, 12288, false);
+    bench_gemm(stream, gemm, DType::kBF16, 4096, 4096, 12288, false);
+    for (const int64_t out : {int64_t{4096}, int64_t{11008}, int64_t{12288}}) {
+      bench_gemm_candidates(stream, 4096, out);
+    }
+    bench_gemm_candidates(stream, 11008, 4096);
+    bench_kernels(stream);
+    CK(cudaStreamDestroy(stream));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tpe_gpu_bench: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,891 @@
+// The CUDA kernels against the CPU reference kernels (kernels/cpu), op by op and dtype by dtype.
+// Inputs are random (never zeros) and, for f16/bf16, rounded to the dtype first, so that the CPU
+// computes in fp32 on exactly the values the GPU sees. Outputs are poisoned with NaN bytes before
+// each run, so an element the kernel never wrote fails the comparison. Errors are relative L2,
+// ||out - ref|| / ||ref||, and every one is printed ("[ rel-L2 ]" lines) for the record.
+// Without a CUDA device every test reports itself skipped.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ostream>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "core/common/error.hpp"
+#include "kernels/cpu/ops.hpp"
+#include "kernels/cuda/ops.hpp"
+
+namespace tpe::cuda {
+
+// Names the dtype in test names and failure messages (found by googletest through ADL).
+void PrintTo(DType dtype, std::ostream* os) {
+  *os << (dtype == DType::kF32 ? "f32" : dtype == DType::kF16 ? "f16" : "bf16");
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Device, buffers, dtypes
+
+// Empty when a device is usable, else why not.
+const std::string& no_device_reason() {
+  static const std::string reason = [] {
+    int count = 0;
+    const cudaError_t error = cudaGetDeviceCount(&count);
+    if (error != cudaSuccess) {
+      return std::string("no CUDA device: cudaGetDeviceCount failed: ") + cudaGetErrorString(error);
+    }
+    if (count == 0) return std::string("no CUDA device present");
+    return std::string();
+  }();
+  return reason;
+}
+
+void check_cuda(cudaError_t error, const char* call) {
+  if (error != cudaSuccess) {
+    throw std::runtime_error(std::string(call) + " failed: " + cudaGetErrorString(error));
+  }
+}
+#define CK(call) check_cuda((call), #call)
+
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    if (bytes > 0) CK(cudaMalloc(&ptr_, bytes));
+  }
+  DeviceBuffer(DeviceBuffer&& other) noexcept
+      : ptr_(std::exchange(other.ptr_, nullptr)), bytes_(other.bytes_) {}
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    std::swap(ptr_, other.ptr_);
+    std::swap(bytes_, other.bytes_);
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+  void* get() const { return ptr_; }
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return "f32";
+    case DType::kF16:
+      return "f16";
+    case DType::kBF16:
+      return "bf16";
+  }
+  return "?";
+}
+
+// The brief's bounds: fp32 arithmetic, and one rounding of the output to f16 or bf16.
+double tolerance(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return 1e-5;
+    case DType::kF16:
+      return 2e-3;
+    case DType::kBF16:
+      return 1e-2;
+  }
+  return 0.0;
+}
+
+// Round to nearest even, as the device conversions do (the same cuda_fp16/cuda_bf16 functions).
+float round_to(float v, DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return v;
+    case DType::kF16:
+      return __half2float(__float2half_rn(v));
+    case DType::kBF16:
+      return __bfloat162float(__float2bfloat16_rn(v));
+  }
+  return v;
+}
+
+std::vector<uint8_t> encode(const std::vector<float>& values, DType dtype) {
+  std::vector<uint8_t> bytes(values.size() * dtype_size(dtype));
+  for (size_t i = 0; i < values.size(); ++i) {
+    uint8_t* dst = bytes.data() + i * dtype_size(dtype);
+    if (dtype == DType::kF32) {
+      std::memcpy(dst, &values[i], 4);
+    } else if (dtype == DType::kF16) {
+      const __half h = __float2half_rn(values[i]);
+      std::memcpy(dst, &h, 2);
+    } else {
+      const __nv_bfloat16 b = __float2bfloat16_rn(values[i]);
+      std::memcpy(dst, &b, 2);
+    }
+  }
+  return bytes;
+}
+
+std::vector<float> decode(const std::vector<uint8_t>& bytes, DType dtype) {
+  std::vector<float> values(bytes.size() / dtype_size(dtype));
+  for (size_t i = 0; i < values.size(); ++i) {
+    const uint8_t* src = bytes.data() + i * dtype_size(dtype);
+    if (dtype == DType::kF32) {
+      std::memcpy(&values[i], src, 4);
+    } else if (dtype == DType::kF16) {
+      __half h;
+      std::memcpy(&h, src, 2);
+      values[i] = __half2float(h);
+    } else {
+      __nv_bfloat16 b;
+      std::memcpy(&b, src, 2);
+      values[i] = __bfloat162float(b);
+    }
+  }
+  return values;
+}
+
+// A device array of `n` elements of one dtype, plus one spare element in front so that a test
+// can hand a kernel a pointer that is not 16-byte aligned.
+struct DeviceTensor {
+  DType dtype;
+  size_t n;
+  DeviceBuffer buffer;
+
+  DeviceTensor(size_t count, DType type)
+      : dtype(type), n(count), buffer((count + 1) * dtype_size(type)) {
+    poison();
+  }
+  DeviceTensor(const std::vector<float>& values, DType type) : DeviceTensor(values.size(), type) {
+    upload(values);
+  }
+  void upload(const std::vector<float>& values) {
+    const std::vector<uint8_t> bytes = encode(values, dtype);
+    CK(cudaMemcpy(get(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+  }
+  // All-ones bytes: NaN in f32, f16 and bf16 alike.
+  void poison() { CK(cudaMemset(buffer.get(), 0xff, buffer.bytes())); }
+  void* get() const { return buffer.get(); }
+  // The same array shifted by one element: 2- or 4-byte aligned only.
+  void* unaligned() const { return buffer.as<uint8_t>() + dtype_size(dtype); }
+  std::vector<uint8_t> bytes(const void* from = nullptr) const {
+    std::vector<uint8_t> out(n * dtype_size(dtype));
+    CK(cudaMemcpy(out.data(), from != nullptr ? from : get(), out.size(), cudaMemcpyDeviceToHost));
+    return out;
+  }
+  std::vector<float> download(const void* from = nullptr) const {
+    return decode(bytes(from), dtype);
+  }
+};
+
+template <class T>
+DeviceBuffer upload_raw(const std::vector<T>& values) {
+  DeviceBuffer buffer(values.size() * sizeof(T));
+  CK(cudaMemcpy(buffer.get(), values.data(), buffer.bytes(), cudaMemcpyHostToDevice));
+  return buffer;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random inputs: a fresh seed each run (TPE_TEST_SEED=... repeats one), printed on failure.
+
+uint64_t run_seed() {
+  static const uint64_t seed = [] {
+    if (const char* env = std::getenv("TPE_TEST_SEED")) {
+      return static_cast<uint64_t>(std::strtoull(env, nullptr, 10));
+    }
+    std::random_device device;
+    return (uint64_t{device()} << 32) | uint64_t{device()};
+  }();
+  return seed;
+}
+
+class Rng {
+ public:
+  explicit Rng(uint64_t stream) : state_(run_seed() ^ (stream * 0x9e3779b97f4a7c15ULL)) {}
+  uint64_t next() {  // splitmix64: fast enough for the 45M-element weights of the GEMM tests
+    uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  }
+  float uniform(float lo, float hi) {
+    return lo + (hi - lo) * static_cast<float>(next() >> 40) * 0x1p-24f;
+  }
+  int32_t below(int64_t n) { return static_cast<int32_t>(next() % static_cast<uint64_t>(n)); }
+  // Values rounded to the dtype, so that the CPU reference sees what the device sees.
+  std::vector<float> values(size_t n, DType dtype, float lo = -1.0f, float hi = 1.0f) {
+    std::vector<float> v(n);
+    for (float& x : v) x = round_to(uniform(lo, hi), dtype);
+    return v;
+  }
+
+ private:
+  uint64_t state_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Comparison
+
+double rel_l2(const std::vector<float>& out, const std::vector<float>& ref) {
+  double num = 0.0;
+  double den = 0.0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double d = double{out[i]} - double{ref[i]};
+    num += d * d;
+    den += double{ref[i]} * ref[i];
+  }
+  return std::sqrt(num / den);
+}
+
+void expect_close(const std::string& what, DType dtype, const std::vector<float>& out,
+                  const std::vector<float>& ref) {
+  ASSERT_EQ(out.size(), ref.size()) << what;
+  size_t unwritten = 0;
+  for (const float v : out) unwritten += std::isnan(v) ? 1 : 0;
+  EXPECT_EQ(unwritten, 0u) << what << ": elements never written (still NaN)";
+  const double err = rel_l2(out, ref);
+  std::printf("[ rel-L2   ] %-52s %-4s %.3e (tol %.0e)\n", what.c_str(), dtype_name(dtype), err,
+              tolerance(dtype));
+  EXPECT_LE(err, tolerance(dtype)) << what << " (" << dtype_name(dtype) << ")";
+}
+
+// Bitwise equality of two float vectors that must match exactly (copies, exact conversions);
+// NaN never equals, so unwritten elements fail too.
+void expect_exact(const std::string& what, DType dtype, const std::vector<float>& out,
+                  const std::vector<float>& ref) {
+  ASSERT_EQ(out.size(), ref.size()) << what;
+  size_t wrong = 0;
+  for (size_t i = 0; i < out.size(); ++i) wrong += out[i] == ref[i] ? 0 : 1;
+  std::printf("[ exact    ] %-52s %-4s %zu of %zu differ\n", what.c_str(), dtype_name(dtype), wrong,
+              out.size());
+  EXPECT_EQ(wrong, 0u) << what << " (" << dtype_name(dtype) << ")";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+class CudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!no_device_reason().empty()) GTEST_SKIP() << no_device_reason();
+    CK(cudaStreamCreate(&stream_));
+  }
+  void TearDown() override {
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  void sync() { CK(cudaStreamSynchronize(stream_)); }
+  cudaStream_t stream_ = nullptr;
+};
+
+class CudaOpTest : public ::testing::WithParamInterface<DType>, public CudaTest {
+ protected:
+  void SetUp() override {
+    CudaTest::SetUp();
+    if (IsSkipped()) return;
+    RecordProperty("seed", std::to_string(run_seed()));
+  }
+  DType dtype() const { return GetParam(); }
+  std::string tag(const std::string& what) const {
+    return what + " [seed " + std::to_string(run_seed()) + "]";
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// convert
+
+TEST_F(CudaTest, ConvertEveryPairExactly) {
+  const DType all[] = {DType::kF32, DType::kF16, DType::kBF16};
+  Rng rng(1);
+  for (const DType from : all) {
+    for (const DType to : all) {
+      const size_t n = 1031;
+      const std::vector<float> src = rng.values(n, from, -300.0f, 300.0f);
+      const DeviceTensor d_src(src, from);
+      DeviceTensor d_dst(n, to);
+      convert(d_src.get(), from, d_dst.get(), to, static_cast<int64_t>(n), stream_);
+      sync();
+      std::vector<float> expected(n);
+      for (size_t i = 0; i < n; ++i) expected[i] = round_to(src[i], to);
+      expect_exact(std::string("convert ") + dtype_name(from) + " -> " + dtype_name(to), to,
+                   d_dst.download(), expected);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedding
+
+TEST_P(CudaOpTest, EmbeddingVocabSlice) {
+  Rng rng(2);
+  const int64_t begin = 100;
+  const int64_t end = 164;  // this rank's slice of the vocabulary
+  const int64_t tokens = 37;
+  for (const int64_t width : {int64_t{67}, int64_t{4096}}) {
+    const std::vector<float> table =
+        rng.values(static_cast<size_t>((end - begin) * width), dtype());
+    std::vector<int32_t> ids(tokens);
+    for (int32_t& id : ids) id = 60 + rng.below(150);  // some below, some above the slice
+    ids[0] = 99;
+    ids[1] = 100;
+    ids[2] = 163;
+    ids[3] = 164;
+    const DeviceTensor d_table(table, dtype());
+    const DeviceBuffer d_ids = upload_raw(ids);
+    DeviceTensor d_out(static_cast<size_t>(tokens * width), dtype());
+    embedding(d_ids.as<int32_t>(), tokens, d_table.get(), begin, end, width, dtype(), d_out.get(),
+              stream_);
+    sync();
+    std::vector<float> expected(static_cast<size_t>(tokens * width), 0.0f);
+    for (int64_t t = 0; t < tokens; ++t) {
+      if (ids[t] < begin || ids[t] >= end) continue;
+      for (int64_t i = 0; i < width; ++i) {
+        expected[t * width + i] = table[(ids[t] - begin) * width + i];
+      }
+    }
+    expect_exact(tag("embedding width " + std::to_string(width)), dtype(), d_out.download(),
+                 expected);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// norms
+
+TEST_P(CudaOpTest, RmsNorm) {
+  Rng rng(3);
+  for (const int64_t tokens : {int64_t{1}, int64_t{37}}) {
+    for (const int64_t width : {int64_t{67}, int64_t{4096}, int64_t{5120}}) {
+      const std::vector<float> x = rng.values(static_cast<size_t>(tokens * width), dtype(), -2, 2);
+      const std::vector<float> w = rng.values(static_cast<size_t>(width), dtype(), 0.5f, 1.5f);
+      const DeviceTensor d_x(x, dtype());
+      const DeviceTensor d_w(w, dtype());
+      DeviceTensor d_y(x.size(), dtype());
+      rms_norm(d_x.get(), tokens, width, d_w.get(), 1e-6f, dtype(), d_y.get(), stream_);
+      sync();
+      std::vector<float> ref(x.size());
+      cpu::rms_norm(x.data(), tokens, width, w.data(), 1e-6f, ref.data());
+      expect_close(
+          tag("rms_norm tokens " + std::to_string(tokens) + " width " + std::to_string(width)),
+          dtype(), d_y.download(), ref);
+    }
+  }
+}
+
+TEST_P(CudaOpTest, LayerNormWithAndWithoutBias) {
+  Rng rng(4);
+  for (const int64_t tokens : {int64_t{1}, int64_t{37}}) {
+    for (const int64_t width : {int64_t{67}, int64_t{4096}, int64_t{5120}}) {
+      for (const bool with_bias : {true, false}) {
+        // A mean well away from zero, as residual streams have.
+        const std::vector<float> x = rng.values(static_cast<size_t>(tokens * width), dtype(), 1, 3);
+        const std::vector<float> w = rng.values(static_cast<size_t>(width), dtype(), 0.5f, 1.5f);
+        std::vector<float> b = rng.values(static_cast<size_t>(width), dtype(), -0.5f, 0.5f);
+        const DeviceTensor d_x(x, dtype());
+        const DeviceTensor d_w(w, dtype());
+        const DeviceTensor d_b(b, dtype());
+        DeviceTensor d_y(x.size(), dtype());
+        layer_norm(d_x.get(), tokens, width, d_w.get(), with_bias ? d_b.get() : nullptr, 1e-5f,
+                   dtype(), d_y.get(), stream_);
+        sync();
+        if (!with_bias) b.assign(b.size(), 0.0f);
+        std::vector<float> ref(x.size());
+        cpu::layer_norm(x.data(), tokens, width, w.data(), b.data(), 1e-5f, ref.data());
+        expect_close(tag("layer_norm tokens " + std::to_string(tokens) + " width " +
+                         std::to_string(width) + (with_bias ? " bias" : " no bias")),
+                     dtype(), d_y.download(), ref);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// elementwise
+
+TEST_P(CudaOpTest, Activations) {
+  Rng rng(5);
+  const std::pair<tpe_activation, const char*> kinds[] = {{TPE_ACT_SILU, "silu"},
+                                                          {TPE_ACT_GELU, "gelu"},
+                                                          {TPE_ACT_GELU_TANH, "gelu_tanh"},
+                                                          {TPE_ACT_RELU, "relu"}};
+  for (const auto& [act, name] : kinds) {
+    for (const size_t n : {size_t{10007}, size_t{1} << 20}) {
+      const std::vector<float> x = rng.values(n, dtype(), -6.0f, 6.0f);
+      DeviceTensor d_x(x, dtype());
+      activation(act, d_x.get(), static_cast<int64_t>(n), dtype(), stream_);
+      sync();
+      std::vector<float> ref = x;
+      cpu::activation(act, ref.data(), static_cast<int64_t>(n));
+      expect_close(tag(std::string("activation ") + name + " n " + std::to_string(n)), dtype(),
+                   d_x.download(), ref);
+    }
+  }
+}
+
+TEST_P(CudaOpTest, AddMulAlignedUnalignedAndAliased) {
+  Rng rng(6);
+  for (const size_t n : {size_t{10007}, size_t{37 * 4096}}) {
+    const std::vector<float> a = rng.values(n, dtype(), -4, 4);
+    const std::vector<float> b = rng.values(n, dtype(), -4, 4);
+    std::vector<float> sum(n);
+    std::vector<float> product(n);
+    for (size_t i = 0; i < n; ++i) {
+      sum[i] = a[i] + b[i];
+      product[i] = a[i] * b[i];
+    }
+    const std::string size = " n " + std::to_string(n);
+    for (const bool is_add : {true, false}) {
+      const auto op = is_add ? add : mul;
+      const std::string name = is_add ? "add" : "mul";
+      const std::vector<float>& ref = is_add ? sum : product;
+      {  // separate output
+        const DeviceTensor d_a(a, dtype());
+        const DeviceTensor d_b(b, dtype());
+        DeviceTensor d_out(n, dtype());
+        op(d_a.get(), d_b.get(), d_out.get(), static_cast<int64_t>(n), dtype(), stream_);
+        sync();
+        expect_close(tag(name + size), dtype(), d_out.download(), ref);
+      }
+      {  // out aliases a
+        DeviceTensor d_a(a, dtype());
+        const DeviceTensor d_b(b, dtype());
+        op(d_a.get(), d_b.get(), d_a.get(), static_cast<int64_t>(n), dtype(), stream_);
+        sync();
+        expect_close(tag(name + " in place" + size), dtype(), d_a.download(), ref);
+      }
+      {  // pointers off the 16-byte grid: the scalar path
+        DeviceTensor d_a(n, dtype());
+        DeviceTensor d_b(n, dtype());
+        DeviceTensor d_out(n, dtype());
+        const std::vector<uint8_t> a_bytes = encode(a, dtype());
+        const std::vector<uint8_t> b_bytes = encode(b, dtype());
+        CK(cudaMemcpy(d_a.unaligned(), a_bytes.data(), a_bytes.size(), cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(d_b.unaligned(), b_bytes.data(), b_bytes.size(), cudaMemcpyHostToDevice));
+        op(d_a.unaligned(), d_b.unaligned(), d_out.unaligned(), static_cast<int64_t>(n), dtype(),
+           stream_);
+        sync();
+        expect_close(tag(name + " unaligned" + size), dtype(), d_out.download(d_out.unaligned()),
+                     ref);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gather_columns
+
+TEST_P(CudaOpTest, GatherColumnsNonContiguous) {
+  Rng rng(7);
+  const int64_t tokens = 37;
+  const int64_t in_width = 300;
+  // Strided, backwards, with a repeat: what a rank's slice of a fused projection can look like.
+  std::vector<int32_t> cols;
+  for (int32_t c = 299; c >= 0; c -= 3) cols.push_back(c);
+  cols.push_back(299);
+  cols.push_back(0);
+  const auto out_width = static_cast<int64_t>(cols.size());
+  const std::vector<float> x = rng.values(static_cast<size_t>(tokens * in_width), dtype());
+  const DeviceTensor d_x(x, dtype());
+  const DeviceBuffer d_cols = upload_raw(cols);
+  DeviceTensor d_out(static_cast<size_t>(tokens * out_width), dtype());
+  gather_columns(d_x.get(), tokens, in_width, d_cols.as<int32_t>(), out_width, dtype(), d_out.get(),
+                 stream_);
+  sync();
+  std::vector<float> expected(static_cast<size_t>(tokens * out_width));
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t i = 0; i < out_width; ++i) {
+      expected[t * out_width + i] = x[t * in_width + cols[i]];
+    }
+  }
+  expect_exact(tag("gather_columns"), dtype(), d_out.download(), expected);
+}
+
+// ---------------------------------------------------------------------------------------------
+// rotary
+
+std::vector<float> inv_freq_table(double theta, int64_t rotary_dim, double linear_factor) {
+  std::vector<float> f(static_cast<size_t>(rotary_dim / 2));
+  for (size_t i = 0; i < f.size(); ++i) {
+    const double exponent = static_cast<double>(2 * i) / static_cast<double>(rotary_dim);
+    f[i] = static_cast<float>(1.0 / std::pow(theta, exponent) / linear_factor);
+  }
+  return f;
+}
+
+TEST_P(CudaOpTest, RotaryTwoTablesAndPartial) {
+  Rng rng(8);
+  struct Case {
+    int64_t n_heads;
+    int64_t head_dim;
+    int64_t rotary_dim;
+  };
+  const int64_t tokens = 37;
+  for (const Case c : {Case{4, 128, 128}, Case{5, 80, 32}, Case{3, 64, 64}}) {
+    const int64_t half = c.rotary_dim / 2;
+    // Two tables, as a model with local and global rope layers has.
+    const std::vector<float> table0 = inv_freq_table(10000.0, c.rotary_dim, 1.0);
+    const std::vector<float> table1 = inv_freq_table(1e6, c.rotary_dim, 4.0);
+    std::vector<float> both = table0;
+    both.insert(both.end(), table1.begin(), table1.end());
+    std::vector<int32_t> positions(tokens);
+    std::vector<int32_t> which(tokens);
+    for (int64_t t = 0; t < tokens; ++t) {
+      positions[t] = t < 5 ? static_cast<int32_t>(t) : rng.below(8000);
+      which[t] = static_cast<int32_t>(t % 2);
+    }
+    const DeviceBuffer d_positions = upload_raw(positions);
+    const DeviceBuffer d_which = upload_raw(which);
+    const DeviceBuffer d_freq = upload_raw(both);
+    for (const bool with_table : {true, false}) {
+      const std::vector<float> x =
+          rng.values(static_cast<size_t>(tokens * c.n_heads * c.head_dim), dtype(), -2, 2);
+      DeviceTensor d_x(x, dtype());
+      rotary(d_x.get(), tokens, c.n_heads, c.head_dim, c.rotary_dim, d_positions.as<int32_t>(),
+             with_table ? d_which.as<int32_t>() : nullptr, d_freq.as<float>(), dtype(), stream_);
+      sync();
+      std::vector<float> ref = x;
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t pos = positions[t];
+        cpu::rotary(ref.data() + t * c.n_heads * c.head_dim, 1, c.n_heads, c.head_dim, &pos,
+                    with_table && which[t] == 1 ? table1 : table0);
+      }
+      const std::vector<float> out = d_x.download();
+      expect_close(tag("rotary heads " + std::to_string(c.n_heads) + " head_dim " +
+                       std::to_string(c.head_dim) + " rotary_dim " + std::to_string(c.rotary_dim) +
+                       (with_table ? " two tables" : " table 0")),
+                   dtype(), out, ref);
+      // The features past rotary_dim are left exactly as they were.
+      size_t touched = 0;
+      for (int64_t r = 0; r < tokens * c.n_heads; ++r) {
+        for (int64_t d = 2 * half; d < c.head_dim; ++d) {
+          touched += out[r * c.head_dim + d] == x[r * c.head_dim + d] ? 0 : 1;
+        }
+      }
+      EXPECT_EQ(touched, 0u) << "rotary changed features past rotary_dim";
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kv_append
+
+TEST_P(CudaOpTest, KvAppendWritesOnlyItsRows) {
+  Rng rng(9);
+  const int64_t slots = 3;
+  const int64_t max_len = 50;
+  const std::vector<std::pair<int32_t, int32_t>> at = {{0, 0}, {0, 1},  {2, 49}, {1, 17},
+                                                       {2, 0}, {1, 18}, {0, 30}};
+  const auto tokens = static_cast<int64_t>(at.size());
+  for (const int64_t kv_width : {int64_t{160}, int64_t{67}}) {
+    const std::vector<float> k = rng.values(static_cast<size_t>(tokens * kv_width), dtype());
+    const std::vector<float> v = rng.values(static_cast<size_t>(tokens * kv_width), dtype());
+    std::vector<int32_t> slot_of(tokens);
+    std::vector<int32_t> pos_of(tokens);
+    for (int64_t t = 0; t < tokens; ++t) std::tie(slot_of[t], pos_of[t]) = at[t];
+    const DeviceTensor d_k(k, dtype());
+    const DeviceTensor d_v(v, dtype());
+    const DeviceBuffer d_slots = upload_raw(slot_of);
+    const DeviceBuffer d_pos = upload_raw(pos_of);
+    const auto cache_size = static_cast<size_t>(slots * max_len * kv_width);
+    DeviceTensor d_k_cache(cache_size, dtype());
+    DeviceTensor d_v_cache(cache_size, dtype());
+    kv_append(d_k.get(), d_v.get(), tokens, kv_width, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
+              d_k_cache.get(), d_v_cache.get(), max_len, dtype(), stream_);
+    sync();
+    // Rows nobody wrote keep their poison (NaN, which also never compares equal).
+    std::vector<float> k_expected(cache_size, std::nanf(""));
+    std::vector<float> v_expected(cache_size, std::nanf(""));
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t row = (int64_t{slot_of[t]} * max_len + pos_of[t]) * kv_width;
+      for (int64_t i = 0; i < kv_width; ++i) {
+        k_expected[row + i] = k[t * kv_width + i];
+        v_expected[row + i] = v[t * kv_width + i];
+      }
+    }
+    const std::vector<float> k_cache = d_k_cache.download();
+    const std::vector<float> v_cache = d_v_cache.download();
+    size_t wrong = 0;
+    for (size_t i = 0; i < cache_size; ++i) {
+      const bool k_ok =
+          std::isnan(k_expected[i]) ? std::isnan(k_cache[i]) : k_cache[i] == k_expected[i];
+      const bool v_ok =
+          std::isnan(v_expected[i]) ? std::isnan(v_cache[i]) : v_cache[i] == v_expected[i];
+      wrong += (k_ok ? 0 : 1) + (v_ok ? 0 : 1);
+    }
+    std::printf("[ exact    ] %-52s %-4s %zu of %zu differ\n",
+                ("kv_append kv_width " + std::to_string(kv_width)).c_str(), dtype_name(dtype()),
+                wrong, 2 * cache_size);
+    EXPECT_EQ(wrong, 0u) << tag("kv_append kv_width " + std::to_string(kv_width));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention (after kv_append)
+
+struct Sequence {
+  int32_t slot;
+  int32_t start;  // position of its first new token; the cache already holds 0..start-1
+  int32_t n_new;
+};
+
+// The local heads of one tensor-parallel rank.
+struct Heads {
+  int64_t n_q;   // local q heads
+  int64_t n_kv;  // local kv heads
+  int64_t head_dim;
+  int64_t first_q;   // global index of the first local q head
+  int64_t group;     // q heads per kv head
+  int64_t first_kv;  // global index of the first local kv head
+};
+
+struct Cache {
+  int64_t window;  // 0: none
+  int64_t max_len;
+  int64_t slots;
+};
+
+struct AttentionCase {
+  std::string name;
+  Heads heads;
+  Cache cache;
+  std::vector<Sequence> sequences;
+};
+
+void run_attention_case(const AttentionCase& c, DType dtype, cudaStream_t stream, Rng& rng,
+                        const std::string& label) {
+  const Heads& h = c.heads;
+  const int64_t kv_width = h.n_kv * h.head_dim;
+  const int64_t q_width = h.n_q * h.head_dim;
+  int64_t tokens = 0;
+  for (const Sequence& s : c.sequences) tokens += s.n_new;
+  std::vector<int32_t> slot_of;
+  std::vector<int32_t> pos_of;
+  for (const Sequence& s : c.sequences) {
+    for (int32_t i = 0; i < s.n_new; ++i) {
+      slot_of.push_back(s.slot);
+      pos_of.push_back(s.start + i);
+    }
+  }
+  // The cache starts full of earlier tokens' keys and values; kv_append then writes the new ones.
+  const auto cache_size = static_cast<size_t>(c.cache.slots * c.cache.max_len * kv_width);
+  std::vector<float> k_cache = rng.values(cache_size, dtype);
+  std::vector<float> v_cache = rng.values(cache_size, dtype);
+  // A wide q range gives peaked softmaxes, where subtracting the max matters.
+  const std::vector<float> q = rng.values(static_cast<size_t>(tokens * q_width), dtype, -3, 3);
+  const std::vector<float> k_new = rng.values(static_cast<size_t>(tokens * kv_width), dtype);
+  const std::vector<float> v_new = rng.values(static_cast<size_t>(tokens * kv_width), dtype);
+
+  const DeviceTensor d_k_cache(k_cache, dtype);
+  const DeviceTensor d_v_cache(v_cache, dtype);
+  const DeviceTensor d_q(q, dtype);
+  const DeviceTensor d_k(k_new, dtype);
+  const DeviceTensor d_v(v_new, dtype);
+  const DeviceBuffer d_slots = upload_raw(slot_of);
+  const DeviceBuffer d_pos = upload_raw(pos_of);
+  DeviceTensor d_out(static_cast<size_t>(tokens * q_width), dtype);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(h.head_dim));
+  kv_append(d_k.get(), d_v.get(), tokens, kv_width, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
+            d_k_cache.get(), d_v_cache.get(), c.cache.max_len, dtype, stream);
+  attention(d_q.get(), tokens, h.n_q, h.head_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
+            d_k_cache.get(), d_v_cache.get(), c.cache.max_len, h.n_kv, h.first_q, h.group,
+            h.first_kv, scale, c.cache.window, dtype, d_out.get(), stream);
+  CK(cudaStreamSynchronize(stream));
+
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t row = (int64_t{slot_of[t]} * c.cache.max_len + pos_of[t]) * kv_width;
+    std::copy_n(k_new.begin() + t * kv_width, kv_width, k_cache.begin() + row);
+    std::copy_n(v_new.begin() + t * kv_width, kv_width, v_cache.begin() + row);
+  }
+  std::vector<int32_t> kv_of_q(static_cast<size_t>(h.n_q));
+  for (int64_t i = 0; i < h.n_q; ++i) {
+    kv_of_q[i] = static_cast<int32_t>((h.first_q + i) / h.group - h.first_kv);
+  }
+  std::vector<float> ref(static_cast<size_t>(tokens * q_width));
+  int64_t t0 = 0;
+  for (const Sequence& s : c.sequences) {
+    const int64_t base = int64_t{s.slot} * c.cache.max_len * kv_width;
+    cpu::attention(q.data() + t0 * q_width, s.n_new, s.start, h.n_q, h.head_dim, kv_of_q.data(),
+                   k_cache.data() + base, v_cache.data() + base, h.n_kv, scale, c.cache.window,
+                   ref.data() + t0 * q_width);
+    t0 += s.n_new;
+  }
+  expect_close(label, dtype, d_out.download(), ref);
+}
+
+TEST_P(CudaOpTest, KvAppendThenAttention) {
+  Rng rng(10);
+  // {name, heads {n_q, n_kv, head_dim, first_q, group, first_kv}, cache {window, max_len, slots},
+  //  sequences {slot, start, n_new}}. The first is rank 1 of 4 of a 32 q / 8 kv head model: local
+  // q heads 8..15 read global kv heads 2..3.
+  const std::vector<AttentionCase> cases = {
+      {"prefill tp-rank gqa4 hd128 (37 new + chunk of 20 at 10)",
+       {8, 2, 128, 8, 4, 2},
+       {0, 64, 3},
+       {{0, 0, 37}, {2, 10, 20}}},
+      {"decode mha hd64 (5 slots, positions 0..1000)",
+       {4, 4, 64, 0, 1, 0},
+       {0, 1100, 5},
+       {{0, 5, 1}, {1, 63, 1}, {2, 300, 1}, {3, 1000, 1}, {4, 0, 1}}},
+      {"window 16 gqa4 hd80 (prefill 37 + decode at 100)",
+       {8, 2, 80, 0, 4, 0},
+       {16, 200, 2},
+       {{0, 0, 37}, {1, 100, 1}}},
+      {"window 300 hd256 group2 (decode at 700 + 3 at 128)",
+       {2, 1, 256, 2, 2, 1},
+       {300, 800, 2},
+       {{0, 700, 1}, {1, 128, 3}}},
+      {"decode one token tp-rank gqa4 hd128 at 4095",
+       {8, 2, 128, 24, 4, 6},
+       {0, 4096, 1},
+       {{0, 4095, 1}}},
+      // Heads whose rows are no multiple of 16 bytes: the kernel's one-element loads.
+      {"hd30 element loads (prefill 37 + decode at 250)",
+       {4, 4, 30, 0, 1, 0},
+       {0, 256, 2},
+       {{0, 0, 37}, {1, 250, 1}}},
+      {"hd258 element loads group2 (decode at 300 + 5 at 20)",
+       {2, 1, 258, 0, 2, 0},
+       {0, 320, 2},
+       {{0, 300, 1}, {1, 20, 5}}},
+  };
+  for (const AttentionCase& c : cases) run_attention_case(c, dtype(), stream_, rng, tag(c.name));
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM
+
+TEST_P(CudaOpTest, GemmShapesWithAndWithoutBias) {
+  Rng rng(11);
+  Gemm gemm;
+  struct Shape {
+    int64_t in;
+    int64_t out;
+  };
+  // Llama-7B's projections (q/k/v/o, gate/up, down) and small odd shapes.
+  for (const Shape s : {Shape{4096, 4096}, Shape{4096, 11008}, Shape{11008, 4096}, Shape{67, 33},
+                        Shape{1, 5}, Shape{129, 257}}) {
+    const std::vector<float> w = rng.values(static_cast<size_t>(s.out * s.in), dtype());
+    const std::vector<float> bias = rng.values(static_cast<size_t>(s.out), dtype());
+    const DeviceTensor d_w(w, dtype());
+    const DeviceTensor d_bias(bias, dtype());
+    for (const int64_t tokens : {int64_t{1}, int64_t{8}, int64_t{129}}) {
+      const std::vector<float> x = rng.values(static_cast<size_t>(tokens * s.in), dtype());
+      const DeviceTensor d_x(x, dtype());
+      for (const bool with_bias : {false, true}) {
+        DeviceTensor d_y(static_cast<size_t>(tokens * s.out), dtype());
+        gemm.linear(d_x.get(), tokens, s.in, d_w.get(), s.out, with_bias ? d_bias.get() : nullptr,
+                    dtype(), d_y.get(), stream_);
+        sync();
+        std::vector<float> ref(static_cast<size_t>(tokens * s.out));
+        cpu::linear(x.data(), tokens, s.in, w.data(), s.out, with_bias ? bias.data() : nullptr,
+                    ref.data());
+        expect_close(tag("gemm tokens " + std::to_string(tokens) + " in " + std::to_string(s.in) +
+                         " out " + std::to_string(s.out) + (with_bias ? " bias" : "")),
+                     dtype(), d_y.download(), ref);
+      }
+    }
+  }
+}
+
+TEST_P(CudaOpTest, GemmUnalignedOperandsAndCachedPlans) {
+  Rng rng(12);
+  Gemm gemm;
+  const int64_t tokens = 5;
+  const int64_t in = 64;
+  const int64_t out = 48;
+  const std::vector<float> x = rng.values(static_cast<size_t>(tokens * in), dtype());
+  const std::vector<float> w = rng.values(static_cast<size_t>(out * in), dtype());
+  const std::vector<float> bias = rng.values(static_cast<size_t>(out), dtype());
+  std::vector<float> ref(static_cast<size_t>(tokens * out));
+  cpu::linear(x.data(), tokens, in, w.data(), out, bias.data(), ref.data());
+  // Operands one element off the 16-byte grid, as slices of larger tensors can be.
+  DeviceTensor d_x(x.size(), dtype());
+  DeviceTensor d_w(w.size(), dtype());
+  DeviceTensor d_bias(bias.size(), dtype());
+  const auto put = [](const DeviceTensor& d, const std::vector<float>& v) {
+    const std::vector<uint8_t> bytes = encode(v, d.dtype);
+    CK(cudaMemcpy(d.unaligned(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+  };
+  put(d_x, x);
+  put(d_w, w);
+  put(d_bias, bias);
+  DeviceTensor d_y(ref.size(), dtype());
+  gemm.linear(d_x.unaligned(), tokens, in, d_w.unaligned(), out, d_bias.unaligned(), dtype(),
+              d_y.unaligned(), stream_);
+  sync();
+  expect_close(tag("gemm unaligned operands"), dtype(), d_y.download(d_y.unaligned()), ref);
+  // The same shape again with aligned operands, then unaligned once more: a plan made for one
+  // alignment must not serve the other.
+  const DeviceTensor a_x(x, dtype());
+  const DeviceTensor a_w(w, dtype());
+  const DeviceTensor a_bias(bias, dtype());
+  DeviceTensor a_y(ref.size(), dtype());
+  gemm.linear(a_x.get(), tokens, in, a_w.get(), out, a_bias.get(), dtype(), a_y.get(), stream_);
+  d_y.poison();
+  gemm.linear(d_x.unaligned(), tokens, in, d_w.unaligned(), out, d_bias.unaligned(), dtype(),
+              d_y.unaligned(), stream_);
+  sync();
+  expect_close(tag("gemm aligned after unaligned"), dtype(), a_y.download(), ref);
+  expect_close(tag("gemm unaligned again"), dtype(), d_y.download(d_y.unaligned()), ref);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sizes of zero and bad arguments
+
+TEST_P(CudaOpTest, ZeroSizesWriteNothing) {
+  Gemm gemm;
+  DeviceTensor d_y(64, dtype());
+  const DeviceTensor d_in(std::vector<float>(64, 1.0f), dtype());
+  gemm.linear(d_in.get(), 0, 8, d_in.get(), 8, nullptr, dtype(), d_y.get(), stream_);
+  gemm.linear(d_in.get(), 8, 8, d_in.get(), 0, d_in.get(), dtype(), d_y.get(), stream_);
+  add(d_in.get(), d_in.get(), d_y.get(), 0, dtype(), stream_);
+  rms_norm(d_in.get(), 0, 8, d_in.get(), 1e-6f, dtype(), d_y.get(), stream_);
+  attention(d_in.get(), 0, 1, 8, nullptr, nullptr, d_in.get(), d_in.get(), 8, 1, 0, 1, 0, 1.0f, 0,
+            dtype(), d_y.get(), stream_);
+  sync();
+  size_t written = 0;
+  for (const float v : d_y.download()) written += std::isnan(v) ? 0 : 1;
+  EXPECT_EQ(written, 0u);
+}
+
+TEST_P(CudaOpTest, BadArgumentsThrow) {
+  const DeviceTensor d(std::vector<float>(64, 1.0f), dtype());
+  EXPECT_THROW(rotary(d.get(), 1, 1, 8, 5, nullptr, nullptr, nullptr, dtype(), stream_),
+               tpe::Error);
+  EXPECT_THROW(attention(d.get(), 1, 1, 1000, nullptr, nullptr, d.get(), d.get(), 8, 1, 0, 1, 0,
+                         1.0f, 0, dtype(), d.get(), stream_),
+               tpe::Error);
+  // q heads 0..3 with group 2 need kv heads 0..1; one local kv head is too few.
+  EXPECT_THROW(attention(d.get(), 1, 4, 8, nullptr, nullptr, d.get(), d.get(), 8, 1, 0, 2, 0, 1.0f,
+                         0, dtype(), d.get(), stream_),
+               tpe::Error);
+  EXPECT_THROW(add(d.get(), d.get(), d.get(), -1, dtype(), stream_), tpe::Error);
+  EXPECT_THROW(Gemm().linear(d.get(), 1, 0, d.get(), 1, nullptr, dtype(), d.get(), stream_),
+               tpe::Error);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaOpTest,
+                         ::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
+                         [](const ::testing::TestParamInfo<DType>& param) {
+                           return std::string(dtype_name(param.param));
+                         });
+
+}  // namespace
+}  // namespace tpe::cuda
