@@ -243,6 +243,8 @@ FIXTURES = {
         config=llama_base(vocab_size=TEXT_VOCAB, tie_word_embeddings=True),
         rope=dict(theta=10000.0),
         tokenizer="gpt2_bpe",
+        # bf16 must reproduce the first 8 fp32 greedy choices (a 1e-2 gap is within its rounding).
+        min_gap=0.02, gap_steps=8,
         prompt_texts=["Call me Ishmael. Some years ago", "The quick brown fox"],
         description=(
             "Llama with tied embeddings over the byte-level BPE tokenizer of "
@@ -453,7 +455,8 @@ def compute_reference(name, spec, path):
                 raise AssertionError(f"{name}: generate {g_toks} != argmax loop {n_toks}")
         greedy.append(g_toks)
         greedy_nc.append(n_toks)
-        for l in g_logits + n_logits:
+        steps = spec.get("gap_steps", len(g_logits))
+        for l in g_logits[:steps] + n_logits[:steps]:
             gaps.append(rel_gap(l))
     return dict(
         prompts=prompts, logits=logits, greedy=greedy, greedy_nocache=greedy_nc,
@@ -553,11 +556,12 @@ def make_fixture(name, spec, out_dir):
         except Exception:
             shutil.rmtree(tmp)
             raise
-        if res["min_rel"] > GAP_THRESHOLD:
+        if res["min_rel"] > spec.get("min_gap", GAP_THRESHOLD):
             break
         shutil.rmtree(tmp)
     else:
-        raise RuntimeError(f"{name}: no seed in {MAX_SEED_TRIES} tries gives a top-2 gap > {GAP_THRESHOLD}")
+        raise RuntimeError(f"{name}: no seed in {MAX_SEED_TRIES} tries gives a top-2 gap > "
+                           f"{spec.get('min_gap', GAP_THRESHOLD)}")
 
     greedy, greedy_nc, mismatch = res["greedy"], res["greedy_nocache"], res["cache_mismatch"]
     min_rel, min_abs = res["min_rel"], res["min_abs"]
