@@ -4,9 +4,12 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <thread>
 
 #include "core/common/error.hpp"
 #include "kernels/cpu/ops.hpp"
@@ -42,6 +45,19 @@ void check_gpu_count(int world) {
   }
 }
 
+void check_fits(int device, int64_t bytes) {
+  TPE_CUDA_CHECK(cudaSetDevice(device));
+  size_t free_bytes = 0, total = 0;
+  TPE_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+  if (static_cast<double>(bytes) > static_cast<double>(free_bytes)) {
+    fail(
+        "GPU {} needs {:.2f} GiB for its weights (from the plan) but has {:.2f} of {:.2f} GiB "
+        "free: use a larger --tp or a smaller dtype",
+        device, static_cast<double>(bytes) / (1 << 30), static_cast<double>(free_bytes) / (1 << 30),
+        static_cast<double>(total) / (1 << 30));
+  }
+}
+
 NcclGroup::NcclGroup(int world) : comms_(static_cast<size_t>(world)) {
   std::vector<int> devices(static_cast<size_t>(world));
   for (int r = 0; r < world; ++r) devices[r] = r;
@@ -49,7 +65,14 @@ NcclGroup::NcclGroup(int world) : comms_(static_cast<size_t>(world)) {
 }
 
 NcclGroup::~NcclGroup() {
-  for (ncclComm_t comm : comms_) ncclCommDestroy(comm);
+  for (ncclComm_t comm : comms_) {
+    if (comm != nullptr) ncclCommDestroy(comm);
+  }
+}
+
+void NcclGroup::abort(int rank) {
+  if (comms_[rank] != nullptr) ncclCommAbort(comms_[rank]);
+  comms_[rank] = nullptr;
 }
 
 // Device memory by size class: a forward pass allocates every activation anew, and cudaMalloc
@@ -95,8 +118,14 @@ class CudaBackend::Pool {
   std::multimap<size_t, void*> free_;
 };
 
-CudaBackend::CudaBackend(int device, cuda::DType dtype, ncclComm_t comm)
-    : device_(device), dtype_(dtype), comm_(comm), pool_(std::make_shared<Pool>(device)) {
+CudaBackend::CudaBackend(int device, cuda::DType dtype, NcclGroup* nccl,
+                         parallel::ThreadGroup& group)
+    : device_(device),
+      dtype_(dtype),
+      nccl_(nccl),
+      comm_(nccl != nullptr ? nccl->comm(device) : nullptr),
+      group_(group),
+      pool_(std::make_shared<Pool>(device)) {
   bind_thread();
   TPE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   gemm_ = std::make_unique<cuda::Gemm>();
@@ -112,6 +141,39 @@ CudaBackend::~CudaBackend() {
 }
 
 void CudaBackend::bind_thread() { TPE_CUDA_CHECK(cudaSetDevice(device_)); }
+
+void CudaBackend::sync(const char* what) {
+  static const double timeout_s = [] {
+    const char* env = std::getenv("TPENGINE_NCCL_TIMEOUT");
+    return env != nullptr && std::atof(env) > 0 ? std::atof(env) : 600.0;
+  }();
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    const cudaError_t state = cudaStreamQuery(stream_);
+    if (state == cudaSuccess) return;
+    if (state != cudaErrorNotReady) TPE_CUDA_CHECK(state);
+    std::string reason;
+    if (comm_ != nullptr) {
+      ncclResult_t async = ncclSuccess;
+      TPE_NCCL_CHECK(ncclCommGetAsyncError(comm_, &async));
+      if (async != ncclSuccess && async != ncclInProgress) {
+        reason = fmt::format("NCCL reported: {}", ncclGetErrorString(async));
+      }
+    }
+    if (reason.empty() && group_.aborted()) reason = "another rank failed";
+    const double waited =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (reason.empty() && waited > timeout_s) {
+      reason = fmt::format("no progress for {:.0f} s (TPENGINE_NCCL_TIMEOUT)", waited);
+    }
+    if (!reason.empty()) {
+      if (nccl_ != nullptr) nccl_->abort(device_);
+      comm_ = nullptr;
+      fail("GPU {}: gave up waiting for {}: {}", device_, what, reason);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
 
 int64_t CudaBackend::element_bytes() const {
   return static_cast<int64_t>(cuda::dtype_size(dtype_));
@@ -138,7 +200,7 @@ Buffer CudaBackend::upload(std::vector<float> values, int64_t rows, int64_t cols
     cuda::convert(staging.get(), cuda::DType::kF32, out.data, dtype_, n, stream_);
   }
   // The host vector and the staging block are released when this returns.
-  TPE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  sync("a weight upload");
   return out;
 }
 
@@ -149,7 +211,7 @@ Tensor CudaBackend::to_host(const Buffer& x) {
   cuda::convert(x.data, dtype_, f32.get(), cuda::DType::kF32, n, stream_);
   TPE_CUDA_CHECK(cudaMemcpyAsync(t.data.data(), f32.get(), static_cast<size_t>(n) * 4,
                                  cudaMemcpyDeviceToHost, stream_));
-  TPE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  sync("the logits");
   return t;
 }
 
@@ -181,7 +243,7 @@ const int32_t* CudaBackend::to_device(const std::vector<int32_t>& values) {
                                    cudaMemcpyHostToDevice, stream_));
   }
   // Pageable source: the copy is done with it only once the stream reaches it.
-  TPE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  sync("the batch's token metadata");
   void* data = storage.get();
   batch_arrays_.push_back({std::move(storage), data, static_cast<int64_t>(values.size()), 1});
   return static_cast<const int32_t*>(data);
@@ -326,17 +388,21 @@ ncclDataType_t nccl_dtype(cuda::DType dtype) {
 }  // namespace
 
 void CudaBackend::all_reduce(Buffer& x) {
-  if (comm_ == nullptr) return;
+  if (nccl_ == nullptr) return;  // a single rank holds the whole sum
+  if (comm_ == nullptr)
+    fail("GPU {}: the NCCL communicator was aborted after an earlier failure", device_);
   TPE_NCCL_CHECK(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.rows * x.cols),
                                nccl_dtype(dtype_), ncclSum, comm_, stream_));
 }
 
 void CudaBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) {
   const size_t esize = cuda::dtype_size(dtype_);
-  if (comm_ == nullptr) {
+  if (nccl_ == nullptr) {
     copy(local, full);
     return;
   }
+  if (comm_ == nullptr)
+    fail("GPU {}: the NCCL communicator was aborted after an earlier failure", device_);
   // NCCL gathers equal counts: pad every slice to the widest, then place each rank's columns.
   int64_t widest = 0;
   for (const Range& v : vocab) widest = std::max(widest, v.size());
@@ -359,7 +425,7 @@ void CudaBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vo
         static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream_));
   }
   // padded and gathered go back to the pool when this returns; the stream must be done with them.
-  TPE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  sync("the logits' all-gather");
 }
 
 }  // namespace tpe::runtime

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/parallel/communicator.hpp"
 #include "core/runtime/backend.hpp"
 #include "kernels/cuda/ops.hpp"
 
@@ -26,6 +27,8 @@ class NcclGroup {
   NcclGroup(const NcclGroup&) = delete;
   NcclGroup& operator=(const NcclGroup&) = delete;
   ncclComm_t comm(int rank) const { return comms_[rank]; }
+  // Aborts rank's communicator (a peer failed or hung); it is not destroyed a second time.
+  void abort(int rank);
 
  private:
   std::vector<ncclComm_t> comms_;
@@ -33,11 +36,16 @@ class NcclGroup {
 
 // Fails with a message naming both numbers when tp_size exceeds the GPUs this process sees.
 void check_gpu_count(int world);
+// Fails, before anything is allocated, when GPU `device` has less free memory than `bytes` (the
+// plan's weight bytes for the rank it serves).
+void check_fits(int device, int64_t bytes);
 
 class CudaBackend final : public Backend {
  public:
-  // comm may be null for a single rank.
-  CudaBackend(int device, cuda::DType dtype, ncclComm_t comm);
+  // Rank `device` drives GPU `device`; nccl is null for a single rank. group is the host-side
+  // group: when another rank fails, a wait on this device gives up (and aborts the
+  // communicator) instead of hanging.
+  CudaBackend(int device, cuda::DType dtype, NcclGroup* nccl, parallel::ThreadGroup& group);
   ~CudaBackend() override;
 
   void bind_thread() override;
@@ -68,10 +76,15 @@ class CudaBackend final : public Backend {
   class Pool;
   // Copies host ints to a device array that lives until the next begin().
   const int32_t* to_device(const std::vector<int32_t>& values);
+  // Waits for the stream; a NCCL error, another rank's failure or TPENGINE_NCCL_TIMEOUT seconds
+  // (default 600) of no progress aborts the communicator and throws, naming the cause.
+  void sync(const char* what);
 
   int device_;
   cuda::DType dtype_;
+  NcclGroup* nccl_;
   ncclComm_t comm_;
+  parallel::ThreadGroup& group_;
   cudaStream_t stream_ = nullptr;
   std::shared_ptr<Pool> pool_;
   std::unique_ptr<cuda::Gemm> gemm_;

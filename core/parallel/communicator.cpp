@@ -29,6 +29,11 @@ void ThreadGroup::abort() {
   cv_.notify_all();
 }
 
+bool ThreadGroup::aborted() {
+  std::lock_guard lock(mutex_);
+  return aborted_;
+}
+
 void ThreadGroup::all_reduce_sum(int rank, float* data, int64_t count) {
   if (world_ == 1) return;
   if (rank == 0) ++all_reduces_;

@@ -24,6 +24,7 @@ class ThreadGroup {
   void broadcast(int rank, int64_t* data, int64_t count, int root);
   // Makes every current and future wait throw.
   void abort();
+  bool aborted();
 
   int64_t all_reduce_count() const { return all_reduces_; }  // calls by rank 0
 

@@ -63,9 +63,8 @@ Model prepare(const config::RunConfig& run) {
                       choice.policy->injection_policy.end());
   }
   parallel::Plan plan = parallel::make_plan(graph, run.tp_size, injection ? &*injection : nullptr);
-  return Model{std::move(config), std::move(registry), choice,
-               std::move(graph),  std::move(plan),     std::move(injection),
-               run.device,        dtype};
+  return Model{std::move(config), std::move(registry),  choice,     std::move(graph),
+               std::move(plan),   std::move(injection), run.device, dtype};
 }
 
 GenerationParams resolve_generation(const config::GenerationSettings& s,
@@ -229,10 +228,13 @@ std::unique_ptr<Backend> Engine::make_backend(int rank) {
   if (model_.device == "cuda") {
     if (rank == 0) {
       check_gpu_count(world());
+      const auto memory = parallel::rank_memory(model_.graph, model_.plan);
+      const int64_t element = static_cast<int64_t>(cuda::dtype_size(cuda_dtype(model_.dtype)));
+      for (int r = 0; r < world(); ++r) check_fits(r, memory[r].weight_elements * element);
       if (world() > 1) ranks_->nccl = std::make_unique<NcclGroup>(world());
     }
-    return std::make_unique<CudaBackend>(rank, cuda_dtype(model_.dtype),
-                                         world() > 1 ? ranks_->nccl->comm(rank) : nullptr);
+    return std::make_unique<CudaBackend>(rank, cuda_dtype(model_.dtype), ranks_->nccl.get(),
+                                         ranks_->group);
   }
 #endif
   // Each rank thread gets its share of the cores for matrix products.

@@ -129,6 +129,21 @@ void replace_all(Piece& piece, const Pattern& pattern, const std::string& conten
 
 namespace {
 
+// Replaces every occurrence of `from` in text.
+void replace_in(std::string& text, std::string_view from, std::string_view to) {
+  size_t pos = text.find(from);
+  if (pos == std::string::npos) return;
+  std::string out;
+  size_t last = 0;
+  for (; pos != std::string::npos; pos = text.find(from, last)) {
+    out.append(text, last, pos - last);
+    out += to;
+    last = pos + from.size();
+  }
+  out.append(text, last);
+  text = std::move(out);
+}
+
 struct ByteMap {
   std::array<std::string, 256> to_chars;
   std::array<int, 324> to_byte{};
@@ -898,17 +913,7 @@ class MetaspaceDecoder final : public Decoder {
       // Every replacement character of the first token goes (not only a leading one), as in
       // tokenizers.
       const std::string with = i == 0 && scheme_ != PrependScheme::never ? "" : " ";
-      std::string out;
-      out.reserve(token.size());
-      size_t last = 0;
-      for (size_t pos = token.find(replacement_); pos != std::string::npos;
-           pos = token.find(replacement_, last)) {
-        out.append(token, last, pos - last);
-        out += with;
-        last = pos + replacement_.size();
-      }
-      out.append(token, last);
-      token = std::move(out);
+      replace_in(token, replacement_, with);
     }
   }
 
@@ -937,19 +942,6 @@ class WordPieceDecoder final : public Decoder {
   }
 
  private:
-  static void replace_in(std::string& text, std::string_view from, std::string_view to) {
-    size_t pos = text.find(from);
-    if (pos == std::string::npos) return;
-    std::string out;
-    size_t last = 0;
-    for (; pos != std::string::npos; pos = text.find(from, last)) {
-      out.append(text, last, pos - last);
-      out += to;
-      last = pos + from.size();
-    }
-    out.append(text, last);
-    text = std::move(out);
-  }
   static void cleanup(std::string& token) {
     replace_in(token, " .", ".");
     replace_in(token, " ?", "?");
@@ -1081,16 +1073,7 @@ class BpeDecoder final : public Decoder {
     for (size_t i = 0; i < tokens.size(); ++i) {
       std::string& token = tokens[i];
       const std::string_view with = i + 1 == tokens.size() ? "" : " ";
-      std::string out;
-      size_t last = 0;
-      for (size_t pos = token.find(suffix_); pos != std::string::npos;
-           pos = token.find(suffix_, last)) {
-        out.append(token, last, pos - last);
-        out += with;
-        last = pos + suffix_.size();
-      }
-      out.append(token, last);
-      token = std::move(out);
+      replace_in(token, suffix_, with);
     }
   }
 

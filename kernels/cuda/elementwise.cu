@@ -112,6 +112,18 @@ size_t dtype_size(DType dtype) {
   detail::throw_bad_argument("dtype_size", "unknown dtype");
 }
 
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return "f32";
+    case DType::kF16:
+      return "f16";
+    case DType::kBF16:
+      return "bf16";
+  }
+  return "?";
+}
+
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,
              cudaStream_t stream) {
   TPE_CUDA_REQUIRE(n >= 0, "convert", "negative element count");

@@ -44,18 +44,6 @@ cudaDataType_t cuda_type(DType dtype) {
   fail("cuda::Gemm: unknown dtype");
 }
 
-const char* dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return "f32";
-    case DType::kF16:
-      return "f16";
-    case DType::kBF16:
-      return "bf16";
-  }
-  return "?";
-}
-
 // The largest power of two up to 256 dividing the address. cuBLASLt assumes 256-byte aligned
 // operands unless told otherwise; slices of a tensor may be less aligned.
 uint32_t alignment_of(const void* p) {

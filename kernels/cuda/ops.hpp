@@ -16,6 +16,7 @@ namespace tpe::cuda {
 
 enum class DType { kF32, kF16, kBF16 };
 size_t dtype_size(DType dtype);
+const char* dtype_name(DType dtype);  // "f32", "f16", "bf16"
 
 // dst[i] = src[i] converted (same or different dtype; n elements).
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,

@@ -83,10 +83,6 @@ double time_us(cudaStream_t stream, F launch, int batch = 20, int samples = 15) 
   return per_call[per_call.size() / 2];
 }
 
-const char* name(DType dtype) {
-  return dtype == DType::kF32 ? "f32" : dtype == DType::kF16 ? "f16" : "bf16";
-}
-
 void report(const std::string& what, double us, double bytes) {
   std::printf("%-58s %9.2f us %7.3f TB/s\n", what.c_str(), us, bytes / (us * 1e-6) / 1e12);
 }
@@ -130,7 +126,7 @@ void bench_gemm(cudaStream_t stream, tpe::cuda::Gemm& gemm, DType dtype, int64_t
   const double tflops = 2.0 * static_cast<double>(tokens * in * out) / (us * 1e-6) / 1e12;
   char what[128];
   std::snprintf(what, sizeof what, "gemm %-4s tokens %3lld in %5lld out %5lld%s (%.1f TFLOP/s)",
-                name(dtype), static_cast<long long>(tokens), static_cast<long long>(in),
+                dtype_name(dtype), static_cast<long long>(tokens), static_cast<long long>(in),
                 static_cast<long long>(out), bias ? " bias" : "", tflops);
   report(what, us, static_cast<double>(w_bytes));
 }
@@ -248,7 +244,7 @@ void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx
       new_tokens > 1 ? 3 : 20, new_tokens > 1 ? 5 : 15);
   char what[128];
   std::snprintf(what, sizeof what, "attention %-4s %lld seqs x %lld keys, %lld new each, hd %lld",
-                name(dtype), static_cast<long long>(seqs), static_cast<long long>(ctx),
+                dtype_name(dtype), static_cast<long long>(seqs), static_cast<long long>(ctx),
                 static_cast<long long>(new_tokens), static_cast<long long>(hd));
   report(what, us, 2.0 * static_cast<double>(cache * es));
 }

@@ -90,18 +90,6 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
-const char* dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return "f32";
-    case DType::kF16:
-      return "f16";
-    case DType::kBF16:
-      return "bf16";
-  }
-  return "?";
-}
-
 // The brief's bounds: fp32 arithmetic, and one rounding of the output to f16 or bf16.
 double tolerance(DType dtype) {
   switch (dtype) {

@@ -5,6 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "core/common/error.hpp"
 
 #include "core/runtime/engine.hpp"
 #include "tests/integration/fixture.hpp"
@@ -86,6 +90,39 @@ TEST_P(GpuFixture, TwoGpusEqualOne) {
     if (std::string(dtype) == "float32") {
       EXPECT_EQ(two.generate(ref.prompts, params), ref.greedy);
     }
+  }
+}
+
+TEST(GpuErrors, MoreRanksThanGpus) {
+  const int gpus = gpu_count();
+  if (gpus == 0) GTEST_SKIP() << "no CUDA device";
+  try {
+    make_engine("llama_mha", gpus + 1, "float32");
+    ADD_FAILURE() << "tp_size above the GPU count was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(fmt::format("needs {} GPUs", gpus + 1)), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(GpuErrors, ModelThatDoesNotFitIsRefusedBeforeAllocating) {
+  if (gpu_count() == 0) GTEST_SKIP() << "no CUDA device";
+  // A Llama shape of about 430 GB in bf16: no single GPU holds it.
+  const auto dir = std::filesystem::temp_directory_path() / "tpe_gpu_too_big";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "config.json") << R"({"model_type": "llama", "hidden_size": 16384,
+      "intermediate_size": 53248, "num_hidden_layers": 120, "num_attention_heads": 128,
+      "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5})";
+  config::RunConfig run;
+  run.model_path = dir;
+  run.device = "cuda";
+  run.dtype = "bfloat16";
+  try {
+    runtime::Engine engine(runtime::prepare(run), /*quiet=*/true, /*random_weights_seed=*/1);
+    ADD_FAILURE() << "a model larger than the GPU was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("GPU 0 needs"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("use a larger --tp"), std::string::npos) << e.what();
   }
 }
 

@@ -262,6 +262,7 @@ int run_plan(const CommonFlags& common, int64_t batch, int64_t seq_len) {
     fmt::print("split:  automatic (sharding propagation over the graph)\n");
   }
   tpe::parallel::ReportOptions options;
+  options.dtype_bytes = model.dtype == "float32" ? 4 : 2;
   options.batch = batch;
   options.seq_len = seq_len;
   fmt::print("{}", tpe::parallel::format_plan(model.graph, model.plan, options));
