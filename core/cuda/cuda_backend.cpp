@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -33,15 +34,15 @@ cuda::DType cuda_dtype(const std::string& name) {
   fail("dtype '{}' is not one of float32, float16, bfloat16", name);
 }
 
-void check_gpu_count(int world) {
+void check_gpu_count(int needed) {
   int count = 0;
   const cudaError_t error = cudaGetDeviceCount(&count);
   if (error != cudaSuccess) {
     fail("device = \"cuda\": no usable CUDA device or driver ({})", cudaGetErrorString(error));
   }
-  if (world > count) {
-    fail("tp_size {} needs {} GPUs, but this process sees {} (CUDA_VISIBLE_DEVICES limits them)",
-         world, world, count);
+  if (needed > count) {
+    fail("this process needs {} GPUs, but sees {} (CUDA_VISIBLE_DEVICES limits them)", needed,
+         count);
   }
 }
 
@@ -62,6 +63,21 @@ NcclGroup::NcclGroup(int world) : comms_(static_cast<size_t>(world)) {
   std::vector<int> devices(static_cast<size_t>(world));
   for (int r = 0; r < world; ++r) devices[r] = r;
   TPE_NCCL_CHECK(ncclCommInitAll(comms_.data(), world, devices.data()));
+}
+
+NcclGroup::NcclGroup(const parallel::LaunchEnv& launch)
+    : comms_(static_cast<size_t>(launch.world), nullptr) {
+  ncclUniqueId id;
+  std::array<char, 128> bytes{};
+  static_assert(sizeof(id) == bytes.size());
+  if (launch.rank == 0) {
+    TPE_NCCL_CHECK(ncclGetUniqueId(&id));
+    std::memcpy(bytes.data(), &id, bytes.size());
+  }
+  parallel::exchange_id(launch, bytes);
+  std::memcpy(&id, bytes.data(), bytes.size());
+  TPE_CUDA_CHECK(cudaSetDevice(launch.local_rank));
+  TPE_NCCL_CHECK(ncclCommInitRank(&comms_[launch.rank], launch.world, id, launch.rank));
 }
 
 NcclGroup::~NcclGroup() {
@@ -118,12 +134,13 @@ class CudaBackend::Pool {
   std::multimap<size_t, void*> free_;
 };
 
-CudaBackend::CudaBackend(int device, cuda::DType dtype, NcclGroup* nccl,
+CudaBackend::CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* nccl,
                          parallel::ThreadGroup& group)
-    : device_(device),
+    : rank_(rank),
+      device_(device),
       dtype_(dtype),
       nccl_(nccl),
-      comm_(nccl != nullptr ? nccl->comm(device) : nullptr),
+      comm_(nccl != nullptr ? nccl->comm(rank) : nullptr),
       group_(group),
       pool_(std::make_shared<Pool>(device)) {
   bind_thread();
@@ -167,7 +184,7 @@ void CudaBackend::sync(const char* what) {
       reason = fmt::format("no progress for {:.0f} s (TPENGINE_NCCL_TIMEOUT)", waited);
     }
     if (!reason.empty()) {
-      if (nccl_ != nullptr) nccl_->abort(device_);
+      if (nccl_ != nullptr) nccl_->abort(rank_);
       comm_ = nullptr;
       fail("GPU {}: gave up waiting for {}: {}", device_, what, reason);
     }
@@ -393,6 +410,22 @@ void CudaBackend::all_reduce(Buffer& x) {
     fail("GPU {}: the NCCL communicator was aborted after an earlier failure", device_);
   TPE_NCCL_CHECK(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.rows * x.cols),
                                nccl_dtype(dtype_), ncclSum, comm_, stream_));
+}
+
+void CudaBackend::broadcast(std::vector<int64_t>& values) {
+  if (nccl_ == nullptr) return;
+  if (comm_ == nullptr) {
+    fail("GPU {}: the NCCL communicator was aborted after an earlier failure", device_);
+  }
+  const size_t bytes = values.size() * sizeof(int64_t);
+  auto staging = pool_->get(std::max<size_t>(bytes, 8), pool_);
+  TPE_CUDA_CHECK(
+      cudaMemcpyAsync(staging.get(), values.data(), bytes, cudaMemcpyHostToDevice, stream_));
+  TPE_NCCL_CHECK(
+      ncclBroadcast(staging.get(), staging.get(), values.size(), ncclInt64, 0, comm_, stream_));
+  TPE_CUDA_CHECK(
+      cudaMemcpyAsync(values.data(), staging.get(), bytes, cudaMemcpyDeviceToHost, stream_));
+  sync("the sampled tokens' broadcast");
 }
 
 void CudaBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) {

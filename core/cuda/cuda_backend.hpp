@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/parallel/communicator.hpp"
+#include "core/parallel/launch.hpp"
 #include "core/runtime/backend.hpp"
 #include "kernels/cuda/ops.hpp"
 
@@ -19,10 +20,12 @@ namespace tpe::runtime {
 // "float32" | "float16" | "bfloat16".
 cuda::DType cuda_dtype(const std::string& name);
 
-// One communicator per rank of a single-process group: rank r drives GPU r.
+// The NCCL communicators of this process's ranks: all of them when one process drives every GPU
+// (rank r on GPU r), or its own when a launcher started one process per GPU.
 class NcclGroup {
  public:
   explicit NcclGroup(int world);
+  explicit NcclGroup(const parallel::LaunchEnv& launch);
   ~NcclGroup();
   NcclGroup(const NcclGroup&) = delete;
   NcclGroup& operator=(const NcclGroup&) = delete;
@@ -34,18 +37,19 @@ class NcclGroup {
   std::vector<ncclComm_t> comms_;
 };
 
-// Fails with a message naming both numbers when tp_size exceeds the GPUs this process sees.
-void check_gpu_count(int world);
+// Fails with a message naming both numbers when this process would need more GPUs than it sees.
+void check_gpu_count(int needed);
 // Fails, before anything is allocated, when GPU `device` has less free memory than `bytes` (the
 // plan's weight bytes for the rank it serves).
 void check_fits(int device, int64_t bytes);
 
 class CudaBackend final : public Backend {
  public:
-  // Rank `device` drives GPU `device`; nccl is null for a single rank. group is the host-side
-  // group: when another rank fails, a wait on this device gives up (and aborts the
+  // Rank `rank` on GPU `device`; nccl is null for a single rank. group is the host-side group of
+  // this process's ranks: when one fails, a wait on this device gives up (and aborts the
   // communicator) instead of hanging.
-  CudaBackend(int device, cuda::DType dtype, NcclGroup* nccl, parallel::ThreadGroup& group);
+  CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* nccl,
+              parallel::ThreadGroup& group);
   ~CudaBackend() override;
 
   void bind_thread() override;
@@ -70,6 +74,7 @@ class CudaBackend final : public Backend {
   void copy(const Buffer& src, Buffer& dst) override;
   void select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) override;
   void all_reduce(Buffer& x) override;
+  void broadcast(std::vector<int64_t>& values) override;
   void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;
 
  private:
@@ -80,6 +85,7 @@ class CudaBackend final : public Backend {
   // (default 600) of no progress aborts the communicator and throws, naming the cause.
   void sync(const char* what);
 
+  int rank_;
   int device_;
   cuda::DType dtype_;
   NcclGroup* nccl_;

@@ -89,6 +89,8 @@ class Backend {
 
   // ---- collectives over the tensor-parallel group ----
   virtual void all_reduce(Buffer& x) = 0;
+  // Rank 0's values to every rank (the sampled tokens).
+  virtual void broadcast(std::vector<int64_t>& values) = 0;
   // Every rank's [rows, vocab[r].size()] slice of the logits into full [rows, vocab].
   virtual void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) = 0;
 };

@@ -139,6 +139,10 @@ void CpuBackend::select_rows(const Buffer& x, const std::vector<int64_t>& rows, 
 
 void CpuBackend::all_reduce(Buffer& x) { group_.all_reduce_sum(rank_, f32(x), x.rows * x.cols); }
 
+void CpuBackend::broadcast(std::vector<int64_t>& values) {
+  group_.broadcast(rank_, values.data(), static_cast<int64_t>(values.size()), 0);
+}
+
 void CpuBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) {
   // Rank r's block is [rows, vocab_r] row-major, in rank order.
   std::vector<float> gathered(static_cast<size_t>(full.rows * full.cols));

@@ -32,6 +32,7 @@ class CpuBackend final : public Backend {
   void copy(const Buffer& src, Buffer& dst) override;
   void select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) override;
   void all_reduce(Buffer& x) override;
+  void broadcast(std::vector<int64_t>& values) override;
   void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;
 
  private:

@@ -62,9 +62,23 @@ Model prepare(const config::RunConfig& run) {
     injection.emplace(choice.policy->injection_policy.begin(),
                       choice.policy->injection_policy.end());
   }
-  parallel::Plan plan = parallel::make_plan(graph, run.tp_size, injection ? &*injection : nullptr);
-  return Model{std::move(config), std::move(registry),  choice,     std::move(graph),
-               std::move(plan),   std::move(injection), run.device, dtype};
+  std::optional<parallel::LaunchEnv> launch = parallel::launch_env_from_environment();
+  int world = run.tp_size;
+  if (launch) {
+    if (run.device != "cuda") {
+      fail("started as {} processes by {}: one process per rank needs device = \"cuda\"",
+           launch->world, launch->launcher);
+    }
+    if (run.tp_size != 1 && run.tp_size != launch->world) {
+      fail("tp_size {} does not match the {} processes {} started", run.tp_size, launch->world,
+           launch->launcher);
+    }
+    world = launch->world;
+  }
+  parallel::Plan plan = parallel::make_plan(graph, world, injection ? &*injection : nullptr);
+  return Model{std::move(config), std::move(registry), choice,
+               std::move(graph),  std::move(plan),     std::move(injection),
+               run.device,        std::move(launch),   dtype};
 }
 
 GenerationParams resolve_generation(const config::GenerationSettings& s,
@@ -84,7 +98,7 @@ GenerationParams resolve_generation(const config::GenerationSettings& s,
 }
 
 struct Engine::Ranks {
-  explicit Ranks(int world) : group(world) {}
+  explicit Ranks(int local) : group(local) {}
   parallel::ThreadGroup group;  // host-side: sampled tokens, and the CPU backend's collectives
 #if TPE_HAVE_CUDA
   std::unique_ptr<NcclGroup> nccl;
@@ -193,13 +207,23 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
       return checkpoint->read_f32(name, shape, rows, cols);
     };
   }
-  ranks_ = std::make_unique<Ranks>(model_.plan.world);
-  for (int r = 0; r < world(); ++r) {
-    ranks_->executors.push_back(
-        std::make_unique<Executor>(model_.graph, model_.plan, r, make_backend(r)));
+  // One process drives every rank, or (launched) just its own.
+  std::vector<int> local_ranks;
+  if (model_.launch) {
+    local_ranks = {model_.launch->rank};
+  } else {
+    for (int r = 0; r < world(); ++r) local_ranks.push_back(r);
   }
-  const int64_t total = tensors_per_rank(model_.graph) * world();
+  ranks_ = std::make_unique<Ranks>(static_cast<int>(local_ranks.size()));
+  for (size_t i = 0; i < local_ranks.size(); ++i) {
+    ranks_->executors.push_back(
+        std::make_unique<Executor>(model_.graph, model_.plan, local_ranks[i],
+                                   make_backend(static_cast<int>(i), local_ranks[i])));
+  }
+  const int64_t total =
+      tensors_per_rank(model_.graph) * static_cast<int64_t>(ranks_->executors.size());
   std::atomic<int64_t> done = 0;
+  quiet = quiet || !is_rank0();
   const bool progress = !quiet && isatty(STDERR_FILENO);
   std::mutex print;
   const auto start = std::chrono::steady_clock::now();
@@ -223,23 +247,31 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
 
 Engine::~Engine() = default;
 
-std::unique_ptr<Backend> Engine::make_backend(int rank) {
+bool Engine::is_rank0() const { return ranks_->executors.front()->rank() == 0; }
+
+std::unique_ptr<Backend> Engine::make_backend(int local, int rank) {
 #if TPE_HAVE_CUDA
   if (model_.device == "cuda") {
-    if (rank == 0) {
-      check_gpu_count(world());
+    const int device = model_.launch ? model_.launch->local_rank : rank;
+    if (local == 0) {
+      check_gpu_count(model_.launch ? model_.launch->local_rank + 1 : world());
       const auto memory = parallel::rank_memory(model_.graph, model_.plan);
       const int64_t element = static_cast<int64_t>(cuda::dtype_size(cuda_dtype(model_.dtype)));
-      for (int r = 0; r < world(); ++r) check_fits(r, memory[r].weight_elements * element);
-      if (world() > 1) ranks_->nccl = std::make_unique<NcclGroup>(world());
+      if (model_.launch) {
+        check_fits(device, memory[rank].weight_elements * element);
+        ranks_->nccl = std::make_unique<NcclGroup>(*model_.launch);
+      } else {
+        for (int r = 0; r < world(); ++r) check_fits(r, memory[r].weight_elements * element);
+        if (world() > 1) ranks_->nccl = std::make_unique<NcclGroup>(world());
+      }
     }
-    return std::make_unique<CudaBackend>(rank, cuda_dtype(model_.dtype), ranks_->nccl.get(),
+    return std::make_unique<CudaBackend>(rank, device, cuda_dtype(model_.dtype), ranks_->nccl.get(),
                                          ranks_->group);
   }
 #endif
   // Each rank thread gets its share of the cores for matrix products.
   cpu::set_gemm_threads(static_cast<int>(std::thread::hardware_concurrency()) / world());
-  return std::make_unique<CpuBackend>(rank, ranks_->group);
+  return std::make_unique<CpuBackend>(local, ranks_->group);
 }
 
 std::vector<Tensor> Engine::prompt_logits(const std::vector<std::vector<int64_t>>& prompts) {
@@ -300,7 +332,7 @@ std::vector<std::vector<int64_t>> Engine::generate(
       Tensor logits = executor.forward(batch);
       // Rank 0 samples; every rank takes its choice so all caches stay identical.
       std::vector<int64_t> next(batch.segments.size());
-      if (r == 0) {
+      if (executor.rank() == 0) {
         for (size_t j = 0; j < batch.segments.size(); ++j) {
           const size_t seq = static_cast<size_t>(batch.segments[j].slot);
           next[j] = sampler.sample(
@@ -308,15 +340,13 @@ std::vector<std::vector<int64_t>> Engine::generate(
               history[seq], params.sampling);
         }
       }
-      ranks_->group.broadcast(r, next.data(), static_cast<int64_t>(next.size()), 0);
+      executor.broadcast(next);
       Batch following;
       for (size_t j = 0; j < batch.segments.size(); ++j) {
         const size_t seq = static_cast<size_t>(batch.segments[j].slot);
         history[seq].push_back(next[j]);
-        if (r == 0) {
-          generated[seq].push_back(next[j]);
-          if (on_token) on_token(seq, next[j]);
-        }
+        if (r == 0) generated[seq].push_back(next[j]);  // every process returns the tokens
+        if (on_token && executor.rank() == 0) on_token(seq, next[j]);
         const auto& stop = params.stop_token_ids;
         if (std::find(stop.begin(), stop.end(), next[j]) != stop.end()) continue;
         following.segments.push_back(

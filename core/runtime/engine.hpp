@@ -14,6 +14,7 @@
 #include "core/config/model_config.hpp"
 #include "core/config/run_config.hpp"
 #include "core/graph/graph.hpp"
+#include "core/parallel/launch.hpp"
 #include "core/parallel/plan.hpp"
 #include "core/plugin/registry.hpp"
 #include "core/runtime/backend.hpp"
@@ -31,7 +32,10 @@ struct Model {
   // The injection policy the plan followed (the TOML's, else the plugin's), if any.
   std::optional<config::InjectionPolicy> injection_policy;
   std::string device;  // "cpu" | "cuda"
-  std::string dtype;   // resolved: "float32" | "float16" | "bfloat16"
+  // Set when a launcher (torchrun, mpirun, srun) started one process per rank; this process then
+  // runs rank launch->rank only.
+  std::optional<parallel::LaunchEnv> launch;
+  std::string dtype;  // resolved: "float32" | "float16" | "bfloat16"
 };
 
 // Reads config.json, finds the policy, builds the graph and plans it for run.tp_size ranks.
@@ -57,6 +61,8 @@ class Engine {
 
   const Model& model() const { return model_; }
   int world() const { return model_.plan.world; }
+  // Whether this process runs rank 0, the one that prints (every process returns the results).
+  bool is_rank0() const;
 
   // The logits at every position of each prompt, each prompt in its own KV-cache slot of one
   // batch: [len_i, vocab] per prompt.
@@ -78,7 +84,8 @@ class Engine {
 
  private:
   struct Ranks;
-  std::unique_ptr<Backend> make_backend(int rank);
+  // The backend of this process's local-th rank, global rank `rank`.
+  std::unique_ptr<Backend> make_backend(int local, int rank);
   Model model_;
   std::unique_ptr<Ranks> ranks_;
   double load_seconds_ = 0;

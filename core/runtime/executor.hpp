@@ -35,6 +35,9 @@ class Executor {
   Tensor forward(const Batch& batch);
 
   int64_t weight_bytes() const;
+  int rank() const { return rank_; }
+  // Rank 0's values to every rank.
+  void broadcast(std::vector<int64_t>& values) { backend_->broadcast(values); }
   double copy_bandwidth_gbs();
 
  private:

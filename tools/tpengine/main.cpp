@@ -144,9 +144,11 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
   const tpe::runtime::GenerationParams params =
       tpe::runtime::resolve_generation(run.generation, model.config.generation());
   tpe::runtime::Engine engine(std::move(model), common.quiet);
+  // Launched as one process per rank, every process generates and rank 0 prints.
   if (!tokenizer) {
-    for (const auto& out : engine.generate(prompts, params))
-      fmt::print("{}\n", fmt::join(out, " "));
+    const auto outputs = engine.generate(prompts, params);
+    if (!engine.is_rank0()) return 0;
+    for (const auto& out : outputs) fmt::print("{}\n", fmt::join(out, " "));
     return 0;
   }
   if (prompts.size() == 1) {  // one sequence: stream the text as it is generated
@@ -155,10 +157,11 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
       fmt::print("{}", decoder.step(static_cast<uint32_t>(id)));
       std::fflush(stdout);
     });
-    fmt::print("{}\n", decoder.finish());
+    if (engine.is_rank0()) fmt::print("{}\n", decoder.finish());
     return 0;
   }
   const auto outputs = engine.generate(prompts, params);
+  if (!engine.is_rank0()) return 0;
   for (size_t i = 0; i < outputs.size(); ++i) {
     const std::vector<uint32_t> ids(outputs[i].begin(), outputs[i].end());
     fmt::print("[{}] {}\n", i, tokenizer->decode(ids, /*skip_special_tokens=*/true));
@@ -199,6 +202,7 @@ int run_bench(const CommonFlags& common, const tpe::runtime::BenchOptions& optio
   tpe::runtime::Engine engine(std::move(model), common.quiet || json,
                               random_weights ? std::optional<uint64_t>(0) : std::nullopt);
   const tpe::runtime::BenchResult r = tpe::runtime::run_bench(engine, options);
+  if (!engine.is_rank0()) return 0;
   const double achieved_fraction = r.achieved_bandwidth_gbs / r.memory_bandwidth_gbs;
   if (json) {
     const nlohmann::json out = {
