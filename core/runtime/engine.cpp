@@ -240,8 +240,12 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
   if (progress) std::fprintf(stderr, "\n");
   load_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!quiet) {
-    spdlog::info("loaded {} on {} rank(s) in {:.2f} s, {:.1f} MiB per rank", source, world(),
-                 load_seconds_, static_cast<double>(weight_bytes()[0]) / (1 << 20));
+    int64_t loaded = 0;
+    for (const int64_t b : weight_bytes()) loaded += b;
+    spdlog::info("loaded {} on {} rank(s) in {:.2f} s ({:.2f} GB/s), {:.1f} MiB per rank", source,
+                 ranks_->executors.size(), load_seconds_,
+                 static_cast<double>(loaded) / std::max(load_seconds_, 1e-9) / 1e9,
+                 static_cast<double>(weight_bytes()[0]) / (1 << 20));
   }
 }
 

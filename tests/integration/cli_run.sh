@@ -60,7 +60,7 @@ import json, sys
 r = json.loads(sys.argv[1])
 assert r["tp"] == 2 and r["batch"] == 2 and r["random_weights"] is True, r
 for key in ("ttft_ms", "decode_tokens_per_s", "prefill_tokens_per_s", "memory_bandwidth_gbs",
-            "achieved_bandwidth_gbs"):
+            "achieved_bandwidth_gbs", "load_gbs"):
     assert r[key] > 0, key
 t = r["tpot_ms"]
 assert 0 < t["p50"] <= t["p90"], t

@@ -204,6 +204,9 @@ int run_bench(const CommonFlags& common, const tpe::runtime::BenchOptions& optio
   const tpe::runtime::BenchResult r = tpe::runtime::run_bench(engine, options);
   if (!engine.is_rank0()) return 0;
   const double achieved_fraction = r.achieved_bandwidth_gbs / r.memory_bandwidth_gbs;
+  int64_t loaded = 0;  // this process's ranks
+  for (const int64_t b : r.weight_bytes) loaded += b;
+  const double load_gbs = static_cast<double>(loaded) / std::max(engine.load_seconds(), 1e-9) / 1e9;
   if (json) {
     const nlohmann::json out = {
         {"model", run.model_path.string()},
@@ -216,6 +219,7 @@ int run_bench(const CommonFlags& common, const tpe::runtime::BenchOptions& optio
         {"new_tokens", options.new_tokens},
         {"repeat", options.repeat},
         {"load_s", engine.load_seconds()},
+        {"load_gbs", load_gbs},
         {"ttft_ms", r.ttft_ms},
         {"tpot_ms", {{"mean", r.tpot_mean_ms}, {"p50", r.tpot_p50_ms}, {"p90", r.tpot_p90_ms}}},
         {"decode_tokens_per_s", r.decode_tokens_per_s},
@@ -233,7 +237,7 @@ int run_bench(const CommonFlags& common, const tpe::runtime::BenchOptions& optio
              run.model_path.string(), policy, engine.world(), run.device,
              random_weights ? ", random weights" : "", options.batch, options.prompt_len,
              options.new_tokens, options.repeat);
-  fmt::print("  load          {:.2f} s\n", engine.load_seconds());
+  fmt::print("  load          {:.2f} s, {:.2f} GB/s of weights\n", engine.load_seconds(), load_gbs);
   fmt::print("  TTFT          {:.2f} ms\n", r.ttft_ms);
   fmt::print("  TPOT          mean {:.3f} ms, p50 {:.3f}, p90 {:.3f}\n", r.tpot_mean_ms,
              r.tpot_p50_ms, r.tpot_p90_ms);
