@@ -4,10 +4,17 @@
 // "TN" layout, the one cuBLASLt serves best. Compute is fp32 for every input type (for fp32 the
 // plain CUBLAS_COMPUTE_32F, never TF32), and the bias, whose type cuBLASLt takes to be the output
 // type, is added in the epilogue before the single rounding to the model dtype.
+//
+// Decode products go to the GEMV kernel of gemv.cu instead where it beat cuBLASLt on an H200:
+// f16/bf16 with 1 or 2 tokens, f32 with up to 8 (README.md has the timings).
+// TPE_GEMM_FORCE_CUBLASLT=1 in the environment when a Gemm is constructed sends every product of
+// that instance to cuBLASLt (for comparisons).
 #include <cublasLt.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <tuple>
@@ -17,6 +24,14 @@
 #include "kernels/cuda/ops.hpp"
 
 namespace tpe::cuda {
+namespace detail {
+// gemv.cu: enqueues y = x · w^T (+ bias) and returns true for the products it serves better than
+// cuBLASLt (f16/bf16 with 1 or 2 tokens, f32 with up to 8); returns false, enqueuing nothing,
+// otherwise.
+bool gemv(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out, const void* bias,
+          DType dtype, void* y, cudaStream_t stream);
+}  // namespace detail
+
 namespace {
 
 struct MatmulDescDeleter {
@@ -98,6 +113,7 @@ struct Gemm::Impl {
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  bool use_gemv = true;  // false under TPE_GEMM_FORCE_CUBLASLT=1
   std::map<Key, Plan> plans;
 
   const Plan& plan(const Key& key, const void* bias);
@@ -150,6 +166,8 @@ Gemm::Gemm(size_t workspace_bytes) : impl_(new Impl) {
     TPE_CUBLAS_CHECK(cublasLtCreate(&impl_->handle));
     if (workspace_bytes > 0) TPE_CUDA_CHECK(cudaMalloc(&impl_->workspace, workspace_bytes));
     impl_->workspace_bytes = workspace_bytes;
+    const char* force = std::getenv("TPE_GEMM_FORCE_CUBLASLT");
+    impl_->use_gemv = force == nullptr || std::strcmp(force, "1") != 0;
   } catch (...) {
     if (impl_->handle != nullptr) cublasLtDestroy(impl_->handle);
     delete impl_;
@@ -170,6 +188,7 @@ void Gemm::linear(const void* x, int64_t tokens, int64_t in, const void* w, int6
   TPE_CUDA_REQUIRE(tokens >= 0 && in >= 0 && out >= 0, "Gemm::linear", "negative size");
   if (tokens == 0 || out == 0) return;
   TPE_CUDA_REQUIRE(in > 0, "Gemm::linear", "in must be positive");
+  if (impl_->use_gemv && detail::gemv(x, tokens, in, w, out, bias, dtype, y, stream)) return;
   uint32_t alignment = std::min({alignment_of(x), alignment_of(w), alignment_of(y)});
   if (bias != nullptr) alignment = std::min(alignment, alignment_of(bias));
   const Impl::Key key{tokens, in, out, dtype, bias != nullptr, alignment};

@@ -1,7 +1,8 @@
-// Times the cuBLASLt GEMM on Llama-7B's decode shapes and a few plain kernels, against a
-// device-to-device copy as the bandwidth ceiling. Inputs are random, never zeros, and the weights
-// rotate among enough copies to keep them out of L2. Each figure is the median over samples of
-// the mean time of a batch of launches, timed with events after a warm-up.
+// Times the GEMM on Llama-7B's decode shapes (the small-token GEMV path against cuBLASLt) and a
+// few plain kernels, against a device-to-device copy as the bandwidth ceiling. Inputs are random,
+// never zeros, and the weights rotate among enough copies to keep them out of L2. Each figure is
+// the median over samples of the mean time of a batch of launches, timed with events after a
+// warm-up.
 //
 //   tpe_gpu_bench            prints one line per measurement
 #include <cublasLt.h>
@@ -11,12 +12,21 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/ops.hpp"
+
+namespace tpe::cuda::detail {
+// kernels/cuda/gemv.cu: the small-token kernel on every product it can take, also those
+// Gemm::linear leaves to cuBLASLt; false, nothing enqueued, where it does not apply.
+bool gemv_forced(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
+                 const void* bias, DType dtype, void* y, cudaStream_t stream);
+}  // namespace tpe::cuda::detail
 
 namespace {
 
@@ -98,9 +108,17 @@ void bench_copy(cudaStream_t stream) {
   report("copy 1 GiB device to device (read + write)", us, 2.0 * static_cast<double>(bytes));
 }
 
-// TB/s counts the bytes of W alone, the term that dominates at decode.
-void bench_gemm(cudaStream_t stream, tpe::cuda::Gemm& gemm, DType dtype, int64_t tokens, int64_t in,
-                int64_t out, bool bias) {
+// One way of computing the product: through a Gemm instance, or (gemm null) through
+// detail::gemv_forced.
+struct Runner {
+  const char* label;
+  tpe::cuda::Gemm* gemm;
+};
+
+// TB/s counts the bytes of W alone, the term that dominates at decode. Each runner is timed on the
+// same operands; returns their times in that order (NaN where the forced kernel does not apply).
+std::vector<double> bench_gemm(cudaStream_t stream, const std::vector<Runner>& runners, DType dtype,
+                               int64_t tokens, int64_t in, int64_t out, bool bias) {
   const size_t es = tpe::cuda::dtype_size(dtype);
   const size_t w_bytes = static_cast<size_t>(in * out) * es;
   // Enough copies of W to span 512 MB, ten times the H100's L2.
@@ -119,16 +137,68 @@ void bench_gemm(cudaStream_t stream, tpe::cuda::Gemm& gemm, DType dtype, int64_t
   Buffer b(static_cast<size_t>(out) * es);
   fill_random(x.p, dtype, static_cast<size_t>(tokens * in), 11, stream);
   fill_random(b.p, dtype, static_cast<size_t>(out), 13, stream);
-  const double us = time_us(stream, [&](int i) {
-    gemm.linear(x.p, tokens, in, ws[static_cast<size_t>(i) % copies]->p, out, bias ? b.p : nullptr,
-                dtype, y.p, stream);
-  });
-  const double tflops = 2.0 * static_cast<double>(tokens * in * out) / (us * 1e-6) / 1e12;
-  char what[128];
-  std::snprintf(what, sizeof what, "gemm %-4s tokens %3lld in %5lld out %5lld%s (%.1f TFLOP/s)",
-                dtype_name(dtype), static_cast<long long>(tokens), static_cast<long long>(in),
-                static_cast<long long>(out), bias ? " bias" : "", tflops);
-  report(what, us, static_cast<double>(w_bytes));
+  std::vector<double> times;
+  for (const Runner& r : runners) {
+    const auto run = [&](int i) {
+      const void* w = ws[static_cast<size_t>(i) % copies]->p;
+      const void* bp = bias ? b.p : nullptr;
+      if (r.gemm != nullptr) {
+        r.gemm->linear(x.p, tokens, in, w, out, bp, dtype, y.p, stream);
+        return true;
+      }
+      return tpe::cuda::detail::gemv_forced(x.p, tokens, in, w, out, bp, dtype, y.p, stream);
+    };
+    if (!run(0)) {
+      times.push_back(std::nan(""));
+      continue;
+    }
+    const double us = time_us(stream, [&](int i) { run(i); });
+    const double tflops = 2.0 * static_cast<double>(tokens * in * out) / (us * 1e-6) / 1e12;
+    char what[160];
+    std::snprintf(what, sizeof what, "gemm%s %-4s tokens %3lld in %5lld out %5lld%s (%.1f TFLOP/s)",
+                  r.label, dtype_name(dtype), static_cast<long long>(tokens),
+                  static_cast<long long>(in), static_cast<long long>(out), bias ? " bias" : "",
+                  tflops);
+    report(what, us, static_cast<double>(w_bytes));
+    times.push_back(us);
+  }
+  return times;
+}
+
+// Gemm::linear (gemv.cu's kernel for f16/bf16 at 1 or 2 tokens and f32 up to 8, cuBLASLt
+// otherwise), gemv.cu's kernel forced, and cuBLASLt (a Gemm made under
+// TPE_GEMM_FORCE_CUBLASLT=1), on the same operands; a summary row for the table printed at the end.
+struct GemvRow {
+  DType dtype;
+  int64_t tokens;
+  int64_t in;
+  int64_t out;
+  bool bias;
+  double us[3];  // Gemm::linear, gemv.cu's kernel, cuBLASLt
+};
+
+GemvRow bench_gemv(cudaStream_t stream, tpe::cuda::Gemm& gemm, tpe::cuda::Gemm& gemm_lt,
+                   DType dtype, int64_t tokens, int64_t in, int64_t out, bool bias = false) {
+  const std::vector<double> t =
+      bench_gemm(stream, {{"[linear]", &gemm}, {"[gemv]  ", nullptr}, {"[lt]    ", &gemm_lt}},
+                 dtype, tokens, in, out, bias);
+  return {dtype, tokens, in, out, bias, {t[0], t[1], t[2]}};
+}
+
+void print_gemv_table(const std::vector<GemvRow>& rows) {
+  std::printf(
+      "\nsmall-token GEMM, us and TB/s of W: Gemm::linear, gemv.cu's kernel forced, "
+      "cuBLASLt (lt):\n");
+  std::printf("%-4s %3s %5s %5s %4s | %7s %6s | %7s %6s | %7s %6s | %6s\n", "type", "tok", "in",
+              "out", "bias", "linear", "TB/s", "gemv", "TB/s", "lt", "TB/s", "lt/lin");
+  for (const GemvRow& r : rows) {
+    const double bytes =
+        static_cast<double>(r.in * r.out) * static_cast<double>(tpe::cuda::dtype_size(r.dtype));
+    std::printf("%-4s %3lld %5lld %5lld %4s", dtype_name(r.dtype), static_cast<long long>(r.tokens),
+                static_cast<long long>(r.in), static_cast<long long>(r.out), r.bias ? "yes" : "");
+    for (const double us : r.us) std::printf(" | %7.2f %6.3f", us, bytes / (us * 1e-6) / 1e12);
+    std::printf(" | %5.2fx\n", r.us[2] / r.us[0]);
+  }
 }
 
 // Gemm takes cuBLASLt's first heuristic choice; this times the first 16 candidates for one bf16
@@ -300,21 +370,47 @@ int main() {
     CK(cudaStreamCreate(&stream));
     bench_copy(stream);
     tpe::cuda::Gemm gemm;
-    for (const DType dtype : {DType::kBF16, DType::kF16, DType::kF32}) {
-      for (const int64_t out : {int64_t{4096}, int64_t{11008}, int64_t{12288}}) {
-        bench_gemm(stream, gemm, dtype, 1, 4096, out, false);
+    // A second instance that sends every product to cuBLASLt, for comparison.
+    const char* previous = std::getenv("TPE_GEMM_FORCE_CUBLASLT");
+    const std::string saved = previous != nullptr ? previous : "";
+    setenv("TPE_GEMM_FORCE_CUBLASLT", "1", 1);
+    tpe::cuda::Gemm gemm_lt;
+    if (previous != nullptr) {
+      setenv("TPE_GEMM_FORCE_CUBLASLT", saved.c_str(), 1);
+    } else {
+      unsetenv("TPE_GEMM_FORCE_CUBLASLT");
+    }
+    struct Shape {
+      int64_t in;
+      int64_t out;
+    };
+    // Llama-2-7B: q/k/v/o, gate/up, down, fused q+k+v, lm_head.
+    const Shape shapes7b[] = {
+        {4096, 4096}, {4096, 11008}, {11008, 4096}, {4096, 12288}, {4096, 32000}};
+    std::vector<GemvRow> rows;
+    for (const int64_t tokens : {int64_t{1}, int64_t{8}}) {
+      for (const Shape s : shapes7b) {
+        rows.push_back(bench_gemv(stream, gemm, gemm_lt, DType::kBF16, tokens, s.in, s.out));
       }
     }
-    bench_gemm(stream, gemm, DType::kBF16, 1, 11008, 4096, false);
-    bench_gemm(stream, gemm, DType::kBF16, 1, 4096, 12288, true);
-    bench_gemm(stream, gemm, DType::kBF16, 8, 4096, 12288, false);
-    bench_gemm(stream, gemm, DType::kBF16, 32, 4096, 12288, false);
-    bench_gemm(stream, gemm, DType::kBF16, 4096, 4096, 12288, false);
+    for (const int64_t tokens : {int64_t{2}, int64_t{3}, int64_t{4}, int64_t{5}}) {
+      rows.push_back(bench_gemv(stream, gemm, gemm_lt, DType::kBF16, tokens, 4096, 11008));
+    }
+    rows.push_back(bench_gemv(stream, gemm, gemm_lt, DType::kBF16, 1, 4096, 12288, true));
+    for (const DType dtype : {DType::kF16, DType::kF32}) {
+      for (const Shape s : {Shape{4096, 4096}, Shape{4096, 11008}, Shape{11008, 4096}}) {
+        rows.push_back(bench_gemv(stream, gemm, gemm_lt, dtype, 1, s.in, s.out));
+      }
+      rows.push_back(bench_gemv(stream, gemm, gemm_lt, dtype, 8, 4096, 11008));
+    }
+    bench_gemm(stream, {{"", &gemm}}, DType::kBF16, 32, 4096, 12288, false);
+    bench_gemm(stream, {{"", &gemm}}, DType::kBF16, 4096, 4096, 12288, false);
     for (const int64_t out : {int64_t{4096}, int64_t{11008}, int64_t{12288}}) {
       bench_gemm_candidates(stream, 4096, out);
     }
     bench_gemm_candidates(stream, 11008, 4096);
     bench_kernels(stream);
+    print_gemv_table(rows);
     CK(cudaStreamDestroy(stream));
   } catch (const std::exception& e) {
     std::fprintf(stderr, "tpe_gpu_bench: %s\n", e.what());

@@ -29,6 +29,13 @@
 
 namespace tpe::cuda {
 
+namespace detail {
+// kernels/cuda/gemv.cu: the small-token kernel on every product it can take, also those
+// Gemm::linear leaves to cuBLASLt; false, nothing enqueued, where it does not apply.
+bool gemv_forced(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
+                 const void* bias, DType dtype, void* y, cudaStream_t stream);
+}  // namespace detail
+
 // Names the dtype in test names and failure messages (found by googletest through ADL).
 void PrintTo(DType dtype, std::ostream* os) {
   *os << (dtype == DType::kF32 ? "f32" : dtype == DType::kF16 ? "f16" : "bf16");
@@ -244,13 +251,24 @@ double rel_l2(const std::vector<float>& out, const std::vector<float>& ref) {
   return std::sqrt(num / den);
 }
 
+// magnitude, when given, replaces ref in the denominator: for a dot product the rounding error is
+// bounded by the sum of |x_i w_i|, not by the (possibly cancelled) sum itself.
 void expect_close(const std::string& what, DType dtype, const std::vector<float>& out,
-                  const std::vector<float>& ref) {
+                  const std::vector<float>& ref, const std::vector<float>* magnitude = nullptr) {
   ASSERT_EQ(out.size(), ref.size()) << what;
   size_t unwritten = 0;
   for (const float v : out) unwritten += std::isnan(v) ? 1 : 0;
   EXPECT_EQ(unwritten, 0u) << what << ": elements never written (still NaN)";
-  const double err = rel_l2(out, ref);
+  double err = rel_l2(out, ref);
+  if (magnitude != nullptr) {  // ||out - ref|| / ||magnitude||
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < out.size(); ++i) {
+      const double d = double{out[i]} - double{ref[i]};
+      num += d * d;
+      den += double{(*magnitude)[i]} * (*magnitude)[i];
+    }
+    err = std::sqrt(num / den);
+  }
   std::printf("[ rel-L2   ] %-52s %-4s %.3e (tol %.0e)\n", what.c_str(), dtype_name(dtype), err,
               tolerance(dtype));
   EXPECT_LE(err, tolerance(dtype)) << what << " (" << dtype_name(dtype) << ")";
@@ -832,6 +850,137 @@ TEST_P(CudaOpTest, GemmUnalignedOperandsAndCachedPlans) {
   sync();
   expect_close(tag("gemm aligned after unaligned"), dtype(), a_y.download(), ref);
   expect_close(tag("gemm unaligned again"), dtype(), d_y.download(d_y.unaligned()), ref);
+}
+
+// The GEMV path (gemv.cu): Gemm::linear sends f16/bf16 products of 1 or 2 tokens and f32 ones of
+// up to 8 there, the rest to cuBLASLt. Every token count 1..9 on Llama-7B's shapes and on odd ones:
+// `in` no multiple of the 16-byte pack (the one-element path), out of 1 and 3 (a warp with rows
+// past the end), with and without bias. y is allocated with one spare row, which must keep its
+// poison. forced: through detail::gemv_forced instead of Gemm::linear.
+void run_linear_case(Gemm& gemm, DType dtype, cudaStream_t stream, Rng& rng, int64_t tokens,
+                     int64_t in, int64_t out, const std::vector<float>& w,
+                     const std::vector<float>& bias, const DeviceTensor& d_w,
+                     const DeviceTensor& d_bias, bool w_unaligned, bool x_unaligned, bool with_bias,
+                     const std::string& label, bool forced = false) {
+  const std::vector<float> x = rng.values(static_cast<size_t>(tokens * in), dtype);
+  DeviceTensor d_x(x.size(), dtype);
+  const std::vector<uint8_t> x_bytes = encode(x, dtype);
+  void* x_ptr = x_unaligned ? d_x.unaligned() : d_x.get();
+  CK(cudaMemcpy(x_ptr, x_bytes.data(), x_bytes.size(), cudaMemcpyHostToDevice));
+  DeviceTensor d_y(static_cast<size_t>((tokens + 1) * out), dtype);
+  const void* b_ptr = nullptr;
+  if (with_bias) b_ptr = w_unaligned ? d_bias.unaligned() : d_bias.get();
+  const void* w_ptr = w_unaligned ? d_w.unaligned() : d_w.get();
+  if (!forced) {
+    gemm.linear(x_ptr, tokens, in, w_ptr, out, b_ptr, dtype, d_y.get(), stream);
+  } else {
+    ASSERT_TRUE(detail::gemv_forced(x_ptr, tokens, in, w_ptr, out, b_ptr, dtype, d_y.get(), stream))
+        << label;
+  }
+  CK(cudaStreamSynchronize(stream));
+  std::vector<float> ref(static_cast<size_t>(tokens * out));
+  cpu::linear(x.data(), tokens, in, w.data(), out, with_bias ? bias.data() : nullptr, ref.data());
+  std::vector<float> y = d_y.download();
+  size_t spare_written = 0;
+  for (size_t i = ref.size(); i < y.size(); ++i) spare_written += std::isnan(y[i]) ? 0 : 1;
+  EXPECT_EQ(spare_written, 0u) << label << ": wrote past y[tokens, out]";
+  y.resize(ref.size());
+  // |x| . |w|^T + |bias|: the scale of the rounding error of each output.
+  std::vector<float> abs_x(x.size()), abs_w(w.size()), abs_b(bias.size()), magnitude(ref.size());
+  for (size_t i = 0; i < x.size(); ++i) abs_x[i] = std::abs(x[i]);
+  for (size_t i = 0; i < w.size(); ++i) abs_w[i] = std::abs(w[i]);
+  for (size_t i = 0; i < bias.size(); ++i) abs_b[i] = std::abs(bias[i]);
+  cpu::linear(abs_x.data(), tokens, in, abs_w.data(), out, with_bias ? abs_b.data() : nullptr,
+              magnitude.data());
+  expect_close(label, dtype, y, ref, &magnitude);
+}
+
+TEST_P(CudaOpTest, GemvTokensOneToNine) {
+  Rng rng(13);
+  Gemm gemm;
+  struct Shape {
+    int64_t in;
+    int64_t out;
+  };
+  for (const Shape s : {Shape{4096, 4096}, Shape{4096, 11008}, Shape{11008, 4096}, Shape{4100, 96},
+                        Shape{77, 40}, Shape{4096, 1}, Shape{4096, 3}, Shape{8, 3}, Shape{1, 7}}) {
+    const std::vector<float> w = rng.values(static_cast<size_t>(s.out * s.in), dtype());
+    const std::vector<float> bias = rng.values(static_cast<size_t>(s.out), dtype());
+    const DeviceTensor d_w(w, dtype());
+    const DeviceTensor d_bias(bias, dtype());
+    for (int64_t tokens = 1; tokens <= 9; ++tokens) {
+      for (const bool with_bias : {false, true}) {
+        run_linear_case(
+            gemm, dtype(), stream_, rng, tokens, s.in, s.out, w, bias, d_w, d_bias, false, false,
+            with_bias,
+            tag("gemv tokens " + std::to_string(tokens) + " in " + std::to_string(s.in) + " out " +
+                std::to_string(s.out) + (with_bias ? " bias" : "")));
+      }
+    }
+  }
+}
+
+// Both kernels of gemv.cu on every token count, whichever Gemm::linear would pick: the CUDA-core
+// one (every dtype) and the tensor-core one (f16, bf16), including an `in` that is a multiple of
+// the 8-element pack but not of the tensor-core kernel's 32-element step, and one shorter than a
+// step.
+TEST_P(CudaOpTest, GemvKernelForced) {
+  Rng rng(15);
+  Gemm gemm;
+  struct Shape {
+    int64_t in;
+    int64_t out;
+  };
+  for (const Shape s :
+       {Shape{4096, 4096}, Shape{11008, 72}, Shape{4104, 33}, Shape{8, 3}, Shape{2056, 19}}) {
+    const std::vector<float> w = rng.values(static_cast<size_t>(s.out * s.in), dtype());
+    const std::vector<float> bias = rng.values(static_cast<size_t>(s.out), dtype());
+    const DeviceTensor d_w(w, dtype());
+    const DeviceTensor d_bias(bias, dtype());
+    for (int64_t tokens = 1; tokens <= 8; ++tokens) {
+      const bool with_bias = tokens % 2 == 1;
+      run_linear_case(
+          gemm, dtype(), stream_, rng, tokens, s.in, s.out, w, bias, d_w, d_bias, false, false,
+          with_bias,
+          tag("gemv forced tokens " + std::to_string(tokens) + " in " + std::to_string(s.in) +
+              " out " + std::to_string(s.out) + (with_bias ? " bias" : "")),
+          /*forced=*/true);
+    }
+  }
+}
+
+TEST_P(CudaOpTest, GemvUnalignedOperands) {
+  Rng rng(14);
+  Gemm gemm;
+  struct Shape {
+    int64_t in;
+    int64_t out;
+  };
+  for (const Shape s : {Shape{4096, 72}, Shape{77, 3}}) {
+    const std::vector<float> w = rng.values(static_cast<size_t>(s.out * s.in), dtype());
+    const std::vector<float> bias = rng.values(static_cast<size_t>(s.out), dtype());
+    // W and the bias one element off the 16-byte grid, as slices of larger tensors can be.
+    DeviceTensor d_w(w.size(), dtype());
+    DeviceTensor d_bias(bias.size(), dtype());
+    const std::vector<uint8_t> w_bytes = encode(w, dtype());
+    const std::vector<uint8_t> b_bytes = encode(bias, dtype());
+    CK(cudaMemcpy(d_w.unaligned(), w_bytes.data(), w_bytes.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_bias.unaligned(), b_bytes.data(), b_bytes.size(), cudaMemcpyHostToDevice));
+    const DeviceTensor a_w(w, dtype());
+    const DeviceTensor a_bias(bias, dtype());
+    for (const int64_t tokens :
+         {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{5}, int64_t{8}, int64_t{9}}) {
+      // {w unaligned, x unaligned}: each of the three mixes.
+      for (const auto& [w_off, x_off] :
+           {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
+        run_linear_case(gemm, dtype(), stream_, rng, tokens, s.in, s.out, w, bias,
+                        w_off ? d_w : a_w, w_off ? d_bias : a_bias, w_off, x_off, true,
+                        tag("gemv unaligned" + std::string(w_off ? " w" : "") +
+                            (x_off ? " x" : "") + " tokens " + std::to_string(tokens) + " in " +
+                            std::to_string(s.in) + " out " + std::to_string(s.out)));
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
