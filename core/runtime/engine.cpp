@@ -99,14 +99,14 @@ GenerationParams resolve_generation(const config::GenerationSettings& s,
 
 struct Engine::Ranks {
   explicit Ranks(int local) : group(local) {}
-  parallel::ThreadGroup group;  // host-side: sampled tokens, and the CPU backend's collectives
+  parallel::ThreadGroup group;  // this process's ranks: the CPU backend's collectives, aborts
 #if TPE_HAVE_CUDA
   std::unique_ptr<NcclGroup> nccl;
 #endif
   std::vector<std::unique_ptr<Executor>> executors;
 
-  // Runs fn(rank) on one thread per rank. The first failure aborts the group, so the other ranks
-  // stop waiting in collectives, and is rethrown here.
+  // Runs fn(i) for each of this process's ranks (executors[i]) on a thread of its own. The first
+  // failure aborts the group, so the other ranks stop waiting in collectives, and is rethrown.
   void run(const std::function<void(int)>& fn) {
     std::exception_ptr first;
     std::mutex mutex;
