@@ -253,7 +253,7 @@ Engine::~Engine() = default;
 
 bool Engine::is_rank0() const { return ranks_->executors.front()->rank() == 0; }
 
-std::unique_ptr<Backend> Engine::make_backend(int local, int rank) {
+std::unique_ptr<Backend> Engine::make_backend(int local, [[maybe_unused]] int rank) {
 #if TPE_HAVE_CUDA
   if (model_.device == "cuda") {
     const int device = model_.launch ? model_.launch->local_rank : rank;
