@@ -115,13 +115,11 @@ struct Runner {
   tpe::cuda::Gemm* gemm;
 };
 
-// TB/s counts the bytes of W alone, the term that dominates at decode. Each runner is timed on the
-// same operands; returns their times in that order (NaN where the forced kernel does not apply).
-std::vector<double> bench_gemm(cudaStream_t stream, const std::vector<Runner>& runners, DType dtype,
-                               int64_t tokens, int64_t in, int64_t out, bool bias) {
-  const size_t es = tpe::cuda::dtype_size(dtype);
-  const size_t w_bytes = static_cast<size_t>(in * out) * es;
-  // Enough copies of W to span 512 MB, ten times the H100's L2.
+// Copies of one random W [out, in], enough to span 512 MB (ten times the H100's L2), so that
+// rotating through them times memory, not the cache.
+std::vector<std::unique_ptr<Buffer>> weight_copies(cudaStream_t stream, DType dtype, int64_t in,
+                                                   int64_t out) {
+  const size_t w_bytes = static_cast<size_t>(in * out) * tpe::cuda::dtype_size(dtype);
   const size_t copies = std::max<size_t>(2, (size_t{512} << 20) / w_bytes + 1);
   std::vector<std::unique_ptr<Buffer>> ws;
   for (size_t c = 0; c < copies; ++c) {
@@ -132,6 +130,17 @@ std::vector<double> bench_gemm(cudaStream_t stream, const std::vector<Runner>& r
       CK(cudaMemcpy(ws[c]->p, ws[0]->p, w_bytes, cudaMemcpyDeviceToDevice));
     }
   }
+  return ws;
+}
+
+// TB/s counts the bytes of W alone, the term that dominates at decode. Each runner is timed on the
+// same operands; returns their times in that order (NaN where the forced kernel does not apply).
+std::vector<double> bench_gemm(cudaStream_t stream, const std::vector<Runner>& runners, DType dtype,
+                               int64_t tokens, int64_t in, int64_t out, bool bias) {
+  const size_t es = tpe::cuda::dtype_size(dtype);
+  const size_t w_bytes = static_cast<size_t>(in * out) * es;
+  const auto ws = weight_copies(stream, dtype, in, out);
+  const size_t copies = ws.size();
   Buffer x(static_cast<size_t>(tokens * in) * es);
   Buffer y(static_cast<size_t>(tokens * out) * es);
   Buffer b(static_cast<size_t>(out) * es);
@@ -206,16 +215,8 @@ void print_gemv_table(const std::vector<GemvRow>& rows) {
 void bench_gemm_candidates(cudaStream_t stream, int64_t in, int64_t out) {
   const DType dtype = DType::kBF16;
   const size_t w_bytes = static_cast<size_t>(in * out) * 2;
-  const size_t copies = std::max<size_t>(2, (size_t{512} << 20) / w_bytes + 1);
-  std::vector<std::unique_ptr<Buffer>> ws;
-  for (size_t c = 0; c < copies; ++c) {
-    ws.push_back(std::make_unique<Buffer>(w_bytes));
-    if (c == 0) {
-      fill_random(ws[0]->p, dtype, static_cast<size_t>(in * out), 7, stream);
-    } else {
-      CK(cudaMemcpy(ws[c]->p, ws[0]->p, w_bytes, cudaMemcpyDeviceToDevice));
-    }
-  }
+  const auto ws = weight_copies(stream, dtype, in, out);
+  const size_t copies = ws.size();
   Buffer x(static_cast<size_t>(in) * 2);
   Buffer y(static_cast<size_t>(out) * 2);
   fill_random(x.p, dtype, static_cast<size_t>(in), 11, stream);
