@@ -1,28 +1,41 @@
 #!/usr/bin/env python3
-"""Measures tpengine beside its peers on one machine, in one run, and prints Markdown rows for
-docs/benchmarks.md.
+"""Measures tpengine beside its peers on one machine, in one run, and prints Markdown tables for
+docs/benchmarks.md (shared/design/BENCHMARKS.md says what and how).
 
-For a model shape (a config.json written here; random weights, which decode speed does not
-depend on), it runs `tpengine bench --random-weights --json` and Hugging Face transformers'
-eager `generate` on the same batch, prompt length and number of new tokens, greedy, never
-stopping early. transformers' TTFT is the time of a one-token generate; its TPOT is
-(time of an N-token generate - TTFT) / (N - 1). Needs torch and transformers (not needed by
-tpengine itself).
+For a model shape (a config.json written here), on the same GPUs and the same batch sizes, prompt
+length and number of new tokens, greedy, never stopping early:
+  - Hugging Face transformers eager `generate` on one GPU (--peers eager);
+  - transformers with its own tensor parallelism, `from_pretrained(tp_plan="auto")` under
+    torchrun, for every TP size above 1 (--peers tp). It needs a checkpoint, so the eager model
+    (random init) is saved into --workdir first; tpengine then loads that same checkpoint, so its
+    load time is a real one (from the page cache: the file was just written);
+  - `tpengine bench --json` at every TP size (random weights when no checkpoint was written);
+  - the bandwidth roofline: weight bytes per GPU / the copy bandwidth tpengine measured.
+transformers' TTFT is the time of a one-token generate; its TPOT is (time of an N-token generate -
+TTFT) / (N - 1). Needs torch and transformers (tpengine itself does not).
 
-usage: tools/bench_peers.py --shape smollm2-135m --tpengine build/tools/tpengine [--tp 1 2]
-                            [--batch 1] [--prompt-len 128] [--new-tokens 128] [--device cpu]
+usage: tools/bench_peers.py --shape llama-2-7b --tpengine build/tools/tpengine --device cuda
+                            --dtype bfloat16 [--tp 1 2 4] [--batch 1 8] [--peers eager tp]
+                            [--profile] [--workdir DIR] [--json-out FILE]
 """
 import argparse
 import datetime
 import json
 import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 SHAPES = {
+    # For trying this script out on a CPU in seconds.
+    "llama-tiny": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256,
+                       intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=8, vocab_size=4096, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, max_position_embeddings=1024),
     # SmolLM2-135M: small enough for a CPU.
     "smollm2-135m": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=576,
                          intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -39,47 +52,122 @@ SHAPES = {
 }
 
 
-def run_tpengine(exe, model_dir, tp, args):
-    cmd = [exe, "bench", "--model", model_dir, "--random-weights", "--json", "--tp", str(tp),
-           "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
+def log(text):
+    print(f"[bench_peers {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def run_tpengine(args, model_dir, tp, checkpoint):
+    cmd = [args.tpengine, "bench", "--model", model_dir, "--json", "--tp", str(tp),
+           "--batch", ",".join(map(str, args.batch)), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat),
            "--device", "cuda" if args.device.startswith("cuda") else "cpu", "--dtype", args.dtype]
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    if not checkpoint:
+        cmd.append("--random-weights")
+    if args.profile:
+        cmd.append("--profile")
+    log(" ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"tpengine TP {tp} failed ({done.returncode}): {done.stderr.strip()}")
+    return json.loads(done.stdout)
 
 
-def run_transformers(model_dir, args):
+def time_generate(model, args, batch, device, repeat):
+    """{ttft_ms, tpot_ms, decode_tokens_per_s} of transformers' generate on random prompts."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device(args.device):  # initialise on the device: a 7B model on the CPU takes minutes
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype),
-                                                 attn_implementation="eager")
-    model.eval()
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), device=args.device)
+    torch.manual_seed(batch)  # the same prompts on every rank
+    ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), device=device)
     mask = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
-    def timed(n):
-        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-        best = []
-        for _ in range(args.repeat):
+    def timed(n, times):
+        runs = []
+        for _ in range(times):
             sync()
             start = time.perf_counter()
             with torch.no_grad():
                 out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
                                      min_new_tokens=n, eos_token_id=None, pad_token_id=0)
             sync()
-            best.append(time.perf_counter() - start)
+            runs.append(time.perf_counter() - start)
             assert out.shape[1] == args.prompt_len + n
-        return sorted(best)[len(best) // 2]
+        return sorted(runs)[len(runs) // 2]
 
-    timed(args.new_tokens)  # warm-up: the first generate calls are much slower
-    ttft = timed(1)
-    total = timed(args.new_tokens)
+    timed(min(args.new_tokens, 16), 1)  # warm-up: the first generate calls are much slower
+    ttft = timed(1, repeat)
+    total = timed(args.new_tokens, repeat)
     tpot = (total - ttft) / (args.new_tokens - 1)
-    return {"ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3,
-            "decode_tokens_per_s": args.batch / tpot}
+    return {"batch": batch, "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3,
+            "decode_tokens_per_s": batch / tpot}
+
+
+def run_eager(args, model_dir, save):
+    """transformers eager on one device; saves the model into model_dir when asked."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(model_dir)
+    log("transformers eager: building the model")
+    with torch.device(args.device):  # initialise on the device: a 7B model on the CPU takes minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype),
+                                                 attn_implementation="eager")
+    model.eval()
+    results = []
+    if "eager" in args.peers:
+        for batch in args.batch:
+            log(f"transformers eager: batch {batch}")
+            results.append(time_generate(model, args, batch, args.device, args.peer_repeat))
+    if save:
+        log(f"saving the checkpoint into {model_dir}")
+        model.save_pretrained(model_dir)
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return results
+
+
+def run_hf_tp(args, model_dir, tp):
+    """transformers' own tensor parallelism: this script again, under torchrun."""
+    out = os.path.join(model_dir, f"hf_tp{tp}.json")
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = ["torchrun", "--nproc-per-node", str(tp), "--master-port", str(port), __file__,
+           "--hf-tp-worker", model_dir, "--hf-tp-out", out, "--dtype", args.dtype,
+           "--batch", *map(str, args.batch), "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens), "--peer-repeat", str(args.peer_repeat),
+           "--shape", args.shape, "--tpengine", args.tpengine, "--device", args.device]
+    log(" ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        log(f"transformers TP {tp} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return None
+    with open(out) as f:
+        return json.load(f)
+
+
+def hf_tp_worker(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    local = int(os.environ["LOCAL_RANK"])
+    device = "cpu"
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.hf_tp_worker, dtype=getattr(torch, args.dtype),
+                                                 tp_plan="auto", attn_implementation="eager")
+    model.eval()
+    load_s = time.perf_counter() - start
+    results = [time_generate(model, args, batch, device, args.peer_repeat)
+               for batch in args.batch]
+    if int(os.environ["RANK"]) == 0:
+        with open(args.hf_tp_out, "w") as f:
+            json.dump({"load_s": load_s, "runs": results}, f)
+    torch.distributed.destroy_process_group()
 
 
 def main():
@@ -88,47 +176,109 @@ def main():
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
     parser.add_argument("--tpengine", required=True)
     parser.add_argument("--tp", type=int, nargs="+", default=[1])
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="tpengine's timed runs")
+    parser.add_argument("--peer-repeat", type=int, default=1, help="transformers' timed runs")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--peers", nargs="*", default=["eager", "tp"], choices=["eager", "tp"])
+    parser.add_argument("--profile", action="store_true", help="tpengine's op-by-op decode step")
+    parser.add_argument("--workdir", help="where config.json and the checkpoint go (default: a "
+                        "temporary directory, removed afterwards)")
+    parser.add_argument("--json-out", help="also write every figure here")
+    parser.add_argument("--hf-tp-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--hf-tp-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hf_tp_worker:
+        return hf_tp_worker(args)
 
-    with tempfile.TemporaryDirectory() as model_dir:
+    model_dir = args.workdir or tempfile.mkdtemp(prefix="tpe_bench_")
+    os.makedirs(model_dir, exist_ok=True)
+    try:
         with open(os.path.join(model_dir, "config.json"), "w") as f:
             json.dump(SHAPES[args.shape], f)
-        rows = []
-        for tp in args.tp:
-            r = run_tpengine(args.tpengine, model_dir, tp, args)
-            gb = max(r["weight_bytes_per_rank"]) / 1e9
-            rows.append((f"tpengine TP {tp}", r["ttft_ms"], r["tpot_ms"]["mean"],
-                         r["tpot_ms"]["p90"], r["decode_tokens_per_s"],
-                         f'{r["achieved_bandwidth_gbs"]:.1f} GB/s = '
-                         f'{100 * r["achieved_bandwidth_fraction"]:.0f}% of '
-                         f'{r["memory_bandwidth_gbs"]:.1f}', gb))
-        hf = run_transformers(model_dir, args)
-        rows.append(("transformers eager, TP 1", hf["ttft_ms"], hf["tpot_ms"], float("nan"),
-                     hf["decode_tokens_per_s"], "", float("nan")))
+        hf_tp_sizes = [tp for tp in args.tp if tp > 1] if "tp" in args.peers else []
+        save = bool(hf_tp_sizes)
+        eager = run_eager(args, model_dir, save) if ("eager" in args.peers or save) else []
+        hf_tp = {tp: run_hf_tp(args, model_dir, tp) for tp in hf_tp_sizes}
+        ours = {tp: run_tpengine(args, model_dir, tp, save) for tp in args.tp}
+    finally:
+        if not args.workdir:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"shape": args.shape, "tpengine": ours, "eager": eager,
+                       "hf_tp": hf_tp}, f, indent=1)
+    print_tables(args, ours, eager, hf_tp, save)
 
+
+def print_tables(args, ours, eager, hf_tp, checkpoint):
     import torch
     import transformers
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
-    print(f"### {args.shape}, {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, {args.device} {gpu}")
+    first = ours[args.tp[0]]
+    print(f"### {args.shape}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new "
+          f"tokens, {args.device} {gpu}")
     print()
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; tpengine commit {commit()}; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}.")
+          f"transformers {transformers.__version__}. tpengine: {args.repeat} timed runs after "
+          f"1 warm-up; transformers: {args.peer_repeat} timed run(s) after a warm-up; "
+          f"{'the saved checkpoint' if checkpoint else 'random weights'}.")
     print()
-    print("| engine | TTFT ms | TPOT mean ms | TPOT p90 ms | decode tok/s | bandwidth "
-          "(weights/TPOT vs copy) | weight GB/rank |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, ttft, tpot, p90, tps, bw, gb in rows:
-        p90_text = "" if p90 != p90 else f"{p90:.2f}"
-        gb_text = "" if gb != gb else f"{gb:.2f}"
-        print(f"| {name} | {ttft:.1f} | {tpot:.2f} | {p90_text} | {tps:.1f} | {bw} | {gb_text} |")
+    print("| engine | TP | batch | TTFT ms | TPOT mean ms | TPOT p90 ms | decode tok/s | "
+          "achieved bandwidth | weights/GPU GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for i, batch in enumerate(args.batch):
+        for tp in args.tp:
+            r = ours[tp]
+            run = r["runs"][i]
+            gb = max(r["weight_bytes_per_rank"]) / 1e9
+            roofline_ms = gb / r["memory_bandwidth_gbs"] * 1e3
+            print(f"| tpengine | {tp} | {batch} | {run['ttft_ms']:.1f} | "
+                  f"{run['tpot_ms']['mean']:.2f} | {run['tpot_ms']['p90']:.2f} | "
+                  f"{run['decode_tokens_per_s']:.1f} | {run['achieved_bandwidth_gbs']:.0f} GB/s = "
+                  f"{100 * run['achieved_bandwidth_fraction']:.0f} % | {gb:.2f} |")
+            if tp > 1 and hf_tp.get(tp):
+                h = hf_tp[tp]["runs"][i]
+                print(f"| transformers tp_plan=auto | {tp} | {batch} | {h['ttft_ms']:.1f} | "
+                      f"{h['tpot_ms']:.2f} | | {h['decode_tokens_per_s']:.1f} | | |")
+            elif tp > 1 and "tp" in args.peers:
+                print(f"| transformers tp_plan=auto | {tp} | {batch} | failed (see the log) "
+                      "| | | | | |")
+            print(f"| roofline (weights / {r['memory_bandwidth_gbs']:.0f} GB/s copy) | {tp} | "
+                  f"{batch} | | {roofline_ms:.2f} | | {batch / roofline_ms * 1e3:.1f} | | |")
+        if eager:
+            h = eager[i]
+            print(f"| transformers eager | 1 | {batch} | {h['ttft_ms']:.1f} | {h['tpot_ms']:.2f} "
+                  f"| | {h['decode_tokens_per_s']:.1f} | | |")
+    print()
+    print("tpengine load and device memory per GPU (rank 0; GiB): ")
+    print()
+    print("| TP | load s | load GB/s | batch | weights | KV cache | workspace | device in use |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for tp in args.tp:
+        r = ours[tp]
+        for run in r["runs"]:
+            m = run["memory_bytes_per_rank"][0]
+            gib = [m[k] / 2**30 for k in ("weights", "kv_cache", "workspace", "device_in_use")]
+            print(f"| {tp} | {r['load_s']:.2f} | {r['load_gbs']:.2f} | {run['batch']} | "
+                  + " | ".join(f"{g:.2f}" for g in gib) + " |")
+    if args.profile:
+        for tp in args.tp:
+            for run in ours[tp]["runs"]:
+                print()
+                print(f"tpengine TP {tp}, batch {run['batch']}: one decode step op by op (rank 0, "
+                      f"ops queued ahead of the device): {run['profile_total_ms']:.3f} ms of "
+                      f"device work, TPOT {run['tpot_ms']['mean']:.3f} ms")
+                print()
+                print("| op | calls | ms | share |")
+                print("| --- | --- | --- | --- |")
+                for op in run["profile"][:12]:
+                    print(f"| {op['op']} | {op['calls']} | {op['ms']:.3f} | "
+                          f"{100 * op['ms'] / run['profile_total_ms']:.1f} % |")
 
 
 def commit():

@@ -33,6 +33,25 @@ inline void index_append(IndexSet& set, int64_t begin, int64_t end) {
   }
 }
 
+// Units [first, first + count) of set (counted in the set's order) as ranges of the full
+// dimension: a piece of a shard.
+inline IndexSet index_slice(const IndexSet& set, int64_t first, int64_t count) {
+  IndexSet out;
+  for (const Range& r : set) {
+    if (count <= 0) break;
+    if (first >= r.size()) {
+      first -= r.size();
+      continue;
+    }
+    const int64_t begin = r.begin + first;
+    const int64_t end = begin + count < r.end ? begin + count : r.end;
+    index_append(out, begin, end);
+    count -= end - begin;
+    first = 0;
+  }
+  return out;
+}
+
 // Deals n units out to world ranks, earlier ranks getting one more when n % world != 0.
 // Returns rank's [first, last) unit.
 inline Range deal(int64_t n, int world, int rank) {

@@ -5,10 +5,12 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <future>
 #include <mutex>
 #include <thread>
 
@@ -134,6 +136,145 @@ class CudaBackend::Pool {
   std::multimap<size_t, void*> free_;
 };
 
+// Weights travel host -> GPU through a ring of pinned buffers ("slots"): while earlier pieces are
+// copied (and converted to the model's dtype on the device), the next pieces are read from the
+// checkpoint on worker threads, one per slot. Host memory stays at slots x slot size whatever the
+// model, and reading overlaps copying. TPENGINE_LOAD_STAGING_MB sets the slot size (default 32).
+class CudaBackend::Stager {
+ public:
+  Stager(cuda::DType dtype, cudaStream_t stream) : dtype_(dtype), stream_(stream) {
+    const char* env = std::getenv("TPENGINE_LOAD_STAGING_MB");
+    const double mb = env != nullptr && std::atof(env) > 0 ? std::atof(env) : 32.0;
+    capacity_ = std::max<int64_t>(1, static_cast<int64_t>(mb * (1 << 20)) / 4);
+    for (Slot& s : slots_)
+      TPE_CUDA_CHECK(cudaEventCreateWithFlags(&s.copied, cudaEventDisableTiming));
+  }
+  ~Stager() {
+    wait_fills();
+    cudaStreamSynchronize(stream_);
+    for (Slot& s : slots_) {
+      cudaEventDestroy(s.copied);
+      if (s.host != nullptr) cudaFreeHost(s.host);
+      if (s.device != nullptr) cudaFree(s.device);
+    }
+  }
+  Stager(const Stager&) = delete;
+  Stager& operator=(const Stager&) = delete;
+
+  // Floats a piece may hold; a row longer than that is one piece of its own.
+  int64_t capacity() const { return capacity_; }
+
+  // Queues rows [first, first + rows) of a weight of `cols` columns, to go to `dst`.
+  void submit(void* dst, int64_t first, int64_t rows, int64_t cols, const RowFill& fill) {
+    Slot& s = slots_[next_++ % slots_.size()];
+    if (s.pending) drain(s);
+    TPE_CUDA_CHECK(cudaEventSynchronize(s.copied));  // its previous piece has left it
+    const int64_t count = rows * cols;
+    if (count > s.size) {
+      if (s.host != nullptr) TPE_CUDA_CHECK(cudaFreeHost(s.host));
+      if (s.device != nullptr) TPE_CUDA_CHECK(cudaFree(s.device));
+      s.host = nullptr;
+      s.device = nullptr;
+      s.size = std::max(count, capacity_);
+      TPE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&s.host),
+                                   static_cast<size_t>(s.size) * 4, cudaHostAllocDefault));
+      if (dtype_ != cuda::DType::kF32) {
+        TPE_CUDA_CHECK(cudaMalloc(&s.device, static_cast<size_t>(s.size) * 4));
+      }
+    }
+    s.dst = dst;
+    s.count = count;
+    s.pending = true;
+    s.filled = std::async(std::launch::async, [fill, host = s.host, first, rows, count] {
+      fill(first, rows, {host, static_cast<size_t>(count)});
+    });
+  }
+
+  // Queues the copies of every piece still on the host, in order; rethrows a fill's error after
+  // waiting for the other fills.
+  void finish() {
+    try {
+      for (size_t i = 0; i < slots_.size(); ++i) {
+        Slot& s = slots_[(next_ + i) % slots_.size()];
+        if (s.pending) drain(s);
+      }
+    } catch (...) {
+      wait_fills();
+      throw;
+    }
+  }
+
+ private:
+  struct Slot {
+    float* host = nullptr;   // pinned
+    void* device = nullptr;  // fp32 on the device, to convert from (fp16/bf16 models)
+    int64_t size = 0;        // floats each holds
+    cudaEvent_t copied = nullptr;
+    std::future<void> filled;
+    void* dst = nullptr;
+    int64_t count = 0;
+    bool pending = false;
+  };
+
+  void drain(Slot& s) {
+    s.pending = false;
+    s.filled.get();
+    const size_t bytes = static_cast<size_t>(s.count) * 4;
+    if (dtype_ == cuda::DType::kF32) {
+      TPE_CUDA_CHECK(cudaMemcpyAsync(s.dst, s.host, bytes, cudaMemcpyHostToDevice, stream_));
+    } else {
+      TPE_CUDA_CHECK(cudaMemcpyAsync(s.device, s.host, bytes, cudaMemcpyHostToDevice, stream_));
+      cuda::convert(s.device, cuda::DType::kF32, s.dst, dtype_, s.count, stream_);
+    }
+    TPE_CUDA_CHECK(cudaEventRecord(s.copied, stream_));
+  }
+
+  void wait_fills() {
+    for (Slot& s : slots_) {
+      if (s.filled.valid()) s.filled.wait();
+      s.pending = false;
+    }
+  }
+
+  cuda::DType dtype_;
+  cudaStream_t stream_;
+  int64_t capacity_ = 0;
+  std::array<Slot, 4> slots_;
+  size_t next_ = 0;
+};
+
+// Pinned host memory for a forward pass's small uploads (token ids, positions, rotary tables), so
+// that their copies are queued without waiting for the device. Reused from the start at every
+// forward pass, which begins only once the previous one has finished.
+class CudaBackend::HostArena {
+ public:
+  ~HostArena() {
+    if (data_ != nullptr) cudaFreeHost(data_);
+  }
+  // Room for `bytes`, or null when full (the caller waits for the device, then calls reset).
+  void* take(size_t bytes) {
+    bytes = (bytes + 15) / 16 * 16;
+    if (used_ + bytes > size_) return nullptr;
+    void* p = data_ + used_;
+    used_ += bytes;
+    return p;
+  }
+  // Forgets what was taken; grows to at least `bytes`. Only when the device has read it all.
+  void reset(size_t bytes = 0) {
+    used_ = 0;
+    if (bytes <= size_) return;
+    if (data_ != nullptr) TPE_CUDA_CHECK(cudaFreeHost(data_));
+    data_ = nullptr;
+    size_ = std::max(bytes, size_t{1} << 20);
+    TPE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&data_), size_, cudaHostAllocDefault));
+  }
+
+ private:
+  char* data_ = nullptr;
+  size_t size_ = 0;
+  size_t used_ = 0;
+};
+
 CudaBackend::CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* nccl,
                          parallel::ThreadGroup& group)
     : rank_(rank),
@@ -142,7 +283,8 @@ CudaBackend::CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* ncc
       nccl_(nccl),
       comm_(nccl != nullptr ? nccl->comm(rank) : nullptr),
       group_(group),
-      pool_(std::make_shared<Pool>(device)) {
+      pool_(std::make_shared<Pool>(device)),
+      arena_(std::make_unique<HostArena>()) {
   bind_thread();
   TPE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   gemm_ = std::make_unique<cuda::Gemm>();
@@ -150,6 +292,10 @@ CudaBackend::CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* ncc
 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
+  release_queue();
+  stager_.reset();
+  for (cudaEvent_t e : marks_) cudaEventDestroy(e);
+  if (go_ != nullptr) cudaFreeHost(const_cast<int*>(go_));
   gemm_.reset();
   batch_arrays_.clear();
   columns_.clear();
@@ -160,6 +306,7 @@ CudaBackend::~CudaBackend() {
 void CudaBackend::bind_thread() { TPE_CUDA_CHECK(cudaSetDevice(device_)); }
 
 void CudaBackend::sync(const char* what) {
+  release_queue();  // a held queue would never drain
   static const double timeout_s = [] {
     const char* env = std::getenv("TPENGINE_NCCL_TIMEOUT");
     return env != nullptr && std::atof(env) > 0 ? std::atof(env) : 600.0;
@@ -197,28 +344,40 @@ int64_t CudaBackend::element_bytes() const {
 }
 
 Buffer CudaBackend::alloc(int64_t rows, int64_t cols) {
-  auto storage = pool_->get(static_cast<size_t>(rows * cols) * cuda::dtype_size(dtype_), pool_);
-  void* data = storage.get();
+  const int64_t bytes = rows * cols * static_cast<int64_t>(cuda::dtype_size(dtype_));
+  std::shared_ptr<void> block = pool_->get(static_cast<size_t>(bytes), pool_);
+  void* data = block.get();
+  tally_->add(bytes);
+  // Counted while the Buffer lives; the block then returns to the pool.
+  std::shared_ptr<void> storage(
+      data, [block = std::move(block), tally = tally_, bytes](void*) { tally->sub(bytes); });
   return {std::move(storage), data, rows, cols};
 }
 
-Buffer CudaBackend::upload(std::vector<float> values, int64_t rows, int64_t cols) {
-  const int64_t n = rows * cols;
-  TPE_CHECK(static_cast<int64_t>(values.size()) == n, "upload of {} values as {}x{}", values.size(),
-            rows, cols);
+Buffer CudaBackend::load(int64_t rows, int64_t cols, const RowFill& fill) {
   Buffer out = alloc(rows, cols);
-  if (dtype_ == cuda::DType::kF32) {
-    TPE_CUDA_CHECK(cudaMemcpyAsync(out.data, values.data(), static_cast<size_t>(n) * 4,
-                                   cudaMemcpyHostToDevice, stream_));
-  } else {
-    auto staging = pool_->get(static_cast<size_t>(n) * 4, pool_);
-    TPE_CUDA_CHECK(cudaMemcpyAsync(staging.get(), values.data(), static_cast<size_t>(n) * 4,
-                                   cudaMemcpyHostToDevice, stream_));
-    cuda::convert(staging.get(), cuda::DType::kF32, out.data, dtype_, n, stream_);
+  if (!stager_) stager_ = std::make_unique<Stager>(dtype_, stream_);
+  const int64_t per_piece = std::max<int64_t>(1, stager_->capacity() / std::max<int64_t>(cols, 1));
+  const size_t row_bytes = static_cast<size_t>(cols) * cuda::dtype_size(dtype_);
+  for (int64_t first = 0; first < rows; first += per_piece) {
+    stager_->submit(static_cast<char*>(out.data) + static_cast<size_t>(first) * row_bytes, first,
+                    std::min(per_piece, rows - first), cols, fill);
   }
-  // The host vector and the staging block are released when this returns.
-  sync("a weight upload");
   return out;
+}
+
+void CudaBackend::end_loading() {
+  if (!stager_) return;
+  // The staging memory goes back however the last pieces went.
+  std::unique_ptr<Stager> stager = std::move(stager_);
+  stager->finish();
+  sync("the weights' upload");
+}
+
+Backend::MemoryUse CudaBackend::memory_use() {
+  size_t free_bytes = 0, total = 0;
+  TPE_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+  return {tally_->peak(), static_cast<int64_t>(total - free_bytes)};
 }
 
 Tensor CudaBackend::to_host(const Buffer& x) {
@@ -233,15 +392,20 @@ Tensor CudaBackend::to_host(const Buffer& x) {
 }
 
 double CudaBackend::copy_bandwidth_gbs() {
+  // Allocated outside the pool, so that these 2 GiB are not counted as the model's.
   const size_t bytes = size_t{1} << 30;
-  auto a = pool_->get(bytes, pool_), b = pool_->get(bytes, pool_);
+  void *a = nullptr, *b = nullptr;
+  TPE_CUDA_CHECK(cudaMalloc(&a, bytes));
+  const cudaError_t second = cudaMalloc(&b, bytes);
+  if (second != cudaSuccess) cudaFree(a);
+  TPE_CUDA_CHECK(second);
   cudaEvent_t start, stop;
   TPE_CUDA_CHECK(cudaEventCreate(&start));
   TPE_CUDA_CHECK(cudaEventCreate(&stop));
   float best_ms = 1e30f;
   for (int i = 0; i < 6; ++i) {  // the first is a warm-up
     TPE_CUDA_CHECK(cudaEventRecord(start, stream_));
-    TPE_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream_));
+    TPE_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream_));
     TPE_CUDA_CHECK(cudaEventRecord(stop, stream_));
     TPE_CUDA_CHECK(cudaEventSynchronize(stop));
     float ms = 0;
@@ -250,23 +414,37 @@ double CudaBackend::copy_bandwidth_gbs() {
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+  cudaFree(a);
+  cudaFree(b);
   return 2.0 * static_cast<double>(bytes) / (best_ms / 1e3) / 1e9;
 }
 
-const int32_t* CudaBackend::to_device(const std::vector<int32_t>& values) {
-  auto storage = pool_->get(std::max<size_t>(values.size(), 1) * 4, pool_);
-  if (!values.empty()) {
-    TPE_CUDA_CHECK(cudaMemcpyAsync(storage.get(), values.data(), values.size() * 4,
-                                   cudaMemcpyHostToDevice, stream_));
+const void* CudaBackend::to_device(const void* data, size_t bytes) {
+  auto storage = pool_->get(std::max<size_t>(bytes, 4), pool_);
+  if (bytes > 0) {
+    void* staged = arena_->take(bytes);
+    if (staged == nullptr) {  // full: wait until the device has read what it holds
+      sync("the batch's token metadata");
+      arena_->reset(bytes);
+      staged = arena_->take(bytes);
+    }
+    std::memcpy(staged, data, bytes);
+    TPE_CUDA_CHECK(cudaMemcpyAsync(storage.get(), staged, bytes, cudaMemcpyHostToDevice, stream_));
   }
-  // Pageable source: the copy is done with it only once the stream reaches it.
-  sync("the batch's token metadata");
-  void* data = storage.get();
-  batch_arrays_.push_back({std::move(storage), data, static_cast<int64_t>(values.size()), 1});
-  return static_cast<const int32_t*>(data);
+  void* device = storage.get();
+  batch_arrays_.push_back({std::move(storage), device, static_cast<int64_t>(bytes), 1});
+  return device;
+}
+
+const int32_t* CudaBackend::to_device(const std::vector<int32_t>& values) {
+  return static_cast<const int32_t*>(to_device(values.data(), values.size() * 4));
 }
 
 void CudaBackend::begin(const Batch& batch) {
+  // The previous pass has ended (its logits were read); this settles the rare case where it
+  // failed half way, before its uploads are overwritten.
+  sync("the previous forward pass");
+  arena_->reset();
   batch_ = &batch;
   batch_arrays_.clear();
   rope_.clear();
@@ -336,20 +514,15 @@ void CudaBackend::rotary(Buffer& x, int64_t head_dim, const tpe_rope_desc& rope)
       table_of_token.insert(table_of_token.end(), static_cast<size_t>(seg.count),
                             static_cast<int32_t>(s));
     }
-    auto table_storage = pool_->get(std::max<size_t>(tables.size(), 1) * 4, pool_);
-    TPE_CUDA_CHECK(
-        cudaMemcpy(table_storage.get(), tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
+    const void* table = to_device(tables.data(), tables.size() * 4);
     const int32_t* index = to_device(table_of_token);
-    void* table_data = table_storage.get();
     it = rope_
              .emplace(key + std::to_string(head_dim),
-                      std::pair{Buffer{std::move(table_storage), table_data, 1, 1},
-                                Buffer{nullptr, const_cast<int32_t*>(index), 1, 1}})
+                      std::pair{static_cast<const float*>(table), index})
              .first;
   }
   cuda::rotary(x.data, x.rows, x.cols / head_dim, head_dim, rotary_dim, positions_,
-               static_cast<const int32_t*>(it->second.second.data),
-               static_cast<const float*>(it->second.first.data), dtype_, stream_);
+               it->second.second, it->second.first, dtype_, stream_);
 }
 
 void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvCache& cache,
@@ -459,6 +632,50 @@ void CudaBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vo
   }
   // padded and gathered go back to the pool when this returns; the stream must be done with them.
   sync("the logits' all-gather");
+}
+
+void CudaBackend::profile_begin() {
+  if (go_ == nullptr) {
+    int* flag = nullptr;
+    TPE_CUDA_CHECK(
+        cudaHostAlloc(reinterpret_cast<void**>(&flag), sizeof(int), cudaHostAllocMapped));
+    go_ = flag;
+    void* device = nullptr;
+    TPE_CUDA_CHECK(cudaHostGetDevicePointer(&device, flag, 0));
+    go_device_ = static_cast<const volatile int*>(device);
+  }
+  marks_used_ = 0;
+  *go_ = 0;
+  holding_ = true;
+  cuda::wait_for_host(go_device_, stream_);
+  profile_mark();
+}
+
+void CudaBackend::profile_mark() {
+  if (marks_used_ == marks_.size()) {
+    cudaEvent_t e = nullptr;
+    TPE_CUDA_CHECK(cudaEventCreate(&e));
+    marks_.push_back(e);
+  }
+  TPE_CUDA_CHECK(cudaEventRecord(marks_[marks_used_++], stream_));
+}
+
+std::vector<double> CudaBackend::profile_end() {
+  sync("the profiled forward pass");
+  std::vector<double> ms;
+  for (size_t i = 1; i < marks_used_; ++i) {
+    float elapsed = 0;
+    TPE_CUDA_CHECK(cudaEventElapsedTime(&elapsed, marks_[i - 1], marks_[i]));
+    ms.push_back(elapsed);
+  }
+  marks_used_ = 0;
+  return ms;
+}
+
+void CudaBackend::release_queue() {
+  if (!holding_) return;
+  *go_ = 1;
+  holding_ = false;
 }
 
 }  // namespace tpe::runtime

@@ -53,9 +53,11 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override;
 
   void bind_thread() override;
-  Buffer upload(std::vector<float> values, int64_t rows, int64_t cols) override;
+  Buffer load(int64_t rows, int64_t cols, const RowFill& fill) override;
+  void end_loading() override;
   Buffer alloc(int64_t rows, int64_t cols) override;
   int64_t element_bytes() const override;
+  MemoryUse memory_use() override;
   Tensor to_host(const Buffer& x) override;
   double copy_bandwidth_gbs() override;
 
@@ -76,14 +78,22 @@ class CudaBackend final : public Backend {
   void all_reduce(Buffer& x) override;
   void broadcast(std::vector<int64_t>& values) override;
   void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;
+  void profile_begin() override;
+  void profile_mark() override;
+  std::vector<double> profile_end() override;
 
  private:
   class Pool;
-  // Copies host ints to a device array that lives until the next begin().
+  class Stager;
+  class HostArena;
+  // Queues a copy of host bytes to a device array that lives until the next begin().
+  const void* to_device(const void* data, size_t bytes);
   const int32_t* to_device(const std::vector<int32_t>& values);
   // Waits for the stream; a NCCL error, another rank's failure or TPENGINE_NCCL_TIMEOUT seconds
   // (default 600) of no progress aborts the communicator and throws, naming the cause.
   void sync(const char* what);
+  // Lets a stream held by profile_begin() run.
+  void release_queue();
 
   int rank_;
   int device_;
@@ -93,14 +103,23 @@ class CudaBackend final : public Backend {
   parallel::ThreadGroup& group_;
   cudaStream_t stream_ = nullptr;
   std::shared_ptr<Pool> pool_;
+  std::unique_ptr<HostArena> arena_;
+  std::unique_ptr<Stager> stager_;  // while weights are loading
   std::unique_ptr<cuda::Gemm> gemm_;
   const Batch* batch_ = nullptr;
   const int32_t* ids_ = nullptr;
   const int32_t* slots_ = nullptr;
   const int32_t* positions_ = nullptr;
-  std::vector<Buffer> batch_arrays_;                       // this forward's uploaded metadata
-  std::map<const IndexSet*, Buffer> columns_;              // gather lists, by the plan's sets
-  std::map<std::string, std::pair<Buffer, Buffer>> rope_;  // this forward's (tables, table index)
+  std::vector<Buffer> batch_arrays_;           // this forward's uploaded metadata
+  std::map<const IndexSet*, Buffer> columns_;  // gather lists, by the plan's sets
+  // This forward's rotary (frequency tables, table of each token), by rope parameters.
+  std::map<std::string, std::pair<const float*, const int32_t*>> rope_;
+  // Profiling: the host's go flag (pinned, mapped), its device address, and the step events.
+  volatile int* go_ = nullptr;
+  const volatile int* go_device_ = nullptr;
+  bool holding_ = false;
+  std::vector<cudaEvent_t> marks_;
+  size_t marks_used_ = 0;
 };
 
 }  // namespace tpe::runtime

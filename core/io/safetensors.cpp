@@ -445,14 +445,15 @@ const std::byte* SafetensorsFile::bytes(const TensorInfo& info) const {
   return map_ + data_offset_ + info.begin;
 }
 
-void SafetensorsFile::release(const TensorInfo& info) const {
-  if (info.begin == info.end) return;
+void SafetensorsFile::release(const TensorInfo& info) const { release_bytes(info.begin, info.end); }
+
+void SafetensorsFile::release_bytes(uint64_t begin, uint64_t end) const {
+  if (begin == end) return;
   // Rounding outwards may drop a neighbour's pages too; that is harmless, as private read-only
   // pages are never dirty and simply fault back in from the page cache if read again.
   const size_t page = page_size();
-  const size_t first = (data_offset_ + info.begin) / page * page;
-  const size_t last =
-      std::min(data_offset_ + info.end + page - 1, map_size_ + page - 1) / page * page;
+  const size_t first = (data_offset_ + begin) / page * page;
+  const size_t last = std::min(data_offset_ + end + page - 1, map_size_ + page - 1) / page * page;
   ::madvise(const_cast<std::byte*>(map_) + first, last - first, MADV_DONTNEED);
 }
 
@@ -503,9 +504,9 @@ std::vector<const TensorInfo*> Checkpoint::tensors() const {
   return out;
 }
 
-std::vector<float> SafetensorsFile::read_f32(const TensorInfo& info,
-                                             std::span<const int64_t> expected_shape,
-                                             const IndexSet& rows, const IndexSet& cols) const {
+void SafetensorsFile::read_f32(const TensorInfo& info, std::span<const int64_t> expected_shape,
+                               const IndexSet& rows, const IndexSet& cols,
+                               std::span<float> out) const {
   const std::string_view name = info.name;
   TPE_CHECK(expected_shape.size() == 1 || expected_shape.size() == 2,
             "read_f32 of '{}' with a {}-D shape", printable(name), expected_shape.size());
@@ -527,20 +528,47 @@ std::vector<float> SafetensorsFile::read_f32(const TensorInfo& info,
   const IndexSet& col_set = cols.empty() ? all_cols : cols;
   check_within(row_set, height, name);
   check_within(col_set, width, name);
-  std::vector<float> out(static_cast<size_t>(index_count(row_set) * index_count(col_set)));
+  TPE_CHECK(static_cast<int64_t>(out.size()) == index_count(row_set) * index_count(col_set),
+            "slice of '{}' into {} floats", printable(name), out.size());
   copy_slice(info.dtype, bytes(info), width, row_set, col_set, out.data());
-  release(info);
+  // Only the rows read leave the resident set: a caller reading a tensor in pieces keeps the
+  // peak near one piece.
+  for (const Range& r : row_set) {
+    const uint64_t row_bytes = static_cast<uint64_t>(width) * dtype_size(info.dtype);
+    release_bytes(info.begin + static_cast<uint64_t>(r.begin) * row_bytes,
+                  info.begin + static_cast<uint64_t>(r.end) * row_bytes);
+  }
+}
+
+std::vector<float> SafetensorsFile::read_f32(const TensorInfo& info,
+                                             std::span<const int64_t> expected_shape,
+                                             const IndexSet& rows, const IndexSet& cols) const {
+  const int64_t height = expected_shape.empty() ? 0 : expected_shape[0];
+  const int64_t width = expected_shape.size() == 2 ? expected_shape[1] : 1;
+  std::vector<float> out(static_cast<size_t>((rows.empty() ? height : index_count(rows)) *
+                                             (cols.empty() ? width : index_count(cols))));
+  read_f32(info, expected_shape, rows, cols, out);
   return out;
+}
+
+Checkpoint::Entry Checkpoint::locate(std::string_view name) const {
+  const auto it = index_.find(name);
+  if (it == index_.end()) {
+    fail("tensor '{}' is missing from checkpoint {}", printable(name), printable(dir_.string()));
+  }
+  return it->second;
+}
+
+void Checkpoint::read_f32(std::string_view name, std::span<const int64_t> expected_shape,
+                          const IndexSet& rows, const IndexSet& cols, std::span<float> out) const {
+  const auto [file, info] = locate(name);
+  file->read_f32(*info, expected_shape, rows, cols, out);
 }
 
 std::vector<float> Checkpoint::read_f32(std::string_view name,
                                         std::span<const int64_t> expected_shape,
                                         const IndexSet& rows, const IndexSet& cols) const {
-  const auto it = index_.find(name);
-  if (it == index_.end()) {
-    fail("tensor '{}' is missing from checkpoint {}", printable(name), printable(dir_.string()));
-  }
-  const auto [file, info] = it->second;
+  const auto [file, info] = locate(name);
   return file->read_f32(*info, expected_shape, rows, cols);
 }
 

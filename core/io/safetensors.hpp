@@ -48,6 +48,8 @@ class SafetensorsFile {
   // The tensor's bytes inside the mapping.
   const std::byte* bytes(const TensorInfo& info) const;
   // Copies a slice of one of this file's tensors out as fp32 (see Checkpoint::read_f32).
+  void read_f32(const TensorInfo& info, std::span<const int64_t> expected_shape,
+                const IndexSet& rows, const IndexSet& cols, std::span<float> out) const;
   std::vector<float> read_f32(const TensorInfo& info, std::span<const int64_t> expected_shape,
                               const IndexSet& rows, const IndexSet& cols) const;
   // Tells the kernel the tensor's pages are no longer needed (they are clean, so they leave the
@@ -56,6 +58,8 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  // Like release, for bytes [begin, end) of the data section.
+  void release_bytes(uint64_t begin, uint64_t end) const;
   std::filesystem::path path_;
   const std::byte* map_ = nullptr;
   size_t map_size_ = 0;
@@ -80,14 +84,19 @@ class Checkpoint {
   // exist and have exactly `expected_shape` (1-D or 2-D), else tpe::Error naming the tensor, the
   // file and both shapes. `rows` selects dim 0 and `cols` dim 1 (empty = all); the result is
   // [count(rows), count(cols)] row-major (or [count(rows)] for 1-D). Releases the tensor's
-  // pages afterwards (see SafetensorsFile::release).
+  // pages of the rows read afterwards (see SafetensorsFile::release). Safe to call from several
+  // threads at once. The first form writes into `out`, which must hold exactly the slice.
+  void read_f32(std::string_view name, std::span<const int64_t> expected_shape,
+                const IndexSet& rows, const IndexSet& cols, std::span<float> out) const;
   std::vector<float> read_f32(std::string_view name, std::span<const int64_t> expected_shape,
                               const IndexSet& rows, const IndexSet& cols) const;
 
  private:
+  using Entry = std::pair<const SafetensorsFile*, const TensorInfo*>;
+  Entry locate(std::string_view name) const;  // fails naming the tensor and the checkpoint
   std::filesystem::path dir_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
-  std::map<std::string, std::pair<const SafetensorsFile*, const TensorInfo*>, std::less<>> index_;
+  std::map<std::string, Entry, std::less<>> index_;
 };
 
 }  // namespace tpe::io

@@ -3,8 +3,12 @@
 // collectives, so CPU and CUDA share every decision and differ only in kernels and memory.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <span>
+#include <string>
 #include <vector>
 
 #include <tpengine/policy.h>
@@ -34,6 +38,12 @@ struct Buffer {
   int64_t cols = 0;
 };
 
+// One step of a profiled forward pass and its time (see Backend::profile_begin).
+struct StepTime {
+  std::string label;  // "linear self_attn.q_proj", "all_reduce", ...: the same in every layer
+  double ms = 0;
+};
+
 // One attention op's keys and values for every slot: [slots * max_len, width] each.
 struct KvCache {
   Buffer k, v;
@@ -51,6 +61,23 @@ struct AttentionShape {
   int64_t window = 0;
 };
 
+// Bytes of a backend's live buffers, and their most since reset_peak(); thread-safe.
+class MemoryTally {
+ public:
+  void add(int64_t bytes) {
+    const int64_t live = live_ += bytes;
+    int64_t peak = peak_.load();
+    while (live > peak && !peak_.compare_exchange_weak(peak, live)) {
+    }
+  }
+  void sub(int64_t bytes) { live_ -= bytes; }
+  int64_t peak() const { return peak_; }
+  void reset_peak() { peak_ = live_.load(); }
+
+ private:
+  std::atomic<int64_t> live_ = 0, peak_ = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -58,10 +85,26 @@ class Backend {
   // ---- memory ----
   // Called first on every thread that uses this backend (a CUDA device is per-thread state).
   virtual void bind_thread() {}
-  virtual Buffer upload(std::vector<float> values, int64_t rows, int64_t cols) = 0;
+  // Writes rows [first, first + count) of a weight, row-major fp32, into out.
+  using RowFill = std::function<void(int64_t first, int64_t count, std::span<float> out)>;
+  // A rows x cols weight whose values `fill` writes, in pieces of whole rows. The backend may
+  // call fill on other threads and return before the piece reaches the device: whatever fill
+  // refers to must outlive end_loading(), which waits for every piece (and rethrows the first
+  // fill's error).
+  virtual Buffer load(int64_t rows, int64_t cols, const RowFill& fill) = 0;
+  virtual void end_loading() {}
   // Uninitialised memory: every op writes the whole of its output.
   virtual Buffer alloc(int64_t rows, int64_t cols) = 0;
   virtual int64_t element_bytes() const = 0;
+  // The most memory the backend's buffers (weights, KV caches, activations) have held at once
+  // since reset_memory_peak(), and (where the device can say) all memory in use on the device
+  // now, bytes.
+  struct MemoryUse {
+    int64_t buffers_peak = 0;
+    int64_t device_in_use = 0;
+  };
+  virtual MemoryUse memory_use() { return {tally_->peak(), 0}; }
+  void reset_memory_peak() { tally_->reset_peak(); }
   virtual Tensor to_host(const Buffer& x) = 0;  // fp32
   // The memory bandwidth the weights are read at, from a large copy (bytes read + written per
   // second, GB/s): the roofline a decode step is measured against.
@@ -93,6 +136,19 @@ class Backend {
   virtual void broadcast(std::vector<int64_t>& values) = 0;
   // Every rank's [rows, vocab[r].size()] slice of the logits into full [rows, vocab].
   virtual void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) = 0;
+
+  // ---- timing one forward pass op by op (tpengine bench --profile) ----
+  // After profile_begin(), profile_mark() follows each step; profile_end() returns the
+  // milliseconds between consecutive marks (the first from profile_begin). A device backend
+  // holds its queue until the host has queued the pass (or must wait for it), so that the marks
+  // time the device's work rather than the host's launches.
+  virtual void profile_begin() = 0;
+  virtual void profile_mark() = 0;
+  virtual std::vector<double> profile_end() = 0;
+
+ protected:
+  // alloc() and load() count their buffers here (shared: a buffer may outlive its backend).
+  std::shared_ptr<MemoryTally> tally_ = std::make_shared<MemoryTally>();
 };
 
 }  // namespace tpe::runtime

@@ -6,7 +6,6 @@
 #include <random>
 
 #include "core/common/error.hpp"
-#include "core/parallel/report.hpp"
 
 namespace tpe::runtime {
 namespace {
@@ -29,19 +28,36 @@ struct Run {
 };
 
 Run run_once(Engine& engine, const std::vector<std::vector<int64_t>>& prompts,
-             const GenerationParams& params) {
+             const GenerationParams& params, Engine::StepProfile* profile = nullptr) {
   const size_t last = prompts.size() - 1;
   std::vector<Clock::time_point> steps;
   const auto start = Clock::now();
   // Tokens of one step arrive in sequence order; the last sequence's token closes the step.
-  engine.generate(prompts, params, [&](size_t seq, int64_t) {
-    if (seq == last) steps.push_back(Clock::now());
-  });
+  engine.generate(
+      prompts, params,
+      [&](size_t seq, int64_t) {
+        if (seq == last) steps.push_back(Clock::now());
+      },
+      profile);
   Run run;
   run.ttft_ms = ms_between(start, steps.front());
   for (size_t i = 1; i < steps.size(); ++i)
     run.step_ms.push_back(ms_between(steps[i - 1], steps[i]));
   return run;
+}
+
+std::vector<OpTotal> sum_by_label(const std::vector<StepTime>& steps) {
+  std::vector<OpTotal> totals;
+  for (const StepTime& s : steps) {
+    auto it = std::find_if(totals.begin(), totals.end(),
+                           [&](const OpTotal& t) { return t.label == s.label; });
+    if (it == totals.end()) it = totals.insert(totals.end(), {s.label, 0, 0.0});
+    it->calls += 1;
+    it->ms += s.ms;
+  }
+  std::stable_sort(totals.begin(), totals.end(),
+                   [](const OpTotal& a, const OpTotal& b) { return a.ms > b.ms; });
+  return totals;
 }
 
 }  // namespace
@@ -64,6 +80,7 @@ BenchResult run_bench(Engine& engine, const BenchOptions& o) {
   GenerationParams params;  // greedy; no stop tokens, so every run makes new_tokens tokens
   params.max_new_tokens = o.new_tokens;
 
+  engine.reset_memory_peak();
   for (int i = 0; i < o.warmup; ++i) run_once(engine, prompts, params);
   std::vector<double> ttft, steps;
   for (int i = 0; i < o.repeat; ++i) {
@@ -72,6 +89,7 @@ BenchResult run_bench(Engine& engine, const BenchOptions& o) {
     steps.insert(steps.end(), run.step_ms.begin(), run.step_ms.end());
   }
   BenchResult r;
+  r.batch = o.batch;
   r.ttft_ms = percentile(ttft, 0.5);
   r.tpot_mean_ms =
       std::accumulate(steps.begin(), steps.end(), 0.0) / static_cast<double>(steps.size());
@@ -80,11 +98,14 @@ BenchResult run_bench(Engine& engine, const BenchOptions& o) {
   r.decode_tokens_per_s = static_cast<double>(o.batch) / (r.tpot_mean_ms / 1e3);
   r.prefill_tokens_per_s = static_cast<double>(o.batch * o.prompt_len) / (r.ttft_ms / 1e3);
   r.weight_bytes = engine.weight_bytes();
-  for (const auto& m : parallel::rank_memory(model.graph, model.plan)) {
-    r.kv_cache_bytes.push_back(m.kv_elements_per_token * static_cast<int64_t>(sizeof(float)) *
-                               o.batch * (o.prompt_len + o.new_tokens));
+  r.memory = engine.memory();
+  if (o.profile) {  // the middle decode step, after the timed runs so that they are not disturbed
+    Engine::StepProfile profile;
+    profile.step = o.new_tokens / 2;
+    run_once(engine, prompts, params, &profile);
+    r.profile = sum_by_label(profile.times);
+    for (const OpTotal& t : r.profile) r.profile_total_ms += t.ms;
   }
-  r.memory_bandwidth_gbs = engine.copy_bandwidth_gbs();
   const int64_t largest = *std::max_element(r.weight_bytes.begin(), r.weight_bytes.end());
   r.achieved_bandwidth_gbs = static_cast<double>(largest) / (r.tpot_mean_ms / 1e3) / 1e9;
   return r;

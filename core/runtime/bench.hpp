@@ -1,10 +1,11 @@
 // What `tpengine bench` measures (shared/design/BENCHMARKS.md): time to first token, time per
-// output token, decode and prefill throughput, weight and KV-cache bytes per rank, and achieved
-// bandwidth (weight bytes read per decode step / step time) against the memory bandwidth
-// measured in the same run. Only generated tokens count.
+// output token, decode and prefill throughput, device memory per rank split into weights, KV
+// cache and workspace, achieved bandwidth (weight bytes read per decode step / step time), and
+// optionally one decode step's time op by op. Only generated tokens count.
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/runtime/engine.hpp"
@@ -17,18 +18,29 @@ struct BenchOptions {
   int64_t new_tokens = 128;
   int warmup = 1;
   int repeat = 3;
-  uint64_t seed = 0;  // of the random prompts
+  uint64_t seed = 0;     // of the random prompts
+  bool profile = false;  // also time the middle decode step op by op
+};
+
+// The steps of a profiled decode step with the same label (the same op in every layer), summed.
+struct OpTotal {
+  std::string label;
+  int calls = 0;
+  double ms = 0;
 };
 
 struct BenchResult {
+  int64_t batch = 0;
   double ttft_ms = 0;                                         // median over repeats
   double tpot_mean_ms = 0, tpot_p50_ms = 0, tpot_p90_ms = 0;  // over all decode steps
-  double decode_tokens_per_s = 0;       // batch x (new tokens - 1) / decode time
-  double prefill_tokens_per_s = 0;      // batch x prompt_len / ttft
-  std::vector<int64_t> weight_bytes;    // per rank
-  std::vector<int64_t> kv_cache_bytes;  // per rank, for batch x (prompt_len + new_tokens)
-  double memory_bandwidth_gbs = 0;      // measured copy bandwidth, bytes read + written
-  double achieved_bandwidth_gbs = 0;    // largest rank's weight bytes / mean TPOT
+  double decode_tokens_per_s = 0;     // batch x (new tokens - 1) / decode time
+  double prefill_tokens_per_s = 0;    // batch x prompt_len / ttft
+  std::vector<int64_t> weight_bytes;  // per rank of this process
+  // Per rank of this process, after the runs: KV cache for batch x (prompt_len + new_tokens).
+  std::vector<Engine::RankMemory> memory;
+  double achieved_bandwidth_gbs = 0;  // largest rank's weight bytes / mean TPOT
+  std::vector<OpTotal> profile;       // rank 0's, largest first; empty unless asked for
+  double profile_total_ms = 0;        // the profiled step's ops, back to back
 };
 
 // Runs warmup + repeat greedy generations of random prompts (never stopping early).

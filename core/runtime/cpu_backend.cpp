@@ -15,16 +15,21 @@ const float* f32(const Buffer& b) { return static_cast<const float*>(b.data); }
 
 }  // namespace
 
-Buffer CpuBackend::upload(std::vector<float> values, int64_t rows, int64_t cols) {
-  TPE_CHECK(static_cast<int64_t>(values.size()) == rows * cols, "upload of {} values as {}x{}",
-            values.size(), rows, cols);
-  auto storage = std::make_shared<std::vector<float>>(std::move(values));
-  return {storage, storage->data(), rows, cols};
+Buffer CpuBackend::load(int64_t rows, int64_t cols, const RowFill& fill) {
+  Buffer out = alloc(rows, cols);
+  fill(0, rows, {f32(out), static_cast<size_t>(rows * cols)});
+  return out;
 }
 
 Buffer CpuBackend::alloc(int64_t rows, int64_t cols) {
-  auto storage = std::make_shared<std::vector<float>>(static_cast<size_t>(rows * cols), 0.0f);
-  return {storage, storage->data(), rows, cols};
+  const int64_t bytes = rows * cols * static_cast<int64_t>(sizeof(float));
+  auto* values = new std::vector<float>(static_cast<size_t>(rows * cols));
+  tally_->add(bytes);
+  std::shared_ptr<void> storage(values, [tally = tally_, bytes](void* p) {
+    delete static_cast<std::vector<float>*>(p);
+    tally->sub(bytes);
+  });
+  return {std::move(storage), values->data(), rows, cols};
 }
 
 Tensor CpuBackend::to_host(const Buffer& x) {
@@ -155,6 +160,19 @@ void CpuBackend::gather_vocab(const Buffer& local, const std::vector<Range>& voc
     }
     offset += full.rows * v.size();
   }
+}
+
+void CpuBackend::profile_begin() { marks_.assign(1, std::chrono::steady_clock::now()); }
+
+void CpuBackend::profile_mark() { marks_.push_back(std::chrono::steady_clock::now()); }
+
+std::vector<double> CpuBackend::profile_end() {
+  std::vector<double> ms;
+  for (size_t i = 1; i < marks_.size(); ++i) {
+    ms.push_back(std::chrono::duration<double, std::milli>(marks_[i] - marks_[i - 1]).count());
+  }
+  marks_.clear();
+  return ms;
 }
 
 }  // namespace tpe::runtime

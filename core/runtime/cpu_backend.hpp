@@ -2,6 +2,8 @@
 // communicator (ranks are threads).
 #pragma once
 
+#include <chrono>
+
 #include "core/parallel/communicator.hpp"
 #include "core/runtime/backend.hpp"
 
@@ -11,7 +13,7 @@ class CpuBackend final : public Backend {
  public:
   CpuBackend(int rank, parallel::ThreadGroup& group) : rank_(rank), group_(group) {}
 
-  Buffer upload(std::vector<float> values, int64_t rows, int64_t cols) override;
+  Buffer load(int64_t rows, int64_t cols, const RowFill& fill) override;
   Buffer alloc(int64_t rows, int64_t cols) override;
   int64_t element_bytes() const override { return sizeof(float); }
   Tensor to_host(const Buffer& x) override;
@@ -34,8 +36,12 @@ class CpuBackend final : public Backend {
   void all_reduce(Buffer& x) override;
   void broadcast(std::vector<int64_t>& values) override;
   void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;
+  void profile_begin() override;
+  void profile_mark() override;
+  std::vector<double> profile_end() override;
 
  private:
+  std::vector<std::chrono::steady_clock::time_point> marks_;
   int rank_;
   parallel::ThreadGroup& group_;
   const Batch* batch_ = nullptr;

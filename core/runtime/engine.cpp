@@ -195,16 +195,17 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
     source = fmt::format("random weights (seed {}) for {}", *random_weights_seed,
                          model_.config.path().string());
     reader = [seed = *random_weights_seed](const std::string& name, std::span<const int64_t> shape,
-                                           const IndexSet& rows, const IndexSet& cols) {
-      return random_weights(seed, name, shape, rows, cols);
+                                           const IndexSet& rows, const IndexSet& cols,
+                                           std::span<float> out) {
+      random_weights(seed, name, shape, rows, cols, out);
     };
   } else {
     checkpoint = io::Checkpoint::open(model_.config.path().parent_path());
     check_tensors_present(model_, *checkpoint);
     source = checkpoint->dir().string();
     reader = [&checkpoint](const std::string& name, std::span<const int64_t> shape,
-                           const IndexSet& rows, const IndexSet& cols) {
-      return checkpoint->read_f32(name, shape, rows, cols);
+                           const IndexSet& rows, const IndexSet& cols, std::span<float> out) {
+      checkpoint->read_f32(name, shape, rows, cols, out);
     };
   }
   // One process drives every rank, or (launched) just its own.
@@ -311,7 +312,7 @@ std::vector<Tensor> Engine::prompt_logits(const std::vector<std::vector<int64_t>
 
 std::vector<std::vector<int64_t>> Engine::generate(
     const std::vector<std::vector<int64_t>>& prompts, const GenerationParams& params,
-    const std::function<void(size_t, int64_t)>& on_token) {
+    const std::function<void(size_t, int64_t)>& on_token, StepProfile* profile) {
   check_prompts(prompts);
   const size_t n = prompts.size();
   std::vector<std::vector<int64_t>> generated(n);
@@ -333,7 +334,10 @@ std::vector<std::vector<int64_t>> Engine::generate(
       batch.logit_rows.push_back(static_cast<int64_t>(batch.tokens.size()) - 1);
     }
     for (int64_t step = 0; step < params.max_new_tokens; ++step) {
-      Tensor logits = executor.forward(batch);
+      std::vector<StepTime> times;
+      const bool timed = profile != nullptr && profile->step == step;
+      Tensor logits = executor.forward(batch, timed ? &times : nullptr);
+      if (timed && executor.rank() == 0) profile->times = std::move(times);
       // Rank 0 samples; every rank takes its choice so all caches stay identical.
       std::vector<int64_t> next(batch.segments.size());
       if (executor.rank() == 0) {
@@ -374,6 +378,23 @@ double Engine::copy_bandwidth_gbs() {
 }
 
 int64_t Engine::all_reduce_count() const { return ranks_->group.all_reduce_count(); }
+
+std::vector<Engine::RankMemory> Engine::memory() {
+  std::vector<RankMemory> out(ranks_->executors.size());
+  ranks_->run([&](int r) {
+    Executor& e = *ranks_->executors[r];
+    e.backend().bind_thread();
+    const Backend::MemoryUse use = e.backend().memory_use();
+    const int64_t weights = e.weight_bytes(), cache = e.kv_cache_bytes();
+    out[r] = {weights, cache, std::max<int64_t>(0, use.buffers_peak - weights - cache),
+              use.device_in_use};
+  });
+  return out;
+}
+
+void Engine::reset_memory_peak() {
+  for (const auto& e : ranks_->executors) e->backend().reset_memory_peak();
+}
 
 std::vector<int64_t> Engine::weight_bytes() const {
   std::vector<int64_t> bytes;

@@ -69,15 +69,30 @@ class Engine {
   std::vector<Tensor> prompt_logits(const std::vector<std::vector<int64_t>>& prompts);
 
   // Generates up to max_new_tokens per prompt (batched); a sequence ends after emitting a stop
-  // token (which is kept). on_token(sequence, token) is called as tokens are chosen.
+  // token (which is kept). on_token(sequence, token) is called as tokens are chosen. With
+  // `profile`, the forward pass that makes token profile->step + 1 (0: the prompt pass) is timed
+  // op by op and rank 0's times are left in profile->times.
+  struct StepProfile {
+    int64_t step = 1;
+    std::vector<StepTime> times;
+  };
   std::vector<std::vector<int64_t>> generate(
       const std::vector<std::vector<int64_t>>& prompts, const GenerationParams& params,
-      const std::function<void(size_t, int64_t)>& on_token = {});
+      const std::function<void(size_t, int64_t)>& on_token = {}, StepProfile* profile = nullptr);
 
   // All-reduces issued so far (each counted once, not per rank).
   int64_t all_reduce_count() const;
   // Weight bytes each rank holds (fp32 on the CPU backend).
   std::vector<int64_t> weight_bytes() const;
+  // Device memory of each of this process's ranks: weights, the KV cache now allocated, the most
+  // the other buffers (activations, per-pass data) held at once since reset_memory_peak(), and
+  // all memory in use on the device (0 where the backend cannot say; includes the runtime's and
+  // NCCL's own), bytes.
+  struct RankMemory {
+    int64_t weights = 0, kv_cache = 0, workspace = 0, device_in_use = 0;
+  };
+  std::vector<RankMemory> memory();
+  void reset_memory_peak();
   double load_seconds() const { return load_seconds_; }
   // Rank 0's device memory bandwidth, measured now (see Backend::copy_bandwidth_gbs).
   double copy_bandwidth_gbs();

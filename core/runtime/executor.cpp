@@ -40,16 +40,33 @@ std::shared_ptr<const Buffer> Executor::read(const WeightReader& reader, const s
   const std::string key = slice_key(name, rows, cols);
   auto it = loaded_.find(key);
   if (it != loaded_.end()) return it->second;
-  const int64_t n_rows = rows.empty() ? shape[0] : index_count(rows);
+  const IndexSet row_set = rows.empty() ? IndexSet{{0, shape[0]}} : rows;
   const int64_t n_cols = shape.size() < 2 ? 1 : cols.empty() ? shape[1] : index_count(cols);
-  auto buffer = std::make_shared<const Buffer>(
-      backend_->upload(reader(name, shape, rows, cols), n_rows, n_cols));
+  auto buffer = std::make_shared<const Buffer>(backend_->load(
+      index_count(row_set), n_cols,
+      [&reader, name, shape, row_set, cols](int64_t first, int64_t count, std::span<float> out) {
+        reader(name, shape, index_slice(row_set, first, count), cols, out);
+      }));
   loaded_.emplace(key, buffer);
   return buffer;
 }
 
 void Executor::load(const WeightReader& reader, const std::function<void()>& on_tensor) {
   backend_->bind_thread();
+  try {
+    load_all(reader, on_tensor);
+  } catch (...) {
+    // Pieces may still be read on other threads: wait for them before `reader` goes away.
+    try {
+      backend_->end_loading();
+    } catch (...) {  // the first error is the one to report
+    }
+    throw;
+  }
+  backend_->end_loading();
+}
+
+void Executor::load_all(const WeightReader& reader, const std::function<void()>& on_tensor) {
   const IndexSet all;
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
@@ -101,6 +118,14 @@ int64_t Executor::weight_bytes() const {
   return bytes;
 }
 
+int64_t Executor::kv_cache_bytes() const {
+  int64_t bytes = 0;
+  for (const KvCache& c : caches_) {
+    bytes += (c.k.rows * c.k.cols + c.v.rows * c.v.cols) * backend_->element_bytes();
+  }
+  return bytes;
+}
+
 double Executor::copy_bandwidth_gbs() {
   backend_->bind_thread();
   return backend_->copy_bandwidth_gbs();
@@ -118,7 +143,14 @@ void Executor::reset_cache(int slots, int64_t max_len) {
   }
 }
 
-Tensor Executor::forward(const Batch& batch) {
+std::string Executor::step_label(const Step& step) const {
+  if (step.kind == Step::Kind::kAllReduce) return "all_reduce";
+  const std::string name = graph_.relative_name(step.index);
+  const std::string kind = graph::op_kind_name(graph_.ops[step.index].kind);
+  return name.empty() ? kind : kind + " " + name;
+}
+
+Tensor Executor::forward(const Batch& batch, std::vector<StepTime>* profile) {
   const Op* embedding = nullptr;
   for (const Op& op : graph_.ops) {
     if (op.kind == OpKind::kEmbedding) embedding = &op;
@@ -131,12 +163,21 @@ Tensor Executor::forward(const Batch& batch) {
   }
   backend_->bind_thread();
   backend_->begin(batch);
+  if (profile != nullptr) backend_->profile_begin();
   std::vector<Buffer> values(graph_.values.size());
   for (const Step& step : plan_.steps) {
     if (step.kind == Step::Kind::kAllReduce) {
       backend_->all_reduce(values[step.index]);
     } else {
       run_op(step.index, batch, values);
+    }
+    if (profile != nullptr) backend_->profile_mark();
+  }
+  if (profile != nullptr) {
+    const std::vector<double> ms = backend_->profile_end();
+    profile->clear();
+    for (size_t i = 0; i < plan_.steps.size(); ++i) {
+      profile->push_back({step_label(plan_.steps[i]), ms.at(i)});
     }
   }
   return backend_->to_host(values[graph_.logits]);

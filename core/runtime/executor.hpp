@@ -23,18 +23,23 @@ class Executor {
   Executor(const graph::Graph& graph, const parallel::Plan& plan, int rank,
            std::unique_ptr<Backend> backend);
 
-  // Reads one tensor's slice as fp32: (name, full shape, rows, cols), empty sets meaning all.
-  using WeightReader = std::function<std::vector<float>(
-      const std::string&, std::span<const int64_t>, const IndexSet&, const IndexSet&)>;
+  // Writes one tensor's slice as fp32 into out: (name, full shape, rows, cols, out), empty sets
+  // meaning all. Called from several threads at once, for pieces of a slice.
+  using WeightReader = std::function<void(const std::string&, std::span<const int64_t>,
+                                          const IndexSet&, const IndexSet&, std::span<float>)>;
 
   // Reads this rank's slices and hands them to the backend; on_tensor is called after each.
   void load(const WeightReader& reader, const std::function<void()>& on_tensor);
   // Drops the cache and makes room for `slots` sequences of up to max_len tokens.
   void reset_cache(int slots, int64_t max_len);
-  // Returns the full logits [batch.logit_rows.size(), vocab] (gathered over ranks) on the host.
-  Tensor forward(const Batch& batch);
+
+  // Returns the full logits [batch.logit_rows.size(), vocab] (gathered over ranks) on the host;
+  // with `profile`, also the time of each step.
+  Tensor forward(const Batch& batch, std::vector<StepTime>* profile = nullptr);
 
   int64_t weight_bytes() const;
+  int64_t kv_cache_bytes() const;
+  Backend& backend() { return *backend_; }
   int rank() const { return rank_; }
   // Rank 0's values to every rank.
   void broadcast(std::vector<int64_t>& values) { backend_->broadcast(values); }
@@ -44,7 +49,9 @@ class Executor {
   struct Weights {
     std::shared_ptr<const Buffer> w, b;
   };
+  void load_all(const WeightReader& reader, const std::function<void()>& on_tensor);
   void run_op(int op, const Batch& batch, std::vector<Buffer>& values);
+  std::string step_label(const parallel::Step& step) const;
   std::shared_ptr<const Buffer> read(const WeightReader& reader, const std::string& name,
                                      std::vector<int64_t> shape, const IndexSet& rows,
                                      const IndexSet& cols);

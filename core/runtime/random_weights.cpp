@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "core/common/error.hpp"
+
 namespace tpe::runtime {
 namespace {
 
@@ -20,9 +22,8 @@ uint64_t fnv1a(std::string_view text) {
 
 }  // namespace
 
-std::vector<float> random_weights(uint64_t seed, std::string_view name,
-                                  std::span<const int64_t> shape, const IndexSet& rows,
-                                  const IndexSet& cols) {
+void random_weights(uint64_t seed, std::string_view name, std::span<const int64_t> shape,
+                    const IndexSet& rows, const IndexSet& cols, std::span<float> out) {
   const int64_t height = shape[0];
   const int64_t width = shape.size() == 2 ? shape[1] : 1;
   const IndexSet all_rows{{0, height}}, all_cols{{0, width}};
@@ -35,20 +36,20 @@ std::vector<float> random_weights(uint64_t seed, std::string_view name,
     spread = is_bias ? 0.02f : 0.1f;
   }
   const uint64_t key = splitmix64(seed ^ fnv1a(name));
-  std::vector<float> out;
-  out.reserve(static_cast<size_t>(index_count(row_set) * index_count(col_set)));
+  TPE_CHECK(static_cast<int64_t>(out.size()) == index_count(row_set) * index_count(col_set),
+            "random slice of '{}' into {} floats", printable(name), out.size());
+  float* next = out.data();
   for (const Range& r : row_set) {
     for (int64_t i = r.begin; i < r.end; ++i) {
       for (const Range& c : col_set) {
         for (int64_t j = c.begin; j < c.end; ++j) {
           const uint64_t bits = splitmix64(key + static_cast<uint64_t>(i * width + j));
           const float unit = static_cast<float>(bits >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-          out.push_back(center + spread * (2.0f * unit - 1.0f));
+          *next++ = center + spread * (2.0f * unit - 1.0f);
         }
       }
     }
   }
-  return out;
 }
 
 }  // namespace tpe::runtime

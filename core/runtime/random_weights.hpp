@@ -7,7 +7,6 @@
 #include <cstdint>
 #include <span>
 #include <string_view>
-#include <vector>
 
 #include "core/common/index_set.hpp"
 
@@ -15,9 +14,8 @@ namespace tpe::runtime {
 
 // The slice (rows x cols of a tensor of `shape`, empty sets meaning all) of random tensor
 // `name`: matrices uniform in +-1/sqrt(columns), 1-D ".weight" tensors (norm scales) near 1,
-// 1-D biases near 0.
-std::vector<float> random_weights(uint64_t seed, std::string_view name,
-                                  std::span<const int64_t> shape, const IndexSet& rows,
-                                  const IndexSet& cols);
+// 1-D biases near 0. `out` must hold exactly the slice.
+void random_weights(uint64_t seed, std::string_view name, std::span<const int64_t> shape,
+                    const IndexSet& rows, const IndexSet& cols, std::span<float> out);
 
 }  // namespace tpe::runtime

@@ -66,6 +66,10 @@ void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, con
                int64_t n_kv, int64_t first_q, int64_t group, int64_t first_kv, float scale,
                int64_t window, DType dtype, void* out, cudaStream_t stream);
 
+// Holds the stream until the host sets *flag, host memory mapped into the device
+// (cudaHostAllocMapped), to non-zero: what the host queues meanwhile then runs back to back.
+void wait_for_host(const volatile int* flag, cudaStream_t stream);
+
 // Matrix products through cuBLASLt, one instance per device: y[tokens, out] = x[tokens, in] ·
 // w[out, in]^T (+ bias[out]), fp32 accumulation, bias added in the epilogue. The algorithm is
 // chosen once per (tokens, in, out, dtype, bias) and cached.

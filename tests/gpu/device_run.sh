@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds and runs the GPU tests and the benchmark on a CUDA machine that lacks the Debian -dev
-# packages, using the folder tools/gpu-deps.sh prepared (TPE_GPU_DEPS, default .gpu-deps), then
-# runs the tests again under compute-sanitizer (memcheck, and racecheck on the kernels that use
-# shared memory) where it is installed. Logs go to OUT; the summary goes to stdout.
+# Builds tpengine and runs the GPU tests (ctest label gpu: kernels, the engine end to end, TP 2
+# and 4 where the GPUs exist, one process per GPU under torchrun and mpirun) and the kernel
+# benchmark on a CUDA machine that lacks the Debian -dev packages, using the folder
+# tools/gpu-deps.sh prepared (TPE_GPU_DEPS, default .gpu-deps). With TPE_SANITIZE=1 it then runs
+# the kernel tests under compute-sanitizer (memcheck, and racecheck on the kernels that use
+# shared memory). Logs go to OUT; the summary goes to stdout.
 #
 #   tests/gpu/device_run.sh [OUT]        OUT defaults to build-gpu/logs
 set -uo pipefail
@@ -31,21 +33,28 @@ if ! cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTUR
   tail -50 "$out/configure.log"
   exit 1
 fi
-if ! cmake --build build-gpu -j"$(nproc)" --target tpe_gpu_tests tpe_gpu_bench >"$out/build.log" 2>&1; then
+targets=(tpengine tpe_policy_llama tpe_policy_gpt_neox tpe_gpu_tests tpe_gpu_engine_tests
+         tpe_gpu_bench)
+if ! cmake --build build-gpu -j"$(nproc)" --target "${targets[@]}" >"$out/build.log" 2>&1; then
   grep -E -A8 "error|Error" "$out/build.log" | head -120
   exit 1
 fi
 
 status=0
 echo "== tests"
-build-gpu/tests/gpu/tpe_gpu_tests >"$out/gpu_tests.log" 2>&1 || status=1
-grep -E "^\[  (FAILED|SKIPPED) |Failure|^\[==========\]|^\[  PASSED  \]" "$out/gpu_tests.log" | tail -60
+(cd build-gpu && ctest -L gpu -j1 --output-on-failure --timeout 900) >"$out/gpu_tests.log" 2>&1 ||
+  status=1
+grep -E "tests passed|tests failed|\*\*\*Failed|Not Run|Timeout|Exception" "$out/gpu_tests.log" |
+  tail -40
+echo "skipped: $(grep -c '(Skipped)' "$out/gpu_tests.log" || true)"
+grep -E "^\[  SKIPPED \]|SKIP:" "$out/gpu_tests.log" | sort | uniq -c | head -10
 
-echo "== bench"
-build-gpu/tests/gpu/tpe_gpu_bench 2>&1 | tee "$out/bench.log" || status=1
+echo "== kernel bench"
+build-gpu/tests/gpu/tpe_gpu_bench >"$out/bench.log" 2>&1 || status=1
+tail -30 "$out/bench.log"
 
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-if [ -n "$sanitizer" ]; then
+if [ "${TPE_SANITIZE:-0}" = 1 ] && [ -n "$sanitizer" ]; then
   echo "== memcheck (all but the large GEMM shapes)"
   timeout 150 "$sanitizer" --tool memcheck --error-exitcode 3 build-gpu/tests/gpu/tpe_gpu_tests \
     --gtest_filter='-*GemmShapes*' >"$out/memcheck.log" 2>&1

@@ -52,19 +52,33 @@ TOML
     grep -Eq "^model_type 'llama': toy \(.*failing_build/libtoy.so, config policy.search_paths\) wins over llama \(.*libtpengine_policy_llama.so, built-in\)" <<<"$out"
     grep -Eq "\(model_type 'llama'\): toy from .*failing_build/libtoy.so" <<<"$out";;
   bench_json)
-    out=$("$tpengine" bench --model "$fixtures/neox_parallel" --random-weights --tp 2 --batch 2 \
-          --prompt-len 16 --new-tokens 8 --repeat 2 --json)
+    out=$("$tpengine" bench --model "$fixtures/neox_parallel" --random-weights --tp 2 --batch 2,3 \
+          --prompt-len 16 --new-tokens 8 --repeat 2 --profile --json)
     echo "$out"
     python3 - "$out" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1])
-assert r["tp"] == 2 and r["batch"] == 2 and r["random_weights"] is True, r
-for key in ("ttft_ms", "decode_tokens_per_s", "prefill_tokens_per_s", "memory_bandwidth_gbs",
-            "achieved_bandwidth_gbs", "load_gbs"):
+assert r["tp"] == 2 and r["random_weights"] is True and r["dtype"] == "float32", r
+for key in ("memory_bandwidth_gbs", "load_gbs", "load_s"):
     assert r[key] > 0, key
-t = r["tpot_ms"]
-assert 0 < t["p50"] <= t["p90"], t
-assert len(r["weight_bytes_per_rank"]) == 2 and min(r["weight_bytes_per_rank"]) > 0
+weights = r["weight_bytes_per_rank"]
+assert len(weights) == 2 and min(weights) > 0
+assert [run["batch"] for run in r["runs"]] == [2, 3]
+for run in r["runs"]:
+    for key in ("ttft_ms", "decode_tokens_per_s", "prefill_tokens_per_s", "achieved_bandwidth_gbs"):
+        assert run[key] > 0, key
+    t = run["tpot_ms"]
+    assert 0 < t["p50"] <= t["p90"], t
+    # The KV cache is batch x (prompt + new) tokens x 2 (k, v) x hidden 64 / 2 ranks x 2 layers x 4 B.
+    memory = run["memory_bytes_per_rank"]
+    assert [m["weights"] for m in memory] == weights, memory
+    assert all(m["kv_cache"] == run["batch"] * 24 * 2 * 32 * 2 * 4 for m in memory), memory
+    assert all(m["workspace"] > 0 for m in memory), memory
+    # Every step of the decode step is timed: 2 layers' ops and all-reduces, summed by label.
+    ops = {p["op"]: p for p in run["profile"]}
+    assert ops["all_reduce"]["calls"] == 2 + 1, ops  # one per layer (parallel residual) + embedding
+    assert ops["attention"]["calls"] == 2, ops
+    assert abs(sum(p["ms"] for p in run["profile"]) - run["profile_total_ms"]) < 1e-6
 PY
     ;;
   generate_text)

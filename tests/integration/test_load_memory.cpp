@@ -98,7 +98,8 @@ TEST(LoadMemory, OneRankOfFourStaysNearItsShare) {
   ASSERT_LE(status_kib("VmHWM"), before_kib + 1024) << "could not reset the peak RSS";
   rank1.load(
       [&checkpoint](const std::string& name, std::span<const int64_t> shape, const IndexSet& rows,
-                    const IndexSet& cols) { return checkpoint.read_f32(name, shape, rows, cols); },
+                    const IndexSet& cols,
+                    std::span<float> out) { checkpoint.read_f32(name, shape, rows, cols, out); },
       [] {});
   const int64_t peak_growth = (status_kib("VmHWM") - before_kib) * 1024;
   const int64_t share = rank1.weight_bytes();

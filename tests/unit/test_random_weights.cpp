@@ -2,12 +2,22 @@
 // full tensor, so every TP size sees one model.
 #include <gtest/gtest.h>
 
+#include "core/common/error.hpp"
 #include "core/runtime/random_weights.hpp"
 
 namespace tpe {
 namespace {
 
-using runtime::random_weights;
+// The slice as a vector; a wrong output size is an error.
+std::vector<float> random_weights(uint64_t seed, std::string_view name,
+                                  const std::vector<int64_t>& shape, const IndexSet& rows,
+                                  const IndexSet& cols) {
+  const int64_t width = shape.size() == 2 ? shape[1] : 1;
+  std::vector<float> out(static_cast<size_t>((rows.empty() ? shape[0] : index_count(rows)) *
+                                             (cols.empty() ? width : index_count(cols))));
+  runtime::random_weights(seed, name, shape, rows, cols, out);
+  return out;
+}
 
 TEST(RandomWeights, SlicesArePartsOfTheFullTensor) {
   const std::vector<int64_t> shape = {10, 7};
@@ -29,6 +39,11 @@ TEST(RandomWeights, DependOnSeedAndNameWithSensibleScales) {
   for (float v : a) EXPECT_LE(std::abs(v), 1.0f / 16.0f);  // 1/sqrt(256)
   for (float v : random_weights(1, "norm.weight", vector, {}, {})) EXPECT_NEAR(v, 1.0f, 0.1f);
   for (float v : random_weights(1, "proj.bias", vector, {}, {})) EXPECT_NEAR(v, 0.0f, 0.02f);
+}
+
+TEST(RandomWeights, OutputOfTheWrongSizeIsRefused) {
+  std::vector<float> out(5);
+  EXPECT_THROW(runtime::random_weights(1, "w", std::vector<int64_t>{2, 3}, {}, {}, out), Error);
 }
 
 }  // namespace

@@ -194,63 +194,104 @@ int run_detokenize(const std::string& model, const std::vector<std::string>& ids
   return 0;
 }
 
-int run_bench(const CommonFlags& common, const tpe::runtime::BenchOptions& options,
-              bool random_weights, bool json) {
+int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
+              const std::vector<int64_t>& batches, bool random_weights, bool json) {
   const RunConfig run = common.resolve();
   tpe::runtime::Model model = tpe::runtime::prepare(run);
   const std::string policy = model.choice.policy->name;
+  const std::string dtype = model.dtype;
   tpe::runtime::Engine engine(std::move(model), common.quiet || json,
                               random_weights ? std::optional<uint64_t>(0) : std::nullopt);
-  const tpe::runtime::BenchResult r = tpe::runtime::run_bench(engine, options);
+  std::vector<tpe::runtime::BenchResult> results;
+  for (const int64_t batch : batches) {
+    options.batch = batch;
+    if (!json && !common.quiet && engine.is_rank0()) {
+      spdlog::info("bench: batch {}, {} warm-up and {} timed run(s)", batch, options.warmup,
+                   options.repeat);
+    }
+    results.push_back(tpe::runtime::run_bench(engine, options));
+  }
+  const double copy_gbs = engine.copy_bandwidth_gbs();
   if (!engine.is_rank0()) return 0;
-  const double achieved_fraction = r.achieved_bandwidth_gbs / r.memory_bandwidth_gbs;
+  const std::vector<int64_t> weight_bytes = engine.weight_bytes();
   int64_t loaded = 0;  // this process's ranks
-  for (const int64_t b : r.weight_bytes) loaded += b;
+  for (const int64_t b : weight_bytes) loaded += b;
   const double load_gbs = static_cast<double>(loaded) / std::max(engine.load_seconds(), 1e-9) / 1e9;
   if (json) {
-    const nlohmann::json out = {
-        {"model", run.model_path.string()},
-        {"policy", policy},
-        {"device", run.device},
-        {"tp", engine.world()},
-        {"random_weights", random_weights},
-        {"batch", options.batch},
-        {"prompt_len", options.prompt_len},
-        {"new_tokens", options.new_tokens},
-        {"repeat", options.repeat},
-        {"load_s", engine.load_seconds()},
-        {"load_gbs", load_gbs},
-        {"ttft_ms", r.ttft_ms},
-        {"tpot_ms", {{"mean", r.tpot_mean_ms}, {"p50", r.tpot_p50_ms}, {"p90", r.tpot_p90_ms}}},
-        {"decode_tokens_per_s", r.decode_tokens_per_s},
-        {"prefill_tokens_per_s", r.prefill_tokens_per_s},
-        {"weight_bytes_per_rank", r.weight_bytes},
-        {"kv_cache_bytes_per_rank", r.kv_cache_bytes},
-        {"memory_bandwidth_gbs", r.memory_bandwidth_gbs},
-        {"achieved_bandwidth_gbs", r.achieved_bandwidth_gbs},
-        {"achieved_bandwidth_fraction", achieved_fraction}};
+    nlohmann::json runs = nlohmann::json::array();
+    for (const tpe::runtime::BenchResult& r : results) {
+      nlohmann::json memory = nlohmann::json::array(), profile = nlohmann::json::array();
+      for (const auto& m : r.memory) {
+        memory.push_back({{"weights", m.weights},
+                          {"kv_cache", m.kv_cache},
+                          {"workspace", m.workspace},
+                          {"device_in_use", m.device_in_use}});
+      }
+      for (const auto& op : r.profile) {
+        profile.push_back({{"op", op.label}, {"calls", op.calls}, {"ms", op.ms}});
+      }
+      runs.push_back(
+          {{"batch", r.batch},
+           {"ttft_ms", r.ttft_ms},
+           {"tpot_ms", {{"mean", r.tpot_mean_ms}, {"p50", r.tpot_p50_ms}, {"p90", r.tpot_p90_ms}}},
+           {"decode_tokens_per_s", r.decode_tokens_per_s},
+           {"prefill_tokens_per_s", r.prefill_tokens_per_s},
+           {"achieved_bandwidth_gbs", r.achieved_bandwidth_gbs},
+           {"achieved_bandwidth_fraction", r.achieved_bandwidth_gbs / copy_gbs},
+           {"memory_bytes_per_rank", memory},
+           {"profile", profile},
+           {"profile_total_ms", r.profile_total_ms}});
+    }
+    const nlohmann::json out = {{"model", run.model_path.string()},
+                                {"policy", policy},
+                                {"device", run.device},
+                                {"dtype", dtype},
+                                {"tp", engine.world()},
+                                {"random_weights", random_weights},
+                                {"prompt_len", options.prompt_len},
+                                {"new_tokens", options.new_tokens},
+                                {"warmup", options.warmup},
+                                {"repeat", options.repeat},
+                                {"load_s", engine.load_seconds()},
+                                {"load_gbs", load_gbs},
+                                {"weight_bytes_per_rank", weight_bytes},
+                                {"memory_bandwidth_gbs", copy_gbs},
+                                {"runs", runs}};
     fmt::print("{}\n", out.dump(2));
     return 0;
   }
   const auto mib = [](int64_t b) { return static_cast<double>(b) / (1 << 20); };
-  fmt::print("{} ({}), TP {}, {}{}: batch {}, prompt {}, {} new tokens, {} repeat(s)\n",
-             run.model_path.string(), policy, engine.world(), run.device,
-             random_weights ? ", random weights" : "", options.batch, options.prompt_len,
-             options.new_tokens, options.repeat);
+  fmt::print("{} ({}), TP {}, {} {}{}: prompt {}, {} new tokens, {} repeat(s)\n",
+             run.model_path.string(), policy, engine.world(), run.device, dtype,
+             random_weights ? ", random weights" : "", options.prompt_len, options.new_tokens,
+             options.repeat);
   fmt::print("  load          {:.2f} s, {:.2f} GB/s of weights\n", engine.load_seconds(), load_gbs);
-  fmt::print("  TTFT          {:.2f} ms\n", r.ttft_ms);
-  fmt::print("  TPOT          mean {:.3f} ms, p50 {:.3f}, p90 {:.3f}\n", r.tpot_mean_ms,
-             r.tpot_p50_ms, r.tpot_p90_ms);
-  fmt::print("  decode        {:.1f} tokens/s\n", r.decode_tokens_per_s);
-  fmt::print("  prefill       {:.1f} tokens/s\n", r.prefill_tokens_per_s);
-  for (size_t i = 0; i < r.weight_bytes.size(); ++i) {
-    fmt::print("  rank {}        weights {:.1f} MiB, KV cache {:.1f} MiB\n", i,
-               mib(r.weight_bytes[i]), mib(r.kv_cache_bytes[i]));
+  fmt::print("  bandwidth     {:.1f} GB/s device copy, measured now\n", copy_gbs);
+  for (const tpe::runtime::BenchResult& r : results) {
+    fmt::print("batch {}\n", r.batch);
+    fmt::print("  TTFT          {:.2f} ms\n", r.ttft_ms);
+    fmt::print("  TPOT          mean {:.3f} ms, p50 {:.3f}, p90 {:.3f}\n", r.tpot_mean_ms,
+               r.tpot_p50_ms, r.tpot_p90_ms);
+    fmt::print("  decode        {:.1f} tokens/s\n", r.decode_tokens_per_s);
+    fmt::print("  prefill       {:.1f} tokens/s\n", r.prefill_tokens_per_s);
+    fmt::print("  achieved      {:.1f} GB/s = {:.0f}% of the copy bandwidth\n",
+               r.achieved_bandwidth_gbs, 100 * r.achieved_bandwidth_gbs / copy_gbs);
+    for (size_t i = 0; i < r.memory.size(); ++i) {
+      const auto& m = r.memory[i];
+      fmt::print("  rank {:<2}       weights {:.1f} MiB, KV cache {:.1f} MiB, workspace {:.1f} MiB",
+                 i, mib(m.weights), mib(m.kv_cache), mib(m.workspace));
+      if (m.device_in_use > 0) fmt::print(", device in use {:.1f} MiB", mib(m.device_in_use));
+      fmt::print("\n");
+    }
+    if (r.profile.empty()) continue;
+    fmt::print(
+        "  decode step {} op by op (rank 0, ops queued ahead): {:.3f} ms in all, TPOT {:.3f}\n",
+        options.new_tokens / 2, r.profile_total_ms, r.tpot_mean_ms);
+    for (const auto& op : r.profile) {
+      fmt::print("    {:<36} {:>4} x  {:8.3f} ms  {:5.1f}%\n", op.label, op.calls, op.ms,
+                 100 * op.ms / r.profile_total_ms);
+    }
   }
-  fmt::print(
-      "  bandwidth     {:.1f} GB/s achieved = {:.0f}% of the {:.1f} GB/s copy bandwidth "
-      "measured now\n",
-      r.achieved_bandwidth_gbs, 100 * achieved_fraction, r.memory_bandwidth_gbs);
   return 0;
 }
 
@@ -389,7 +430,9 @@ int main(int argc, char** argv) {
   bench_flags.add_to(*bench, true);
   tpe::runtime::BenchOptions bench_options;
   bool random_weights = false, bench_json = false;
-  bench->add_option("--batch", bench_options.batch, "sequences per batch")
+  std::vector<int64_t> bench_batches = {1};
+  bench->add_option("--batch", bench_batches, "sequences per batch; several (1,8) share one load")
+      ->delimiter(',')
       ->check(CLI::PositiveNumber);
   bench->add_option("--prompt-len", bench_options.prompt_len, "prompt tokens per sequence")
       ->check(CLI::PositiveNumber);
@@ -401,6 +444,8 @@ int main(int argc, char** argv) {
   bench->add_flag("--random-weights", random_weights,
                   "random weights for the model's config.json; no checkpoint is read");
   bench->add_flag("--json", bench_json, "print the results as JSON");
+  bench->add_flag("--profile", bench_options.profile,
+                  "also time one decode step op by op (its ops queued ahead of the device)");
 
   CLI::App* policies = app.add_subcommand("policies", "list policy plugins and which one wins");
   policies_flags.add_to(*policies, false);
@@ -440,7 +485,9 @@ int main(int argc, char** argv) {
     if (*tokenize) return run_tokenize(tok_model, tok_text, no_special);
     if (*detokenize) return run_detokenize(tok_model, detok_ids, skip_special);
     if (*plan) return run_plan(plan_flags, batch, seq_len);
-    if (*bench) return run_bench(bench_flags, bench_options, random_weights, bench_json);
+    if (*bench) {
+      return run_bench(bench_flags, bench_options, bench_batches, random_weights, bench_json);
+    }
     if (*policies) return run_policies(policies_flags);
     if (*inspect) return run_inspect(inspect_path);
   } catch (const tpe::Error& e) {
