@@ -393,7 +393,11 @@ std::vector<Engine::RankMemory> Engine::memory() {
 }
 
 void Engine::reset_memory_peak() {
-  for (const auto& e : ranks_->executors) e->backend().reset_memory_peak();
+  ranks_->run([&](int r) {
+    Executor& e = *ranks_->executors[r];
+    e.reset_cache(0, 0);
+    e.backend().reset_memory_peak();
+  });
 }
 
 std::vector<int64_t> Engine::weight_bytes() const {

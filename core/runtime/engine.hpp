@@ -92,6 +92,7 @@ class Engine {
     int64_t weights = 0, kv_cache = 0, workspace = 0, device_in_use = 0;
   };
   std::vector<RankMemory> memory();
+  // Frees the KV caches (the next generation makes its own) and starts the peak afresh.
   void reset_memory_peak();
   double load_seconds() const { return load_seconds_; }
   // Rank 0's device memory bandwidth, measured now (see Backend::copy_bandwidth_gbs).

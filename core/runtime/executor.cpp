@@ -134,6 +134,7 @@ double Executor::copy_bandwidth_gbs() {
 void Executor::reset_cache(int slots, int64_t max_len) {
   backend_->bind_thread();
   caches_.assign(graph_.ops.size(), {});
+  if (slots == 0) return;
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
     if (op.kind != OpKind::kAttention) continue;

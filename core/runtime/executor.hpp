@@ -30,7 +30,7 @@ class Executor {
 
   // Reads this rank's slices and hands them to the backend; on_tensor is called after each.
   void load(const WeightReader& reader, const std::function<void()>& on_tensor);
-  // Drops the cache and makes room for `slots` sequences of up to max_len tokens.
+  // Drops the cache and makes room for `slots` sequences of up to max_len tokens (none for 0).
   void reset_cache(int slots, int64_t max_len);
 
   // Returns the full logits [batch.logit_rows.size(), vocab] (gathered over ranks) on the host;
