@@ -7,9 +7,9 @@ length and number of new tokens, greedy, never stopping early:
   - Hugging Face transformers eager `generate` on one GPU (--peers eager);
   - transformers with its own tensor parallelism, `from_pretrained(tp_plan="auto")` under
     torchrun, for every TP size above 1 (--peers tp). It needs a checkpoint, so the eager model
-    (random init) is saved into --workdir first; tpengine then loads that same checkpoint, so its
-    load time is a real one (from the page cache: the file was just written);
-  - `tpengine bench --json` at every TP size (random weights when no checkpoint was written);
+    (random init) is saved into --workdir first; tpengine then loads that checkpoint too, for a
+    real load time (from the page cache: the file was just written);
+  - `tpengine bench --random-weights --json` at every TP size, first;
   - the bandwidth roofline: weight bytes per GPU / the copy bandwidth tpengine measured.
 transformers' TTFT is the time of a one-token generate; its TPOT is (time of an N-token generate -
 TTFT) / (N - 1). Needs torch and transformers (tpengine itself does not).
@@ -56,19 +56,29 @@ def log(text):
     print(f"[bench_peers {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def run_tpengine(args, model_dir, tp, checkpoint):
+def run_tpengine(args, model_dir, tp, checkpoint, load_only=False):
+    """tpengine bench's JSON; load_only: the shortest run, for its load figures."""
     cmd = [args.tpengine, "bench", "--model", model_dir, "--json", "--tp", str(tp),
-           "--batch", ",".join(map(str, args.batch)), "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat),
            "--device", "cuda" if args.device.startswith("cuda") else "cpu", "--dtype", args.dtype]
+    if load_only:
+        cmd += ["--batch", "1", "--prompt-len", "1", "--new-tokens", "2", "--repeat", "1",
+                "--warmup", "0"]
+    else:
+        cmd += ["--batch", ",".join(map(str, args.batch)), "--prompt-len", str(args.prompt_len),
+                "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
+        if args.profile:
+            cmd.append("--profile")
     if not checkpoint:
         cmd.append("--random-weights")
-    if args.profile:
-        cmd.append("--profile")
     log(" ".join(cmd))
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        log(f"tpengine TP {tp} took longer than {args.timeout} s; left out")
+        return None
     if done.returncode != 0:
-        sys.exit(f"tpengine TP {tp} failed ({done.returncode}): {done.stderr.strip()}")
+        log(f"tpengine TP {tp} failed ({done.returncode}): {done.stderr.strip()}")
+        return None
     return json.loads(done.stdout)
 
 
@@ -140,7 +150,11 @@ def run_hf_tp(args, model_dir, tp):
            "--new-tokens", str(args.new_tokens), "--peer-repeat", str(args.peer_repeat),
            "--shape", args.shape, "--tpengine", args.tpengine, "--device", args.device]
     log(" ".join(cmd))
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        log(f"transformers TP {tp} took longer than {args.timeout} s; left out")
+        return None
     if done.returncode != 0:
         log(f"transformers TP {tp} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         return None
@@ -187,7 +201,9 @@ def main():
     parser.add_argument("--profile", action="store_true", help="tpengine's op-by-op decode step")
     parser.add_argument("--workdir", help="where config.json and the checkpoint go (default: a "
                         "temporary directory, removed afterwards)")
-    parser.add_argument("--json-out", help="also write every figure here")
+    parser.add_argument("--json-out", help="also write every figure here, as it is measured")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds one engine's run may take before it is left out")
     parser.add_argument("--hf-tp-worker", help=argparse.SUPPRESS)
     parser.add_argument("--hf-tp-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,74 +217,103 @@ def main():
             json.dump(SHAPES[args.shape], f)
         hf_tp_sizes = [tp for tp in args.tp if tp > 1] if "tp" in args.peers else []
         save = bool(hf_tp_sizes)
-        eager = run_eager(args, model_dir, save) if ("eager" in args.peers or save) else []
-        hf_tp = {tp: run_hf_tp(args, model_dir, tp) for tp in hf_tp_sizes}
-        ours = {tp: run_tpengine(args, model_dir, tp, save) for tp in args.tp}
+        ours, eager, hf_tp = {}, [], {}
+
+        def record():
+            if args.json_out:
+                with open(args.json_out, "w") as f:
+                    json.dump({"shape": args.shape, "tpengine": ours, "eager": eager,
+                               "hf_tp": hf_tp}, f, indent=1)
+
+        # tpengine first: its figures matter most when a run is cut short.
+        for tp in args.tp:
+            ours[tp] = run_tpengine(args, model_dir, tp, checkpoint=False)
+            record()
+        if "eager" in args.peers or save:
+            eager = run_eager(args, model_dir, save)
+            record()
+        for tp in hf_tp_sizes:
+            hf_tp[tp] = run_hf_tp(args, model_dir, tp)
+            record()
+        if save:  # the load from a real checkpoint
+            loads = {tp: run_tpengine(args, model_dir, tp, checkpoint=True, load_only=True)
+                     for tp in args.tp}
+            for tp, r in loads.items():
+                if r and ours[tp]:
+                    ours[tp]["checkpoint_load_s"] = r["load_s"]
+                    ours[tp]["checkpoint_load_gbs"] = r["load_gbs"]
+            record()
     finally:
         if not args.workdir:
             shutil.rmtree(model_dir, ignore_errors=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"shape": args.shape, "tpengine": ours, "eager": eager,
-                       "hf_tp": hf_tp}, f, indent=1)
-    print_tables(args, ours, eager, hf_tp, save)
+    print_tables(args, ours, eager, hf_tp)
 
 
-def print_tables(args, ours, eager, hf_tp, checkpoint):
+def print_tables(args, ours, eager, hf_tp):
     import torch
     import transformers
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
-    first = ours[args.tp[0]]
     print(f"### {args.shape}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new "
           f"tokens, {args.device} {gpu}")
     print()
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; tpengine commit {commit()}; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}. tpengine: {args.repeat} timed runs after "
-          f"1 warm-up; transformers: {args.peer_repeat} timed run(s) after a warm-up; "
-          f"{'the saved checkpoint' if checkpoint else 'random weights'}.")
+          f"transformers {transformers.__version__}. tpengine: random weights, {args.repeat} "
+          f"timed runs after 1 warm-up; transformers: {args.peer_repeat} timed run(s) after a "
+          f"warm-up.")
     print()
     print("| engine | TP | batch | TTFT ms | TPOT mean ms | TPOT p90 ms | decode tok/s | "
           "achieved bandwidth | weights/GPU GB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for i, batch in enumerate(args.batch):
         for tp in args.tp:
-            r = ours[tp]
-            run = r["runs"][i]
-            gb = max(r["weight_bytes_per_rank"]) / 1e9
-            roofline_ms = gb / r["memory_bandwidth_gbs"] * 1e3
-            print(f"| tpengine | {tp} | {batch} | {run['ttft_ms']:.1f} | "
-                  f"{run['tpot_ms']['mean']:.2f} | {run['tpot_ms']['p90']:.2f} | "
-                  f"{run['decode_tokens_per_s']:.1f} | {run['achieved_bandwidth_gbs']:.0f} GB/s = "
-                  f"{100 * run['achieved_bandwidth_fraction']:.0f} % | {gb:.2f} |")
-            if tp > 1 and hf_tp.get(tp):
-                h = hf_tp[tp]["runs"][i]
-                print(f"| transformers tp_plan=auto | {tp} | {batch} | {h['ttft_ms']:.1f} | "
+            r = ours.get(tp)
+            if not r:
+                print(f"| tpengine | {tp} | {batch} | failed (see the log) | | | | | |")
+            else:
+                run = r["runs"][i]
+                gb = max(r["weight_bytes_per_rank"]) / 1e9
+                roofline_ms = gb / r["memory_bandwidth_gbs"] * 1e3
+                print(f"| roofline (weights / {r['memory_bandwidth_gbs']:.0f} GB/s copy) | {tp} | "
+                      f"{batch} | | {roofline_ms:.2f} | | {batch / roofline_ms * 1e3:.1f} | | "
+                      f"{gb:.2f} |")
+                print(f"| tpengine | {tp} | {batch} | {run['ttft_ms']:.1f} | "
+                      f"{run['tpot_ms']['mean']:.2f} | {run['tpot_ms']['p90']:.2f} | "
+                      f"{run['decode_tokens_per_s']:.1f} | {run['achieved_bandwidth_gbs']:.0f} "
+                      f"GB/s = {100 * run['achieved_bandwidth_fraction']:.0f} % | {gb:.2f} |")
+            if tp == 1 and eager:
+                h = eager[i]
+                print(f"| transformers eager | 1 | {batch} | {h['ttft_ms']:.1f} | "
                       f"{h['tpot_ms']:.2f} | | {h['decode_tokens_per_s']:.1f} | | |")
-            elif tp > 1 and "tp" in args.peers:
-                print(f"| transformers tp_plan=auto | {tp} | {batch} | failed (see the log) "
-                      "| | | | | |")
-            print(f"| roofline (weights / {r['memory_bandwidth_gbs']:.0f} GB/s copy) | {tp} | "
-                  f"{batch} | | {roofline_ms:.2f} | | {batch / roofline_ms * 1e3:.1f} | | |")
-        if eager:
-            h = eager[i]
-            print(f"| transformers eager | 1 | {batch} | {h['ttft_ms']:.1f} | {h['tpot_ms']:.2f} "
-                  f"| | {h['decode_tokens_per_s']:.1f} | | |")
+            if tp > 1 and tp in hf_tp:
+                h = hf_tp[tp]["runs"][i] if hf_tp[tp] else None
+                if h:
+                    print(f"| transformers tp_plan=auto | {tp} | {batch} | {h['ttft_ms']:.1f} | "
+                          f"{h['tpot_ms']:.2f} | | {h['decode_tokens_per_s']:.1f} | | |")
+                else:
+                    print(f"| transformers tp_plan=auto | {tp} | {batch} | failed (see the log) "
+                          "| | | | | |")
     print()
-    print("tpengine load and device memory per GPU (rank 0; GiB): ")
+    print("tpengine load (random weights made on the host, and the checkpoint transformers "
+          "saved, read from the page cache) and device memory of rank 0, GiB:")
     print()
-    print("| TP | load s | load GB/s | batch | weights | KV cache | workspace | device in use |")
+    print("| TP | load s (GB/s), random | load s (GB/s), checkpoint | batch | weights | KV cache "
+          "| workspace | device in use |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for tp in args.tp:
-        r = ours[tp]
+        r = ours.get(tp)
+        if not r:
+            continue
+        ckpt = (f"{r['checkpoint_load_s']:.2f} ({r['checkpoint_load_gbs']:.1f})"
+                if "checkpoint_load_s" in r else "")
         for run in r["runs"]:
             m = run["memory_bytes_per_rank"][0]
             gib = [m[k] / 2**30 for k in ("weights", "kv_cache", "workspace", "device_in_use")]
-            print(f"| {tp} | {r['load_s']:.2f} | {r['load_gbs']:.2f} | {run['batch']} | "
+            print(f"| {tp} | {r['load_s']:.2f} ({r['load_gbs']:.1f}) | {ckpt} | {run['batch']} | "
                   + " | ".join(f"{g:.2f}" for g in gib) + " |")
     if args.profile:
         for tp in args.tp:
-            for run in ours[tp]["runs"]:
+            for run in (ours.get(tp) or {}).get("runs", []):
                 print()
                 print(f"tpengine TP {tp}, batch {run['batch']}: one decode step op by op (rank 0, "
                       f"ops queued ahead of the device): {run['profile_total_ms']:.3f} ms of "

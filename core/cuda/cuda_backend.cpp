@@ -645,13 +645,20 @@ void CudaBackend::profile_begin() {
     go_device_ = static_cast<const volatile int*>(device);
   }
   marks_used_ = 0;
+  chunk_starts_.clear();
+  hold_queue();
+}
+
+void CudaBackend::hold_queue() {
   *go_ = 0;
   holding_ = true;
   cuda::wait_for_host(go_device_, stream_);
-  profile_mark();
+  held_steps_ = 0;
+  chunk_starts_.push_back(marks_used_);
+  record_mark();
 }
 
-void CudaBackend::profile_mark() {
+void CudaBackend::record_mark() {
   if (marks_used_ == marks_.size()) {
     cudaEvent_t e = nullptr;
     TPE_CUDA_CHECK(cudaEventCreate(&e));
@@ -660,10 +667,23 @@ void CudaBackend::profile_mark() {
   TPE_CUDA_CHECK(cudaEventRecord(marks_[marks_used_++], stream_));
 }
 
+void CudaBackend::profile_mark() {
+  record_mark();
+  // A stream holds only so much queued work: past that, queuing blocks the host, which would
+  // never let the stream go. So the queue runs every kProfileChunk steps and is held anew.
+  constexpr int kProfileChunk = 32;
+  if (holding_ && ++held_steps_ == kProfileChunk) {
+    sync("the profiled ops");
+    hold_queue();
+  }
+}
+
 std::vector<double> CudaBackend::profile_end() {
   sync("the profiled forward pass");
   std::vector<double> ms;
   for (size_t i = 1; i < marks_used_; ++i) {
+    // A chunk's first mark starts it; every other mark ends a step.
+    if (std::find(chunk_starts_.begin(), chunk_starts_.end(), i) != chunk_starts_.end()) continue;
     float elapsed = 0;
     TPE_CUDA_CHECK(cudaEventElapsedTime(&elapsed, marks_[i - 1], marks_[i]));
     ms.push_back(elapsed);

@@ -92,8 +92,10 @@ class CudaBackend final : public Backend {
   // Waits for the stream; a NCCL error, another rank's failure or TPENGINE_NCCL_TIMEOUT seconds
   // (default 600) of no progress aborts the communicator and throws, naming the cause.
   void sync(const char* what);
-  // Lets a stream held by profile_begin() run.
+  // Holds the stream (profiling) until release_queue(), which sync() calls first.
+  void hold_queue();
   void release_queue();
+  void record_mark();
 
   int rank_;
   int device_;
@@ -118,8 +120,10 @@ class CudaBackend final : public Backend {
   volatile int* go_ = nullptr;
   const volatile int* go_device_ = nullptr;
   bool holding_ = false;
+  int held_steps_ = 0;
   std::vector<cudaEvent_t> marks_;
   size_t marks_used_ = 0;
+  std::vector<size_t> chunk_starts_;  // marks that open a held chunk, not ending a step
 };
 
 }  // namespace tpe::runtime
