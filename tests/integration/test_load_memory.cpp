@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/common/process.hpp"
 #include "core/io/safetensors.hpp"
 #include "core/parallel/communicator.hpp"
 #include "core/runtime/cpu_backend.hpp"
@@ -20,15 +21,6 @@ namespace tpe {
 namespace {
 
 namespace fs = std::filesystem;
-
-int64_t status_kib(const std::string& field) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1));
-  }
-  return -1;
-}
 
 // Writes a random-weight Llama checkpoint tensor by tensor, never holding more than one chunk.
 int64_t write_checkpoint(const fs::path& dir) {
@@ -94,14 +86,14 @@ TEST(LoadMemory, OneRankOfFourStaysNearItsShare) {
                           std::make_unique<runtime::CpuBackend>(1, group));
 
   std::ofstream("/proc/self/clear_refs") << "5";  // reset the peak (VmHWM) to the current RSS
-  const int64_t before_kib = status_kib("VmRSS");
-  ASSERT_LE(status_kib("VmHWM"), before_kib + 1024) << "could not reset the peak RSS";
+  const int64_t before_kib = proc_status_kib("VmRSS");
+  ASSERT_LE(proc_status_kib("VmHWM"), before_kib + 1024) << "could not reset the peak RSS";
   rank1.load(
       [&checkpoint](const std::string& name, std::span<const int64_t> shape, const IndexSet& rows,
                     const IndexSet& cols,
                     std::span<float> out) { checkpoint.read_f32(name, shape, rows, cols, out); },
       [] {});
-  const int64_t peak_growth = (status_kib("VmHWM") - before_kib) * 1024;
+  const int64_t peak_growth = (proc_status_kib("VmHWM") - before_kib) * 1024;
   const int64_t share = rank1.weight_bytes();
   const int64_t largest_tensor = 4096 * 512 * 4;
   std::printf("model %.1f MiB, rank 1 share %.1f MiB, peak RSS growth while loading %.1f MiB\n",

@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 #include "core/common/error.hpp"
+#include "core/common/process.hpp"
 #include "core/config/run_config.hpp"
 #include "core/io/safetensors.hpp"
 #include "core/parallel/report.hpp"
@@ -202,6 +203,8 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
   const std::string dtype = model.dtype;
   tpe::runtime::Engine engine(std::move(model), common.quiet || json,
                               random_weights ? std::optional<uint64_t>(0) : std::nullopt);
+  // Host memory is bounded by the loader's buffers, not by the model: the evidence.
+  const int64_t load_peak_rss = tpe::proc_status_kib("VmHWM") * 1024;
   std::vector<tpe::runtime::BenchResult> results;
   for (const int64_t batch : batches) {
     options.batch = batch;
@@ -213,6 +216,7 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
   }
   const double copy_gbs = engine.copy_bandwidth_gbs();
   if (!engine.is_rank0()) return 0;
+  const auto mib = [](int64_t b) { return static_cast<double>(b) / (1 << 20); };
   const std::vector<int64_t> weight_bytes = engine.weight_bytes();
   int64_t loaded = 0;  // this process's ranks
   for (const int64_t b : weight_bytes) loaded += b;
@@ -254,18 +258,19 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
                                 {"repeat", options.repeat},
                                 {"load_s", engine.load_seconds()},
                                 {"load_gbs", load_gbs},
+                                {"host_peak_rss_bytes_after_load", load_peak_rss},
                                 {"weight_bytes_per_rank", weight_bytes},
                                 {"memory_bandwidth_gbs", copy_gbs},
                                 {"runs", runs}};
     fmt::print("{}\n", out.dump(2));
     return 0;
   }
-  const auto mib = [](int64_t b) { return static_cast<double>(b) / (1 << 20); };
   fmt::print("{} ({}), TP {}, {} {}{}: prompt {}, {} new tokens, {} repeat(s)\n",
              run.model_path.string(), policy, engine.world(), run.device, dtype,
              random_weights ? ", random weights" : "", options.prompt_len, options.new_tokens,
              options.repeat);
-  fmt::print("  load          {:.2f} s, {:.2f} GB/s of weights\n", engine.load_seconds(), load_gbs);
+  fmt::print("  load          {:.2f} s, {:.2f} GB/s of weights; host peak RSS {:.1f} MiB\n",
+             engine.load_seconds(), load_gbs, mib(load_peak_rss));
   fmt::print("  bandwidth     {:.1f} GB/s device copy, measured now\n", copy_gbs);
   for (const tpe::runtime::BenchResult& r : results) {
     fmt::print("batch {}\n", r.batch);
