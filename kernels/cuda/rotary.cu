@@ -1,4 +1,5 @@
-// Rotate-half rotary embedding, in place: one block per token, one thread per (head, pair).
+// Rotate-half rotary embedding, in place: a row of blocks per token, one thread per (head, pair),
+// so that a single decode token still spreads over many SMs.
 #include "kernels/cuda/device.hpp"
 
 namespace tpe::cuda {
@@ -14,22 +15,21 @@ __global__ void rotary_kernel(T* x, int64_t n_heads, int64_t head_dim, int64_t h
                               const int32_t* positions, const int32_t* table,
                               const float* inv_freq) {
   const int64_t t = blockIdx.x;
+  const int64_t p = int64_t{blockIdx.y} * blockDim.x + threadIdx.x;
+  if (p >= n_heads * half) return;
   // transformers: freqs = position.float() * inv_freq, then cos and sin, all fp32. The precise
   // sincosf: positions reach the thousands of radians, where __sinf/__cosf lose all accuracy.
   const auto pos = static_cast<float>(positions[t]);
   const float* freq = inv_freq + (table != nullptr ? int64_t{table[t]} * half : 0);
-  T* row = x + t * n_heads * head_dim;
-  for (int64_t p = threadIdx.x; p < n_heads * half; p += blockDim.x) {
-    const int64_t i = p % half;
-    T* head = row + (p / half) * head_dim;
-    float sin_v;
-    float cos_v;
-    sincosf(pos * freq[i], &sin_v, &cos_v);
-    const float x1 = to_float(head[i]);
-    const float x2 = to_float(head[i + half]);
-    head[i] = from_float<T>(x1 * cos_v - x2 * sin_v);
-    head[i + half] = from_float<T>(x2 * cos_v + x1 * sin_v);
-  }
+  const int64_t i = p % half;
+  T* head = x + t * n_heads * head_dim + (p / half) * head_dim;
+  float sin_v;
+  float cos_v;
+  sincosf(pos * freq[i], &sin_v, &cos_v);
+  const float x1 = to_float(head[i]);
+  const float x2 = to_float(head[i + half]);
+  head[i] = from_float<T>(x1 * cos_v - x2 * sin_v);
+  head[i + half] = from_float<T>(x2 * cos_v + x1 * sin_v);
 }
 
 }  // namespace
@@ -40,12 +40,15 @@ void rotary(void* x, int64_t tokens, int64_t n_heads, int64_t head_dim, int64_t 
   TPE_CUDA_REQUIRE(tokens >= 0 && n_heads >= 0 && head_dim >= 0, "rotary", "negative size");
   TPE_CUDA_REQUIRE(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, "rotary",
                    "rotary_dim must be even and at most head_dim");
-  TPE_CUDA_REQUIRE(tokens <= int64_t{0x7fffffff}, "rotary", "more tokens than one grid can hold");
+  const int64_t blocks_per_token = (n_heads * (rotary_dim / 2) + kThreads - 1) / kThreads;
+  TPE_CUDA_REQUIRE(tokens <= int64_t{0x7fffffff} && blocks_per_token <= 65535, "rotary",
+                   "more tokens or heads than one grid can hold");
   if (tokens == 0 || n_heads == 0 || rotary_dim == 0) return;
+  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(blocks_per_token));
   detail::dispatch(dtype, "rotary", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    rotary_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-        static_cast<T*>(x), n_heads, head_dim, rotary_dim / 2, positions, table, inv_freq);
+    rotary_kernel<<<grid, kThreads, 0, stream>>>(static_cast<T*>(x), n_heads, head_dim,
+                                                 rotary_dim / 2, positions, table, inv_freq);
     TPE_CUDA_CHECK_LAUNCH();
   });
 }
