@@ -2,7 +2,6 @@
 #include <algorithm>
 #include <limits>
 #include <mutex>
-#include <queue>
 #include <unordered_map>
 
 #include "core/tokenizer/components.hpp"
@@ -233,16 +232,21 @@ class Bpe final : public Model {
       const auto it = merges_.find(key(a, b));
       return it == merges_.end() ? nullptr : &it->second;
     };
-    std::vector<Candidate> storage;
-    storage.reserve(symbols.size());
-    std::priority_queue<Candidate> queue(std::less<Candidate>(), std::move(storage));
+    // A heap in a reserved vector (push_heap/pop_heap): a priority_queue built around one made
+    // GCC 13 warn falsely (-Waggressive-loop-optimizations) in its make_heap.
+    std::vector<Candidate> queue;
+    queue.reserve(symbols.size());
+    const auto push = [&queue](Candidate c) {
+      queue.push_back(c);
+      std::push_heap(queue.begin(), queue.end());
+    };
     for (int i = 0; i + 1 < n; ++i) {
-      if (const auto* m = lookup(symbols[i].id, symbols[i + 1].id))
-        queue.push({m->first, i, m->second});
+      if (const auto* m = lookup(symbols[i].id, symbols[i + 1].id)) push({m->first, i, m->second});
     }
     while (!queue.empty()) {
-      const Candidate top = queue.top();
-      queue.pop();
+      std::pop_heap(queue.begin(), queue.end());
+      const Candidate top = queue.back();
+      queue.pop_back();
       Symbol& current = symbols[top.pos];
       if (current.removed || current.next < 0) continue;
       const int next_pos = current.next;
@@ -256,11 +260,11 @@ class Bpe final : public Model {
       if (right.next >= 0) symbols[right.next].prev = top.pos;
       if (current.prev >= 0) {
         if (const auto* p = lookup(symbols[current.prev].id, current.id))
-          queue.push({p->first, current.prev, p->second});
+          push({p->first, current.prev, p->second});
       }
       if (current.next >= 0) {
         if (const auto* p = lookup(current.id, symbols[current.next].id))
-          queue.push({p->first, top.pos, p->second});
+          push({p->first, top.pos, p->second});
       }
     }
   }
