@@ -94,10 +94,12 @@ void NcclGroup::abort(int rank) {
 }
 
 // Device memory by size class: a forward pass allocates every activation anew, and cudaMalloc
-// would synchronise the device each time. Blocks return to the pool when their Buffer dies.
+// would synchronise the device each time. Blocks return to the pool when their Buffer dies; the
+// tally counts the blocks handed out (not the ones kept for reuse).
 class CudaBackend::Pool {
  public:
-  explicit Pool(int device) : device_(device) {}
+  Pool(int device, std::shared_ptr<MemoryTally> tally)
+      : device_(device), tally_(std::move(tally)) {}
   ~Pool() {
     cudaSetDevice(device_);
     for (auto& [size, ptr] : free_) cudaFree(ptr);
@@ -124,7 +126,9 @@ class CudaBackend::Pool {
              static_cast<double>(total) / (1 << 30), cudaGetErrorString(error));
       }
     }
+    tally_->add(static_cast<int64_t>(bytes));
     return std::shared_ptr<void>(ptr, [self, bytes](void* p) {
+      self->tally_->sub(static_cast<int64_t>(bytes));
       std::lock_guard lock(self->mutex_);
       self->free_.emplace(bytes, p);
     });
@@ -132,6 +136,7 @@ class CudaBackend::Pool {
 
  private:
   int device_;
+  std::shared_ptr<MemoryTally> tally_;
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;
 };
@@ -283,7 +288,7 @@ CudaBackend::CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* ncc
       nccl_(nccl),
       comm_(nccl != nullptr ? nccl->comm(rank) : nullptr),
       group_(group),
-      pool_(std::make_shared<Pool>(device)),
+      pool_(std::make_shared<Pool>(device, tally_)),
       arena_(std::make_unique<HostArena>()) {
   bind_thread();
   TPE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -344,13 +349,8 @@ int64_t CudaBackend::element_bytes() const {
 }
 
 Buffer CudaBackend::alloc(int64_t rows, int64_t cols) {
-  const int64_t bytes = rows * cols * static_cast<int64_t>(cuda::dtype_size(dtype_));
-  std::shared_ptr<void> block = pool_->get(static_cast<size_t>(bytes), pool_);
-  void* data = block.get();
-  tally_->add(bytes);
-  // Counted while the Buffer lives; the block then returns to the pool.
-  std::shared_ptr<void> storage(
-      data, [block = std::move(block), tally = tally_, bytes](void*) { tally->sub(bytes); });
+  auto storage = pool_->get(static_cast<size_t>(rows * cols) * cuda::dtype_size(dtype_), pool_);
+  void* data = storage.get();
   return {std::move(storage), data, rows, cols};
 }
 

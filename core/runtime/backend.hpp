@@ -147,7 +147,7 @@ class Backend {
   virtual std::vector<double> profile_end() = 0;
 
  protected:
-  // alloc() and load() count their buffers here (shared: a buffer may outlive its backend).
+  // A backend counts the memory its buffers take here (shared: a buffer may outlive it).
   std::shared_ptr<MemoryTally> tally_ = std::make_shared<MemoryTally>();
 };
 
