@@ -56,6 +56,20 @@ def log(text):
     print(f"[bench_peers {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
+def run_logged(cmd, what, timeout):
+    """The finished process, or None (logged) when it failed or ran past timeout seconds."""
+    log(" ".join(cmd))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"{what} took longer than {timeout} s; left out")
+        return None
+    if done.returncode != 0:
+        log(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return None
+    return done
+
+
 def run_tpengine(args, model_dir, tp, checkpoint, load_only=False):
     """tpengine bench's JSON; load_only: the shortest run, for its load figures."""
     cmd = [args.tpengine, "bench", "--model", model_dir, "--json", "--tp", str(tp),
@@ -70,16 +84,8 @@ def run_tpengine(args, model_dir, tp, checkpoint, load_only=False):
             cmd.append("--profile")
     if not checkpoint:
         cmd.append("--random-weights")
-    log(" ".join(cmd))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        log(f"tpengine TP {tp} took longer than {args.timeout} s; left out")
-        return None
-    if done.returncode != 0:
-        log(f"tpengine TP {tp} failed ({done.returncode}): {done.stderr.strip()}")
-        return None
-    return json.loads(done.stdout)
+    done = run_logged(cmd, f"tpengine TP {tp}", args.timeout)
+    return json.loads(done.stdout) if done else None
 
 
 def time_generate(model, args, batch, device, repeat):
@@ -149,14 +155,7 @@ def run_hf_tp(args, model_dir, tp):
            "--batch", *map(str, args.batch), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--peer-repeat", str(args.peer_repeat),
            "--shape", args.shape, "--tpengine", args.tpengine, "--device", args.device]
-    log(" ".join(cmd))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        log(f"transformers TP {tp} took longer than {args.timeout} s; left out")
-        return None
-    if done.returncode != 0:
-        log(f"transformers TP {tp} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    if not run_logged(cmd, f"transformers TP {tp}", args.timeout):
         return None
     with open(out) as f:
         return json.load(f)
