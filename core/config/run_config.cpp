@@ -207,8 +207,20 @@ class Parser {
              [this, &config](const auto& node, const auto& key) {
                config.device = one_of(node, key, {"cpu", "cuda"});
              }},
-            {"kernel_inject", [this, &config](const auto& node, const auto& key) {
+            {"kernel_inject",
+             [this, &config](const auto& node, const auto& key) {
                config.kernel_inject = boolean(node, key);
+             }},
+            {"prefill_chunk",
+             [this, &config](const auto& node, const auto& key) {
+               config.prefill_chunk = integer(node, key, 1, int64_t{1} << 20);
+             }},
+            {"max_batch",
+             [this, &config](const auto& node, const auto& key) {
+               config.max_batch = integer(node, key, 1, int64_t{1} << 16);
+             }},
+            {"cuda_graph", [this, &config](const auto& node, const auto& key) {
+               config.cuda_graph = boolean(node, key);
              }}};
   }
 

@@ -37,6 +37,13 @@ struct RunConfig {
   // [inference]
   std::string device = "cpu";
   bool kernel_inject = false;
+  // Prompts run in passes of at most this many tokens, so activation memory does not grow with
+  // the prompt.
+  int64_t prefill_chunk = 2048;
+  // The most sequences one generation runs at once (sizes the logits' buffers).
+  int64_t max_batch = 32;
+  // cuda: record the decode step once per batch size and replay it (a CUDA graph).
+  bool cuda_graph = true;
   // [policy]
   std::optional<std::string> policy_name;  // force this plugin
   std::vector<std::filesystem::path> policy_search_paths;

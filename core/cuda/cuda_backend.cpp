@@ -27,7 +27,7 @@
     }                                                                \
   } while (0)
 
-namespace tpe::runtime {
+namespace tpe::backend {
 
 cuda::DType cuda_dtype(const std::string& name) {
   if (name == "float32") return cuda::DType::kF32;
@@ -248,38 +248,6 @@ class CudaBackend::Stager {
   size_t next_ = 0;
 };
 
-// Pinned host memory for a forward pass's small uploads (token ids, positions, rotary tables), so
-// that their copies are queued without waiting for the device. Reused from the start at every
-// forward pass, which begins only once the previous one has finished.
-class CudaBackend::HostArena {
- public:
-  ~HostArena() {
-    if (data_ != nullptr) cudaFreeHost(data_);
-  }
-  // Room for `bytes`, or null when full (the caller waits for the device, then calls reset).
-  void* take(size_t bytes) {
-    bytes = (bytes + 15) / 16 * 16;
-    if (used_ + bytes > size_) return nullptr;
-    void* p = data_ + used_;
-    used_ += bytes;
-    return p;
-  }
-  // Forgets what was taken; grows to at least `bytes`. Only when the device has read it all.
-  void reset(size_t bytes = 0) {
-    used_ = 0;
-    if (bytes <= size_) return;
-    if (data_ != nullptr) TPE_CUDA_CHECK(cudaFreeHost(data_));
-    data_ = nullptr;
-    size_ = std::max(bytes, size_t{1} << 20);
-    TPE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&data_), size_, cudaHostAllocDefault));
-  }
-
- private:
-  char* data_ = nullptr;
-  size_t size_ = 0;
-  size_t used_ = 0;
-};
-
 CudaBackend::CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* nccl,
                          parallel::ThreadGroup& group)
     : rank_(rank),
@@ -288,8 +256,7 @@ CudaBackend::CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* ncc
       nccl_(nccl),
       comm_(nccl != nullptr ? nccl->comm(rank) : nullptr),
       group_(group),
-      pool_(std::make_shared<Pool>(device, tally_)),
-      arena_(std::make_unique<HostArena>()) {
+      pool_(std::make_shared<Pool>(device, tally_)) {
   bind_thread();
   TPE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   gemm_ = std::make_unique<cuda::Gemm>();
@@ -302,9 +269,9 @@ CudaBackend::~CudaBackend() {
   for (cudaEvent_t e : marks_) cudaEventDestroy(e);
   if (go_ != nullptr) cudaFreeHost(const_cast<int*>(go_));
   gemm_.reset();
-  batch_arrays_.clear();
+  forget_recordings();
   columns_.clear();
-  rope_.clear();
+  if (inputs_host_ != nullptr) cudaFreeHost(inputs_host_);
   cudaStreamDestroy(stream_);
 }
 
@@ -419,46 +386,81 @@ double CudaBackend::copy_bandwidth_gbs() {
   return 2.0 * static_cast<double>(bytes) / (best_ms / 1e3) / 1e9;
 }
 
-const void* CudaBackend::to_device(const void* data, size_t bytes) {
-  auto storage = pool_->get(std::max<size_t>(bytes, 4), pool_);
-  if (bytes > 0) {
-    void* staged = arena_->take(bytes);
-    if (staged == nullptr) {  // full: wait until the device has read what it holds
-      sync("the batch's token metadata");
-      arena_->reset(bytes);
-      staged = arena_->take(bytes);
-    }
-    std::memcpy(staged, data, bytes);
-    TPE_CUDA_CHECK(cudaMemcpyAsync(storage.get(), staged, bytes, cudaMemcpyHostToDevice, stream_));
-  }
-  void* device = storage.get();
-  batch_arrays_.push_back({std::move(storage), device, static_cast<int64_t>(bytes), 1});
-  return device;
-}
-
-const int32_t* CudaBackend::to_device(const std::vector<int32_t>& values) {
-  return static_cast<const int32_t*>(to_device(values.data(), values.size() * 4));
+void CudaBackend::reserve_inputs(int64_t max_tokens, int64_t max_logit_rows,
+                                 std::vector<RopeSpec> ropes) {
+  ropes_ = std::move(ropes);
+  max_logit_rows_ = max_logit_rows;
+  size_t words = static_cast<size_t>(4 * max_tokens + max_logit_rows) + 4;
+  for (const RopeSpec& r : ropes_) words += static_cast<size_t>(max_tokens * (r.head_dim / 2)) + 4;
+  const size_t bytes = words * 4;
+  if (inputs_host_ != nullptr) TPE_CUDA_CHECK(cudaFreeHost(inputs_host_));
+  inputs_host_ = nullptr;
+  TPE_CUDA_CHECK(cudaHostAlloc(&inputs_host_, bytes, cudaHostAllocDefault));
+  inputs_ = alloc(1, static_cast<int64_t>(bytes / cuda::dtype_size(dtype_)));
+  inputs_bytes_ = bytes;
+  forget_recordings();  // they read the old buffer
 }
 
 void CudaBackend::begin(const Batch& batch) {
-  // The previous pass has ended (its logits were read); this settles the rare case where it
-  // failed half way, before its uploads are overwritten.
+  // The previous pass has ended (its logits were read); this settles the case where it wanted
+  // no logits or failed half way, before its inputs are overwritten.
   sync("the previous forward pass");
-  arena_->reset();
-  batch_ = &batch;
-  batch_arrays_.clear();
-  rope_.clear();
-  std::vector<int32_t> ids, slots, positions;
-  for (const int64_t id : batch.tokens) ids.push_back(static_cast<int32_t>(id));
-  for (const Batch::Segment& s : batch.segments) {
-    for (int64_t i = 0; i < s.count; ++i) {
-      slots.push_back(s.slot);
-      positions.push_back(static_cast<int32_t>(s.start_pos + i));
+  TPE_CHECK(inputs_host_ != nullptr, "reserve_inputs was not called");
+  // The layout depends only on the counts, so every decode step of one batch size reads its
+  // inputs at the same addresses: ids, slots, positions, segment of each token, logit rows
+  // (int32), then per rotary parameter set, per segment, its inverse frequencies (fp32).
+  const size_t tokens = batch.tokens.size(), segments = batch.segments.size();
+  auto* words = static_cast<int32_t*>(inputs_host_);
+  size_t at = 0;
+  const auto section = [&](size_t n) {
+    const size_t start = at;
+    at += (n + 3) / 4 * 4;  // 16-byte aligned sections
+    return start;
+  };
+  const size_t ids = section(tokens), slots = section(tokens), positions = section(tokens),
+               segment_of = section(tokens), rows = section(batch.logit_rows.size());
+  for (size_t t = 0; t < tokens; ++t) words[ids + t] = static_cast<int32_t>(batch.tokens[t]);
+  size_t t = 0;
+  for (size_t s = 0; s < segments; ++s) {
+    const Batch::Segment& seg = batch.segments[s];
+    for (int64_t i = 0; i < seg.count; ++i, ++t) {
+      words[slots + t] = seg.slot;
+      words[positions + t] = static_cast<int32_t>(seg.start_pos + i);
+      words[segment_of + t] = static_cast<int32_t>(s);
     }
   }
-  ids_ = to_device(ids);
-  slots_ = to_device(slots);
-  positions_ = to_device(positions);
+  for (size_t r = 0; r < batch.logit_rows.size(); ++r) {
+    words[rows + r] = static_cast<int32_t>(batch.logit_rows[r]);
+  }
+  std::vector<size_t> tables;
+  for (const RopeSpec& rope : ropes_) {
+    const size_t half = static_cast<size_t>(rope.head_dim / 2);
+    tables.push_back(section(segments * half));
+    for (size_t s = 0; s < segments; ++s) {
+      // Dynamic NTK frequencies depend on each sequence's length; the others are the same for
+      // every segment. Computed by the reference code, so both backends agree.
+      const Batch::Segment& seg = batch.segments[s];
+      const std::vector<float> inv = cpu::rope_inv_freq(
+          rope.desc, rope.head_dim, seg.rope_len > 0 ? seg.rope_len : seg.start_pos + seg.count);
+      std::memcpy(words + tables.back() + s * half, inv.data(), inv.size() * 4);
+    }
+  }
+  if (at * 4 > inputs_bytes_) {
+    fail("GPU {}: a pass of {} tokens exceeds the inputs reserved for it", device_, tokens);
+  }
+  TPE_CUDA_CHECK(
+      cudaMemcpyAsync(inputs_.data, inputs_host_, at * 4, cudaMemcpyHostToDevice, stream_));
+  const auto* device = static_cast<const int32_t*>(inputs_.data);
+  ids_ = device + ids;
+  slots_ = device + slots;
+  positions_ = device + positions;
+  segment_of_ = device + segment_of;
+  logit_rows_ = device + rows;
+  rope_tables_.clear();
+  for (const size_t offset : tables) {
+    rope_tables_.push_back(reinterpret_cast<const float*>(device + offset));
+  }
+  logit_row_count_ = static_cast<int64_t>(batch.logit_rows.size());
 }
 
 void CudaBackend::embedding(const Buffer& table, Range vocab, Buffer& out) {
@@ -497,35 +499,17 @@ void CudaBackend::gather_columns(const Buffer& x, const IndexSet& cols, Buffer& 
                        out.cols, dtype_, out.data, stream_);
 }
 
-void CudaBackend::rotary(Buffer& x, int64_t head_dim, const tpe_rope_desc& rope) {
-  // One frequency table per sequence (dynamic NTK depends on its length), computed on the host
-  // by the reference code and shared by every rotary op with the same parameters this pass.
-  const std::string key(reinterpret_cast<const char*>(&rope), sizeof(rope));
-  auto it = rope_.find(key + std::to_string(head_dim));
+void CudaBackend::rotary(Buffer& x, int rope) {
+  const RopeSpec& spec = ropes_.at(static_cast<size_t>(rope));
   const int64_t rotary_dim =
-      static_cast<int64_t>(static_cast<double>(head_dim) * rope.partial_rotary_factor) / 2 * 2;
-  if (it == rope_.end()) {
-    std::vector<float> tables;
-    std::vector<int32_t> table_of_token;
-    for (size_t s = 0; s < batch_->segments.size(); ++s) {
-      const Batch::Segment& seg = batch_->segments[s];
-      const std::vector<float> inv = cpu::rope_inv_freq(rope, head_dim, seg.start_pos + seg.count);
-      tables.insert(tables.end(), inv.begin(), inv.end());
-      table_of_token.insert(table_of_token.end(), static_cast<size_t>(seg.count),
-                            static_cast<int32_t>(s));
-    }
-    const void* table = to_device(tables.data(), tables.size() * 4);
-    const int32_t* index = to_device(table_of_token);
-    it = rope_
-             .emplace(key + std::to_string(head_dim),
-                      std::pair{static_cast<const float*>(table), index})
-             .first;
-  }
-  cuda::rotary(x.data, x.rows, x.cols / head_dim, head_dim, rotary_dim, positions_,
-               it->second.second, it->second.first, dtype_, stream_);
+      static_cast<int64_t>(static_cast<double>(spec.head_dim) * spec.desc.partial_rotary_factor) /
+      2 * 2;
+  TPE_CHECK(rotary_dim / 2 <= spec.head_dim / 2, "rotary dim beyond the head");
+  cuda::rotary(x.data, x.rows, x.cols / spec.head_dim, spec.head_dim, rotary_dim, positions_,
+               segment_of_, rope_tables_[static_cast<size_t>(rope)], dtype_, stream_);
 }
 
-void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvCache& cache,
+void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                             const AttentionShape& a, Buffer& out) {
   cuda::kv_append(k.data, v.data, k.rows, k.cols, slots_, positions_, cache.k.data, cache.v.data,
                   cache.max_len, dtype_, stream_);
@@ -552,13 +536,10 @@ void CudaBackend::copy(const Buffer& src, Buffer& dst) {
       cudaMemcpyDeviceToDevice, stream_));
 }
 
-void CudaBackend::select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) {
-  const size_t row_bytes = static_cast<size_t>(x.cols) * cuda::dtype_size(dtype_);
-  for (size_t i = 0; i < rows.size(); ++i) {
-    TPE_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(out.data) + i * row_bytes,
-                                   static_cast<const char*>(x.data) + rows[i] * row_bytes,
-                                   row_bytes, cudaMemcpyDeviceToDevice, stream_));
-  }
+void CudaBackend::select_rows(const Buffer& x, Buffer& out) {
+  // A row gather is an embedding lookup whose table is x.
+  TPE_CHECK(out.rows == logit_row_count_, "select_rows: not the batch's logit rows");
+  cuda::embedding(logit_rows_, out.rows, x.data, 0, x.rows, x.cols, dtype_, out.data, stream_);
 }
 
 namespace {
@@ -613,12 +594,20 @@ void CudaBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vo
   int64_t widest = 0;
   for (const Range& v : vocab) widest = std::max(widest, v.size());
   const int64_t rows = full.rows;
-  Buffer padded = alloc(rows, widest);
+  // Fixed scratch for the largest pass, taken by the first (never inside a recording).
+  const int64_t world = static_cast<int64_t>(vocab.size());
+  if (gather_scratch_.cols < (world + 1) * widest * max_logit_rows_) {
+    gather_scratch_ = alloc(1, (world + 1) * widest * max_logit_rows_);
+  }
+  Buffer padded{nullptr, gather_scratch_.data, rows, widest};
+  Buffer gathered{nullptr,
+                  static_cast<char*>(gather_scratch_.data) +
+                      static_cast<size_t>(widest * max_logit_rows_) * esize,
+                  world * rows, widest};
   TPE_CUDA_CHECK(cudaMemcpy2DAsync(padded.data, static_cast<size_t>(widest) * esize, local.data,
                                    static_cast<size_t>(local.cols) * esize,
                                    static_cast<size_t>(local.cols) * esize,
                                    static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream_));
-  Buffer gathered = alloc(static_cast<int64_t>(vocab.size()) * rows, widest);
   TPE_NCCL_CHECK(ncclAllGather(padded.data, gathered.data, static_cast<size_t>(rows * widest),
                                nccl_dtype(dtype_), comm_, stream_));
   for (size_t r = 0; r < vocab.size(); ++r) {
@@ -630,8 +619,43 @@ void CudaBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vo
         static_cast<size_t>(widest) * esize, static_cast<size_t>(vocab[r].size()) * esize,
         static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream_));
   }
-  // padded and gathered go back to the pool when this returns; the stream must be done with them.
-  sync("the logits' all-gather");
+}
+
+void CudaBackend::record_begin() {
+  TPE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+}
+
+void CudaBackend::record_end(int key) {
+  cudaGraph_t graph = nullptr;
+  TPE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  TPE_CUDA_CHECK(instantiated);
+  auto it = recordings_.find(key);
+  if (it != recordings_.end()) cudaGraphExecDestroy(it->second);
+  recordings_[key] = exec;
+}
+
+bool CudaBackend::replay(int key) {
+  auto it = recordings_.find(key);
+  if (it == recordings_.end()) return false;
+  TPE_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+  return true;
+}
+
+void CudaBackend::forget_recordings() {
+  // A recording cut short by an error leaves the stream capturing: end it.
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream_, &status) == cudaSuccess &&
+      status != cudaStreamCaptureStatusNone) {
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+  }
+  for (auto& [key, exec] : recordings_) cudaGraphExecDestroy(exec);
+  recordings_.clear();
 }
 
 void CudaBackend::profile_begin() {
@@ -698,4 +722,4 @@ void CudaBackend::release_queue() {
   holding_ = false;
 }
 
-}  // namespace tpe::runtime
+}  // namespace tpe::backend

@@ -10,12 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "core/backend/backend.hpp"
 #include "core/parallel/communicator.hpp"
 #include "core/parallel/launch.hpp"
-#include "core/runtime/backend.hpp"
 #include "kernels/cuda/ops.hpp"
 
-namespace tpe::runtime {
+namespace tpe::backend {
 
 // "float32" | "float16" | "bfloat16".
 cuda::DType cuda_dtype(const std::string& name);
@@ -61,23 +61,30 @@ class CudaBackend final : public Backend {
   Tensor to_host(const Buffer& x) override;
   double copy_bandwidth_gbs() override;
 
+  void reserve_inputs(int64_t max_tokens, int64_t max_logit_rows,
+                      std::vector<RopeSpec> ropes) override;
   void begin(const Batch& batch) override;
   void embedding(const Buffer& table, Range vocab, Buffer& out) override;
   void norm(tpe_norm_kind kind, const Buffer& x, const Buffer& w, const Buffer* b, float eps,
             Buffer& y) override;
   void linear(const Buffer& x, const Buffer& w, const Buffer* bias, Buffer& y) override;
   void gather_columns(const Buffer& x, const IndexSet& cols, Buffer& out) override;
-  void rotary(Buffer& x, int64_t head_dim, const tpe_rope_desc& rope) override;
-  void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvCache& cache,
+  void rotary(Buffer& x, int rope) override;
+  void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                  const AttentionShape& shape, Buffer& out) override;
   void activation(tpe_activation act, Buffer& x) override;
   void add(const Buffer& a, const Buffer& b, Buffer& out) override;
   void mul(const Buffer& a, const Buffer& b, Buffer& out) override;
   void copy(const Buffer& src, Buffer& dst) override;
-  void select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) override;
+  void select_rows(const Buffer& x, Buffer& out) override;
   void all_reduce(Buffer& x) override;
   void broadcast(std::vector<int64_t>& values) override;
   void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;
+  bool can_replay() const override { return true; }
+  void record_begin() override;
+  void record_end(int key) override;
+  bool replay(int key) override;
+  void forget_recordings() override;
   void profile_begin() override;
   void profile_mark() override;
   std::vector<double> profile_end() override;
@@ -85,10 +92,6 @@ class CudaBackend final : public Backend {
  private:
   class Pool;
   class Stager;
-  class HostArena;
-  // Queues a copy of host bytes to a device array that lives until the next begin().
-  const void* to_device(const void* data, size_t bytes);
-  const int32_t* to_device(const std::vector<int32_t>& values);
   // Waits for the stream; a NCCL error, another rank's failure or TPENGINE_NCCL_TIMEOUT seconds
   // (default 600) of no progress aborts the communicator and throws, naming the cause.
   void sync(const char* what);
@@ -105,17 +108,24 @@ class CudaBackend final : public Backend {
   parallel::ThreadGroup& group_;
   cudaStream_t stream_ = nullptr;
   std::shared_ptr<Pool> pool_;
-  std::unique_ptr<HostArena> arena_;
   std::unique_ptr<Stager> stager_;  // while weights are loading
   std::unique_ptr<cuda::Gemm> gemm_;
-  const Batch* batch_ = nullptr;
+  // The pass's inputs: one fixed device buffer, filled from a pinned mirror by one copy.
+  std::vector<RopeSpec> ropes_;
+  Buffer inputs_;
+  void* inputs_host_ = nullptr;
+  size_t inputs_bytes_ = 0;
+  int64_t max_logit_rows_ = 0;
   const int32_t* ids_ = nullptr;
   const int32_t* slots_ = nullptr;
   const int32_t* positions_ = nullptr;
-  std::vector<Buffer> batch_arrays_;           // this forward's uploaded metadata
-  std::map<const IndexSet*, Buffer> columns_;  // gather lists, by the plan's sets
-  // This forward's rotary (frequency tables, table of each token), by rope parameters.
-  std::map<std::string, std::pair<const float*, const int32_t*>> rope_;
+  const int32_t* segment_of_ = nullptr;
+  const int32_t* logit_rows_ = nullptr;
+  int64_t logit_row_count_ = 0;
+  std::vector<const float*> rope_tables_;      // per rotary parameter set
+  Buffer gather_scratch_;                      // the logits' all-gather
+  std::map<const IndexSet*, Buffer> columns_;  // gather lists, by the program's sets
+  std::map<int, cudaGraphExec_t> recordings_;  // decode steps, by batch size
   // Profiling: the host's go flag (pinned, mapped), its device address, and the step events.
   volatile int* go_ = nullptr;
   const volatile int* go_device_ = nullptr;
@@ -126,4 +136,4 @@ class CudaBackend final : public Backend {
   std::vector<size_t> chunk_starts_;  // marks that open a held chunk, not ending a step
 };
 
-}  // namespace tpe::runtime
+}  // namespace tpe::backend

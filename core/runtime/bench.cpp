@@ -67,10 +67,7 @@ BenchResult run_bench(Engine& engine, const BenchOptions& o) {
     fail("bench needs batch >= 1, prompt length >= 1, new tokens >= 2, repeat >= 1, warmup >= 0");
   }
   const Model& model = engine.model();
-  int64_t vocab = 0;
-  for (const graph::Op& op : model.graph.ops) {
-    if (op.kind == graph::OpKind::kLmHead) vocab = op.out_features;
-  }
+  const int64_t vocab = model.graph.values[model.graph.logits].width;
   std::mt19937_64 rng(o.seed);
   std::uniform_int_distribution<int64_t> token(0, vocab - 1);
   std::vector<std::vector<int64_t>> prompts(static_cast<size_t>(o.batch));
@@ -83,6 +80,7 @@ BenchResult run_bench(Engine& engine, const BenchOptions& o) {
   engine.reset_memory_peak();
   for (int i = 0; i < o.warmup; ++i) run_once(engine, prompts, params);
   std::vector<double> ttft, steps;
+  const int64_t replays_before = engine.replays();
   for (int i = 0; i < o.repeat; ++i) {
     const Run run = run_once(engine, prompts, params);
     ttft.push_back(run.ttft_ms);
@@ -90,6 +88,7 @@ BenchResult run_bench(Engine& engine, const BenchOptions& o) {
   }
   BenchResult r;
   r.batch = o.batch;
+  r.replays = engine.replays() - replays_before;
   r.ttft_ms = percentile(ttft, 0.5);
   r.tpot_mean_ms =
       std::accumulate(steps.begin(), steps.end(), 0.0) / static_cast<double>(steps.size());

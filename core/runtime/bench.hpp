@@ -41,6 +41,7 @@ struct BenchResult {
   double achieved_bandwidth_gbs = 0;  // largest rank's weight bytes / mean TPOT
   std::vector<OpTotal> profile;       // rank 0's, largest first; empty unless asked for
   double profile_total_ms = 0;        // the profiled step's ops, back to back
+  int64_t replays = 0;                // decode steps of the timed runs replayed from a recording
 };
 
 // Runs warmup + repeat greedy generations of random prompts (never stopping early).

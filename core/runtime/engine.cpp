@@ -13,11 +13,11 @@
 #include <mutex>
 #include <thread>
 
+#include "core/backend/cpu_backend.hpp"
 #include "core/common/error.hpp"
 #include "core/io/safetensors.hpp"
 #include "core/parallel/communicator.hpp"
-#include "core/parallel/report.hpp"
-#include "core/runtime/cpu_backend.hpp"
+#include "core/program/report.hpp"
 #include "core/runtime/executor.hpp"
 #include "core/runtime/random_weights.hpp"
 #include "kernels/cpu/ops.hpp"
@@ -76,9 +76,25 @@ Model prepare(const config::RunConfig& run) {
     world = launch->world;
   }
   parallel::Plan plan = parallel::make_plan(graph, world, injection ? &*injection : nullptr);
-  return Model{std::move(config), std::move(registry), choice,
-               std::move(graph),  std::move(plan),     std::move(injection),
-               run.device,        std::move(launch),   dtype};
+  if (run.prefill_chunk < 1 || run.max_batch < 1) {
+    fail("inference.prefill_chunk ({}) and inference.max_batch ({}) must be at least 1",
+         run.prefill_chunk, run.max_batch);
+  }
+  program::Limits limits;
+  limits.tokens = std::max(run.prefill_chunk, run.max_batch);
+  limits.logit_rows = run.max_batch;
+  limits.element_bytes = dtype == "float32" ? 4 : 2;
+  return Model{std::move(config),
+               std::move(registry),
+               choice,
+               std::move(graph),
+               std::move(plan),
+               std::move(injection),
+               run.device,
+               std::move(launch),
+               dtype,
+               limits,
+               run.cuda_graph};
 }
 
 GenerationParams resolve_generation(const config::GenerationSettings& s,
@@ -101,7 +117,7 @@ struct Engine::Ranks {
   explicit Ranks(int local) : group(local) {}
   parallel::ThreadGroup group;  // this process's ranks: the CPU backend's collectives, aborts
 #if TPE_HAVE_CUDA
-  std::unique_ptr<NcclGroup> nccl;
+  std::unique_ptr<backend::NcclGroup> nccl;
 #endif
   std::vector<std::unique_ptr<Executor>> executors;
 
@@ -129,27 +145,16 @@ struct Engine::Ranks {
 
 namespace {
 
-int64_t tensors_per_rank(const graph::Graph& graph) {
-  int64_t n = 0;
-  for (const graph::Op& op : graph.ops) {
-    if (op.kind == graph::OpKind::kEmbedding || op.kind == graph::OpKind::kLmHead) n += 1;
-    if (op.kind == graph::OpKind::kNorm || op.kind == graph::OpKind::kLinear) {
-      n += op.has_bias ? 2 : 1;
-    }
-  }
-  return n;
-}
-
 // Names the policy when the graph it built reads tensors the checkpoint lacks: the usual cause is
-// a policy written for another revision of the architecture.
-void check_tensors_present(const Model& model, const io::Checkpoint& checkpoint) {
+// a policy written for another revision of the architecture. Rank 0 reads every tensor some rank
+// reads (a row-parallel bias is rank 0's alone).
+void check_tensors_present(const Model& model, const program::Program& rank0,
+                           const io::Checkpoint& checkpoint) {
   std::vector<std::string> missing;
-  for (int op = 0; op < static_cast<int>(model.graph.ops.size()); ++op) {
-    for (const std::string& name : model.graph.weight_tensors(op)) {
-      if (checkpoint.find(name) == nullptr &&
-          std::find(missing.begin(), missing.end(), name) == missing.end()) {
-        missing.push_back(name);
-      }
+  for (const program::Weight& w : rank0.weights) {
+    if (checkpoint.find(w.tensor) == nullptr &&
+        std::find(missing.begin(), missing.end(), w.tensor) == missing.end()) {
+      missing.push_back(w.tensor);
     }
   }
   if (missing.empty()) return;
@@ -162,10 +167,11 @@ void check_tensors_present(const Model& model, const io::Checkpoint& checkpoint)
 }
 
 // The KV cache is sized up front; refuse one the machine cannot hold rather than die allocating.
-void check_cache_fits(const Model& model, int64_t slots, int64_t max_len) {
+void check_cache_fits(const std::vector<std::unique_ptr<Executor>>& ranks, int64_t slots,
+                      int64_t max_len) {
   int64_t elements = 0;
-  for (const auto& rank : parallel::rank_memory(model.graph, model.plan)) {
-    elements += rank.kv_elements_per_token;
+  for (const auto& rank : ranks) {
+    for (const int64_t width : rank->program().cache_widths) elements += 2 * width;
   }
   const double bytes = static_cast<double>(elements) * sizeof(float) * slots * max_len;
   const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
@@ -177,11 +183,58 @@ void check_cache_fits(const Model& model, int64_t slots, int64_t max_len) {
   }
 }
 
-void check_prompts(const std::vector<std::vector<int64_t>>& prompts) {
+void check_prompts(const std::vector<std::vector<int64_t>>& prompts, const program::Limits& l) {
   if (prompts.empty()) fail("no prompt given");
   for (size_t i = 0; i < prompts.size(); ++i) {
     if (prompts[i].empty()) fail("prompt {} is empty", i);
   }
+  if (static_cast<int64_t>(prompts.size()) > l.logit_rows) {
+    fail("{} prompts in one batch, more than inference.max_batch = {} (--max-batch)",
+         prompts.size(), l.logit_rows);
+  }
+}
+
+// One pass of a chunked prefill and, per logit row, the prompt and position it belongs to.
+struct Chunk {
+  backend::Batch batch;
+  std::vector<std::pair<size_t, int64_t>> rows;
+};
+
+// Packs the prompts' tokens into passes of at most max_tokens tokens and max_rows logit rows; a
+// prompt may straddle passes. Each wants the logits of its last token, or of every token.
+std::vector<Chunk> chunk_prompts(const std::vector<std::vector<int64_t>>& prompts,
+                                 int64_t max_tokens, int64_t max_rows, bool all_rows) {
+  std::vector<Chunk> chunks;
+  Chunk current;
+  const auto close = [&] {
+    if (!current.batch.tokens.empty()) chunks.push_back(std::move(current));
+    current = {};
+  };
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const int64_t n = static_cast<int64_t>(prompts[i].size());
+    for (int64_t p = 0; p < n;) {
+      const int64_t used = static_cast<int64_t>(current.batch.tokens.size());
+      const int64_t rows = static_cast<int64_t>(current.rows.size());
+      int64_t room = max_tokens - used;
+      if (all_rows) room = std::min(room, max_rows - rows);
+      const int64_t take = std::min(room, n - p);
+      if (take <= 0 || (!all_rows && p + take == n && rows == max_rows)) {
+        close();
+        continue;
+      }
+      current.batch.segments.push_back({static_cast<int>(i), p, take, n});
+      for (int64_t t = p; t < p + take; ++t) {
+        current.batch.tokens.push_back(prompts[i][static_cast<size_t>(t)]);
+        if (all_rows || t == n - 1) {
+          current.batch.logit_rows.push_back(static_cast<int64_t>(current.batch.tokens.size()) - 1);
+          current.rows.emplace_back(i, t);
+        }
+      }
+      p += take;
+    }
+  }
+  close();
+  return chunks;
 }
 
 }  // namespace
@@ -201,7 +254,7 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
     };
   } else {
     checkpoint = io::Checkpoint::open(model_.config.path().parent_path());
-    check_tensors_present(model_, *checkpoint);
+    check_tensors_present(model_, program::lower(model_.graph, model_.plan, 0), *checkpoint);
     source = checkpoint->dir().string();
     reader = [&checkpoint](const std::string& name, std::span<const int64_t> shape,
                            const IndexSet& rows, const IndexSet& cols, std::span<float> out) {
@@ -216,13 +269,15 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
     for (int r = 0; r < world(); ++r) local_ranks.push_back(r);
   }
   ranks_ = std::make_unique<Ranks>(static_cast<int>(local_ranks.size()));
+  int64_t total = 0;
   for (size_t i = 0; i < local_ranks.size(); ++i) {
-    ranks_->executors.push_back(
-        std::make_unique<Executor>(model_.graph, model_.plan, local_ranks[i],
-                                   make_backend(static_cast<int>(i), local_ranks[i])));
+    program::Program program = program::lower(model_.graph, model_.plan, local_ranks[i]);
+    program::plan_memory(program, model_.limits);
+    total += static_cast<int64_t>(program.weights.size());
+    ranks_->executors.push_back(std::make_unique<Executor>(
+        model_.graph, std::move(program), make_backend(static_cast<int>(i), local_ranks[i]),
+        model_.replay));
   }
-  const int64_t total =
-      tensors_per_rank(model_.graph) * static_cast<int64_t>(ranks_->executors.size());
   std::atomic<int64_t> done = 0;
   quiet = quiet || !is_rank0();
   const bool progress = !quiet && isatty(STDERR_FILENO);
@@ -254,104 +309,112 @@ Engine::~Engine() = default;
 
 bool Engine::is_rank0() const { return ranks_->executors.front()->rank() == 0; }
 
-std::unique_ptr<Backend> Engine::make_backend(int local, [[maybe_unused]] int rank) {
+std::unique_ptr<backend::Backend> Engine::make_backend(int local, [[maybe_unused]] int rank) {
 #if TPE_HAVE_CUDA
   if (model_.device == "cuda") {
     const int device = model_.launch ? model_.launch->local_rank : rank;
     if (local == 0) {
-      check_gpu_count(model_.launch ? model_.launch->local_rank + 1 : world());
-      const auto memory = parallel::rank_memory(model_.graph, model_.plan);
-      const int64_t element = static_cast<int64_t>(cuda::dtype_size(cuda_dtype(model_.dtype)));
+      backend::check_gpu_count(model_.launch ? model_.launch->local_rank + 1 : world());
+      const auto memory = program::rank_memory(model_.graph, model_.plan);
+      const int64_t element =
+          static_cast<int64_t>(cuda::dtype_size(backend::cuda_dtype(model_.dtype)));
       if (model_.launch) {
-        check_fits(device, memory[rank].weight_elements * element);
-        ranks_->nccl = std::make_unique<NcclGroup>(*model_.launch);
+        backend::check_fits(device, memory[rank].weight_elements * element);
+        ranks_->nccl = std::make_unique<backend::NcclGroup>(*model_.launch);
       } else {
-        for (int r = 0; r < world(); ++r) check_fits(r, memory[r].weight_elements * element);
-        if (world() > 1) ranks_->nccl = std::make_unique<NcclGroup>(world());
+        for (int r = 0; r < world(); ++r)
+          backend::check_fits(r, memory[r].weight_elements * element);
+        if (world() > 1) ranks_->nccl = std::make_unique<backend::NcclGroup>(world());
       }
     }
-    return std::make_unique<CudaBackend>(rank, device, cuda_dtype(model_.dtype), ranks_->nccl.get(),
-                                         ranks_->group);
+    return std::make_unique<backend::CudaBackend>(rank, device, backend::cuda_dtype(model_.dtype),
+                                                  ranks_->nccl.get(), ranks_->group);
   }
 #endif
   // Each rank thread gets its share of the cores for matrix products.
   cpu::set_gemm_threads(static_cast<int>(std::thread::hardware_concurrency()) / world());
-  return std::make_unique<CpuBackend>(local, ranks_->group);
+  return std::make_unique<backend::CpuBackend>(local, ranks_->group);
+}
+
+std::vector<Tensor> Engine::prefill(Executor& executor,
+                                    const std::vector<std::vector<int64_t>>& prompts, bool all_rows,
+                                    std::vector<StepTime>* profile) {
+  const program::Limits& l = model_.limits;
+  std::vector<Tensor> out;
+  for (const auto& p : prompts) {
+    out.emplace_back(std::vector<int64_t>{all_rows ? static_cast<int64_t>(p.size()) : 1,
+                                          executor.program().vocab_size});
+  }
+  bool first = true;
+  for (const Chunk& chunk : chunk_prompts(prompts, l.tokens, l.logit_rows, all_rows)) {
+    const Tensor logits = executor.forward(chunk.batch, first ? profile : nullptr);
+    first = false;
+    for (size_t r = 0; r < chunk.rows.size(); ++r) {
+      const auto [prompt, position] = chunk.rows[r];
+      std::copy_n(logits.row(static_cast<int64_t>(r)), logits.cols(),
+                  out[prompt].row(all_rows ? position : 0));
+    }
+  }
+  return out;
 }
 
 std::vector<Tensor> Engine::prompt_logits(const std::vector<std::vector<int64_t>>& prompts) {
-  check_prompts(prompts);
-  Batch batch;
+  check_prompts(prompts, model_.limits);
   int64_t max_len = 0;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    const int64_t n = static_cast<int64_t>(prompts[i].size());
-    batch.segments.push_back({static_cast<int>(i), 0, n});
-    batch.tokens.insert(batch.tokens.end(), prompts[i].begin(), prompts[i].end());
-    max_len = std::max(max_len, n);
-  }
-  for (int64_t t = 0; t < static_cast<int64_t>(batch.tokens.size()); ++t) {
-    batch.logit_rows.push_back(t);
-  }
-  Tensor all;
+  for (const auto& p : prompts) max_len = std::max(max_len, static_cast<int64_t>(p.size()));
+  std::vector<Tensor> all;
   ranks_->run([&](int r) {
     ranks_->executors[r]->reset_cache(static_cast<int>(prompts.size()), max_len);
-    Tensor logits = ranks_->executors[r]->forward(batch);
+    std::vector<Tensor> logits = prefill(*ranks_->executors[r], prompts, true, nullptr);
     if (r == 0) all = std::move(logits);
   });
-  std::vector<Tensor> out;
-  int64_t row = 0;
-  for (const auto& prompt : prompts) {
-    const int64_t n = static_cast<int64_t>(prompt.size());
-    Tensor t({n, all.cols()});
-    std::copy_n(all.row(row), n * all.cols(), t.data.begin());
-    out.push_back(std::move(t));
-    row += n;
-  }
-  return out;
+  return all;
 }
 
 std::vector<std::vector<int64_t>> Engine::generate(
     const std::vector<std::vector<int64_t>>& prompts, const GenerationParams& params,
     const std::function<void(size_t, int64_t)>& on_token, StepProfile* profile) {
-  check_prompts(prompts);
+  check_prompts(prompts, model_.limits);
   const size_t n = prompts.size();
   std::vector<std::vector<int64_t>> generated(n);
   if (params.max_new_tokens <= 0) return generated;
   int64_t max_prompt = 0;
   for (const auto& p : prompts) max_prompt = std::max(max_prompt, static_cast<int64_t>(p.size()));
   if (model_.device == "cpu") {
-    check_cache_fits(model_, static_cast<int64_t>(n), max_prompt + params.max_new_tokens);
+    check_cache_fits(ranks_->executors, static_cast<int64_t>(n),
+                     max_prompt + params.max_new_tokens);
   }
   Sampler sampler(params.seed);
   ranks_->run([&](int r) {
     Executor& executor = *ranks_->executors[r];
     executor.reset_cache(static_cast<int>(n), max_prompt + params.max_new_tokens);
     std::vector<std::vector<int64_t>> history = prompts;
-    Batch batch;  // the prompts first, then one token per live sequence
-    for (size_t i = 0; i < n; ++i) {
-      batch.segments.push_back({static_cast<int>(i), 0, static_cast<int64_t>(prompts[i].size())});
-      batch.tokens.insert(batch.tokens.end(), prompts[i].begin(), prompts[i].end());
-      batch.logit_rows.push_back(static_cast<int64_t>(batch.tokens.size()) - 1);
-    }
-    for (int64_t step = 0; step < params.max_new_tokens; ++step) {
-      std::vector<StepTime> times;
-      const bool timed = profile != nullptr && profile->step == step;
-      Tensor logits = executor.forward(batch, timed ? &times : nullptr);
-      if (timed && executor.rank() == 0) profile->times = std::move(times);
+    std::vector<int> live(n);  // the sequences still generating, in the order of their rows
+    for (size_t i = 0; i < n; ++i) live[i] = static_cast<int>(i);
+    std::vector<StepTime> times;
+    const bool profile_prompt = profile != nullptr && profile->step == 0;
+    const std::vector<Tensor> last =
+        prefill(executor, prompts, false, profile_prompt ? &times : nullptr);
+    Tensor logits({static_cast<int64_t>(n), executor.program().vocab_size});
+    for (size_t i = 0; i < n; ++i)
+      std::copy(last[i].data.begin(), last[i].data.end(), logits.row(i));
+    if (profile_prompt && executor.rank() == 0) profile->times = std::move(times);
+    for (int64_t step = 0;; ++step) {
       // Rank 0 samples; every rank takes its choice so all caches stay identical.
-      std::vector<int64_t> next(batch.segments.size());
+      std::vector<int64_t> next(live.size());
       if (executor.rank() == 0) {
-        for (size_t j = 0; j < batch.segments.size(); ++j) {
-          const size_t seq = static_cast<size_t>(batch.segments[j].slot);
+        for (size_t j = 0; j < live.size(); ++j) {
+          const size_t seq = static_cast<size_t>(live[j]);
           next[j] = sampler.sample(
               {logits.row(static_cast<int64_t>(j)), static_cast<size_t>(logits.cols())},
               history[seq], params.sampling);
         }
       }
       executor.broadcast(next);
-      Batch following;
-      for (size_t j = 0; j < batch.segments.size(); ++j) {
-        const size_t seq = static_cast<size_t>(batch.segments[j].slot);
+      backend::Batch following;
+      std::vector<int> still;
+      for (size_t j = 0; j < live.size(); ++j) {
+        const size_t seq = static_cast<size_t>(live[j]);
         history[seq].push_back(next[j]);
         if (r == 0) generated[seq].push_back(next[j]);  // every process returns the tokens
         if (on_token && executor.rank() == 0) on_token(seq, next[j]);
@@ -361,9 +424,13 @@ std::vector<std::vector<int64_t>> Engine::generate(
             {static_cast<int>(seq), static_cast<int64_t>(history[seq].size()) - 1, 1});
         following.tokens.push_back(next[j]);
         following.logit_rows.push_back(static_cast<int64_t>(following.tokens.size()) - 1);
+        still.push_back(live[j]);
       }
-      if (following.segments.empty()) break;
-      batch = std::move(following);
+      if (following.segments.empty() || step + 1 == params.max_new_tokens) break;
+      live = std::move(still);
+      const bool timed = profile != nullptr && profile->step == step + 1;
+      logits = executor.forward(following, timed ? &times : nullptr);
+      if (timed && executor.rank() == 0) profile->times = std::move(times);
     }
   });
   return generated;
@@ -379,15 +446,17 @@ double Engine::copy_bandwidth_gbs() {
 
 int64_t Engine::all_reduce_count() const { return ranks_->group.all_reduce_count(); }
 
+int64_t Engine::replays() const { return ranks_->executors.front()->replays(); }
+
 std::vector<Engine::RankMemory> Engine::memory() {
   std::vector<RankMemory> out(ranks_->executors.size());
   ranks_->run([&](int r) {
     Executor& e = *ranks_->executors[r];
     e.backend().bind_thread();
-    const Backend::MemoryUse use = e.backend().memory_use();
+    const backend::Backend::MemoryUse use = e.backend().memory_use();
     const int64_t weights = e.weight_bytes(), cache = e.kv_cache_bytes();
     out[r] = {weights, cache, std::max<int64_t>(0, use.buffers_peak - weights - cache),
-              use.device_in_use};
+              use.device_in_use, e.program().arena_bytes};
   });
   return out;
 }

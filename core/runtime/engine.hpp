@@ -17,7 +17,8 @@
 #include "core/parallel/launch.hpp"
 #include "core/parallel/plan.hpp"
 #include "core/plugin/registry.hpp"
-#include "core/runtime/backend.hpp"
+#include "core/program/program.hpp"
+#include "core/runtime/executor.hpp"
 #include "core/runtime/sampler.hpp"
 
 namespace tpe::runtime {
@@ -36,6 +37,9 @@ struct Model {
   // runs rank launch->rank only.
   std::optional<parallel::LaunchEnv> launch;
   std::string dtype;  // resolved: "float32" | "float16" | "bfloat16"
+  // The largest pass each rank's memory plan is sized for: a prompt chunk or a decode batch.
+  program::Limits limits;
+  bool replay = true;  // record decode steps and replay them where the backend can
 };
 
 // Reads config.json, finds the policy, builds the graph and plans it for run.tp_size ranks.
@@ -82,14 +86,16 @@ class Engine {
 
   // All-reduces issued so far (each counted once, not per rank).
   int64_t all_reduce_count() const;
+  // Decode steps rank 0 replayed from a recording (a CUDA graph) so far.
+  int64_t replays() const;
   // Weight bytes each rank holds (fp32 on the CPU backend).
   std::vector<int64_t> weight_bytes() const;
   // Device memory of each of this process's ranks: weights, the KV cache now allocated, the most
-  // the other buffers (activations, per-pass data) held at once since reset_memory_peak(), and
-  // all memory in use on the device (0 where the backend cannot say; includes the runtime's and
-  // NCCL's own), bytes.
+  // the other buffers (the activation arena, per-pass data) held at once since
+  // reset_memory_peak(), all memory in use on the device (0 where the backend cannot say;
+  // includes the runtime's and NCCL's own), and the arena its memory plan asked for, bytes.
   struct RankMemory {
-    int64_t weights = 0, kv_cache = 0, workspace = 0, device_in_use = 0;
+    int64_t weights = 0, kv_cache = 0, workspace = 0, device_in_use = 0, planned_arena = 0;
   };
   std::vector<RankMemory> memory();
   // Frees the KV caches (the next generation makes its own) and starts the peak afresh.
@@ -101,7 +107,11 @@ class Engine {
  private:
   struct Ranks;
   // The backend of this process's local-th rank, global rank `rank`.
-  std::unique_ptr<Backend> make_backend(int local, int rank);
+  std::unique_ptr<backend::Backend> make_backend(int local, int rank);
+  // Runs the prompts' tokens in passes within the memory plan's limits; every token's logits
+  // (all_rows) or each prompt's last, [rows, vocab] per prompt, on every rank's thread.
+  std::vector<Tensor> prefill(Executor& executor, const std::vector<std::vector<int64_t>>& prompts,
+                              bool all_rows, std::vector<StepTime>* profile);
   Model model_;
   std::unique_ptr<Ranks> ranks_;
   double load_seconds_ = 0;

@@ -3,58 +3,34 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstring>
 
 #include "core/common/error.hpp"
 
 namespace tpe::runtime {
 
-using graph::Op;
-using graph::OpKind;
-using parallel::LinearKind;
-using parallel::Step;
+using backend::Batch;
+using backend::Buffer;
+using program::Code;
+using program::Instr;
 
-namespace {
-
-std::string slice_key(const std::string& name, const IndexSet& rows, const IndexSet& cols) {
-  std::string key = name;
-  for (const Range& r : rows) key += fmt::format("|r{}-{}", r.begin, r.end);
-  for (const Range& c : cols) key += fmt::format("|c{}-{}", c.begin, c.end);
-  return key;
-}
-
-}  // namespace
-
-Executor::Executor(const graph::Graph& graph, const parallel::Plan& plan, int rank,
-                   std::unique_ptr<Backend> backend)
-    : graph_(graph),
-      plan_(plan),
-      rank_(rank),
-      backend_(std::move(backend)),
-      weights_(graph.ops.size()) {}
-
-std::shared_ptr<const Buffer> Executor::read(const WeightReader& reader, const std::string& name,
-                                             std::vector<int64_t> shape, const IndexSet& rows,
-                                             const IndexSet& cols) {
-  const std::string key = slice_key(name, rows, cols);
-  auto it = loaded_.find(key);
-  if (it != loaded_.end()) return it->second;
-  const IndexSet row_set = rows.empty() ? IndexSet{{0, shape[0]}} : rows;
-  const int64_t n_cols = shape.size() < 2 ? 1 : cols.empty() ? shape[1] : index_count(cols);
-  auto buffer = std::make_shared<const Buffer>(backend_->load(
-      index_count(row_set), n_cols,
-      [&reader, name, shape, row_set, cols](int64_t first, int64_t count, std::span<float> out) {
-        reader(name, shape, index_slice(row_set, first, count), cols, out);
-      }));
-  loaded_.emplace(key, buffer);
-  return buffer;
+Executor::Executor(const graph::Graph& graph, program::Program program,
+                   std::unique_ptr<backend::Backend> backend, bool replay)
+    : graph_(graph), program_(std::move(program)), backend_(std::move(backend)), replay_(replay) {
+  TPE_CHECK(program_.arena_bytes > 0, "the program's memory is not planned");
 }
 
 void Executor::load(const WeightReader& reader, const std::function<void()>& on_tensor) {
   backend_->bind_thread();
   try {
-    load_all(reader, on_tensor);
+    for (const program::Weight& w : program_.weights) {
+      const IndexSet rows = w.rows.empty() ? IndexSet{{0, w.shape[0]}} : w.rows;
+      weights_.push_back(std::make_shared<const Buffer>(
+          backend_->load(w.local_rows(), w.local_cols(),
+                         [&reader, &w, rows](int64_t first, int64_t count, std::span<float> out) {
+                           reader(w.tensor, w.shape, index_slice(rows, first, count), w.cols, out);
+                         })));
+      on_tensor();
+    }
   } catch (...) {
     // Pieces may still be read on other threads: wait for them before `reader` goes away.
     try {
@@ -64,65 +40,21 @@ void Executor::load(const WeightReader& reader, const std::function<void()>& on_
     throw;
   }
   backend_->end_loading();
-}
-
-void Executor::load_all(const WeightReader& reader, const std::function<void()>& on_tensor) {
-  const IndexSet all;
-  for (size_t i = 0; i < graph_.ops.size(); ++i) {
-    const Op& op = graph_.ops[i];
-    Weights& w = weights_[i];
-    const Range vocab = plan_.vocab[rank_];
-    switch (op.kind) {
-      case OpKind::kEmbedding:
-      case OpKind::kLmHead:
-        w.w = read(reader, op.name, {op.out_features, op.in_features}, {{vocab.begin, vocab.end}},
-                   all);
-        on_tensor();
-        break;
-      case OpKind::kNorm: {
-        const int64_t width = graph_.values[op.inputs[0]].width;
-        w.w = read(reader, op.name + ".weight", {width}, all, all);
-        on_tensor();
-        if (op.has_bias) {
-          w.b = read(reader, op.name + ".bias", {width}, all, all);
-          on_tensor();
-        }
-        break;
-      }
-      case OpKind::kLinear: {
-        const std::vector<int64_t> shape = {op.out_features, op.in_features};
-        if (plan_.linear_kind[i] == LinearKind::kColumn) {
-          const IndexSet& rows = plan_.shard[op.outputs[0]][rank_];
-          w.w = read(reader, op.name + ".weight", shape, rows, all);
-          if (op.has_bias) w.b = read(reader, op.name + ".bias", {op.out_features}, rows, all);
-        } else {
-          w.w = read(reader, op.name + ".weight", shape, all, plan_.shard[op.inputs[0]][rank_]);
-          // A row-parallel output is a sum over ranks: its bias is added once, by rank 0.
-          if (op.has_bias && rank_ == 0) {
-            w.b = read(reader, op.name + ".bias", {op.out_features}, all, all);
-          }
-        }
-        on_tensor();
-        if (op.has_bias) on_tensor();
-        break;
-      }
-      default:
-        break;
-    }
+  const int64_t e = backend_->element_bytes();
+  TPE_CHECK(e == program_.limits.element_bytes, "the memory plan is for another element size");
+  arena_ = backend_->alloc(1, (program_.arena_bytes + e - 1) / e);
+  views_.assign(program_.values.size(), {});
+  for (size_t v = 0; v < program_.values.size(); ++v) {
+    const program::Value& value = program_.values[v];
+    if (!value.stored) continue;
+    views_[v] = {arena_.storage, static_cast<char*>(arena_.data) + value.offset, 0, value.width};
   }
+  backend_->reserve_inputs(program_.limits.tokens, program_.limits.logit_rows, program_.ropes);
 }
 
 int64_t Executor::weight_bytes() const {
   int64_t bytes = 0;
-  for (const auto& [key, b] : loaded_) bytes += b->rows * b->cols * backend_->element_bytes();
-  return bytes;
-}
-
-int64_t Executor::kv_cache_bytes() const {
-  int64_t bytes = 0;
-  for (const KvCache& c : caches_) {
-    bytes += (c.k.rows * c.k.cols + c.v.rows * c.v.cols) * backend_->element_bytes();
-  }
+  for (const auto& b : weights_) bytes += b->rows * b->cols * backend_->element_bytes();
   return bytes;
 }
 
@@ -133,144 +65,132 @@ double Executor::copy_bandwidth_gbs() {
 
 void Executor::reset_cache(int slots, int64_t max_len) {
   backend_->bind_thread();
-  caches_.assign(graph_.ops.size(), {});
-  if (slots == 0) return;
-  for (size_t i = 0; i < graph_.ops.size(); ++i) {
-    const Op& op = graph_.ops[i];
-    if (op.kind != OpKind::kAttention) continue;
-    const int64_t width = index_count(plan_.shard[op.inputs[1]][rank_]);
-    caches_[i] = {backend_->alloc(slots * max_len, width), backend_->alloc(slots * max_len, width),
-                  max_len};
+  if (slots == 0) {
+    cache_.release();
+  } else {
+    cache_.reserve(*backend_, program_.cache_widths, slots, max_len);
   }
-}
-
-std::string Executor::step_label(const Step& step) const {
-  if (step.kind == Step::Kind::kAllReduce) return "all_reduce";
-  const std::string name = graph_.relative_name(step.index);
-  const std::string kind = graph::op_kind_name(graph_.ops[step.index].kind);
-  return name.empty() ? kind : kind + " " + name;
 }
 
 Tensor Executor::forward(const Batch& batch, std::vector<StepTime>* profile) {
-  const Op* embedding = nullptr;
-  for (const Op& op : graph_.ops) {
-    if (op.kind == OpKind::kEmbedding) embedding = &op;
+  const int64_t tokens = static_cast<int64_t>(batch.tokens.size());
+  const int64_t logit_rows = static_cast<int64_t>(batch.logit_rows.size());
+  if (tokens > program_.limits.tokens || logit_rows > program_.limits.logit_rows) {
+    fail(
+        "a pass of {} tokens and {} logit rows exceeds the {} and {} the memory plan was sized for",
+        tokens, logit_rows, program_.limits.tokens, program_.limits.logit_rows);
   }
   for (const int64_t id : batch.tokens) {
-    if (embedding != nullptr && (id < 0 || id >= embedding->out_features)) {
-      fail("token id {} is out of range for the vocabulary of {} tokens ({})", id,
-           embedding->out_features, embedding->name);
+    if (id < 0 || id >= program_.vocab_size) {
+      fail("token id {} is out of range for the vocabulary of {} tokens", id, program_.vocab_size);
     }
   }
+  for (const int64_t row : batch.logit_rows) TPE_CHECK(row >= 0 && row < tokens, "bad logit row");
+  cache_.check(batch);
   backend_->bind_thread();
-  backend_->begin(batch);
-  if (profile != nullptr) backend_->profile_begin();
-  std::vector<Buffer> values(graph_.values.size());
-  for (const Step& step : plan_.steps) {
-    if (step.kind == Step::Kind::kAllReduce) {
-      backend_->all_reduce(values[step.index]);
-    } else {
-      run_op(step.index, batch, values);
-    }
-    if (profile != nullptr) backend_->profile_mark();
+  for (size_t v = 0; v < views_.size(); ++v) {
+    views_[v].rows = program_.values[v].rows == program::Rows::kTokens ? tokens : logit_rows;
   }
+  backend_->begin(batch);
+  if (cache_.generation() != recorded_generation_) {
+    backend_->forget_recordings();
+    recorded_.clear();
+    recorded_generation_ = cache_.generation();
+  }
+  const int key = static_cast<int>(tokens);
+  if (profile == nullptr && replay_ && backend_->can_replay() && batch.is_decode()) {
+    auto it = recorded_.find(key);
+    if (it != recorded_.end() && !it->second) {  // seen once: its lazy setup is done
+      backend_->record_begin();
+      run(batch, false);
+      backend_->record_end(key);
+      it->second = true;
+    }
+    if (it != recorded_.end()) {
+      TPE_CHECK(backend_->replay(key), "a recorded decode step is missing");
+      ++replays_;
+    } else {
+      recorded_.emplace(key, false);
+      run(batch, false);
+    }
+  } else {
+    run(batch, profile != nullptr);
+  }
+  cache_.advance(batch);
   if (profile != nullptr) {
     const std::vector<double> ms = backend_->profile_end();
     profile->clear();
-    for (size_t i = 0; i < plan_.steps.size(); ++i) {
-      profile->push_back({step_label(plan_.steps[i]), ms.at(i)});
+    for (size_t i = 0; i < program_.instrs.size(); ++i) {
+      profile->push_back({program::instr_label(graph_, program_, program_.instrs[i]), ms.at(i)});
     }
   }
-  return backend_->to_host(values[graph_.logits]);
+  if (logit_rows == 0) return Tensor({0, program_.vocab_size});
+  return backend_->to_host(views_[program_.logits]);
 }
 
-void Executor::run_op(int index, const Batch& batch, std::vector<Buffer>& values) {
-  const Op& op = graph_.ops[index];
-  const Weights& w = weights_[index];
-  const int64_t tokens = static_cast<int64_t>(batch.tokens.size());
-  const auto in = [&](size_t k) -> const Buffer& { return values[op.inputs[k]]; };
-  Buffer& out = values[op.outputs[0]];
-  switch (op.kind) {
-    case OpKind::kInputIds:
+void Executor::run(const Batch& batch, bool profile) {
+  if (profile) backend_->profile_begin();
+  for (const Instr& instr : program_.instrs) {
+    // A pass that wants no logits (a prompt chunk that ends no sequence) skips the lm_head.
+    if (batch.logit_rows.empty() && program_.values[instr.out].rows == program::Rows::kLogitRows) {
+      if (profile) backend_->profile_mark();
+      continue;
+    }
+    run_instr(instr);
+    if (profile) backend_->profile_mark();
+  }
+}
+
+void Executor::run_instr(const Instr& instr) {
+  const auto in = [&](size_t k) -> const Buffer& { return views_[instr.in[k]]; };
+  Buffer& out = views_[instr.out];
+  const Buffer* bias = instr.bias >= 0 ? weights_[instr.bias].get() : nullptr;
+  const bool in_place = !instr.in.empty() && out.data == in(0).data;
+  switch (instr.code) {
+    case Code::kEmbedding:
+      backend_->embedding(*weights_[instr.weight], program_.vocab[program_.rank], out);
       break;
-    case OpKind::kEmbedding:
-      out = backend_->alloc(tokens, op.in_features);
-      backend_->embedding(*w.w, plan_.vocab[rank_], out);
-      break;
-    case OpKind::kNorm:
-      out = backend_->alloc(in(0).rows, in(0).cols);
-      backend_->norm(op.norm_kind, in(0), *w.w, w.b.get(), static_cast<float>(op.eps), out);
-      break;
-    case OpKind::kLinear: {
-      const int64_t width = plan_.linear_kind[index] == LinearKind::kColumn
-                                ? index_count(plan_.shard[op.outputs[0]][rank_])
-                                : op.out_features;
-      out = backend_->alloc(in(0).rows, width);
-      backend_->linear(in(0), *w.w, w.b.get(), out);
+    case Code::kNorm: {
+      const graph::Op& op = graph_.ops[instr.op];
+      backend_->norm(op.norm_kind, in(0), *weights_[instr.weight], bias, static_cast<float>(op.eps),
+                     out);
       break;
     }
-    case OpKind::kSplit:
-      for (size_t p = 0; p < op.outputs.size(); ++p) {
-        const IndexSet& cols = plan_.split_parts[index][rank_][p];
-        values[op.outputs[p]] = backend_->alloc(in(0).rows, index_count(cols));
-        backend_->gather_columns(in(0), cols, values[op.outputs[p]]);
-      }
+    case Code::kLinear:
+      backend_->linear(in(0), *weights_[instr.weight], bias, out);
       break;
-    case OpKind::kRotary:
-      out = backend_->alloc(in(0).rows, in(0).cols);
+    case Code::kGather:
+      backend_->gather_columns(in(0), instr.cols, out);
+      break;
+    case Code::kRotary:
+      if (!in_place) backend_->copy(in(0), out);
+      backend_->rotary(out, instr.rope);
+      break;
+    case Code::kAttention:
+      backend_->attention(in(0), in(1), in(2), cache_.layer(instr.cache), instr.attention, out);
+      break;
+    case Code::kActivation:
+      if (!in_place) backend_->copy(in(0), out);
+      backend_->activation(graph_.ops[instr.op].activation, out);
+      break;
+    case Code::kAdd:
+      backend_->add(in(0), in(1), out);
+      break;
+    case Code::kMul:
+      backend_->mul(in(0), in(1), out);
+      break;
+    case Code::kCopy:
       backend_->copy(in(0), out);
-      backend_->rotary(out, op.head_dim, op.rope);
       break;
-    case OpKind::kAttention: {
-      const tpe_attention_desc& a = op.attention;
-      const IndexSet& q_set = plan_.shard[op.inputs[0]][rank_];
-      const IndexSet& kv_set = plan_.shard[op.inputs[1]][rank_];
-      AttentionShape shape;
-      shape.head_dim = a.head_dim;
-      shape.first_q = q_set.empty() ? 0 : q_set.front().begin / a.head_dim;
-      shape.first_kv = kv_set.empty() ? 0 : kv_set.front().begin / a.head_dim;
-      shape.group = a.n_heads / a.n_kv_heads;
-      shape.scale = a.scale > 0 ? static_cast<float>(a.scale)
-                                : 1.0f / std::sqrt(static_cast<float>(a.head_dim));
-      shape.window = a.sliding_window;
-      KvCache& cache = caches_[index];
-      for (const Batch::Segment& s : batch.segments) {
-        if (s.start_pos + s.count > cache.max_len) {
-          fail("sequence {} reaches {} tokens, beyond the {} the KV cache was sized for", s.slot,
-               s.start_pos + s.count, cache.max_len);
-        }
-      }
-      out = backend_->alloc(in(0).rows, in(0).cols);
-      backend_->attention(in(0), in(1), in(2), cache, shape, out);
+    case Code::kSelectRows:
+      backend_->select_rows(in(0), out);
       break;
-    }
-    case OpKind::kActivation:
-      out = backend_->alloc(in(0).rows, in(0).cols);
-      backend_->copy(in(0), out);
-      backend_->activation(op.activation, out);
+    case Code::kGatherVocab:
+      backend_->gather_vocab(in(0), program_.vocab, out);
       break;
-    case OpKind::kMul:
-    case OpKind::kAdd: {
-      out = backend_->alloc(in(0).rows, in(0).cols);
-      const int skip = rank_ != 0 ? plan_.add_replicated_input[index] : -1;
-      if (skip >= 0) {  // the replicated addend counts once, on rank 0
-        backend_->copy(in(1 - skip), out);
-      } else if (op.kind == OpKind::kMul) {
-        backend_->mul(in(0), in(1), out);
-      } else {
-        backend_->add(in(0), in(1), out);
-      }
+    case Code::kAllReduce:
+      backend_->all_reduce(out);
       break;
-    }
-    case OpKind::kLmHead: {
-      Buffer picked = backend_->alloc(static_cast<int64_t>(batch.logit_rows.size()), in(0).cols);
-      backend_->select_rows(in(0), batch.logit_rows, picked);
-      Buffer local = backend_->alloc(picked.rows, plan_.vocab[rank_].size());
-      backend_->linear(picked, *w.w, nullptr, local);
-      out = backend_->alloc(picked.rows, op.out_features);
-      backend_->gather_vocab(local, plan_.vocab, out);
-      break;
-    }
   }
 }
 

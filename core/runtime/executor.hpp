@@ -1,7 +1,7 @@
-// One rank's share of the model: its weight slices, its KV cache, and the forward pass over the
-// plan's steps. The executor decides what each step means for this rank (which slice, which
-// columns, which heads, who adds a replicated addend); its Backend does the arithmetic and the
-// collectives. Owns: running a plan. May not touch: plugins, planning.
+// One rank at run time: its program (core/program), its weight slices, its KV cache and its
+// activation arena, and the forward pass that runs the program's instructions on a Backend. A
+// decode step the backend can record is recorded once per batch size and replayed (CUDA graphs).
+// Owns: running a program. May not touch: plugins, planning, lowering decisions.
 #pragma once
 
 #include <functional>
@@ -11,58 +11,68 @@
 #include <string>
 #include <vector>
 
+#include "core/backend/backend.hpp"
 #include "core/common/tensor.hpp"
 #include "core/graph/graph.hpp"
-#include "core/parallel/plan.hpp"
-#include "core/runtime/backend.hpp"
+#include "core/program/program.hpp"
+#include "core/runtime/kv_cache.hpp"
 
 namespace tpe::runtime {
 
+// One instruction of a profiled forward pass and its time (see Backend::profile_begin).
+struct StepTime {
+  std::string label;  // "linear self_attn.q_proj", "all_reduce", ...: the same in every layer
+  double ms = 0;
+};
+
 class Executor {
  public:
-  Executor(const graph::Graph& graph, const parallel::Plan& plan, int rank,
-           std::unique_ptr<Backend> backend);
+  // `program` must have its memory planned; `replay` allows recording decode steps.
+  Executor(const graph::Graph& graph, program::Program program,
+           std::unique_ptr<backend::Backend> backend, bool replay);
 
   // Writes one tensor's slice as fp32 into out: (name, full shape, rows, cols, out), empty sets
   // meaning all. Called from several threads at once, for pieces of a slice.
   using WeightReader = std::function<void(const std::string&, std::span<const int64_t>,
                                           const IndexSet&, const IndexSet&, std::span<float>)>;
 
-  // Reads this rank's slices and hands them to the backend; on_tensor is called after each.
+  // Reads this rank's slices and hands them to the backend (on_tensor is called after each),
+  // then takes the activation arena and the per-pass input buffers.
   void load(const WeightReader& reader, const std::function<void()>& on_tensor);
-  // Drops the cache and makes room for `slots` sequences of up to max_len tokens (none for 0).
+  // Room for `slots` sequences of up to max_len tokens, all empty; 0 slots frees the cache.
   void reset_cache(int slots, int64_t max_len);
 
-  // Returns the full logits [batch.logit_rows.size(), vocab] (gathered over ranks) on the host;
-  // with `profile`, also the time of each step.
-  Tensor forward(const Batch& batch, std::vector<StepTime>* profile = nullptr);
+  // Runs one pass and returns the full logits [batch.logit_rows.size(), vocab] (gathered over
+  // ranks) on the host; with `profile`, also the time of each instruction.
+  Tensor forward(const backend::Batch& batch, std::vector<StepTime>* profile = nullptr);
 
+  const program::Program& program() const { return program_; }
   int64_t weight_bytes() const;
-  int64_t kv_cache_bytes() const;
-  Backend& backend() { return *backend_; }
-  int rank() const { return rank_; }
+  int64_t kv_cache_bytes() const { return cache_.bytes(backend_->element_bytes()); }
+  backend::Backend& backend() { return *backend_; }
+  int rank() const { return program_.rank; }
+  // Decode steps replayed from a recording so far.
+  int64_t replays() const { return replays_; }
   // Rank 0's values to every rank.
   void broadcast(std::vector<int64_t>& values) { backend_->broadcast(values); }
   double copy_bandwidth_gbs();
 
  private:
-  struct Weights {
-    std::shared_ptr<const Buffer> w, b;
-  };
-  void load_all(const WeightReader& reader, const std::function<void()>& on_tensor);
-  void run_op(int op, const Batch& batch, std::vector<Buffer>& values);
-  std::string step_label(const parallel::Step& step) const;
-  std::shared_ptr<const Buffer> read(const WeightReader& reader, const std::string& name,
-                                     std::vector<int64_t> shape, const IndexSet& rows,
-                                     const IndexSet& cols);
+  void run(const backend::Batch& batch, bool profile);
+  void run_instr(const program::Instr& instr);
 
   const graph::Graph& graph_;
-  const parallel::Plan& plan_;
-  int rank_;
-  std::unique_ptr<Backend> backend_;
-  std::vector<Weights> weights_;                                 // per op
-  std::map<std::string, std::shared_ptr<const Buffer>> loaded_;  // slices shared by ops
-  std::vector<KvCache> caches_;                                  // per attention op
+  program::Program program_;
+  std::unique_ptr<backend::Backend> backend_;
+  bool replay_;
+  std::vector<std::shared_ptr<const backend::Buffer>> weights_;  // per program weight
+  backend::Buffer arena_;
+  std::vector<backend::Buffer> views_;  // per value: its place in the arena, this pass's rows
+  KvCache cache_;
+  // Decode batch sizes run once since the cache moved (recorded the next time), and recorded.
+  std::map<int, bool> recorded_;
+  uint64_t recorded_generation_ = 0;
+  int64_t replays_ = 0;
 };
 
 }  // namespace tpe::runtime

@@ -1,7 +1,8 @@
 // The engine on GPUs against transformers: every fixture at TP 1 in fp32 within 1e-3 x max
 // |logit| with transformers' greedy tokens; in bf16 and fp16 the same first 8 greedy tokens as
-// fp32; TP 2 and 4 (where the GPUs exist) equal to TP 1; staged loading, its errors, and bench's
-// memory split and step profile. Skipped, with the reason, without GPUs.
+// fp32; decode steps replayed from CUDA graphs equal to op by op; prompts in chunks; TP 2 and 4
+// (where the GPUs exist) equal to TP 1; staged loading, its errors, and bench's memory split
+// (against the memory plan) and step profile. Skipped, with the reason, without GPUs.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -11,7 +12,7 @@
 
 #include "core/common/error.hpp"
 
-#include "core/parallel/report.hpp"
+#include "core/program/report.hpp"
 #include "core/runtime/engine.hpp"
 #include "tests/integration/fixture.hpp"
 
@@ -23,13 +24,17 @@ int gpu_count() {
   return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
 }
 
-runtime::Engine make_engine(const std::string& fixture, int tp, const std::string& dtype) {
+config::RunConfig cuda_run(const std::string& fixture, int tp, const std::string& dtype) {
   config::RunConfig run;
   run.model_path = fixture_dir(fixture);
   run.tp_size = tp;
   run.device = "cuda";
   run.dtype = dtype;
-  return runtime::Engine(runtime::prepare(run), /*quiet=*/true);
+  return run;
+}
+
+runtime::Engine make_engine(const std::string& fixture, int tp, const std::string& dtype) {
+  return runtime::Engine(runtime::prepare(cuda_run(fixture, tp, dtype)), /*quiet=*/true);
 }
 
 // max |a - b| / max |b| over all prompts.
@@ -93,6 +98,44 @@ void expect_tp_equals_one(const std::string& fixture, int tp) {
     if (std::string(dtype) == "float32") {
       EXPECT_EQ(many.generate(ref.prompts, params), ref.greedy);
     }
+  }
+}
+
+// Decode steps replayed from a CUDA graph compute what the same steps run op by op compute: the
+// same tokens, and the replays really happened. Batches of different sizes as sequences stop
+// (the stop token is the op-by-op run's 5th token of the first prompt) each get a recording.
+TEST_P(GpuFixture, GraphReplayEqualsOpByOp) {
+  const Reference ref = load_reference(GetParam());
+  runtime::GenerationParams params;
+  params.max_new_tokens = 12;
+  config::RunConfig run = cuda_run(GetParam(), 1, "bfloat16");
+  run.cuda_graph = false;
+  runtime::Engine op_by_op(runtime::prepare(run), true);
+  const auto expected = op_by_op.generate(ref.prompts, params);
+  EXPECT_EQ(op_by_op.replays(), 0);
+  run.cuda_graph = true;
+  runtime::Engine replayed(runtime::prepare(run), true);
+  EXPECT_EQ(replayed.generate(ref.prompts, params), expected);
+  EXPECT_EQ(replayed.generate(ref.prompts, params), expected);  // the recordings again
+  EXPECT_GT(replayed.replays(), 2 * (params.max_new_tokens - 3));
+  params.stop_token_ids = {expected[0][4]};
+  EXPECT_EQ(replayed.generate(ref.prompts, params), op_by_op.generate(ref.prompts, params));
+}
+
+// A prompt run in passes of 3 tokens (so prompts straddle passes) gives transformers' logits,
+// including dynamic NTK rope, whose frequencies depend on the whole prompt's length.
+TEST(GpuChunkedPrefill, ChunksOfThreeTokensMatchTransformers) {
+  if (gpu_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const char* fixture : {"llama_dynamic_rope", "neox_parallel"}) {
+    const Reference ref = load_reference(fixture);
+    config::RunConfig run = cuda_run(fixture, 1, "float32");
+    run.prefill_chunk = 3;
+    run.max_batch = 3;
+    runtime::Engine engine(runtime::prepare(run), true);
+    EXPECT_LE(relative_error(engine.prompt_logits(ref.prompts), ref.logits), 1e-3f) << fixture;
+    runtime::GenerationParams params;
+    params.max_new_tokens = 16;
+    EXPECT_EQ(engine.generate(ref.prompts, params), ref.greedy) << fixture;
   }
 }
 
@@ -169,13 +212,17 @@ TEST(GpuBench, MemorySplitAndStepProfile) {
   int64_t longest = 0;
   for (const auto& p : ref.prompts) longest = std::max<int64_t>(longest, p.size());
   const auto& m = engine.model();
-  const auto per_token = parallel::rank_memory(m.graph, m.plan)[0].kv_elements_per_token;
+  const auto per_token = program::rank_memory(m.graph, m.plan)[0].kv_elements_per_token;
   EXPECT_EQ(memory[0].kv_cache, per_token * 2 /* bf16 */ *
                                     static_cast<int64_t>(ref.prompts.size()) *
                                     (longest + params.max_new_tokens));
-  EXPECT_GT(memory[0].workspace, 0);
+  // Workspace is the activation arena plus the pass's inputs and the logits' fp32 copy.
+  EXPECT_GE(memory[0].workspace, memory[0].planned_arena);
+  EXPECT_LE(memory[0].workspace, memory[0].planned_arena * 11 / 10);
+  EXPECT_EQ(memory[0].planned_arena,
+            program::rank_memory(m.graph, m.plan, m.limits)[0].arena_bytes);
   EXPECT_GT(memory[0].device_in_use, memory[0].weights + memory[0].kv_cache);
-  ASSERT_EQ(profile.times.size(), m.plan.steps.size());
+  ASSERT_EQ(profile.times.size(), program::lower(m.graph, m.plan, 0).instrs.size());
   double total = 0;
   int attention = 0;
   for (const runtime::StepTime& t : profile.times) {

@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/parallel/report.hpp"
+#include "core/program/report.hpp"
 #include "core/runtime/engine.hpp"
 #include "tests/integration/fixture.hpp"
 
@@ -116,7 +116,7 @@ TEST(Generation, SampledTokensDependOnlyOnTheSeed) {
 TEST(Generation, WeightBytesMatchThePlan) {
   for (int tp = 1; tp <= 4; ++tp) {
     runtime::Engine engine = make_engine("llama_6h2kv", tp);
-    const auto memory = parallel::rank_memory(engine.model().graph, engine.model().plan);
+    const auto memory = program::rank_memory(engine.model().graph, engine.model().plan);
     const auto bytes = engine.weight_bytes();
     for (int r = 0; r < tp; ++r) EXPECT_EQ(bytes[r], memory[r].weight_elements * 4) << tp << r;
   }

@@ -10,10 +10,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/backend/cpu_backend.hpp"
 #include "core/common/process.hpp"
 #include "core/io/safetensors.hpp"
 #include "core/parallel/communicator.hpp"
-#include "core/runtime/cpu_backend.hpp"
 #include "core/runtime/engine.hpp"
 #include "core/runtime/executor.hpp"
 
@@ -79,11 +79,15 @@ TEST(LoadMemory, OneRankOfFourStaysNearItsShare) {
   config::RunConfig run;
   run.model_path = dir;
   run.tp_size = 4;
+  run.prefill_chunk = 16;  // a small activation arena: this measures the weights
+  run.max_batch = 1;
   const runtime::Model model = runtime::prepare(run);
   const io::Checkpoint checkpoint = io::Checkpoint::open(dir);
   parallel::ThreadGroup group(4);
-  runtime::Executor rank1(model.graph, model.plan, 1,
-                          std::make_unique<runtime::CpuBackend>(1, group));
+  program::Program program = program::lower(model.graph, model.plan, 1);
+  program::plan_memory(program, model.limits);
+  runtime::Executor rank1(model.graph, std::move(program),
+                          std::make_unique<backend::CpuBackend>(1, group), /*replay=*/false);
 
   std::ofstream("/proc/self/clear_refs") << "5";  // reset the peak (VmHWM) to the current RSS
   const int64_t before_kib = proc_status_kib("VmRSS");

@@ -5,7 +5,7 @@
 #include "core/common/error.hpp"
 #include "core/graph/graph.hpp"
 #include "core/parallel/plan.hpp"
-#include "core/parallel/report.hpp"
+#include "core/program/report.hpp"
 
 namespace tpe {
 namespace {
@@ -76,7 +76,7 @@ TEST(Plan, FewerKvHeadsThanRanksReplicatesThem) {
   EXPECT_EQ(p.shard[a.k][1], (IndexSet{{0, 32}}));
   EXPECT_EQ(p.shard[a.k][2], (IndexSet{{16, 32}}));
   EXPECT_EQ(p.shard[a.k][3], (IndexSet{{16, 32}}));
-  const auto memory = parallel::rank_memory(g, p);
+  const auto memory = program::rank_memory(g, p);
   EXPECT_EQ(memory[1].kv_elements_per_token, 2 * 32);
   EXPECT_EQ(memory[0].kv_elements_per_token, 2 * 16);
 }
@@ -190,7 +190,7 @@ TEST(Plan, ShardsCoverEveryFeatureOnce) {
     int64_t q_total = 0;
     for (int r = 0; r < world; ++r) q_total += index_count(p.shard[a.q][r]);
     EXPECT_EQ(q_total, 96) << world;
-    const auto memory = parallel::rank_memory(g, p);
+    const auto memory = program::rank_memory(g, p);
     int64_t total = 0;
     for (const auto& m : memory) total += m.weight_elements;
     // Norm weights are replicated on every rank; with at least as many kv heads as ranks every

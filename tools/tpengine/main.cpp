@@ -20,7 +20,7 @@
 #include "core/common/process.hpp"
 #include "core/config/run_config.hpp"
 #include "core/io/safetensors.hpp"
-#include "core/parallel/report.hpp"
+#include "core/program/report.hpp"
 #include "core/runtime/bench.hpp"
 #include "core/runtime/engine.hpp"
 #include "core/tokenizer/tokenizer.hpp"
@@ -38,6 +38,8 @@ struct CommonFlags {
   std::string dtype;
   std::string device;
   std::optional<bool> kernel_inject;
+  std::optional<int64_t> prefill_chunk, max_batch;
+  bool no_cuda_graph = false;
   std::string policy;
   std::vector<std::string> policy_paths;
   bool quiet = false;
@@ -52,7 +54,14 @@ struct CommonFlags {
       app.add_option("--dtype", dtype, "auto | float32 | float16 | bfloat16");
       app.add_option("--device", device, "cpu | cuda");
       app.add_option("--kernel-inject", kernel_inject, "fused kernels (true) or plain (false)");
+      app.add_flag("--no-cuda-graph", no_cuda_graph,
+                   "run every decode step op by op instead of replaying a CUDA graph");
       app.add_flag("-q,--quiet", quiet, "no progress or log lines");
+      app.add_option("--prefill-chunk", prefill_chunk,
+                     "most prompt tokens per forward pass (default 2048)")
+          ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+      app.add_option("--max-batch", max_batch, "most sequences per generation (default 32)")
+          ->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
     }
   }
 
@@ -64,6 +73,9 @@ struct CommonFlags {
     if (!dtype.empty()) run.dtype = dtype;
     if (!device.empty()) run.device = device;
     if (kernel_inject) run.kernel_inject = *kernel_inject;
+    if (prefill_chunk) run.prefill_chunk = *prefill_chunk;
+    if (max_batch) run.max_batch = *max_batch;
+    if (no_cuda_graph) run.cuda_graph = false;
     if (!policy.empty()) run.policy_name = policy;
     for (const std::string& p : policy_paths) run.policy_search_paths.emplace_back(p);
     return run;
@@ -197,7 +209,9 @@ int run_detokenize(const std::string& model, const std::vector<std::string>& ids
 
 int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
               const std::vector<int64_t>& batches, bool random_weights, bool json) {
-  const RunConfig run = common.resolve();
+  RunConfig run = common.resolve();
+  // Room for the largest batch measured.
+  for (const int64_t b : batches) run.max_batch = std::max(run.max_batch, b);
   tpe::runtime::Model model = tpe::runtime::prepare(run);
   const std::string policy = model.choice.policy->name;
   const std::string dtype = model.dtype;
@@ -229,6 +243,7 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
         memory.push_back({{"weights", m.weights},
                           {"kv_cache", m.kv_cache},
                           {"workspace", m.workspace},
+                          {"planned_arena", m.planned_arena},
                           {"device_in_use", m.device_in_use}});
       }
       for (const auto& op : r.profile) {
@@ -244,7 +259,8 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
            {"achieved_bandwidth_fraction", r.achieved_bandwidth_gbs / copy_gbs},
            {"memory_bytes_per_rank", memory},
            {"profile", profile},
-           {"profile_total_ms", r.profile_total_ms}});
+           {"profile_total_ms", r.profile_total_ms},
+           {"decode_steps_replayed", r.replays}});
     }
     const nlohmann::json out = {{"model", run.model_path.string()},
                                 {"policy", policy},
@@ -252,6 +268,8 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
                                 {"dtype", dtype},
                                 {"tp", engine.world()},
                                 {"random_weights", random_weights},
+                                {"cuda_graph", run.cuda_graph && run.device == "cuda"},
+                                {"prefill_chunk", run.prefill_chunk},
                                 {"prompt_len", options.prompt_len},
                                 {"new_tokens", options.new_tokens},
                                 {"warmup", options.warmup},
@@ -265,10 +283,13 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
     fmt::print("{}\n", out.dump(2));
     return 0;
   }
-  fmt::print("{} ({}), TP {}, {} {}{}: prompt {}, {} new tokens, {} repeat(s)\n",
-             run.model_path.string(), policy, engine.world(), run.device, dtype,
-             random_weights ? ", random weights" : "", options.prompt_len, options.new_tokens,
-             options.repeat);
+  fmt::print(
+      "{} ({}), TP {}, {} {}{}{}: prompt {} (passes of up to {} tokens), {} new tokens, {} "
+      "repeat(s)\n",
+      run.model_path.string(), policy, engine.world(), run.device, dtype,
+      random_weights ? ", random weights" : "",
+      run.device == "cuda" ? (run.cuda_graph ? ", CUDA graph" : ", no CUDA graph") : "",
+      options.prompt_len, run.prefill_chunk, options.new_tokens, options.repeat);
   fmt::print("  load          {:.2f} s, {:.2f} GB/s of weights; host peak RSS {:.1f} MiB\n",
              engine.load_seconds(), load_gbs, mib(load_peak_rss));
   fmt::print("  bandwidth     {:.1f} GB/s device copy, measured now\n", copy_gbs);
@@ -283,8 +304,10 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
                r.achieved_bandwidth_gbs, 100 * r.achieved_bandwidth_gbs / copy_gbs);
     for (size_t i = 0; i < r.memory.size(); ++i) {
       const auto& m = r.memory[i];
-      fmt::print("  rank {:<2}       weights {:.1f} MiB, KV cache {:.1f} MiB, workspace {:.1f} MiB",
-                 i, mib(m.weights), mib(m.kv_cache), mib(m.workspace));
+      fmt::print(
+          "  rank {:<2}       weights {:.1f} MiB, KV cache {:.1f} MiB, workspace {:.1f} MiB "
+          "(arena planned {:.1f})",
+          i, mib(m.weights), mib(m.kv_cache), mib(m.workspace), mib(m.planned_arena));
       if (m.device_in_use > 0) fmt::print(", device in use {:.1f} MiB", mib(m.device_in_use));
       fmt::print("\n");
     }
@@ -315,11 +338,11 @@ int run_plan(const CommonFlags& common, int64_t batch, int64_t seq_len) {
   } else {
     fmt::print("split:  automatic (sharding propagation over the graph)\n");
   }
-  tpe::parallel::ReportOptions options;
-  options.dtype_bytes = model.dtype == "float32" ? 4 : 2;
+  tpe::program::ReportOptions options;
   options.batch = batch;
   options.seq_len = seq_len;
-  fmt::print("{}", tpe::parallel::format_plan(model.graph, model.plan, options));
+  options.limits = model.limits;
+  fmt::print("{}", tpe::program::format_plan(model.graph, model.plan, options));
   return 0;
 }
 

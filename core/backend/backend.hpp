@@ -1,6 +1,7 @@
-// Where a rank's tensors live and how its ops run. The executor interprets the plan (which
-// slices, which collectives, which KV-cache slot) and calls a Backend for the arithmetic and the
-// collectives, so CPU and CUDA share every decision and differ only in kernels and memory.
+// Where a rank's tensors live and how its instructions run. The executor runs the rank's program
+// (core/program: which slices, which collectives, which buffers) and calls a Backend for the
+// arithmetic, the memory and the collectives, so CPU and CUDA share every decision and differ
+// only in kernels and memory. Level: below the program and the runtime; knows no graph or plan.
 #pragma once
 
 #include <atomic>
@@ -16,18 +17,32 @@
 #include "core/common/index_set.hpp"
 #include "core/common/tensor.hpp"
 
-namespace tpe::runtime {
+namespace tpe::backend {
 
-// The tokens of one forward pass, grouped by sequence.
+// The inputs of one forward pass: its tokens grouped by sequence.
 struct Batch {
   struct Segment {
     int slot = 0;           // which sequence's KV cache
     int64_t start_pos = 0;  // position of its first token
     int64_t count = 0;
+    // The sequence length its rotary frequencies are computed for (dynamic NTK scaling depends
+    // on it): 0 means start_pos + count. A prompt processed in chunks gives every chunk the
+    // whole prompt's length, as one pass over the prompt would.
+    int64_t rope_len = 0;
   };
   std::vector<int64_t> tokens;
   std::vector<Segment> segments;
   std::vector<int64_t> logit_rows;  // rows of `tokens` whose logits are wanted
+
+  // Every sequence adds one token and every row's logits are wanted: a decode step, whose
+  // instructions are the same for every step of the same batch size.
+  bool is_decode() const;
+};
+
+// One set of rotary parameters the program uses; Backend::rotary names it by index.
+struct RopeSpec {
+  tpe_rope_desc desc{};
+  int64_t head_dim = 0;
 };
 
 // A rank-local matrix [rows, cols] in the backend's memory and element type.
@@ -38,14 +53,8 @@ struct Buffer {
   int64_t cols = 0;
 };
 
-// One step of a profiled forward pass and its time (see Backend::profile_begin).
-struct StepTime {
-  std::string label;  // "linear self_attn.q_proj", "all_reduce", ...: the same in every layer
-  double ms = 0;
-};
-
-// One attention op's keys and values for every slot: [slots * max_len, width] each.
-struct KvCache {
+// One attention layer's keys and values for every slot: [slots * max_len, width] each.
+struct KvLayer {
   Buffer k, v;
   int64_t max_len = 0;
 };
@@ -111,7 +120,13 @@ class Backend {
   virtual double copy_bandwidth_gbs() = 0;
 
   // ---- one forward pass ----
-  // Makes the batch's token ids, positions and slots available to the ops below.
+  // Sizes the per-pass inputs once, for passes of up to max_tokens tokens and max_logit_rows
+  // logit rows, with the rotary parameter sets the program uses (fixed device buffers: a replayed
+  // pass reads its inputs from the same addresses).
+  virtual void reserve_inputs(int64_t max_tokens, int64_t max_logit_rows,
+                              std::vector<RopeSpec> ropes) = 0;
+  // Makes the batch's token ids, positions, slots, rotary tables and logit rows available to the
+  // ops below.
   virtual void begin(const Batch& batch) = 0;
   // Rows of table (vocabulary rows vocab.begin..end) for the batch's ids; zeros elsewhere.
   virtual void embedding(const Buffer& table, Range vocab, Buffer& out) = 0;
@@ -119,16 +134,18 @@ class Backend {
                     float eps, Buffer& y) = 0;
   virtual void linear(const Buffer& x, const Buffer& w, const Buffer* bias, Buffer& y) = 0;
   virtual void gather_columns(const Buffer& x, const IndexSet& cols, Buffer& out) = 0;
-  // Rotates x (heads of head_dim) by each token's position; frequencies per sequence.
-  virtual void rotary(Buffer& x, int64_t head_dim, const tpe_rope_desc& rope) = 0;
+  // Rotates x in place (heads of the rope's head_dim) by each token's position, with rotary
+  // parameter set `rope` (reserve_inputs); frequencies per sequence.
+  virtual void rotary(Buffer& x, int rope) = 0;
   // Appends the batch's keys and values at their positions, then attends causally.
-  virtual void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvCache& cache,
+  virtual void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                          const AttentionShape& shape, Buffer& out) = 0;
   virtual void activation(tpe_activation act, Buffer& x) = 0;
   virtual void add(const Buffer& a, const Buffer& b, Buffer& out) = 0;
   virtual void mul(const Buffer& a, const Buffer& b, Buffer& out) = 0;
   virtual void copy(const Buffer& src, Buffer& dst) = 0;
-  virtual void select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) = 0;
+  // The batch's logit rows of x.
+  virtual void select_rows(const Buffer& x, Buffer& out) = 0;
 
   // ---- collectives over the tensor-parallel group ----
   virtual void all_reduce(Buffer& x) = 0;
@@ -136,6 +153,17 @@ class Backend {
   virtual void broadcast(std::vector<int64_t>& values) = 0;
   // Every rank's [rows, vocab[r].size()] slice of the logits into full [rows, vocab].
   virtual void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) = 0;
+
+  // ---- recording a pass once and replaying it (CUDA graphs) ----
+  // A backend that can record the work a pass queues and replay it, reading new inputs from the
+  // buffers begin() fills, says so here. Between record_begin() and record_end(key) nothing runs;
+  // replay(key) runs the recording. forget_recordings() drops them (the memory they refer to
+  // moved).
+  virtual bool can_replay() const { return false; }
+  virtual void record_begin() {}
+  virtual void record_end(int /*key*/) {}
+  virtual bool replay(int /*key*/) { return false; }
+  virtual void forget_recordings() {}
 
   // ---- timing one forward pass op by op (tpengine bench --profile) ----
   // After profile_begin(), profile_mark() follows each step; profile_end() returns the
@@ -151,4 +179,4 @@ class Backend {
   std::shared_ptr<MemoryTally> tally_ = std::make_shared<MemoryTally>();
 };
 
-}  // namespace tpe::runtime
+}  // namespace tpe::backend

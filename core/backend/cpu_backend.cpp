@@ -1,4 +1,4 @@
-#include "core/runtime/cpu_backend.hpp"
+#include "core/backend/cpu_backend.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -7,7 +7,7 @@
 #include "core/common/error.hpp"
 #include "kernels/cpu/ops.hpp"
 
-namespace tpe::runtime {
+namespace tpe::backend {
 namespace {
 
 float* f32(Buffer& b) { return static_cast<float*>(b.data); }
@@ -88,20 +88,23 @@ void CpuBackend::gather_columns(const Buffer& x, const IndexSet& cols, Buffer& o
   }
 }
 
-void CpuBackend::rotary(Buffer& x, int64_t head_dim, const tpe_rope_desc& rope) {
+void CpuBackend::rotary(Buffer& x, int rope_index) {
+  const tpe_rope_desc& rope = ropes_.at(static_cast<size_t>(rope_index)).desc;
+  const int64_t head_dim = ropes_[static_cast<size_t>(rope_index)].head_dim;
   int64_t row = 0;
   for (const Batch::Segment& s : batch_->segments) {
     // Frequencies per sequence: dynamic NTK scaling depends on the sequence's own length.
     std::vector<int64_t> positions(static_cast<size_t>(s.count));
     for (int64_t i = 0; i < s.count; ++i) positions[i] = s.start_pos + i;
-    const std::vector<float> inv_freq = cpu::rope_inv_freq(rope, head_dim, s.start_pos + s.count);
+    const std::vector<float> inv_freq =
+        cpu::rope_inv_freq(rope, head_dim, s.rope_len > 0 ? s.rope_len : s.start_pos + s.count);
     cpu::rotary(f32(x) + row * x.cols, s.count, x.cols / head_dim, head_dim, positions.data(),
                 inv_freq);
     row += s.count;
   }
 }
 
-void CpuBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvCache& cache,
+void CpuBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                            const AttentionShape& a, Buffer& out) {
   const int64_t n_q = q.cols / a.head_dim, n_kv = k.cols / a.head_dim;
   std::vector<int32_t> kv_of_q(static_cast<size_t>(n_q));
@@ -136,7 +139,8 @@ void CpuBackend::copy(const Buffer& src, Buffer& dst) {
   std::copy_n(f32(src), src.rows * src.cols, f32(dst));
 }
 
-void CpuBackend::select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) {
+void CpuBackend::select_rows(const Buffer& x, Buffer& out) {
+  const std::vector<int64_t>& rows = batch_->logit_rows;
   for (size_t i = 0; i < rows.size(); ++i) {
     std::copy_n(f32(x) + rows[i] * x.cols, x.cols, f32(out) + static_cast<int64_t>(i) * x.cols);
   }
@@ -175,4 +179,4 @@ std::vector<double> CpuBackend::profile_end() {
   return ms;
 }
 
-}  // namespace tpe::runtime
+}  // namespace tpe::backend

@@ -4,10 +4,10 @@
 
 #include <chrono>
 
+#include "core/backend/backend.hpp"
 #include "core/parallel/communicator.hpp"
-#include "core/runtime/backend.hpp"
 
-namespace tpe::runtime {
+namespace tpe::backend {
 
 class CpuBackend final : public Backend {
  public:
@@ -19,20 +19,23 @@ class CpuBackend final : public Backend {
   Tensor to_host(const Buffer& x) override;
   double copy_bandwidth_gbs() override;
 
+  void reserve_inputs(int64_t, int64_t, std::vector<RopeSpec> ropes) override {
+    ropes_ = std::move(ropes);
+  }
   void begin(const Batch& batch) override { batch_ = &batch; }
   void embedding(const Buffer& table, Range vocab, Buffer& out) override;
   void norm(tpe_norm_kind kind, const Buffer& x, const Buffer& w, const Buffer* b, float eps,
             Buffer& y) override;
   void linear(const Buffer& x, const Buffer& w, const Buffer* bias, Buffer& y) override;
   void gather_columns(const Buffer& x, const IndexSet& cols, Buffer& out) override;
-  void rotary(Buffer& x, int64_t head_dim, const tpe_rope_desc& rope) override;
-  void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvCache& cache,
+  void rotary(Buffer& x, int rope) override;
+  void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                  const AttentionShape& shape, Buffer& out) override;
   void activation(tpe_activation act, Buffer& x) override;
   void add(const Buffer& a, const Buffer& b, Buffer& out) override;
   void mul(const Buffer& a, const Buffer& b, Buffer& out) override;
   void copy(const Buffer& src, Buffer& dst) override;
-  void select_rows(const Buffer& x, const std::vector<int64_t>& rows, Buffer& out) override;
+  void select_rows(const Buffer& x, Buffer& out) override;
   void all_reduce(Buffer& x) override;
   void broadcast(std::vector<int64_t>& values) override;
   void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;
@@ -45,6 +48,7 @@ class CpuBackend final : public Backend {
   int rank_;
   parallel::ThreadGroup& group_;
   const Batch* batch_ = nullptr;
+  std::vector<RopeSpec> ropes_;
 };
 
-}  // namespace tpe::runtime
+}  // namespace tpe::backend

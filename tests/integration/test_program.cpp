@@ -1,0 +1,145 @@
+// Each rank's program on the fixtures' real graphs: the memory plan never lets two live values
+// share bytes, prompts run in chunks give transformers' logits and tokens, the arena `tpengine
+// plan` predicts is what a run holds, and the KV cache refuses passes that do not continue it.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include "core/common/error.hpp"
+#include "core/program/program.hpp"
+#include "core/program/report.hpp"
+#include "core/runtime/engine.hpp"
+#include "tests/integration/fixture.hpp"
+
+namespace tpe::test {
+namespace {
+
+config::RunConfig cpu_run(const std::string& fixture, int tp) {
+  config::RunConfig run;
+  run.model_path = fixture_dir(fixture);
+  run.tp_size = tp;
+  return run;
+}
+
+// Liveness recomputed here from the instructions alone: a value's memory is in use from the
+// first instruction that touches any value sharing it to the last (the logits: to the end).
+TEST(MemoryPlan, LiveValuesNeverShareBytes) {
+  const program::Limits limits{7, 3, 4};
+  for (const std::string& fixture : fixture_names()) {
+    for (int tp = 1; tp <= 4; ++tp) {
+      const runtime::Model model = runtime::prepare(cpu_run(fixture, tp));
+      for (int rank = 0; rank < tp; ++rank) {
+        program::Program p = program::lower(model.graph, model.plan, rank);
+        program::plan_memory(p, limits);
+        const int n = static_cast<int>(p.instrs.size());
+        std::vector<int> first(p.values.size(), n + 1), last(p.values.size(), -1);
+        for (int i = 0; i < n; ++i) {
+          std::vector<int> touched = p.instrs[i].in;
+          touched.push_back(p.instrs[i].out);
+          for (int v : touched) {
+            const int root = p.storage(v);
+            first[root] = std::min(first[root], i);
+            last[root] = std::max(last[root], i);
+          }
+        }
+        last[p.storage(p.logits)] = n;
+        std::vector<int> roots;
+        for (size_t v = 0; v < p.values.size(); ++v) {
+          if (p.values[v].stored && p.storage(static_cast<int>(v)) == static_cast<int>(v) &&
+              last[v] >= 0) {
+            roots.push_back(static_cast<int>(v));
+          }
+        }
+        for (int a : roots) {
+          const int64_t a_end = p.values[a].offset + p.bytes(a, limits);
+          ASSERT_LE(a_end, p.arena_bytes) << fixture << " tp " << tp << " value " << a;
+          for (int b : roots) {
+            if (b <= a || last[a] < first[b] || last[b] < first[a]) continue;  // not live together
+            const int64_t b_end = p.values[b].offset + p.bytes(b, limits);
+            const bool disjoint = a_end <= p.values[b].offset || b_end <= p.values[a].offset;
+            ASSERT_TRUE(disjoint) << fixture << " tp " << tp << " rank " << rank << ": values " << a
+                                  << " and " << b << " overlap while both are live";
+          }
+        }
+      }
+    }
+  }
+}
+
+float relative_error(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
+  float diff = 0, scale = 0;
+  for (size_t p = 0; p < b.size(); ++p) {
+    EXPECT_EQ(a[p].shape, b[p].shape);
+    for (size_t i = 0; i < std::min(a[p].data.size(), b[p].data.size()); ++i) {
+      diff = std::max(diff, std::abs(a[p].data[i] - b[p].data[i]));
+      scale = std::max(scale, std::abs(b[p].data[i]));
+    }
+  }
+  return diff / scale;
+}
+
+// Passes of 3 tokens: prompts straddle passes, sliding windows span them, and dynamic NTK rope
+// must use the whole prompt's length in every chunk.
+TEST(ChunkedPrefill, ChunksOfThreeTokensMatchTransformers) {
+  for (const char* fixture :
+       {"llama_dynamic_rope", "mistral_window", "neox_parallel", "llama_gqa", "qwen2_bias"}) {
+    const Reference ref = load_reference(fixture);
+    for (int tp : {1, 3}) {
+      config::RunConfig run = cpu_run(fixture, tp);
+      run.prefill_chunk = 3;
+      run.max_batch = static_cast<int64_t>(ref.prompts.size());
+      runtime::Engine engine(runtime::prepare(run), /*quiet=*/true);
+      EXPECT_LE(relative_error(engine.prompt_logits(ref.prompts), ref.logits), 1e-4f)
+          << fixture << " tp " << tp;
+      runtime::GenerationParams params;
+      params.max_new_tokens = 16;
+      EXPECT_EQ(engine.generate(ref.prompts, params), ref.greedy) << fixture << " tp " << tp;
+    }
+  }
+}
+
+// What `tpengine plan` predicts (program::rank_memory at the run's limits) against what the CPU
+// backend held at its peak beside weights and KV cache during a generation, whatever the
+// prompt's length.
+TEST(MemoryPlan, PlannedArenaIsWhatARunHolds) {
+  for (const char* fixture : {"llama_6h2kv", "neox_parallel"}) {
+    for (int tp = 1; tp <= 3; ++tp) {
+      config::RunConfig run = cpu_run(fixture, tp);
+      run.prefill_chunk = 8;
+      run.max_batch = 2;
+      const runtime::Model model = runtime::prepare(run);
+      const auto planned = program::rank_memory(model.graph, model.plan, model.limits);
+      runtime::Engine engine(runtime::prepare(run), /*quiet=*/true);
+      runtime::GenerationParams params;
+      params.max_new_tokens = 3;
+      for (int64_t length : {5, 40}) {
+        engine.reset_memory_peak();
+        std::vector<int64_t> prompt;
+        for (int64_t i = 0; i < length; ++i) prompt.push_back((i * 7) % 50);
+        engine.generate({prompt, {3, 4}}, params);
+        const auto measured = engine.memory();
+        for (int r = 0; r < tp; ++r) {
+          EXPECT_GT(planned[r].arena_bytes, 0);
+          EXPECT_NEAR(static_cast<double>(measured[r].workspace),
+                      static_cast<double>(planned[r].arena_bytes), 0.1 * planned[r].arena_bytes)
+              << fixture << " tp " << tp << " rank " << r << " prompt " << length;
+        }
+      }
+    }
+  }
+}
+
+TEST(MemoryPlan, MoreSequencesThanMaxBatchIsRefusedNamingTheKey) {
+  config::RunConfig run = cpu_run("llama_mha", 1);
+  run.max_batch = 1;
+  runtime::Engine engine(runtime::prepare(run), /*quiet=*/true);
+  try {
+    engine.generate({{1, 2}, {3}}, {});
+    ADD_FAILURE() << "two prompts accepted with max_batch = 1";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("inference.max_batch"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace tpe::test
