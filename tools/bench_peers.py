@@ -4,19 +4,21 @@ docs/benchmarks.md (shared/design/BENCHMARKS.md says what and how).
 
 For a model shape (a config.json written here), on the same GPUs and the same batch sizes, prompt
 length and number of new tokens, greedy, never stopping early:
-  - Hugging Face transformers eager `generate` on one GPU (--peers eager);
+  - Hugging Face transformers eager `generate` on one GPU (--peers eager), and the same model with
+    attn_implementation="sdpa" (--peers sdpa);
   - transformers with its own tensor parallelism, `from_pretrained(tp_plan="auto")` under
     torchrun, for every TP size above 1 (--peers tp). It needs a checkpoint, so the eager model
     (random init) is saved into --workdir first; tpengine then loads that checkpoint too, for a
     real load time (from the page cache: the file was just written);
-  - `tpengine bench --random-weights --json` at every TP size, first;
+  - `tpengine bench --random-weights --json` at every TP size, first (and, with --no-graph-too,
+    again with --no-cuda-graph: every decode step op by op, to show what the CUDA graph buys);
   - the bandwidth roofline: weight bytes per GPU / the copy bandwidth tpengine measured.
 transformers' TTFT is the time of a one-token generate; its TPOT is (time of an N-token generate -
 TTFT) / (N - 1). Needs torch and transformers (tpengine itself does not).
 
 usage: tools/bench_peers.py --shape llama-2-7b --tpengine build/tools/tpengine --device cuda
                             --dtype bfloat16 [--tp 1 2 4] [--batch 1 8] [--peers eager tp]
-                            [--profile] [--workdir DIR] [--json-out FILE]
+                            [--profile] [--no-graph-too] [--workdir DIR] [--json-out FILE]
 """
 import argparse
 import datetime
@@ -70,10 +72,12 @@ def run_logged(cmd, what, timeout):
     return done
 
 
-def run_tpengine(args, model_dir, tp, checkpoint, load_only=False):
+def run_tpengine(args, model_dir, tp, checkpoint, load_only=False, graph=True):
     """tpengine bench's JSON; load_only: the shortest run, for its load figures."""
     cmd = [args.tpengine, "bench", "--model", model_dir, "--json", "--tp", str(tp),
            "--device", "cuda" if args.device.startswith("cuda") else "cpu", "--dtype", args.dtype]
+    if not graph:
+        cmd.append("--no-cuda-graph")
     if load_only:
         cmd += ["--batch", "1", "--prompt-len", "1", "--new-tokens", "2", "--repeat", "1",
                 "--warmup", "0"]
@@ -118,8 +122,9 @@ def time_generate(model, args, batch, device, repeat):
             "decode_tokens_per_s": batch / tpot}
 
 
-def run_eager(args, model_dir, save):
-    """transformers eager on one device; saves the model into model_dir when asked."""
+def run_single(args, model_dir, save):
+    """transformers on one device, eager then sdpa attention, as --peers asks: {impl: results};
+    saves the model into model_dir when asked."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -130,11 +135,15 @@ def run_eager(args, model_dir, save):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype),
                                                  attn_implementation="eager")
     model.eval()
-    results = []
-    if "eager" in args.peers:
+    results = {}
+    for impl in ("eager", "sdpa"):
+        if impl not in args.peers:
+            continue
+        model.set_attn_implementation(impl)
+        results[impl] = []
         for batch in args.batch:
-            log(f"transformers eager: batch {batch}")
-            results.append(time_generate(model, args, batch, args.device, args.peer_repeat))
+            log(f"transformers {impl}: batch {batch}")
+            results[impl].append(time_generate(model, args, batch, args.device, args.peer_repeat))
     if save:
         log(f"saving the checkpoint into {model_dir}")
         model.save_pretrained(model_dir)
@@ -196,8 +205,11 @@ def main():
     parser.add_argument("--peer-repeat", type=int, default=1, help="transformers' timed runs")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--peers", nargs="*", default=["eager", "tp"], choices=["eager", "tp"])
+    parser.add_argument("--peers", nargs="*", default=["eager", "tp"],
+                        choices=["eager", "sdpa", "tp"])
     parser.add_argument("--profile", action="store_true", help="tpengine's op-by-op decode step")
+    parser.add_argument("--no-graph-too", action="store_true",
+                        help="also run tpengine with every decode step op by op (no CUDA graph)")
     parser.add_argument("--workdir", help="where config.json and the checkpoint go (default: a "
                         "temporary directory, removed afterwards)")
     parser.add_argument("--json-out", help="also write every figure here, as it is measured")
@@ -216,20 +228,24 @@ def main():
             json.dump(SHAPES[args.shape], f)
         hf_tp_sizes = [tp for tp in args.tp if tp > 1] if "tp" in args.peers else []
         save = bool(hf_tp_sizes)
-        ours, eager, hf_tp = {}, [], {}
+        ours, no_graph, single, hf_tp = {}, {}, {}, {}
 
         def record():
             if args.json_out:
                 with open(args.json_out, "w") as f:
-                    json.dump({"shape": args.shape, "tpengine": ours, "eager": eager,
+                    json.dump({"shape": args.shape, "tpengine": ours,
+                               "tpengine_no_cuda_graph": no_graph, "transformers": single,
                                "hf_tp": hf_tp}, f, indent=1)
 
         # tpengine first: its figures matter most when a run is cut short.
         for tp in args.tp:
             ours[tp] = run_tpengine(args, model_dir, tp, checkpoint=False)
             record()
-        if "eager" in args.peers or save:
-            eager = run_eager(args, model_dir, save)
+            if args.no_graph_too:
+                no_graph[tp] = run_tpengine(args, model_dir, tp, checkpoint=False, graph=False)
+                record()
+        if "eager" in args.peers or "sdpa" in args.peers or save:
+            single = run_single(args, model_dir, save)
             record()
         for tp in hf_tp_sizes:
             hf_tp[tp] = run_hf_tp(args, model_dir, tp)
@@ -245,10 +261,10 @@ def main():
     finally:
         if not args.workdir:
             shutil.rmtree(model_dir, ignore_errors=True)
-    print_tables(args, ours, eager, hf_tp)
+    print_tables(args, ours, no_graph, single, hf_tp)
 
 
-def print_tables(args, ours, eager, hf_tp):
+def print_tables(args, ours, no_graph, single, hf_tp):
     import torch
     import transformers
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
@@ -276,13 +292,19 @@ def print_tables(args, ours, eager, hf_tp):
                 print(f"| roofline (weights / {r['memory_bandwidth_gbs']:.0f} GB/s copy) | {tp} | "
                       f"{batch} | | {roofline_ms:.2f} | | {batch / roofline_ms * 1e3:.1f} | | "
                       f"{gb:.2f} |")
-                print(f"| tpengine | {tp} | {batch} | {run['ttft_ms']:.1f} | "
-                      f"{run['tpot_ms']['mean']:.2f} | {run['tpot_ms']['p90']:.2f} | "
-                      f"{run['decode_tokens_per_s']:.1f} | {run['achieved_bandwidth_gbs']:.0f} "
-                      f"GB/s = {100 * run['achieved_bandwidth_fraction']:.0f} % | {gb:.2f} |")
-            if tp == 1 and eager:
-                h = eager[i]
-                print(f"| transformers eager | 1 | {batch} | {h['ttft_ms']:.1f} | "
+                variants = [("tpengine", r)]
+                if no_graph.get(tp):
+                    variants.append(("tpengine, no CUDA graph", no_graph[tp]))
+                for name, v in variants:
+                    run = v["runs"][i]
+                    print(f"| {name} | {tp} | {batch} | {run['ttft_ms']:.1f} | "
+                          f"{run['tpot_ms']['mean']:.2f} | {run['tpot_ms']['p90']:.2f} | "
+                          f"{run['decode_tokens_per_s']:.1f} | "
+                          f"{run['achieved_bandwidth_gbs']:.0f} GB/s = "
+                          f"{100 * run['achieved_bandwidth_fraction']:.0f} % | {gb:.2f} |")
+            for impl, runs in single.items() if tp == 1 else []:
+                h = runs[i]
+                print(f"| transformers {impl} | 1 | {batch} | {h['ttft_ms']:.1f} | "
                       f"{h['tpot_ms']:.2f} | | {h['decode_tokens_per_s']:.1f} | | |")
             if tp > 1 and tp in hf_tp:
                 h = hf_tp[tp]["runs"][i] if hf_tp[tp] else None
@@ -297,8 +319,8 @@ def print_tables(args, ours, eager, hf_tp):
           "saved, read from the page cache) and device memory of rank 0, GiB:")
     print()
     print("| TP | load s (GB/s), random | load s (GB/s), checkpoint | batch | weights | KV cache "
-          "| workspace | device in use |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| workspace | arena planned | device in use |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for tp in args.tp:
         r = ours.get(tp)
         if not r:
@@ -307,7 +329,8 @@ def print_tables(args, ours, eager, hf_tp):
                 if "checkpoint_load_s" in r else "")
         for run in r["runs"]:
             m = run["memory_bytes_per_rank"][0]
-            gib = [m[k] / 2**30 for k in ("weights", "kv_cache", "workspace", "device_in_use")]
+            gib = [m.get(k, 0) / 2**30
+                   for k in ("weights", "kv_cache", "workspace", "planned_arena", "device_in_use")]
             print(f"| {tp} | {r['load_s']:.2f} ({r['load_gbs']:.1f}) | {ckpt} | {run['batch']} | "
                   + " | ".join(f"{g:.2f}" for g in gib) + " |")
     if args.profile:
