@@ -386,12 +386,22 @@ double CudaBackend::copy_bandwidth_gbs() {
   return 2.0 * static_cast<double>(bytes) / (best_ms / 1e3) / 1e9;
 }
 
+namespace {
+
+// Frequencies per token of a rotary parameter set: half the rotating part of a head (as
+// kernels/cpu/ops.hpp's rope_inv_freq counts it).
+int64_t rotary_half(const RopeSpec& r) {
+  return static_cast<int64_t>(static_cast<double>(r.head_dim) * r.desc.partial_rotary_factor) / 2;
+}
+
+}  // namespace
+
 void CudaBackend::reserve_inputs(int64_t max_tokens, int64_t max_logit_rows,
                                  std::vector<RopeSpec> ropes) {
   ropes_ = std::move(ropes);
   max_logit_rows_ = max_logit_rows;
   size_t words = static_cast<size_t>(4 * max_tokens + max_logit_rows) + 4;
-  for (const RopeSpec& r : ropes_) words += static_cast<size_t>(max_tokens * (r.head_dim / 2)) + 4;
+  for (const RopeSpec& r : ropes_) words += static_cast<size_t>(max_tokens * rotary_half(r)) + 4;
   const size_t bytes = words * 4;
   if (inputs_host_ != nullptr) TPE_CUDA_CHECK(cudaFreeHost(inputs_host_));
   inputs_host_ = nullptr;
@@ -434,7 +444,7 @@ void CudaBackend::begin(const Batch& batch) {
   }
   std::vector<size_t> tables;
   for (const RopeSpec& rope : ropes_) {
-    const size_t half = static_cast<size_t>(rope.head_dim / 2);
+    const size_t half = static_cast<size_t>(rotary_half(rope));
     tables.push_back(section(segments * half));
     for (size_t s = 0; s < segments; ++s) {
       // Dynamic NTK frequencies depend on each sequence's length; the others are the same for
@@ -442,6 +452,7 @@ void CudaBackend::begin(const Batch& batch) {
       const Batch::Segment& seg = batch.segments[s];
       const std::vector<float> inv = cpu::rope_inv_freq(
           rope.desc, rope.head_dim, seg.rope_len > 0 ? seg.rope_len : seg.start_pos + seg.count);
+      TPE_CHECK(inv.size() == half, "rotary table size");
       std::memcpy(words + tables.back() + s * half, inv.data(), inv.size() * 4);
     }
   }
@@ -501,11 +512,8 @@ void CudaBackend::gather_columns(const Buffer& x, const IndexSet& cols, Buffer& 
 
 void CudaBackend::rotary(Buffer& x, int rope) {
   const RopeSpec& spec = ropes_.at(static_cast<size_t>(rope));
-  const int64_t rotary_dim =
-      static_cast<int64_t>(static_cast<double>(spec.head_dim) * spec.desc.partial_rotary_factor) /
-      2 * 2;
-  TPE_CHECK(rotary_dim / 2 <= spec.head_dim / 2, "rotary dim beyond the head");
-  cuda::rotary(x.data, x.rows, x.cols / spec.head_dim, spec.head_dim, rotary_dim, positions_,
+  cuda::rotary(x.data, x.rows, x.cols / spec.head_dim, spec.head_dim, 2 * rotary_half(spec),
+               positions_,
                segment_of_, rope_tables_[static_cast<size_t>(rope)], dtype_, stream_);
 }
 

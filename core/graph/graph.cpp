@@ -60,21 +60,6 @@ int Graph::num_attention_ops() const {
   return n;
 }
 
-std::vector<std::string> Graph::weight_tensors(int op) const {
-  const Op& o = ops[op];
-  switch (o.kind) {
-    case OpKind::kEmbedding:
-    case OpKind::kLmHead:
-      return {o.name};
-    case OpKind::kNorm:
-    case OpKind::kLinear:
-      if (o.has_bias) return {o.name + ".weight", o.name + ".bias"};
-      return {o.name + ".weight"};
-    default:
-      return {};
-  }
-}
-
 void GraphBuilder::set_error(const std::string& message) {
   if (!error_) error_ = message;
 }

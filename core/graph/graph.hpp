@@ -72,8 +72,6 @@ struct Graph {
   // Names relative to the op's block prefix ("self_attn.o_proj"), or the full name outside one.
   std::string relative_name(int op) const;
   int num_attention_ops() const;
-  // The checkpoint tensors op reads ("<prefix>.weight", "<prefix>.bias", ...).
-  std::vector<std::string> weight_tensors(int op) const;
 };
 
 // Builds a graph op by op with the host API's argument checks; every check failure is recorded

@@ -31,7 +31,7 @@ class UnionFind {
   std::vector<int> parent_;
 };
 
-using Layout = std::vector<IndexSet>;  // per rank
+using ops::Layout;
 
 Layout contiguous_units(int64_t units, int64_t unit_size, int world) {
   Layout layout(world);
@@ -50,27 +50,6 @@ Layout grain_layout(int64_t width, int world) {
   return contiguous_units(width / grain, grain, world);
 }
 
-// q heads travel with the kv head they read. With at least as many kv heads as ranks, kv heads
-// are dealt out and each rank takes their q heads; otherwise q heads are dealt out and each rank
-// holds (replicates) the kv heads its q heads need.
-std::pair<Layout, Layout> head_layouts(const tpe_attention_desc& a, int world) {
-  const int64_t group = a.n_heads / a.n_kv_heads;
-  Layout q(world), kv(world);
-  for (int r = 0; r < world; ++r) {
-    Range qh, kvh;
-    if (a.n_kv_heads >= world) {
-      kvh = deal(a.n_kv_heads, world, r);
-      qh = {kvh.begin * group, kvh.end * group};
-    } else {
-      qh = deal(a.n_heads, world, r);
-      kvh = qh.size() == 0 ? Range{0, 0} : Range{qh.begin / group, (qh.end - 1) / group + 1};
-    }
-    index_append(q[r], qh.begin * a.head_dim, qh.end * a.head_dim);
-    index_append(kv[r], kvh.begin * a.head_dim, kvh.end * a.head_dim);
-  }
-  return {q, kv};
-}
-
 // Where feature i of part `part` sits in the fused value.
 int64_t fused_index(const Op& op, size_t part, int64_t i) {
   if (op.layout == TPE_SPLIT_CONCAT) {
@@ -83,7 +62,7 @@ int64_t fused_index(const Op& op, size_t part, int64_t i) {
   return (i / hd) * n_parts * hd + static_cast<int64_t>(part) * hd + i % hd;
 }
 
-class Planner {
+class Planner final : public ops::Sharding {
  public:
   Planner(const Graph& graph, int world, const config::InjectionPolicy* injection)
       : g_(graph), world_(world), injection_(injection), classes_(graph.values.size()) {
@@ -94,28 +73,27 @@ class Planner {
     plan_.split_parts.assign(g_.ops.size(), {});
     plan_.add_replicated_input.assign(g_.ops.size(), -1);
     for (int r = 0; r < world; ++r) {
-      plan_.vocab.push_back(deal(vocab_size(), world, r));
+      plan_.vocab.push_back(deal(g_.values[g_.logits].width, world, r));
     }
   }
 
   Plan run() {
     if (injection_ != nullptr) check_injection_names();
     current_ = plan_.state;
-    for (int i = 0; i < static_cast<int>(g_.ops.size()); ++i) propagate(i);
+    for (int i = 0; i < static_cast<int>(g_.ops.size()); ++i) {
+      ops::traits(g_.ops[i].kind).shard(*this, i);
+      plan_.steps.push_back({Step::Kind::kOp, i, g_.ops[i].block});
+    }
     assign_layouts();
     return std::move(plan_);
   }
 
- private:
-  int64_t vocab_size() const {
-    for (const Op& op : g_.ops) {
-      if (op.kind == OpKind::kLmHead) return op.out_features;
-    }
-    return 0;
-  }
+  // ---- ops::Sharding -----------------------------------------------------------------------
+  const Graph& graph() const override { return g_; }
+  int world() const override { return world_; }
+  State state(int value) const override { return current_[value]; }
 
-  // ---- states, in program order ----------------------------------------------------------
-  void need_replicated(int value, int consumer) {
+  void need_replicated(int value, int consumer) override {
     if (current_[value] == State::kPartial) {
       // One rank's summand is already the whole value.
       if (world_ > 1) {
@@ -131,117 +109,13 @@ class Planner {
     }
   }
 
-  void produce(const Op& op, State state) {
-    for (int v : op.outputs) plan_.state[v] = current_[v] = state;
+  void produce(int op, State state) override {
+    for (int v : g_.ops[op].outputs) plan_.state[v] = current_[v] = state;
   }
 
-  void propagate(int index) {
-    const Op& op = g_.ops[index];
-    const auto in = [&](size_t k) { return current_[op.inputs[k]]; };
-    switch (op.kind) {
-      case OpKind::kInputIds:
-        break;
-      case OpKind::kEmbedding:
-        break;
-      case OpKind::kNorm:
-      case OpKind::kLmHead:
-        need_replicated(op.inputs[0], index);
-        break;
-      case OpKind::kLinear:
-        plan_linear(index);
-        break;
-      case OpKind::kSplit:
-        if (in(0) != State::kSplit) {
-          fail("{}: a fused value must come straight from a linear projection", g_.describe(index));
-        }
-        break;
-      case OpKind::kRotary:
-      case OpKind::kActivation:
-        if (in(0) == State::kPartial) need_replicated(op.inputs[0], index);
-        break;
-      case OpKind::kAttention:
-        for (size_t k = 0; k < 3; ++k) {
-          if (in(k) != State::kSplit) {
-            fail("{}: its q, k and v must come from linear projections (input {} is {})",
-                 g_.describe(index), k, state_name(in(k)));
-          }
-        }
-        break;
-      case OpKind::kMul:
-      case OpKind::kAdd:
-        plan_binary(index);
-        break;
-    }
-    plan_.steps.push_back({Step::Kind::kOp, index, op.block});
-    finish_op(index);
-  }
+  void same_layout(int a, int b) override { classes_.unite(a, b); }
 
-  void plan_binary(int index) {
-    const Op& op = g_.ops[index];
-    const State a = current_[op.inputs[0]], b = current_[op.inputs[1]];
-    if (op.kind == OpKind::kAdd && (a == State::kPartial || b == State::kPartial)) {
-      if (a == State::kSplit || b == State::kSplit) {
-        need_replicated(a == State::kPartial ? op.inputs[0] : op.inputs[1], index);
-      } else {
-        return;  // P + P, P + R: stays partial
-      }
-    } else if (op.kind == OpKind::kMul) {
-      for (int v : op.inputs) {
-        if (current_[v] == State::kPartial) need_replicated(v, index);
-      }
-    }
-    if ((current_[op.inputs[0]] == State::kSplit) != (current_[op.inputs[1]] == State::kSplit)) {
-      fail("{}: one input is split across ranks and the other is not (producers {} and {})",
-           g_.describe(index), g_.describe(g_.values[op.inputs[0]].producer),
-           g_.describe(g_.values[op.inputs[1]].producer));
-    }
-  }
-
-  void finish_op(int index) {
-    const Op& op = g_.ops[index];
-    switch (op.kind) {
-      case OpKind::kInputIds:
-        produce(op, State::kReplicated);
-        break;
-      case OpKind::kEmbedding:
-        produce(op, State::kPartial);
-        break;  // vocabulary-parallel
-      case OpKind::kNorm:
-      case OpKind::kLmHead:
-        produce(op, State::kReplicated);
-        break;
-      case OpKind::kLinear:
-        produce(op,
-                plan_.linear_kind[index] == LinearKind::kColumn ? State::kSplit : State::kPartial);
-        break;
-      case OpKind::kSplit:
-      case OpKind::kRotary:
-      case OpKind::kActivation:
-        produce(op, current_[op.inputs[0]]);
-        if (current_[op.inputs[0]] == State::kSplit && op.kind != OpKind::kSplit) {
-          classes_.unite(op.outputs[0], op.inputs[0]);
-        }
-        break;
-      case OpKind::kAttention:
-        produce(op, State::kSplit);
-        break;
-      case OpKind::kMul:
-      case OpKind::kAdd: {
-        const State a = current_[op.inputs[0]], b = current_[op.inputs[1]];
-        if (a == State::kPartial || b == State::kPartial) {
-          produce(op, State::kPartial);
-          if (a != b) plan_.add_replicated_input[index] = a == State::kPartial ? 1 : 0;
-        } else {
-          produce(op, a);
-          if (a == State::kSplit) {
-            classes_.unite(op.inputs[0], op.inputs[1]);
-            classes_.unite(op.outputs[0], op.inputs[0]);
-          }
-        }
-        break;
-      }
-    }
-  }
+  void add_once(int op, int k) override { plan_.add_replicated_input[op] = k; }
 
   // ---- linears and the injection policy --------------------------------------------------
   const std::vector<std::string>* injection_rule(int index) const {
@@ -250,15 +124,14 @@ class Planner {
     return it == injection_->end() ? nullptr : &it->second;
   }
 
-  void plan_linear(int index) {
+  LinearKind plan_linear(int index) override {
     const Op& op = g_.ops[index];
     const int x = op.inputs[0];
     const std::vector<std::string>* rule = injection_rule(index);
     if (rule == nullptr) {
       if (current_[x] == State::kPartial) need_replicated(x, index);
-      plan_.linear_kind[index] =
-          current_[x] == State::kSplit ? LinearKind::kRow : LinearKind::kColumn;
-      return;
+      return plan_.linear_kind[index] =
+                 current_[x] == State::kSplit ? LinearKind::kRow : LinearKind::kColumn;
     }
     const std::string rel = g_.relative_name(index);
     const bool row = std::find(rule->begin(), rule->end(), rel) != rule->end();
@@ -267,7 +140,7 @@ class Planner {
       fail(
           "injection policy makes {} row-parallel (all-reduced), but its input from {} is {}, "
           "not split: remove '{}' from the policy's {} list",
-          g_.describe(index), producer, state_name(current_[x]), rel, g_.blocks[op.block].cls);
+          g_.describe(index), producer, ops::state_name(current_[x]), rel, g_.blocks[op.block].cls);
     }
     if (!row && current_[x] == State::kSplit) {
       fail(
@@ -276,7 +149,7 @@ class Planner {
           g_.describe(index), producer, rel, g_.blocks[op.block].cls);
     }
     if (current_[x] == State::kPartial) need_replicated(x, index);
-    plan_.linear_kind[index] = row ? LinearKind::kRow : LinearKind::kColumn;
+    return plan_.linear_kind[index] = row ? LinearKind::kRow : LinearKind::kColumn;
   }
 
   void check_injection_names() const {
@@ -311,7 +184,7 @@ class Planner {
   }
 
   // ---- layouts of split values -----------------------------------------------------------
-  void set_layout(int value, const Layout& layout, int op) {
+  void set_layout(int value, const Layout& layout, int op) override {
     auto [it, inserted] = layouts_.emplace(classes_.find(value), layout);
     if (!inserted && it->second != layout) {
       fail("{}: its inputs are split in two incompatible ways", g_.describe(op));
@@ -323,19 +196,25 @@ class Planner {
     return it == layouts_.end() ? nullptr : &it->second;
   }
 
+  const Layout& layout(int value) override {
+    const Layout* l = layout_of(value);
+    TPE_CHECK(l != nullptr, "a split value has no layout yet");
+    return *l;
+  }
+
+  // Each op kind's layout rule in its phase (ops::OpTraits::layout_phase): layouts an op fixes,
+  // then those derived from them; then every other split value is dealt out on a grain, and the
+  // checks run.
+  void run_layout_phase(int phase) {
+    for (int i = 0; i < static_cast<int>(g_.ops.size()); ++i) {
+      const ops::OpTraits& t = ops::traits(g_.ops[i].kind);
+      if (t.layout != nullptr && t.layout_phase == phase) t.layout(*this, i);
+    }
+  }
+
   void assign_layouts() {
-    for (int i = 0; i < static_cast<int>(g_.ops.size()); ++i) {
-      const Op& op = g_.ops[i];
-      if (op.kind != OpKind::kAttention) continue;
-      auto [q, kv] = head_layouts(op.attention, world_);
-      set_layout(op.inputs[0], q, i);
-      set_layout(op.inputs[1], kv, i);
-      set_layout(op.inputs[2], kv, i);
-      set_layout(op.outputs[0], q, i);
-    }
-    for (int i = 0; i < static_cast<int>(g_.ops.size()); ++i) {
-      if (g_.ops[i].kind == OpKind::kSplit) compose_split(i);
-    }
+    run_layout_phase(0);
+    run_layout_phase(1);
     for (size_t v = 0; v < g_.values.size(); ++v) {
       if (plan_.state[v] != State::kSplit) continue;
       const int value = static_cast<int>(v);
@@ -344,14 +223,10 @@ class Planner {
       }
       plan_.shard[v] = *layout_of(value);
     }
-    for (int i = 0; i < static_cast<int>(g_.ops.size()); ++i) {
-      if (g_.ops[i].kind == OpKind::kRotary && plan_.state[g_.ops[i].inputs[0]] == State::kSplit) {
-        check_head_aligned(i);
-      }
-    }
+    run_layout_phase(2);
   }
 
-  void compose_split(int index) {
+  void compose_split(int index) override {
     const Op& op = g_.ops[index];
     if (layout_of(op.inputs[0]) != nullptr) {
       fail("{}: the fused value is constrained by another op; split it before using it",
@@ -385,18 +260,6 @@ class Planner {
     layouts_.emplace(classes_.find(op.inputs[0]), fused);
   }
 
-  void check_head_aligned(int index) {
-    const Op& op = g_.ops[index];
-    for (const IndexSet& set : *layout_of(op.inputs[0])) {
-      for (const Range& r : set) {
-        if (r.begin % op.head_dim != 0 || r.end % op.head_dim != 0) {
-          fail("{}: its input is split inside a head; rotary needs whole heads on each rank",
-               g_.describe(index));
-        }
-      }
-    }
-  }
-
   const Graph& g_;
   int world_;
   const config::InjectionPolicy* injection_;
@@ -407,30 +270,6 @@ class Planner {
 };
 
 }  // namespace
-
-const char* state_name(State state) {
-  switch (state) {
-    case State::kReplicated:
-      return "replicated";
-    case State::kSplit:
-      return "split";
-    case State::kPartial:
-      return "partial";
-  }
-  return "?";
-}
-
-const char* linear_kind_name(LinearKind kind) {
-  switch (kind) {
-    case LinearKind::kNone:
-      return "none";
-    case LinearKind::kColumn:
-      return "column";
-    case LinearKind::kRow:
-      return "row";
-  }
-  return "?";
-}
 
 Plan make_plan(const Graph& graph, int world, const config::InjectionPolicy* injection_policy) {
   if (world < 1) fail("tp_size must be at least 1, got {}", world);

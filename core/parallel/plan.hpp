@@ -1,10 +1,11 @@
 // Automatic tensor parallelism: sharding propagation over the graph. Every value is Replicated,
 // Split (each rank holds an index set of its features) or Partial (each rank holds a summand).
-// linear(R) is column-parallel (output S), linear(S) row-parallel (output P); attention splits
-// by heads (q heads with their kv head); a P value is all-reduced exactly where an R is first
-// needed, so add(P, P) and add(P, R) stay P. Fused weights split by the layout their split op
-// declares. An explicit injection policy fixes which linears are row-parallel and is checked
-// against the graph. Owns: deciding splits and collectives. May not touch: weights, devices.
+// Each op kind's rule (core/ops: linear(R) column-parallel, linear(S) row-parallel, attention by
+// heads, add(P, P) and add(P, R) staying P, ...) runs in program order; the planner places an
+// all-reduce exactly where a P value is first needed whole, unites the layouts that must agree,
+// deals out the rest, composes fused weights' layouts, and applies an explicit injection policy,
+// checked against the graph. Owns: deciding splits and collectives. May not touch: weights,
+// devices.
 #pragma once
 
 #include <string>
@@ -13,14 +14,12 @@
 #include "core/common/index_set.hpp"
 #include "core/config/run_config.hpp"
 #include "core/graph/graph.hpp"
+#include "core/ops/ops.hpp"
 
 namespace tpe::parallel {
 
-enum class State { kReplicated, kSplit, kPartial };
-enum class LinearKind { kNone, kColumn, kRow };
-
-const char* state_name(State state);
-const char* linear_kind_name(LinearKind kind);
+using ops::LinearKind;
+using ops::State;
 
 struct Step {
   enum class Kind { kOp, kAllReduce };

@@ -11,47 +11,7 @@ namespace tpe::program {
 
 using graph::Op;
 using graph::OpKind;
-using parallel::LinearKind;
 using parallel::Step;
-
-const char* code_name(Code code) {
-  switch (code) {
-    case Code::kEmbedding:
-      return "embedding";
-    case Code::kNorm:
-      return "norm";
-    case Code::kLinear:
-      return "linear";
-    case Code::kGather:
-      return "gather";
-    case Code::kRotary:
-      return "rotary";
-    case Code::kAttention:
-      return "attention";
-    case Code::kActivation:
-      return "activation";
-    case Code::kAdd:
-      return "add";
-    case Code::kMul:
-      return "mul";
-    case Code::kCopy:
-      return "copy";
-    case Code::kSelectRows:
-      return "select_rows";
-    case Code::kGatherVocab:
-      return "gather_vocab";
-    case Code::kAllReduce:
-      return "all_reduce";
-  }
-  return "?";
-}
-
-int64_t Weight::local_rows() const { return rows.empty() ? shape[0] : index_count(rows); }
-
-int64_t Weight::local_cols() const {
-  if (shape.size() < 2) return 1;
-  return cols.empty() ? shape[1] : index_count(cols);
-}
 
 int64_t Program::bytes(int v, const Limits& l) const {
   const Value& value = values[v];
@@ -67,15 +27,6 @@ int Program::storage(int v) const {
 
 namespace {
 
-Instr make(Code code, int op, std::vector<int> in, int out) {
-  Instr i;
-  i.code = code;
-  i.op = op;
-  i.in = std::move(in);
-  i.out = out;
-  return i;
-}
-
 // A weight slice's identity: two ops reading the same slice (tied embeddings) share it.
 std::string slice_key(const std::string& tensor, const IndexSet& rows, const IndexSet& cols) {
   std::string key = tensor;
@@ -84,7 +35,7 @@ std::string slice_key(const std::string& tensor, const IndexSet& rows, const Ind
   return key;
 }
 
-class Lowering {
+class Lowering final : public ops::Lowering {
  public:
   Lowering(const graph::Graph& g, const parallel::Plan& plan, int rank)
       : g_(g), plan_(plan), rank_(rank) {
@@ -92,8 +43,9 @@ class Lowering {
     p_.world = plan.world;
     p_.vocab = plan.vocab;
     for (size_t v = 0; v < g.values.size(); ++v) {
+      held_.push_back(parallel::held_features(g, plan, static_cast<int>(v), rank));
       Value value;
-      value.width = index_count(parallel::held_features(g, plan, static_cast<int>(v), rank));
+      value.width = index_count(held_.back());
       value.stored = g.ops[g.values[v].producer].kind != OpKind::kInputIds;
       p_.values.push_back(value);
     }
@@ -102,19 +54,29 @@ class Lowering {
   Program run() {
     for (const Step& step : plan_.steps) {
       if (step.kind == Step::Kind::kAllReduce) {
-        emit(make(Code::kAllReduce, -1, {step.index}, step.index));
+        emit(ops::make_instr(Code::kAllReduce, -1, {step.index}, step.index));
       } else {
-        lower_op(step.index);
+        ops::traits(g_.ops[step.index].kind).lower(*this, step.index);
       }
     }
     alias_in_place();
     return std::move(p_);
   }
 
- private:
-  void emit(Instr instr) { p_.instrs.push_back(std::move(instr)); }
+  // ---- ops::Lowering -----------------------------------------------------------------------
+  const graph::Graph& graph() const override { return g_; }
+  int rank() const override { return rank_; }
+  int world() const override { return plan_.world; }
+  const IndexSet& held(int value) const override { return held_[value]; }
+  Range vocab() const override { return plan_.vocab[rank_]; }
+  parallel::LinearKind linear_kind(int op) const override { return plan_.linear_kind[op]; }
+  const IndexSet& split_part(int op, size_t part) const override {
+    return plan_.split_parts[op][rank_][part];
+  }
+  int added_once(int op) const override { return plan_.add_replicated_input[op]; }
 
-  int weight(const std::string& tensor, std::vector<int64_t> shape, IndexSet rows, IndexSet cols) {
+  int weight(const std::string& tensor, std::vector<int64_t> shape, IndexSet rows,
+             IndexSet cols) override {
     const std::string key = slice_key(tensor, rows, cols);
     auto it = weight_index_.find(key);
     if (it != weight_index_.end()) return it->second;
@@ -124,124 +86,37 @@ class Lowering {
     return index;
   }
 
-  int new_value(int64_t width, Rows rows) {
+  int new_value(int64_t width, Rows rows) override {
     p_.values.push_back({width, rows});
     return static_cast<int>(p_.values.size()) - 1;
   }
 
-  void lower_op(int index) {
-    const Op& op = g_.ops[index];
-    const auto in = [&](size_t k) { return op.inputs[k]; };
-    const int out = op.outputs.empty() ? -1 : op.outputs[0];
-    const Range vocab = plan_.vocab[rank_];
-    switch (op.kind) {
-      case OpKind::kInputIds:
-        break;
-      case OpKind::kEmbedding: {
-        Instr i = make(Code::kEmbedding, index, {in(0)}, out);
-        i.weight =
-            weight(op.name, {op.out_features, op.in_features}, {{vocab.begin, vocab.end}}, {});
-        emit(std::move(i));
-        break;
-      }
-      case OpKind::kNorm: {
-        const int64_t width = g_.values[in(0)].width;
-        Instr i = make(Code::kNorm, index, {in(0)}, out);
-        i.weight = weight(op.name + ".weight", {width}, {}, {});
-        if (op.has_bias) i.bias = weight(op.name + ".bias", {width}, {}, {});
-        emit(std::move(i));
-        break;
-      }
-      case OpKind::kLinear: {
-        const std::vector<int64_t> shape = {op.out_features, op.in_features};
-        Instr i = make(Code::kLinear, index, {in(0)}, out);
-        if (plan_.linear_kind[index] == LinearKind::kColumn) {
-          const IndexSet& rows = plan_.shard[out][rank_];
-          i.weight = weight(op.name + ".weight", shape, rows, {});
-          if (op.has_bias) i.bias = weight(op.name + ".bias", {op.out_features}, rows, {});
-        } else {
-          i.weight = weight(op.name + ".weight", shape, {}, plan_.shard[in(0)][rank_]);
-          // A row-parallel output is a sum over ranks: its bias is added once, by rank 0.
-          if (op.has_bias && rank_ == 0) {
-            i.bias = weight(op.name + ".bias", {op.out_features}, {}, {});
-          }
-        }
-        emit(std::move(i));
-        break;
-      }
-      case OpKind::kSplit:
-        for (size_t part = 0; part < op.outputs.size(); ++part) {
-          Instr i = make(Code::kGather, index, {in(0)}, op.outputs[part]);
-          i.cols = plan_.split_parts[index][rank_][part];
-          emit(std::move(i));
-        }
-        break;
-      case OpKind::kRotary: {
-        Instr i = make(Code::kRotary, index, {in(0)}, out);
-        i.rope = rope(op);
-        emit(std::move(i));
-        break;
-      }
-      case OpKind::kAttention: {
-        const tpe_attention_desc& a = op.attention;
-        const IndexSet& q_set = plan_.shard[in(0)][rank_];
-        const IndexSet& kv_set = plan_.shard[in(1)][rank_];
-        Instr i = make(Code::kAttention, index, {in(0), in(1), in(2)}, out);
-        i.attention.head_dim = a.head_dim;
-        i.attention.first_q = q_set.empty() ? 0 : q_set.front().begin / a.head_dim;
-        i.attention.first_kv = kv_set.empty() ? 0 : kv_set.front().begin / a.head_dim;
-        i.attention.group = a.n_heads / a.n_kv_heads;
-        i.attention.scale = a.scale > 0 ? static_cast<float>(a.scale)
-                                        : 1.0f / std::sqrt(static_cast<float>(a.head_dim));
-        i.attention.window = a.sliding_window;
-        i.cache = static_cast<int>(p_.cache_widths.size());
-        p_.cache_widths.push_back(index_count(kv_set));
-        emit(std::move(i));
-        break;
-      }
-      case OpKind::kActivation:
-        emit(make(Code::kActivation, index, {in(0)}, out));
-        break;
-      case OpKind::kMul:
-      case OpKind::kAdd: {
-        const int skip = rank_ != 0 ? plan_.add_replicated_input[index] : -1;
-        if (skip >= 0) {  // the replicated addend counts once, on rank 0
-          emit(make(Code::kCopy, index, {op.inputs[1 - skip]}, out));
-        } else {
-          emit(make(op.kind == OpKind::kAdd ? Code::kAdd : Code::kMul, index, {in(0), in(1)}, out));
-        }
-        break;
-      }
-      case OpKind::kLmHead: {
-        const int picked = new_value(g_.values[in(0)].width, Rows::kLogitRows);
-        emit(make(Code::kSelectRows, index, {in(0)}, picked));
-        p_.values[out].rows = Rows::kLogitRows;
-        p_.values[out].width = op.out_features;
-        p_.vocab_size = op.out_features;
-        p_.logits = out;
-        const int local = plan_.world > 1 ? new_value(vocab.size(), Rows::kLogitRows) : out;
-        Instr product = make(Code::kLinear, index, {picked}, local);
-        product.weight =
-            weight(op.name, {op.out_features, op.in_features}, {{vocab.begin, vocab.end}}, {});
-        emit(std::move(product));
-        if (local != out) emit(make(Code::kGatherVocab, index, {local}, out));
-        break;
-      }
-    }
-  }
+  Value& value(int v) override { return p_.values[v]; }
 
-  int rope(const Op& op) {
+  int rope(const tpe_rope_desc& desc, int64_t head_dim) override {
     for (size_t r = 0; r < p_.ropes.size(); ++r) {
       const backend::RopeSpec& known = p_.ropes[r];
-      if (known.head_dim == op.head_dim &&
-          std::memcmp(&known.desc, &op.rope, sizeof(tpe_rope_desc)) == 0) {
+      if (known.head_dim == head_dim && std::memcmp(&known.desc, &desc, sizeof(desc)) == 0) {
         return static_cast<int>(r);
       }
     }
-    p_.ropes.push_back({op.rope, op.head_dim});
+    p_.ropes.push_back({desc, head_dim});
     return static_cast<int>(p_.ropes.size()) - 1;
   }
 
+  int kv_layer(int64_t width) override {
+    p_.cache_widths.push_back(width);
+    return static_cast<int>(p_.cache_widths.size()) - 1;
+  }
+
+  void set_logits(int value, int64_t vocab_size) override {
+    p_.logits = value;
+    p_.vocab_size = vocab_size;
+  }
+
+  void emit(Instr instr) override { p_.instrs.push_back(std::move(instr)); }
+
+ private:
   // Elementwise ops whose input dies with them write over it: rotary and activations then run in
   // place, and a copy of a dying value is no copy at all.
   void alias_in_place() {
@@ -277,6 +152,7 @@ class Lowering {
   const graph::Graph& g_;
   const parallel::Plan& plan_;
   int rank_;
+  std::vector<IndexSet> held_;  // per graph value
   Program p_;
   std::map<std::string, int> weight_index_;
 };
