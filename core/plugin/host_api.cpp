@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "core/common/error.hpp"
+#include "core/plugin/abi_struct.hpp"
 #include "core/plugin/registry.hpp"
 
 struct tpe_graph {
@@ -30,6 +31,16 @@ R guarded(tpe_graph* g, R on_error, F&& f) {
     g->builder.set_error("unknown exception in the host");
   }
   return on_error;
+}
+
+// A struct the plugin passed, read up to its struct_size; errors name the host function.
+template <typename T>
+T from_plugin(const char* function, const T* desc) {
+  try {
+    return read_struct(desc);
+  } catch (const Error& e) {
+    fail("{}: {}", function, e.what());
+  }
 }
 
 template <typename T, typename Out>
@@ -65,10 +76,17 @@ tpe_lookup config_string(tpe_graph* g, const char* key, const char** out) {
 
 tpe_status rope_from_config(tpe_graph* g, tpe_rope_desc* out) {
   return guarded(g, TPE_ERROR, [&] {
-    if (out == nullptr || out->struct_size < sizeof(tpe_rope_desc)) {
-      fail("rope_from_config: tpe_rope_desc.struct_size must be set");
+    if (out == nullptr) {
+      g->builder.set_error("rope_from_config: out is NULL");
+      return TPE_ERROR;
     }
-    *out = g->config->rope();
+    // Up to the plugin's struct_size: a plugin of an older minor has a shorter struct.
+    const tpe_rope_desc rope = g->config->rope();
+    try {
+      write_struct(out, rope);
+    } catch (const Error& e) {
+      fail("rope_from_config: {}", e.what());
+    }
     return TPE_OK;
   });
 }
@@ -131,7 +149,7 @@ tpe_value rotary(tpe_graph* g, tpe_value x, int64_t n_heads, int64_t head_dim,
       g->builder.set_error("rotary: rope is NULL");
       return TPE_INVALID_VALUE;
     }
-    return g->builder.rotary(x, n_heads, head_dim, *rope);
+    return g->builder.rotary(x, n_heads, head_dim, from_plugin("rotary", rope));
   });
 }
 tpe_value attention(tpe_graph* g, tpe_value q, tpe_value k, tpe_value v,
@@ -141,7 +159,7 @@ tpe_value attention(tpe_graph* g, tpe_value q, tpe_value k, tpe_value v,
       g->builder.set_error("attention: desc is NULL");
       return TPE_INVALID_VALUE;
     }
-    return g->builder.attention(q, k, v, *desc);
+    return g->builder.attention(q, k, v, from_plugin("attention", desc));
   });
 }
 tpe_value activation(tpe_graph* g, tpe_value x, tpe_activation act) {
@@ -192,7 +210,7 @@ graph::Graph build_graph(const Policy& policy, const config::ModelConfig& config
                                       policy.file.string(), config.path().string());
   tpe_status status = TPE_ERROR;
   try {
-    status = policy.desc->build(&kHostApi, &g);
+    status = policy.desc.build(&kHostApi, &g);
   } catch (const std::exception& e) {
     fail("{}: build threw an exception across the ABI boundary: {}", who, e.what());
   } catch (...) {

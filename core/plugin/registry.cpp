@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "core/common/error.hpp"
+#include "core/plugin/abi_struct.hpp"
 
 namespace tpe::plugin {
 namespace fs = std::filesystem;
@@ -88,39 +89,40 @@ Policy Registry::load(const fs::path& file, Origin origin) {
     fail("{}: {} returned NULL: the plugin cannot serve policy ABI {}.{}", where,
          TPE_POLICY_ENTRY_SYMBOL, TPE_ABI_MAJOR, TPE_ABI_MINOR);
   }
+  // struct_size, abi_major and abi_minor lead every descriptor of every major.
   if (desc->abi_major != TPE_ABI_MAJOR) {
     fail(
         "{}: built for policy ABI {}.{}, this tpengine speaks {}.{}; rebuild it against the "
         "tpengine {} SDK",
         where, desc->abi_major, desc->abi_minor, TPE_ABI_MAJOR, TPE_ABI_MINOR, TPE_ABI_MAJOR);
   }
-  if (desc->struct_size < TPE_POLICY_DESC_SIZE_1_0) {
-    fail("{}: descriptor is {} bytes, ABI {}.0 needs at least {}", where, desc->struct_size,
-         TPE_ABI_MAJOR, TPE_POLICY_DESC_SIZE_1_0);
+  // The host's copy: the members the plugin's struct_size covers, defaults for those it lacks
+  // (an older minor); a newer minor's members past what this host knows are not read.
+  tpe_policy_desc copy{};
+  try {
+    copy = read_struct(desc);
+  } catch (const Error& e) {
+    fail("{}: {}", where, e.what());
   }
-  if (desc->name == nullptr || *desc->name == '\0' || desc->build == nullptr ||
-      desc->model_types == nullptr) {
+  if (copy.name == nullptr || *copy.name == '\0' || copy.build == nullptr ||
+      copy.model_types == nullptr) {
     fail("{}: descriptor lacks a name, model_types or build function", where);
   }
   Policy policy;
   policy.file = file;
   policy.origin = origin;
-  policy.name = desc->name;
-  policy.version = desc->version != nullptr ? desc->version : "";
-  // Members added after 1.0 exist only if the plugin's descriptor is long enough.
-  if (desc->struct_size >= offsetof(tpe_policy_desc, description) + sizeof(desc->description) &&
-      desc->description != nullptr) {
-    policy.description = desc->description;
-  }
-  policy.abi_major = desc->abi_major;
-  policy.abi_minor = desc->abi_minor;
-  policy.model_types = string_list(desc->model_types);
-  policy.architectures = string_list(desc->architectures);
-  for (const tpe_injection_rule* rule = desc->injection_policy;
+  policy.name = copy.name;
+  policy.version = copy.version != nullptr ? copy.version : "";
+  if (copy.description != nullptr) policy.description = copy.description;
+  policy.abi_major = copy.abi_major;
+  policy.abi_minor = copy.abi_minor;
+  policy.model_types = string_list(copy.model_types);
+  policy.architectures = string_list(copy.architectures);
+  for (const tpe_injection_rule* rule = copy.injection_policy;
        rule != nullptr && rule->block_class != nullptr; ++rule) {
     policy.injection_policy.emplace_back(rule->block_class, string_list(rule->row_parallel));
   }
-  policy.desc = desc;
+  policy.desc = copy;
   policy.library = std::move(library);
   return policy;
 }

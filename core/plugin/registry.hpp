@@ -38,7 +38,9 @@ struct Policy {
   // Block class -> row-parallel linears, as the plugin declares (empty if it leaves it to the
   // core).
   std::vector<std::pair<std::string, std::vector<std::string>>> injection_policy;
-  const tpe_policy_desc* desc = nullptr;
+  // The host's copy of the plugin's descriptor, read up to its struct_size (abi_struct.hpp);
+  // its pointers point into the library.
+  tpe_policy_desc desc{};
   std::shared_ptr<void> library;  // keeps the shared library loaded
 };
 

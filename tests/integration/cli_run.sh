@@ -55,14 +55,23 @@ TOML
     out=$("$tpengine" bench --model "$fixtures/neox_parallel" --random-weights --tp 2 --batch 2,3 \
           --prompt-len 16 --new-tokens 8 --repeat 2 --profile --json)
     echo "$out"
-    python3 - "$out" <<'PY'
-import json, sys
+    python3 - "$out" "$fixtures/neox_parallel/model.safetensors" <<'PY'
+import json, math, struct, sys
 r = json.loads(sys.argv[1])
 assert r["tp"] == 2 and r["random_weights"] is True and r["dtype"] == "float32", r
 for key in ("memory_bandwidth_gbs", "load_gbs", "load_s"):
     assert r[key] > 0, key
 weights = r["weight_bytes_per_rank"]
 assert len(weights) == 2 and min(weights) > 0
+# Counted from the checkpoint's header, not by the engine: the two ranks hold every tensor once
+# (4 heads over 2 ranks: nothing replicated), plus a second copy of the layer norms, in fp32.
+with open(sys.argv[2], "rb") as f:
+    header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+header.pop("__metadata__", None)
+total = sum(math.prod(t["shape"]) for t in header.values())
+norms = sum(math.prod(t["shape"]) for name, t in header.items()
+            if "layernorm" in name or "layer_norm" in name)
+assert sum(weights) == 4 * (total + norms), (weights, total, norms)
 assert [run["batch"] for run in r["runs"]] == [2, 3]
 for run in r["runs"]:
     for key in ("ttft_ms", "decode_tokens_per_s", "prefill_tokens_per_s", "achieved_bandwidth_gbs"):

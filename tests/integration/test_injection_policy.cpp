@@ -1,7 +1,11 @@
-// The legacy injection policy against automatic discovery, its refusals, and the collectives the
-// plans issue (GPT-NeoX's parallel residual: one all-reduce per layer), counted both in the plan
-// and at run time.
+// The legacy injection policy: an engine planned by it computes transformers' logits, every
+// linear is the kind the policy names, inconsistent policies are refused; and the collectives
+// the plans issue (GPT-NeoX's parallel residual: one all-reduce per layer), counted both in the
+// plan and at run time.
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
 
 #include "core/common/error.hpp"
 #include "core/runtime/engine.hpp"
@@ -19,19 +23,74 @@ runtime::Model prepare(const std::string& fixture, int tp,
   return runtime::prepare(run);
 }
 
+int blocks_of(const runtime::Model& m) { return static_cast<int>(m.graph.blocks.size()); }
+
 const config::InjectionPolicy kLlama = {
     {"LlamaDecoderLayer", {"self_attn.o_proj", "mlp.down_proj"}}};
 const config::InjectionPolicy kNeox = {{"GPTNeoXLayer", {"attention.dense", "mlp.dense_4h_to_h"}}};
 
-TEST(InjectionPolicy, EqualsAutomaticPlan) {
-  for (int tp = 1; tp <= 4; ++tp) {
-    for (const auto& [fixture, policy] : {std::pair{"llama_gqa", kLlama},
-                                          {"llama_6h2kv", kLlama},
-                                          {"neox_parallel", kNeox},
-                                          {"neox_sequential", kNeox}}) {
-      const runtime::Model automatic = prepare(fixture, tp);
-      const runtime::Model injected = prepare(fixture, tp, policy);
-      EXPECT_TRUE(automatic.plan == injected.plan) << fixture << " tp " << tp;
+// The fixtures the explicit policies are run on: Llama (GQA, and 6 q / 2 kv heads uneven over
+// 4 ranks) and GPT-NeoX (parallel and sequential residual, biases everywhere).
+const std::pair<const char*, const config::InjectionPolicy*> kCases[] = {
+    {"llama_gqa", &kLlama},
+    {"llama_6h2kv", &kLlama},
+    {"neox_parallel", &kNeox},
+    {"neox_sequential", &kNeox}};
+
+// An engine planned by the explicit policy computes transformers' logits (1e-4 x max |logit|,
+// as the fixture tests) at every TP size.
+TEST(InjectionPolicy, FollowedPlanComputesTransformersLogits) {
+  for (const auto& [fixture, policy] : kCases) {
+    const Reference ref = load_reference(fixture);
+    for (int tp = 1; tp <= 4; ++tp) {
+      SCOPED_TRACE(testing::Message() << fixture << " at TP " << tp);
+      runtime::Engine engine(prepare(fixture, tp, *policy), /*quiet=*/true);
+      ASSERT_TRUE(engine.model().injection_policy == *policy);
+      const std::vector<Tensor> logits = engine.prompt_logits(ref.prompts);
+      ASSERT_EQ(logits.size(), ref.logits.size());
+      for (size_t p = 0; p < logits.size(); ++p) {
+        ASSERT_EQ(logits[p].shape, ref.logits[p].shape);
+        float max_ref = 0, max_diff = 0;
+        for (size_t i = 0; i < ref.logits[p].data.size(); ++i) {
+          max_ref = std::max(max_ref, std::abs(ref.logits[p].data[i]));
+          max_diff = std::max(max_diff, std::abs(ref.logits[p].data[i] - logits[p].data[i]));
+        }
+        EXPECT_LE(max_diff, 1e-4f * max_ref) << "prompt " << p;
+      }
+    }
+  }
+}
+
+// Every linear is of the kind the policy's text names: row-parallel when its name relative to
+// its block's prefix is in the list of its block's class, column-parallel otherwise. Worked out
+// here from the policy and the names in the graph, not by the planner.
+TEST(InjectionPolicy, EveryLinearIsTheKindThePolicyNames) {
+  for (const auto& [fixture, policy] : kCases) {
+    for (int tp = 1; tp <= 4; ++tp) {
+      SCOPED_TRACE(testing::Message() << fixture << " at TP " << tp);
+      const runtime::Model model = prepare(fixture, tp, *policy);
+      const graph::Graph& g = model.graph;
+      int rows = 0, columns = 0;
+      for (size_t i = 0; i < g.ops.size(); ++i) {
+        const graph::Op& op = g.ops[i];
+        if (op.kind != graph::OpKind::kLinear) continue;
+        ASSERT_GE(op.block, 0) << op.name << " is outside any block";
+        const graph::Block& block = g.blocks[op.block];
+        ASSERT_EQ(op.name.rfind(block.prefix + ".", 0), 0u) << op.name << " in " << block.prefix;
+        const std::string relative = op.name.substr(block.prefix.size() + 1);
+        const auto rule = policy->find(block.cls);
+        ASSERT_NE(rule, policy->end()) << block.cls;
+        const bool named =
+            std::find(rule->second.begin(), rule->second.end(), relative) != rule->second.end();
+        EXPECT_EQ(model.plan.linear_kind[i],
+                  named ? parallel::LinearKind::kRow : parallel::LinearKind::kColumn)
+            << op.name;
+        (named ? rows : columns) += 1;
+      }
+      // Each named linear exists once per layer; the others (q/k/v or query_key_value, and the
+      // MLP's up projections) are column-parallel.
+      EXPECT_EQ(rows, 2 * blocks_of(model));
+      EXPECT_GE(columns, 2 * blocks_of(model));
     }
   }
 }
@@ -63,8 +122,6 @@ TEST(InjectionPolicy, RefusesInconsistentSplit) {
   expect_refused("neox_parallel", {{"GPTNeoXLayer", {"attention.dense"}}},
                  "gpt_neox.layers.0.mlp.dense_4h_to_h");
 }
-
-int blocks_of(const runtime::Model& m) { return static_cast<int>(m.graph.blocks.size()); }
 
 TEST(Collectives, ParallelResidualHasOneAllReducePerLayer) {
   for (int tp = 2; tp <= 4; ++tp) {

@@ -7,10 +7,19 @@
  * table of host functions (tpe_host_api) and describes the architecture's graph through it;
  * plugins never link against the engine.
  *
- * Versioning (SQLite's extension pattern): every table and descriptor starts with struct_size.
- * A minor version only appends members at the end; a major version changes the meaning or layout
- * of existing members. The host refuses a plugin whose major differs from its own and loads one
- * with an older minor, not using what that plugin lacks.
+ * Versioning (SQLite's extension pattern): every table and descriptor starts with struct_size,
+ * which the side that allocates it sets to sizeof (as compiled). A minor version only appends
+ * members at the end; a major version changes the meaning or layout of existing members. The
+ * host refuses a plugin whose major differs from its own and loads one of any minor of its own
+ * major, older or newer:
+ *  - a struct the plugin passes (tpe_policy_desc, tpe_rope_desc, tpe_attention_desc) is read up
+ *    to its struct_size; a member past it (added by a minor newer than the plugin) takes the
+ *    default written beside it below, and members past what the host knows are not read;
+ *  - a struct the host fills for the plugin (rope_from_config) is written up to its struct_size,
+ *    and its struct_size is left as the plugin set it;
+ *  - a struct_size below the struct's size in ABI 1.0 (all of its "since 1.0" members) is refused
+ *    with an error naming the plugin and the struct.
+ * tpe_host_api is filled by the host: a plugin reads a member only if api->struct_size covers it.
  *
  * Nothing crosses this boundary but C types: no exceptions, no STL, no memory owned by the other
  * side. Strings passed in are copied before the call returns.
@@ -79,8 +88,11 @@ typedef enum tpe_rope_type {
   TPE_ROPE_LLAMA3 = 3
 } tpe_rope_type;
 
-/* Rotary embedding parameters, as read from config.json by tpe_host_api.rope_from_config. */
+/* Rotary embedding parameters, as read from config.json by tpe_host_api.rope_from_config.
+ * Every member is a 1.0 member (56 bytes on LP64), present in every valid struct; a member a
+ * later minor appends says here the default the host takes when a struct lacks it. */
 typedef struct tpe_rope_desc {
+  /* ---- since 1.0 ---- */
   uint32_t struct_size;
   tpe_rope_type type;
   double theta;
@@ -93,7 +105,10 @@ typedef struct tpe_rope_desc {
   int64_t original_max_position_embeddings;
 } tpe_rope_desc;
 
+/* Every member is a 1.0 member (48 bytes on LP64), present in every valid struct; a member a
+ * later minor appends says here the default the host takes when a struct lacks it. */
 typedef struct tpe_attention_desc {
+  /* ---- since 1.0 ---- */
   uint32_t struct_size;
   int64_t n_heads;    /* query heads */
   int64_t n_kv_heads; /* key/value heads; n_heads % n_kv_heads == 0 */
@@ -169,7 +184,10 @@ typedef struct tpe_host_api {
   tpe_value (*lm_head)(tpe_graph* g, tpe_value x, const char* weight, int64_t vocab, int64_t width);
 } tpe_host_api;
 
+/* The 1.0 members (56 bytes on LP64) are present in every valid descriptor; each later member
+ * says the default the host takes when a descriptor's struct_size does not reach it. */
 typedef struct tpe_policy_desc {
+  /* ---- since 1.0 ---- */
   uint32_t struct_size;
   uint16_t abi_major; /* TPE_ABI_MAJOR the plugin was built with */
   uint16_t abi_minor;
@@ -182,11 +200,11 @@ typedef struct tpe_policy_desc {
   tpe_status (*build)(const tpe_host_api* api, tpe_graph* graph);
 
   /* ---- since 1.1 ---- */
-  const char* description; /* one line for `tpengine policies`, or NULL */
+  const char* description; /* one line for `tpengine policies`, or NULL; absent: NULL */
 } tpe_policy_desc;
 
-/* The descriptor size of ABI 1.0; a host reads members past it only when struct_size covers
- * them. */
+/* The descriptor size of ABI 1.0, the least struct_size a host accepts; it reads members past
+ * it only when struct_size covers them. */
 #define TPE_POLICY_DESC_SIZE_1_0 offsetof(tpe_policy_desc, description)
 
 /* The entry point. The host passes its ABI version; the plugin returns its descriptor (static

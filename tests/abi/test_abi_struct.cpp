@@ -1,0 +1,115 @@
+// The host's reader and writer of versioned structs (core/plugin/abi_struct.hpp) on a struct of
+// two versions: what a host of one minor does with a plugin's struct of another. Today's
+// tpe_rope_desc and tpe_attention_desc have only 1.0 members, so a host-side member that a
+// plugin's struct lacks can only be shown on such a pair; test_abi.cpp shows the same reader at
+// work on the real structs through plugins built against the 1.0 and 1.9 headers.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <vector>
+
+#include "core/common/error.hpp"
+#include "core/plugin/abi_struct.hpp"
+
+namespace tpe::plugin {
+namespace {
+
+// "1.0" of a struct, and "1.1", which appends one member whose default is 7.
+struct V10 {
+  uint32_t struct_size;
+  int32_t a;
+  int64_t b;
+};
+struct V11 {
+  uint32_t struct_size;
+  int32_t a;
+  int64_t b;
+  int64_t c;  // since 1.1; default 7
+};
+constexpr size_t kV10Size = offsetof(V10, b) + sizeof(int64_t);
+static_assert(offsetof(V11, c) == sizeof(V10));
+
+V11 v11_defaults() {
+  V11 d{};
+  d.struct_size = sizeof(V11);
+  d.c = 7;
+  return d;
+}
+
+// A plugin's struct of `size` bytes in a buffer whose bytes past it are all 0x7f.
+std::vector<unsigned char> plugin_buffer(const void* s, size_t size) {
+  std::vector<unsigned char> buffer(64, 0x7f);
+  std::memcpy(buffer.data(), s, size);
+  return buffer;
+}
+
+TEST(AbiStruct, MembersAnOlderPluginLacksTakeTheDefaults) {
+  const V10 old_struct = {sizeof(V10), -3, 42};
+  const auto buffer = plugin_buffer(&old_struct, sizeof(old_struct));
+  const V11 read = read_struct(buffer.data(), v11_defaults(), "V11", kV10Size);
+  EXPECT_EQ(read.a, -3);
+  EXPECT_EQ(read.b, 42);
+  EXPECT_EQ(read.c, 7);  // not 0x7f7f7f7f7f7f7f7f, what lies past the plugin's struct
+  EXPECT_EQ(read.struct_size, sizeof(V11));
+}
+
+TEST(AbiStruct, MembersOfANewerPluginAreIgnored) {
+  const V11 new_struct = {sizeof(V11), 5, 6, 99};
+  const auto buffer = plugin_buffer(&new_struct, sizeof(new_struct));
+  const V10 read = read_struct(buffer.data(), V10{sizeof(V10), 0, 0}, "V10", kV10Size);
+  EXPECT_EQ(read.a, 5);
+  EXPECT_EQ(read.b, 6);
+  EXPECT_EQ(read.struct_size, sizeof(V10));
+}
+
+TEST(AbiStruct, LessThanTheOneZeroSizeIsRefusedNamingTheStruct) {
+  for (const uint32_t size : {0u, 4u, static_cast<uint32_t>(kV10Size - 1)}) {
+    V11 s = {size, 1, 2, 3};
+    try {
+      read_struct(&s, v11_defaults(), "V11", kV10Size);
+      ADD_FAILURE() << "struct_size " << size << " was read";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("V11.struct_size is " + std::to_string(size)),
+                std::string::npos)
+          << e.what();
+    }
+    EXPECT_THROW(write_struct(&s, v11_defaults(), "V11", kV10Size), Error);
+  }
+}
+
+TEST(AbiStruct, WritesStopAtThePluginsStructSize) {
+  std::vector<unsigned char> buffer(64, 0x7f);
+  const V10 old_struct = {sizeof(V10), 0, 0};
+  std::memcpy(buffer.data(), &old_struct, sizeof(old_struct));
+  const V11 value = {sizeof(V11), 11, 12, 13};
+  write_struct(buffer.data(), value, "V11", kV10Size);
+  V10 written;
+  std::memcpy(&written, buffer.data(), sizeof(written));
+  EXPECT_EQ(written.struct_size, sizeof(V10));  // the plugin's, not the host's
+  EXPECT_EQ(written.a, 11);
+  EXPECT_EQ(written.b, 12);
+  for (size_t i = sizeof(V10); i < buffer.size(); ++i) {
+    ASSERT_EQ(buffer[i], 0x7f) << "byte " << i << " past the plugin's struct was written";
+  }
+}
+
+TEST(AbiStruct, WritesToANewerPluginKeepItsStructSizeAndTail) {
+  V11 new_struct = {sizeof(V11), 0, 0, 99};
+  write_struct(&new_struct, V10{sizeof(V10), 1, 2}, "V10", kV10Size);
+  EXPECT_EQ(new_struct.struct_size, sizeof(V11));
+  EXPECT_EQ(new_struct.a, 1);
+  EXPECT_EQ(new_struct.b, 2);
+  EXPECT_EQ(new_struct.c, 99);  // a member the host does not know stays the plugin's
+}
+
+// The 1.0 sizes are frozen: they are what a plugin built against the 1.0 header passes (the ABI
+// 1.0 toy plugin asserts the same numbers at compile time), whatever later minors append.
+TEST(AbiStruct, OneZeroSizesAreThoseOfTheOneZeroHeader) {
+  if (sizeof(void*) != 8) GTEST_SKIP() << "sizes written for LP64";
+  EXPECT_EQ(AbiStruct<tpe_attention_desc>::kSize_1_0, 48u);
+  EXPECT_EQ(AbiStruct<tpe_rope_desc>::kSize_1_0, 56u);
+  EXPECT_EQ(AbiStruct<tpe_policy_desc>::kSize_1_0, 56u);
+}
+
+}  // namespace
+}  // namespace tpe::plugin
