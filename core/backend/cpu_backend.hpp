@@ -5,13 +5,13 @@
 #include <chrono>
 
 #include "core/backend/backend.hpp"
-#include "core/parallel/communicator.hpp"
+#include "core/comm/communicator.hpp"
 
 namespace tpe::backend {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(int rank, parallel::ThreadGroup& group) : rank_(rank), group_(group) {}
+  CpuBackend(int rank, comm::ThreadGroup& group) : rank_(rank), group_(group) {}
 
   Buffer load(int64_t rows, int64_t cols, const RowFill& fill) override;
   Buffer alloc(int64_t rows, int64_t cols) override;
@@ -46,7 +46,7 @@ class CpuBackend final : public Backend {
  private:
   std::vector<std::chrono::steady_clock::time_point> marks_;
   int rank_;
-  parallel::ThreadGroup& group_;
+  comm::ThreadGroup& group_;
   const Batch* batch_ = nullptr;
   std::vector<RopeSpec> ropes_;
 };

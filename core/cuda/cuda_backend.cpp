@@ -67,7 +67,7 @@ NcclGroup::NcclGroup(int world) : comms_(static_cast<size_t>(world)) {
   TPE_NCCL_CHECK(ncclCommInitAll(comms_.data(), world, devices.data()));
 }
 
-NcclGroup::NcclGroup(const parallel::LaunchEnv& launch)
+NcclGroup::NcclGroup(const comm::LaunchEnv& launch)
     : comms_(static_cast<size_t>(launch.world), nullptr) {
   ncclUniqueId id;
   std::array<char, 128> bytes{};
@@ -76,7 +76,7 @@ NcclGroup::NcclGroup(const parallel::LaunchEnv& launch)
     TPE_NCCL_CHECK(ncclGetUniqueId(&id));
     std::memcpy(bytes.data(), &id, bytes.size());
   }
-  parallel::exchange_id(launch, bytes);
+  comm::exchange_id(launch, bytes);
   std::memcpy(&id, bytes.data(), bytes.size());
   TPE_CUDA_CHECK(cudaSetDevice(launch.local_rank));
   TPE_NCCL_CHECK(ncclCommInitRank(&comms_[launch.rank], launch.world, id, launch.rank));
@@ -249,7 +249,7 @@ class CudaBackend::Stager {
 };
 
 CudaBackend::CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* nccl,
-                         parallel::ThreadGroup& group)
+                         comm::ThreadGroup& group)
     : rank_(rank),
       device_(device),
       dtype_(dtype),
@@ -513,8 +513,7 @@ void CudaBackend::gather_columns(const Buffer& x, const IndexSet& cols, Buffer& 
 void CudaBackend::rotary(Buffer& x, int rope) {
   const RopeSpec& spec = ropes_.at(static_cast<size_t>(rope));
   cuda::rotary(x.data, x.rows, x.cols / spec.head_dim, spec.head_dim, 2 * rotary_half(spec),
-               positions_,
-               segment_of_, rope_tables_[static_cast<size_t>(rope)], dtype_, stream_);
+               positions_, segment_of_, rope_tables_[static_cast<size_t>(rope)], dtype_, stream_);
 }
 
 void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,

@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "core/backend/backend.hpp"
-#include "core/parallel/communicator.hpp"
-#include "core/parallel/launch.hpp"
+#include "core/comm/communicator.hpp"
+#include "core/comm/launch.hpp"
 #include "kernels/cuda/ops.hpp"
 
 namespace tpe::backend {
@@ -25,7 +25,7 @@ cuda::DType cuda_dtype(const std::string& name);
 class NcclGroup {
  public:
   explicit NcclGroup(int world);
-  explicit NcclGroup(const parallel::LaunchEnv& launch);
+  explicit NcclGroup(const comm::LaunchEnv& launch);
   ~NcclGroup();
   NcclGroup(const NcclGroup&) = delete;
   NcclGroup& operator=(const NcclGroup&) = delete;
@@ -48,8 +48,7 @@ class CudaBackend final : public Backend {
   // Rank `rank` on GPU `device`; nccl is null for a single rank. group is the host-side group of
   // this process's ranks: when one fails, a wait on this device gives up (and aborts the
   // communicator) instead of hanging.
-  CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* nccl,
-              parallel::ThreadGroup& group);
+  CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* nccl, comm::ThreadGroup& group);
   ~CudaBackend() override;
 
   void bind_thread() override;
@@ -105,7 +104,7 @@ class CudaBackend final : public Backend {
   cuda::DType dtype_;
   NcclGroup* nccl_;
   ncclComm_t comm_;
-  parallel::ThreadGroup& group_;
+  comm::ThreadGroup& group_;
   cudaStream_t stream_ = nullptr;
   std::shared_ptr<Pool> pool_;
   std::unique_ptr<Stager> stager_;  // while weights are loading

@@ -14,9 +14,9 @@
 #include <thread>
 
 #include "core/backend/cpu_backend.hpp"
+#include "core/comm/communicator.hpp"
 #include "core/common/error.hpp"
 #include "core/io/safetensors.hpp"
-#include "core/parallel/communicator.hpp"
 #include "core/program/report.hpp"
 #include "core/runtime/executor.hpp"
 #include "core/runtime/random_weights.hpp"
@@ -62,7 +62,7 @@ Model prepare(const config::RunConfig& run) {
     injection.emplace(choice.policy->injection_policy.begin(),
                       choice.policy->injection_policy.end());
   }
-  std::optional<parallel::LaunchEnv> launch = parallel::launch_env_from_environment();
+  std::optional<comm::LaunchEnv> launch = comm::launch_env_from_environment();
   int world = run.tp_size;
   if (launch) {
     if (run.device != "cuda") {
@@ -115,7 +115,7 @@ GenerationParams resolve_generation(const config::GenerationSettings& s,
 
 struct Engine::Ranks {
   explicit Ranks(int local) : group(local) {}
-  parallel::ThreadGroup group;  // this process's ranks: the CPU backend's collectives, aborts
+  comm::ThreadGroup group;  // this process's ranks: the CPU backend's collectives, aborts
 #if TPE_HAVE_CUDA
   std::unique_ptr<backend::NcclGroup> nccl;
 #endif

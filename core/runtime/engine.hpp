@@ -10,11 +10,11 @@
 #include <string>
 #include <vector>
 
+#include "core/comm/launch.hpp"
 #include "core/common/tensor.hpp"
 #include "core/config/model_config.hpp"
 #include "core/config/run_config.hpp"
 #include "core/graph/graph.hpp"
-#include "core/parallel/launch.hpp"
 #include "core/parallel/plan.hpp"
 #include "core/plugin/registry.hpp"
 #include "core/program/program.hpp"
@@ -35,7 +35,7 @@ struct Model {
   std::string device;  // "cpu" | "cuda"
   // Set when a launcher (torchrun, mpirun, srun) started one process per rank; this process then
   // runs rank launch->rank only.
-  std::optional<parallel::LaunchEnv> launch;
+  std::optional<comm::LaunchEnv> launch;
   std::string dtype;  // resolved: "float32" | "float16" | "bfloat16"
   // The largest pass each rank's memory plan is sized for: a prompt chunk or a decode batch.
   program::Limits limits;

@@ -11,9 +11,9 @@
 #include <nlohmann/json.hpp>
 
 #include "core/backend/cpu_backend.hpp"
+#include "core/comm/communicator.hpp"
 #include "core/common/process.hpp"
 #include "core/io/safetensors.hpp"
-#include "core/parallel/communicator.hpp"
 #include "core/runtime/engine.hpp"
 #include "core/runtime/executor.hpp"
 
@@ -83,7 +83,7 @@ TEST(LoadMemory, OneRankOfFourStaysNearItsShare) {
   run.max_batch = 1;
   const runtime::Model model = runtime::prepare(run);
   const io::Checkpoint checkpoint = io::Checkpoint::open(dir);
-  parallel::ThreadGroup group(4);
+  comm::ThreadGroup group(4);
   program::Program program = program::lower(model.graph, model.plan, 1);
   program::plan_memory(program, model.limits);
   runtime::Executor rank1(model.graph, std::move(program),

@@ -20,7 +20,7 @@ void expect_error(const runtime::KvCache& cache, const backend::Batch& batch,
 }
 
 TEST(KvCache, PassesMustContinueTheirSequenceAndFit) {
-  parallel::ThreadGroup group(1);
+  comm::ThreadGroup group(1);
   backend::CpuBackend cpu(0, group);
   runtime::KvCache cache;
   cache.reserve(cpu, {8, 8}, 2, 4);

@@ -5,13 +5,13 @@
 #include <cstdlib>
 #include <thread>
 
+#include "core/comm/launch.hpp"
 #include "core/common/error.hpp"
-#include "core/parallel/launch.hpp"
 
 namespace tpe {
 namespace {
 
-using parallel::launch_env_from_environment;
+using comm::launch_env_from_environment;
 
 // Sets variables for one test and removes every launcher variable afterwards.
 class LaunchEnvTest : public testing::Test {
@@ -87,22 +87,22 @@ TEST_F(LaunchEnvTest, ErrorsNameTheVariable) {
 }
 
 TEST(Launch, IdExchangeOverLoopback) {
-  parallel::LaunchEnv root{0, 3, 0, "127.0.0.1", 0, "test"};
+  comm::LaunchEnv root{0, 3, 0, "127.0.0.1", 0, "test"};
   root.rendezvous_port = 23000 + static_cast<int>(getpid() % 20000);
   std::array<char, 128> id{};
   for (size_t i = 0; i < id.size(); ++i) id[i] = static_cast<char>(i * 7 + 1);
   std::array<char, 128> got1{}, got2{};
   std::thread r1([&] {
-    parallel::LaunchEnv e = root;
+    comm::LaunchEnv e = root;
     e.rank = 1;
-    parallel::exchange_id(e, got1, 20);
+    comm::exchange_id(e, got1, 20);
   });
   std::thread r2([&] {
-    parallel::LaunchEnv e = root;
+    comm::LaunchEnv e = root;
     e.rank = 2;
-    parallel::exchange_id(e, got2, 20);
+    comm::exchange_id(e, got2, 20);
   });
-  parallel::exchange_id(root, id, 20);
+  comm::exchange_id(root, id, 20);
   r1.join();
   r2.join();
   EXPECT_EQ(got1, id);
@@ -110,10 +110,10 @@ TEST(Launch, IdExchangeOverLoopback) {
 }
 
 TEST(Launch, UnreachableRankZeroTimesOutWithTheAddress) {
-  parallel::LaunchEnv e{1, 2, 0, "127.0.0.1", 1, "test"};  // nobody listens on port 1
+  comm::LaunchEnv e{1, 2, 0, "127.0.0.1", 1, "test"};  // nobody listens on port 1
   std::array<char, 128> id{};
   try {
-    parallel::exchange_id(e, id, 0.5);
+    comm::exchange_id(e, id, 0.5);
     ADD_FAILURE() << "no error";
   } catch (const Error& err) {
     EXPECT_NE(std::string(err.what()).find("127.0.0.1:1"), std::string::npos) << err.what();

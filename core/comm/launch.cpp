@@ -1,4 +1,4 @@
-#include "core/parallel/launch.hpp"
+#include "core/comm/launch.hpp"
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -14,7 +14,7 @@
 
 #include "core/common/error.hpp"
 
-namespace tpe::parallel {
+namespace tpe::comm {
 namespace {
 
 std::optional<std::string> env(const char* name) {
@@ -157,4 +157,4 @@ void exchange_id(const LaunchEnv& env, std::array<char, 128>& id, double timeout
   }
 }
 
-}  // namespace tpe::parallel
+}  // namespace tpe::comm

@@ -1,11 +1,11 @@
-#include "core/parallel/communicator.hpp"
+#include "core/comm/communicator.hpp"
 
 #include <algorithm>
 #include <cstring>
 
 #include "core/common/error.hpp"
 
-namespace tpe::parallel {
+namespace tpe::comm {
 
 ThreadGroup::ThreadGroup(int world) : world_(world), slots_(world), counts_(world) {}
 
@@ -73,4 +73,4 @@ void ThreadGroup::broadcast(int rank, int64_t* data, int64_t count, int root) {
   barrier();
 }
 
-}  // namespace tpe::parallel
+}  // namespace tpe::comm

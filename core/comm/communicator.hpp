@@ -9,7 +9,7 @@
 #include <mutex>
 #include <vector>
 
-namespace tpe::parallel {
+namespace tpe::comm {
 
 class ThreadGroup {
  public:
@@ -41,4 +41,4 @@ class ThreadGroup {
   int64_t all_reduces_ = 0;
 };
 
-}  // namespace tpe::parallel
+}  // namespace tpe::comm

@@ -8,7 +8,7 @@
 #include <optional>
 #include <string>
 
-namespace tpe::parallel {
+namespace tpe::comm {
 
 struct LaunchEnv {
   int rank = 0;
@@ -30,4 +30,4 @@ std::optional<LaunchEnv> launch_env_from_environment();
 // the address after timeout_s.
 void exchange_id(const LaunchEnv& env, std::array<char, 128>& id, double timeout_s = 120);
 
-}  // namespace tpe::parallel
+}  // namespace tpe::comm

@@ -1,0 +1,3 @@
+// Allowed: runtime/ including graph/, a lower level.
+#pragma once
+#include "core/graph/graph.hpp"
