@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <map>
 
 #include "core/common/error.hpp"
@@ -33,6 +32,14 @@ std::string slice_key(const std::string& tensor, const IndexSet& rows, const Ind
   for (const Range& r : rows) key += "|r" + std::to_string(r.begin) + "-" + std::to_string(r.end);
   for (const Range& c : cols) key += "|c" + std::to_string(c.begin) + "-" + std::to_string(c.end);
   return key;
+}
+
+// Field by field: struct_size and padding are not part of a rope's meaning.
+bool same_rope(const tpe_rope_desc& a, const tpe_rope_desc& b) {
+  return a.type == b.type && a.theta == b.theta &&
+         a.partial_rotary_factor == b.partial_rotary_factor && a.factor == b.factor &&
+         a.low_freq_factor == b.low_freq_factor && a.high_freq_factor == b.high_freq_factor &&
+         a.original_max_position_embeddings == b.original_max_position_embeddings;
 }
 
 class Lowering final : public ops::Lowering {
@@ -96,7 +103,7 @@ class Lowering final : public ops::Lowering {
   int rope(const tpe_rope_desc& desc, int64_t head_dim) override {
     for (size_t r = 0; r < p_.ropes.size(); ++r) {
       const backend::RopeSpec& known = p_.ropes[r];
-      if (known.head_dim == head_dim && std::memcmp(&known.desc, &desc, sizeof(desc)) == 0) {
+      if (known.head_dim == head_dim && same_rope(known.desc, desc)) {
         return static_cast<int>(r);
       }
     }

@@ -38,7 +38,28 @@ TOML
     grep -Eq "model.layers.0.self_attn.k_proj +column +\[16, 96\] \[32, 96\] \[16, 96\] \[16, 96\]" <<<"$out"
     grep -Eq "model.layers.1.mlp.down_proj +row +\[96, 64\] \[96, 32\] \[96, 32\] \[96, 32\]" <<<"$out"
     grep -Eq "LlamaDecoderLayer model.layers.1 +2 all-reduce" <<<"$out"
-    grep -Eq "rank 1: weights .*, KV cache 1.00 MiB \(512 B per token\)" <<<"$out";;
+    grep -Eq "rank 1: weights .*, KV cache 1.00 MiB \(512 B per token\), activation arena [0-9.]+ (KiB|MiB)" <<<"$out";;
+  plan_arena)
+    # The activation arena `plan` predicts per rank, before any weight is read, against the
+    # workspace a CPU run measured (the backend's peak beside weights and KV cache), within 10%,
+    # with a prompt longer than one pass.
+    flags=(--model "$fixtures/neox_parallel" --tp 2 --prefill-chunk 8 --max-batch 3)
+    "$tpengine" plan "${flags[@]}" >"$work/plan.txt"
+    "$tpengine" bench "${flags[@]}" --random-weights --batch 3 --prompt-len 20 --new-tokens 4 \
+      --repeat 1 --json >"$work/bench.json"
+    python3 - "$work/plan.txt" "$work/bench.json" <<'PY'
+import json, re, sys
+units = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+planned = [float(n) * units[u] for n, u in
+           re.findall(r"rank \d+: .*activation arena ([0-9.]+) (B|KiB|MiB|GiB)", open(sys.argv[1]).read())]
+memory = json.load(open(sys.argv[2]))["runs"][0]["memory_bytes_per_rank"]
+assert len(planned) == 2 == len(memory), (planned, memory)
+for p, m in zip(planned, memory):
+    assert abs(m["workspace"] - p) <= 0.1 * p, (planned, memory)
+    assert m["planned_arena"] > 0 and abs(m["planned_arena"] - p) <= 0.01 * p, (planned, memory)
+print("planned", planned, "measured", [m["workspace"] for m in memory])
+PY
+    ;;
   policies)
     out=$("$tpengine" policies --model "$fixtures/qwen2_bias")
     echo "$out"
