@@ -42,6 +42,9 @@ tp_size = 2
 [inference]
 device = "cpu"
 kernel_inject = true
+prefill_chunk = 512
+max_batch = 4
+cuda_graph = false
 
 [generation]
 max_new_tokens = 32
@@ -70,6 +73,9 @@ TEST(RunConfig, ReadsEveryKey) {
   EXPECT_EQ(config.tp_size, 2);
   EXPECT_EQ(config.device, "cpu");
   EXPECT_TRUE(config.kernel_inject);
+  EXPECT_EQ(config.prefill_chunk, 512);
+  EXPECT_EQ(config.max_batch, 4);
+  EXPECT_FALSE(config.cuda_graph);
   const auto& g = config.generation;
   EXPECT_EQ(g.max_new_tokens, 32);
   EXPECT_EQ(g.do_sample, true);
@@ -96,6 +102,9 @@ TEST(RunConfig, EmptyFileGivesDefaults) {
   EXPECT_EQ(config.tp_size, 1);
   EXPECT_EQ(config.device, "cpu");
   EXPECT_FALSE(config.kernel_inject);
+  EXPECT_EQ(config.prefill_chunk, 2048);
+  EXPECT_EQ(config.max_batch, 32);
+  EXPECT_TRUE(config.cuda_graph);
   EXPECT_FALSE(config.policy_name.has_value());
   EXPECT_TRUE(config.policy_search_paths.empty());
   EXPECT_FALSE(config.injection_policy.has_value());
@@ -170,6 +179,12 @@ TEST(RunConfig, WrongTypes) {
 }
 
 TEST(RunConfig, ValuesOutOfRange) {
+  expect_error("[inference]\nprefill_chunk = 0\n",
+               {"cfg.toml:2: key 'inference.prefill_chunk' must be in [1, 1048576], got 0"});
+  expect_error("[inference]\nmax_batch = -3\n",
+               {"cfg.toml:2: key 'inference.max_batch' must be in [1, 65536], got -3"});
+  expect_error("[inference]\ncuda_graph = 1\n",
+               {"cfg.toml:2: key 'inference.cuda_graph' must be a boolean, not an integer"});
   expect_error("[parallel]\ntp_size = 0\n",
                {"cfg.toml:2: key 'parallel.tp_size' must be in [1, 1024], got 0"});
   expect_error("[parallel]\ntp_size = 1025\n", {"must be in [1, 1024], got 1025"});
