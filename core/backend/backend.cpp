@@ -4,6 +4,7 @@ namespace tpe::backend {
 
 bool Batch::is_decode() const {
   if (logit_rows.size() != tokens.size() || segments.size() != tokens.size()) return false;
+  if (!second.tokens.empty()) return false;
   for (size_t i = 0; i < segments.size(); ++i) {
     if (segments[i].count != 1 || logit_rows[i] != static_cast<int64_t>(i)) return false;
   }

@@ -29,15 +29,29 @@ struct Batch {
     // on it): 0 means start_pos + count. A prompt processed in chunks gives every chunk the
     // whole prompt's length, as one pass over the prompt would.
     int64_t rope_len = 0;
+    // Tokens of the sequence's second stream that cross-attention sees (held after this pass).
+    int64_t second_len = 0;
   };
   std::vector<int64_t> tokens;
   std::vector<Segment> segments;
-  std::vector<int64_t> logit_rows;  // rows of `tokens` whose logits are wanted
+  std::vector<int64_t> logit_rows;   // rows of `tokens` whose logits are wanted
+  std::vector<int64_t> token_types;  // one per token, for graphs that read them; else empty
+  // A second token stream (an encoder's input) that the first attends to: its tokens, grouped by
+  // sequence like `tokens` (a segment's slot names the same sequence). Empty for most models.
+  struct Stream {
+    std::vector<int64_t> tokens;
+    std::vector<int64_t> token_types;
+    std::vector<Segment> segments;
+  };
+  Stream second;
 
   // Every sequence adds one token and every row's logits are wanted: a decode step, whose
   // instructions are the same for every step of the same batch size.
   bool is_decode() const;
 };
+
+// Which of the pass's ids an embedding looks up.
+enum class Ids { kTokens, kTokenTypes, kSecondTokens, kSecondTokenTypes };
 
 // One set of rotary parameters the program uses; Backend::rotary names it by index.
 struct RopeSpec {
@@ -68,6 +82,9 @@ struct AttentionShape {
   int64_t first_kv = 0;
   float scale = 1;
   int64_t window = 0;
+  // Cross-attention: k and v are the second stream's rows, appended at its positions, and every
+  // query sees all of its sequence's second-stream keys (Segment::second_len), unmasked.
+  bool cross = false;
 };
 
 // Bytes of a backend's live buffers, and their most since reset_peak(); thread-safe.
@@ -128,8 +145,9 @@ class Backend {
   // Makes the batch's token ids, positions, slots, rotary tables and logit rows available to the
   // ops below.
   virtual void begin(const Batch& batch) = 0;
-  // Rows of table (vocabulary rows vocab.begin..end) for the batch's ids; zeros elsewhere.
-  virtual void embedding(const Buffer& table, Range vocab, Buffer& out) = 0;
+  // Rows of table (vocabulary rows vocab.begin..end) for the batch's ids of kind `ids`; zeros
+  // elsewhere.
+  virtual void embedding(const Buffer& table, Range vocab, Ids ids, Buffer& out) = 0;
   virtual void norm(tpe_norm_kind kind, const Buffer& x, const Buffer& w, const Buffer* b,
                     float eps, Buffer& y) = 0;
   virtual void linear(const Buffer& x, const Buffer& w, const Buffer* bias, Buffer& y) = 0;

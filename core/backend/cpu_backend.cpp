@@ -53,9 +53,14 @@ double CpuBackend::copy_bandwidth_gbs() {
   return best;
 }
 
-void CpuBackend::embedding(const Buffer& table, Range vocab, Buffer& out) {
+void CpuBackend::embedding(const Buffer& table, Range vocab, Ids ids, Buffer& out) {
+  const std::vector<int64_t>& source = ids == Ids::kTokens         ? batch_->tokens
+                                       : ids == Ids::kTokenTypes   ? batch_->token_types
+                                       : ids == Ids::kSecondTokens ? batch_->second.tokens
+                                                                   : batch_->second.token_types;
+  TPE_CHECK(static_cast<int64_t>(source.size()) == out.rows, "embedding: ids and rows differ");
   for (int64_t t = 0; t < out.rows; ++t) {
-    const int64_t id = batch_->tokens[t];
+    const int64_t id = source[t];
     float* row = f32(out) + t * out.cols;
     if (id >= vocab.begin && id < vocab.end) {
       std::copy_n(f32(table) + (id - vocab.begin) * out.cols, out.cols, row);
@@ -110,6 +115,25 @@ void CpuBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, Kv
   std::vector<int32_t> kv_of_q(static_cast<size_t>(n_q));
   for (int64_t h = 0; h < n_q; ++h) {
     kv_of_q[h] = static_cast<int32_t>((a.first_q + h) / a.group - a.first_kv);
+  }
+  if (a.cross) {  // k, v: the second stream's rows; queries see all of their sequence's
+    int64_t row = 0;
+    for (const Batch::Segment& s : batch_->second.segments) {
+      std::copy_n(f32(k) + row * k.cols, s.count * k.cols,
+                  f32(cache.k) + (s.slot * cache.max_len + s.start_pos) * k.cols);
+      std::copy_n(f32(v) + row * v.cols, s.count * v.cols,
+                  f32(cache.v) + (s.slot * cache.max_len + s.start_pos) * v.cols);
+      row += s.count;
+    }
+    row = 0;
+    for (const Batch::Segment& s : batch_->segments) {
+      cpu::attention_all(f32(q) + row * q.cols, s.count, n_q, a.head_dim, kv_of_q.data(),
+                         f32(cache.k) + s.slot * cache.max_len * k.cols,
+                         f32(cache.v) + s.slot * cache.max_len * v.cols, n_kv, s.second_len,
+                         a.scale, f32(out) + row * out.cols);
+      row += s.count;
+    }
+    return;
   }
   int64_t row = 0;
   for (const Batch::Segment& s : batch_->segments) {

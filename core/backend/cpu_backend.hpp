@@ -23,7 +23,7 @@ class CpuBackend final : public Backend {
     ropes_ = std::move(ropes);
   }
   void begin(const Batch& batch) override { batch_ = &batch; }
-  void embedding(const Buffer& table, Range vocab, Buffer& out) override;
+  void embedding(const Buffer& table, Range vocab, Ids ids, Buffer& out) override;
   void norm(tpe_norm_kind kind, const Buffer& x, const Buffer& w, const Buffer* b, float eps,
             Buffer& y) override;
   void linear(const Buffer& x, const Buffer& w, const Buffer* bias, Buffer& y) override;

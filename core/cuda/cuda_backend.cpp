@@ -400,7 +400,9 @@ void CudaBackend::reserve_inputs(int64_t max_tokens, int64_t max_logit_rows,
                                  std::vector<RopeSpec> ropes) {
   ropes_ = std::move(ropes);
   max_logit_rows_ = max_logit_rows;
-  size_t words = static_cast<size_t>(4 * max_tokens + max_logit_rows) + 4;
+  // Ids, token types, slots, positions, segments; logit rows; the second stream's ids and types
+  // (at most max_tokens each).
+  size_t words = static_cast<size_t>(7 * max_tokens + max_logit_rows) + 32;
   for (const RopeSpec& r : ropes_) words += static_cast<size_t>(max_tokens * rotary_half(r)) + 4;
   const size_t bytes = words * 4;
   if (inputs_host_ != nullptr) TPE_CUDA_CHECK(cudaFreeHost(inputs_host_));
@@ -429,7 +431,16 @@ void CudaBackend::begin(const Batch& batch) {
   };
   const size_t ids = section(tokens), slots = section(tokens), positions = section(tokens),
                segment_of = section(tokens), rows = section(batch.logit_rows.size());
-  for (size_t t = 0; t < tokens; ++t) words[ids + t] = static_cast<int32_t>(batch.tokens[t]);
+  const size_t types = section(batch.token_types.size()),
+               second_ids = section(batch.second.tokens.size()),
+               second_types = section(batch.second.token_types.size());
+  const auto put = [&](size_t at_word, const std::vector<int64_t>& values) {
+    for (size_t i = 0; i < values.size(); ++i) words[at_word + i] = static_cast<int32_t>(values[i]);
+  };
+  put(ids, batch.tokens);
+  put(types, batch.token_types);
+  put(second_ids, batch.second.tokens);
+  put(second_types, batch.second.token_types);
   size_t t = 0;
   for (size_t s = 0; s < segments; ++s) {
     const Batch::Segment& seg = batch.segments[s];
@@ -463,6 +474,9 @@ void CudaBackend::begin(const Batch& batch) {
       cudaMemcpyAsync(inputs_.data, inputs_host_, at * 4, cudaMemcpyHostToDevice, stream_));
   const auto* device = static_cast<const int32_t*>(inputs_.data);
   ids_ = device + ids;
+  token_types_ = device + types;
+  second_ids_ = device + second_ids;
+  second_types_ = device + second_types;
   slots_ = device + slots;
   positions_ = device + positions;
   segment_of_ = device + segment_of;
@@ -474,8 +488,12 @@ void CudaBackend::begin(const Batch& batch) {
   logit_row_count_ = static_cast<int64_t>(batch.logit_rows.size());
 }
 
-void CudaBackend::embedding(const Buffer& table, Range vocab, Buffer& out) {
-  cuda::embedding(ids_, out.rows, table.data, vocab.begin, vocab.end, out.cols, dtype_, out.data,
+void CudaBackend::embedding(const Buffer& table, Range vocab, Ids ids, Buffer& out) {
+  const int32_t* source = ids == Ids::kTokens         ? ids_
+                          : ids == Ids::kTokenTypes   ? token_types_
+                          : ids == Ids::kSecondTokens ? second_ids_
+                                                      : second_types_;
+  cuda::embedding(source, out.rows, table.data, vocab.begin, vocab.end, out.cols, dtype_, out.data,
                   stream_);
 }
 
@@ -518,6 +536,12 @@ void CudaBackend::rotary(Buffer& x, int rope) {
 
 void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                             const AttentionShape& a, Buffer& out) {
+  if (a.cross) {
+    fail(
+        "GPU {}: cross-attention (over a second token stream) is not built for the CUDA backend "
+        "yet; run this model with device = \"cpu\"",
+        device_);
+  }
   cuda::kv_append(k.data, v.data, k.rows, k.cols, slots_, positions_, cache.k.data, cache.v.data,
                   cache.max_len, dtype_, stream_);
   cuda::attention(q.data, q.rows, q.cols / a.head_dim, a.head_dim, slots_, positions_, cache.k.data,

@@ -63,7 +63,7 @@ class CudaBackend final : public Backend {
   void reserve_inputs(int64_t max_tokens, int64_t max_logit_rows,
                       std::vector<RopeSpec> ropes) override;
   void begin(const Batch& batch) override;
-  void embedding(const Buffer& table, Range vocab, Buffer& out) override;
+  void embedding(const Buffer& table, Range vocab, Ids ids, Buffer& out) override;
   void norm(tpe_norm_kind kind, const Buffer& x, const Buffer& w, const Buffer* b, float eps,
             Buffer& y) override;
   void linear(const Buffer& x, const Buffer& w, const Buffer* bias, Buffer& y) override;
@@ -116,6 +116,9 @@ class CudaBackend final : public Backend {
   size_t inputs_bytes_ = 0;
   int64_t max_logit_rows_ = 0;
   const int32_t* ids_ = nullptr;
+  const int32_t* token_types_ = nullptr;
+  const int32_t* second_ids_ = nullptr;
+  const int32_t* second_types_ = nullptr;
   const int32_t* slots_ = nullptr;
   const int32_t* positions_ = nullptr;
   const int32_t* segment_of_ = nullptr;

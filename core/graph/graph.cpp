@@ -69,27 +69,33 @@ bool GraphBuilder::check(bool ok, const std::string& message) {
   return ok;
 }
 
-int GraphBuilder::add_op(Op op, std::vector<int64_t> output_widths) {
+int GraphBuilder::add_op(Op op, std::vector<int64_t> output_widths, int stream) {
   op.block = current_block_;
+  if (stream < 0) stream = op.inputs.empty() ? 0 : graph_.values[op.inputs[0]].stream;
   const int index = static_cast<int>(graph_.ops.size());
   for (int64_t width : output_widths) {
     op.outputs.push_back(static_cast<int>(graph_.values.size()));
-    graph_.values.push_back({width, index});
+    graph_.values.push_back({width, index, stream});
   }
   graph_.ops.push_back(std::move(op));
   return graph_.ops.back().outputs.empty() ? -1 : graph_.ops.back().outputs[0];
 }
 
-int GraphBuilder::input_ids() {
+int GraphBuilder::input(InputKind kind, int stream) {
+  if (!check(stream >= 0 && stream < kStreams,
+             fmt::format("input: stream {} is not 0 or 1", stream))) {
+    return -1;
+  }
   Op op;
   op.kind = OpKind::kInputIds;
-  return add_op(std::move(op), {1});
+  op.input = kind;
+  return add_op(std::move(op), {1}, stream);
 }
 
 int GraphBuilder::embedding(int ids, const std::string& weight, int64_t vocab, int64_t width) {
   if (!valid(ids)) return -1;
   if (!check(graph_.ops[graph_.values[ids].producer].kind == OpKind::kInputIds,
-             fmt::format("embedding '{}': its input must be input_ids", weight)) ||
+             fmt::format("embedding '{}': its input must be token ids or token types", weight)) ||
       !check(vocab > 0 && width > 0,
              fmt::format("embedding '{}': vocab {} and width {} must be positive", weight, vocab,
                          width))) {
@@ -221,7 +227,11 @@ int GraphBuilder::attention(int q, int k, int v, const tpe_attention_desc& desc)
       !check(graph_.values[k].width == desc.n_kv_heads * hd &&
                  graph_.values[v].width == desc.n_kv_heads * hd,
              fmt::format("{}: k and v must be {} kv heads x {} wide", what, desc.n_kv_heads, hd)) ||
-      !check(desc.sliding_window >= 0, what + ": sliding_window must be >= 0")) {
+      !check(desc.sliding_window >= 0, what + ": sliding_window must be >= 0") ||
+      !check(graph_.values[k].stream == graph_.values[v].stream,
+             what + ": k and v must belong to one token stream") ||
+      !check(graph_.values[k].stream == graph_.values[q].stream || desc.sliding_window == 0,
+             what + ": cross-attention (k and v from another stream) has no sliding window")) {
     return -1;
   }
   Op op;
@@ -249,7 +259,9 @@ int GraphBuilder::elementwise(OpKind kind, int a, int b) {
   if (!valid(a) || !valid(b)) return -1;
   if (!check(graph_.values[a].width == graph_.values[b].width,
              fmt::format("{}: widths {} and {} differ", op_kind_name(kind), graph_.values[a].width,
-                         graph_.values[b].width))) {
+                         graph_.values[b].width)) ||
+      !check(graph_.values[a].stream == graph_.values[b].stream,
+             fmt::format("{}: its inputs belong to different token streams", op_kind_name(kind)))) {
     return -1;
   }
   Op op;
@@ -268,7 +280,9 @@ int GraphBuilder::lm_head(int x, const std::string& weight, int64_t vocab, int64
       !check(width == graph_.values[x].width,
              fmt::format("lm_head '{}': width {} does not match its input's width {}", weight,
                          width, graph_.values[x].width)) ||
-      !check(vocab > 0, fmt::format("lm_head '{}': vocab must be positive", weight))) {
+      !check(vocab > 0, fmt::format("lm_head '{}': vocab must be positive", weight)) ||
+      !check(graph_.values[x].stream == 0,
+             fmt::format("lm_head '{}': logits are of stream 0's tokens", weight))) {
     return -1;
   }
   Op op;

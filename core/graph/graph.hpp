@@ -13,6 +13,13 @@
 
 namespace tpe::graph {
 
+// What an input op reads from a pass's inputs (backend::Batch).
+enum class InputKind { kTokenIds, kTokenTypes };
+
+// Every value belongs to one token stream: 0, the tokens being generated (or scored), or 1, a
+// second stream that the first attends to (an encoder's tokens, for cross-attention).
+constexpr int kStreams = 2;
+
 enum class OpKind {
   kInputIds,
   kEmbedding,
@@ -49,11 +56,13 @@ struct Op {
   int64_t head_dim = 0;                        // kSplit (interleaved), kRotary
   tpe_rope_desc rope{};                        // kRotary
   tpe_attention_desc attention{};              // kAttention
+  InputKind input = InputKind::kTokenIds;      // kInputIds
 };
 
 struct Value {
   int64_t width = 0;
   int producer = -1;  // op index
+  int stream = 0;     // whose tokens its rows are
 };
 
 struct Block {
@@ -78,7 +87,9 @@ struct Graph {
 // as the first error, and later calls given an invalid value return invalid values.
 class GraphBuilder {
  public:
-  int input_ids();
+  int input_ids() { return input(InputKind::kTokenIds, 0); }
+  // The token ids or token types of stream `stream` (0 or 1): one row per token of that stream.
+  int input(InputKind kind, int stream);
   int embedding(int ids, const std::string& weight, int64_t vocab, int64_t width);
   int norm(int x, tpe_norm_kind kind, const std::string& prefix, bool has_bias, double eps);
   int linear(int x, const std::string& prefix, int64_t in_features, int64_t out_features,
@@ -104,7 +115,8 @@ class GraphBuilder {
  private:
   bool valid(int v) const { return v >= 0 && v < static_cast<int>(graph_.values.size()); }
   bool check(bool ok, const std::string& message);
-  int add_op(graph::Op op, std::vector<int64_t> output_widths);
+  // Outputs take the stream of the op's first input (an input op's: its own).
+  int add_op(graph::Op op, std::vector<int64_t> output_widths, int stream = -1);
   int elementwise(OpKind kind, int a, int b);
   Graph graph_;
   int current_block_ = -1;

@@ -85,6 +85,11 @@ void lower_embedding(Lowering& l, int index) {
   const Op& op = op_of(l, index);
   const Range vocab = l.vocab();
   Instr i = make_instr(Code::kEmbedding, index, {op.inputs[0]}, op.outputs[0]);
+  const Op& input = l.graph().ops[l.graph().values[op.inputs[0]].producer];
+  const bool types = input.input == graph::InputKind::kTokenTypes;
+  const bool second = l.graph().values[op.inputs[0]].stream == 1;
+  i.ids = second ? (types ? backend::Ids::kSecondTokenTypes : backend::Ids::kSecondTokens)
+                 : (types ? backend::Ids::kTokenTypes : backend::Ids::kTokens);
   i.weight = l.weight(op.name, {op.out_features, op.in_features}, {{vocab.begin, vocab.end}}, {});
   l.emit(std::move(i));
 }
@@ -236,7 +241,9 @@ void lower_attention(Lowering& l, int index) {
   i.attention.scale =
       a.scale > 0 ? static_cast<float>(a.scale) : 1.0f / std::sqrt(static_cast<float>(a.head_dim));
   i.attention.window = a.sliding_window;
-  i.cache = l.kv_layer(index_count(kv_set));
+  i.attention.cross =
+      l.graph().values[op.inputs[1]].stream != l.graph().values[op.inputs[0]].stream;
+  i.cache = l.kv_layer(index_count(kv_set), i.attention.cross);
   l.emit(std::move(i));
 }
 

@@ -71,8 +71,9 @@ enum class Code {
 };
 const char* code_name(Code code);
 
-// How many rows a buffer has in a pass: one per token, or one per logit row wanted.
-enum class Rows { kTokens, kLogitRows };
+// How many rows a buffer has in a pass: one per token (of stream 0 or of the second stream), or
+// one per logit row wanted.
+enum class Rows { kTokens, kLogitRows, kSecondTokens };
 
 struct Value {
   int64_t width = 0;  // local columns
@@ -98,11 +99,12 @@ struct Instr {
   int op = -1;  // the graph op it lowers, -1 for a collective
   std::vector<int> in;
   int out = -1;
-  int weight = -1, bias = -1;         // Program::weights
-  int cache = -1;                     // Program::cache_widths
-  int rope = -1;                      // Program::ropes
-  IndexSet cols;                      // kGather
-  backend::AttentionShape attention;  // kAttention
+  int weight = -1, bias = -1;                // Program::weights
+  int cache = -1;                            // Program::cache_layers
+  int rope = -1;                             // Program::ropes
+  IndexSet cols;                             // kGather
+  backend::AttentionShape attention;         // kAttention
+  backend::Ids ids = backend::Ids::kTokens;  // kEmbedding
 };
 Instr make_instr(Code code, int op, std::vector<int> in, int out);
 
@@ -128,7 +130,8 @@ class Lowering {
   virtual int new_value(int64_t width, Rows rows) = 0;
   virtual Value& value(int v) = 0;
   virtual int rope(const tpe_rope_desc& desc, int64_t head_dim) = 0;
-  virtual int kv_layer(int64_t width) = 0;
+  // A KV-cache layer of `width` local columns; cross: it holds the second stream's keys.
+  virtual int kv_layer(int64_t width, bool cross) = 0;
   virtual void set_logits(int value, int64_t vocab_size) = 0;
   virtual void emit(Instr instr) = 0;
 };

@@ -15,7 +15,9 @@ using parallel::Step;
 int64_t Program::bytes(int v, const Limits& l) const {
   const Value& value = values[v];
   if (!value.stored) return 0;
-  const int64_t rows = value.rows == Rows::kTokens ? l.tokens : l.logit_rows;
+  const int64_t rows = value.rows == Rows::kTokens      ? l.tokens
+                       : value.rows == Rows::kLogitRows ? l.logit_rows
+                                                        : l.second_tokens;
   return (rows * value.width * l.element_bytes + 255) / 256 * 256;
 }
 
@@ -53,6 +55,7 @@ class Lowering final : public ops::Lowering {
       held_.push_back(parallel::held_features(g, plan, static_cast<int>(v), rank));
       Value value;
       value.width = index_count(held_.back());
+      if (g.values[v].stream == 1) value.rows = Rows::kSecondTokens;
       value.stored = g.ops[g.values[v].producer].kind != OpKind::kInputIds;
       p_.values.push_back(value);
     }
@@ -111,9 +114,9 @@ class Lowering final : public ops::Lowering {
     return static_cast<int>(p_.ropes.size()) - 1;
   }
 
-  int kv_layer(int64_t width) override {
-    p_.cache_widths.push_back(width);
-    return static_cast<int>(p_.cache_widths.size()) - 1;
+  int kv_layer(int64_t width, bool cross) override {
+    p_.cache_layers.push_back({width, cross});
+    return static_cast<int>(p_.cache_layers.size()) - 1;
   }
 
   void set_logits(int value, int64_t vocab_size) override {

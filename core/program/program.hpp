@@ -31,6 +31,7 @@ struct Limits {
   int64_t tokens = 1;      // tokens of one forward pass (a prompt chunk, or a decode batch)
   int64_t logit_rows = 1;  // rows whose logits one pass returns
   int64_t element_bytes = 4;
+  int64_t second_tokens = 1;  // tokens of the second stream in one pass (graphs that have one)
   bool operator==(const Limits&) const = default;
 };
 
@@ -39,8 +40,14 @@ struct Program {
   int world = 1;
   std::vector<Value> values;
   std::vector<Instr> instrs;
-  std::vector<Weight> weights;           // each slice once (tied embeddings share one)
-  std::vector<int64_t> cache_widths;     // per KV-cache layer: local key (and value) width
+  std::vector<Weight> weights;  // each slice once (tied embeddings share one)
+  // Per KV-cache layer: local key (and value) width, and whether it holds the second stream's
+  // keys (cross-attention).
+  struct CacheLayer {
+    int64_t width = 0;
+    bool cross = false;
+  };
+  std::vector<CacheLayer> cache_layers;
   std::vector<backend::RopeSpec> ropes;  // the rotary parameter sets, shared by their instructions
   std::vector<Range> vocab;              // per rank: rows of the embedding and lm_head
   int64_t vocab_size = 0;

@@ -34,7 +34,9 @@ std::vector<Program> programs(const graph::Graph& g, const parallel::Plan& plan,
 RankMemory memory_of(const Program& p) {
   RankMemory m;
   for (const Weight& w : p.weights) m.weight_elements += w.elements();
-  for (const int64_t width : p.cache_widths) m.kv_elements_per_token += 2 * width;
+  for (const Program::CacheLayer& c : p.cache_layers) {
+    if (!c.cross) m.kv_elements_per_token += 2 * c.width;  // cross layers grow with stream 1
+  }
   m.arena_bytes = p.arena_bytes;
   return m;
 }

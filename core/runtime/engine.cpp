@@ -171,7 +171,7 @@ void check_cache_fits(const std::vector<std::unique_ptr<Executor>>& ranks, int64
                       int64_t max_len) {
   int64_t elements = 0;
   for (const auto& rank : ranks) {
-    for (const int64_t width : rank->program().cache_widths) elements += 2 * width;
+    for (const auto& layer : rank->program().cache_layers) elements += 2 * layer.width;
   }
   const double bytes = static_cast<double>(elements) * sizeof(float) * slots * max_len;
   const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);

@@ -63,33 +63,60 @@ double Executor::copy_bandwidth_gbs() {
   return backend_->copy_bandwidth_gbs();
 }
 
-void Executor::reset_cache(int slots, int64_t max_len) {
+void Executor::reset_cache(int slots, int64_t max_len, int64_t second_max_len) {
   backend_->bind_thread();
   if (slots == 0) {
     cache_.release();
   } else {
-    cache_.reserve(*backend_, program_.cache_widths, slots, max_len);
+    cache_.reserve(*backend_, program_.cache_layers, slots, max_len, second_max_len);
+  }
+}
+
+void Executor::check_ids(const Batch& batch) const {
+  using backend::Ids;
+  for (const Instr& instr : program_.instrs) {
+    if (instr.code != Code::kEmbedding) continue;
+    const bool second = instr.ids == Ids::kSecondTokens || instr.ids == Ids::kSecondTokenTypes;
+    const std::vector<int64_t>& ids = instr.ids == Ids::kTokens         ? batch.tokens
+                                      : instr.ids == Ids::kTokenTypes   ? batch.token_types
+                                      : instr.ids == Ids::kSecondTokens ? batch.second.tokens
+                                                                        : batch.second.token_types;
+    const size_t rows = second ? batch.second.tokens.size() : batch.tokens.size();
+    const program::Weight& table = program_.weights[instr.weight];
+    if (ids.size() != rows) {
+      fail("embedding '{}' reads {} ids of the pass, whose stream has {} tokens", table.tensor,
+           ids.size(), rows);
+    }
+    for (const int64_t id : ids) {
+      if (id >= 0 && id < table.shape[0]) continue;
+      if (instr.ids == Ids::kTokens) {
+        fail("token id {} is out of range for the vocabulary of {} tokens", id, table.shape[0]);
+      }
+      fail("id {} is out of range for '{}', which has {} rows", id, table.tensor, table.shape[0]);
+    }
   }
 }
 
 Tensor Executor::forward(const Batch& batch, std::vector<StepTime>* profile) {
   const int64_t tokens = static_cast<int64_t>(batch.tokens.size());
   const int64_t logit_rows = static_cast<int64_t>(batch.logit_rows.size());
-  if (tokens > program_.limits.tokens || logit_rows > program_.limits.logit_rows) {
+  const int64_t second = static_cast<int64_t>(batch.second.tokens.size());
+  const program::Limits& limits = program_.limits;
+  if (tokens > limits.tokens || logit_rows > limits.logit_rows || second > limits.second_tokens) {
     fail(
-        "a pass of {} tokens and {} logit rows exceeds the {} and {} the memory plan was sized for",
-        tokens, logit_rows, program_.limits.tokens, program_.limits.logit_rows);
+        "a pass of {} tokens, {} logit rows and {} second-stream tokens exceeds the {}, {} and {} "
+        "the memory plan was sized for",
+        tokens, logit_rows, second, limits.tokens, limits.logit_rows, limits.second_tokens);
   }
-  for (const int64_t id : batch.tokens) {
-    if (id < 0 || id >= program_.vocab_size) {
-      fail("token id {} is out of range for the vocabulary of {} tokens", id, program_.vocab_size);
-    }
-  }
+  check_ids(batch);
   for (const int64_t row : batch.logit_rows) TPE_CHECK(row >= 0 && row < tokens, "bad logit row");
   cache_.check(batch);
   backend_->bind_thread();
   for (size_t v = 0; v < views_.size(); ++v) {
-    views_[v].rows = program_.values[v].rows == program::Rows::kTokens ? tokens : logit_rows;
+    const program::Rows rows = program_.values[v].rows;
+    views_[v].rows = rows == program::Rows::kTokens      ? tokens
+                     : rows == program::Rows::kLogitRows ? logit_rows
+                                                         : second;
   }
   backend_->begin(batch);
   if (cache_.generation() != recorded_generation_) {
@@ -148,7 +175,7 @@ void Executor::run_instr(const Instr& instr) {
   const bool in_place = !instr.in.empty() && out.data == in(0).data;
   switch (instr.code) {
     case Code::kEmbedding:
-      backend_->embedding(*weights_[instr.weight], program_.vocab[program_.rank], out);
+      backend_->embedding(*weights_[instr.weight], program_.vocab[program_.rank], instr.ids, out);
       break;
     case Code::kNorm: {
       const graph::Op& op = graph_.ops[instr.op];

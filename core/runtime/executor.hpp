@@ -39,8 +39,9 @@ class Executor {
   // Reads this rank's slices and hands them to the backend (on_tensor is called after each),
   // then takes the activation arena and the per-pass input buffers.
   void load(const WeightReader& reader, const std::function<void()>& on_tensor);
-  // Room for `slots` sequences of up to max_len tokens, all empty; 0 slots frees the cache.
-  void reset_cache(int slots, int64_t max_len);
+  // Room for `slots` sequences of up to max_len tokens (and second_max_len tokens of a second
+  // stream, for models with cross-attention), all empty; 0 slots frees the cache.
+  void reset_cache(int slots, int64_t max_len, int64_t second_max_len = 0);
 
   // Runs one pass and returns the full logits [batch.logit_rows.size(), vocab] (gathered over
   // ranks) on the host; with `profile`, also the time of each instruction.
@@ -59,6 +60,8 @@ class Executor {
 
  private:
   void run(const backend::Batch& batch, bool profile);
+  // Fails, naming the embedding, when ids of the pass are missing or out of its table's range.
+  void check_ids(const backend::Batch& batch) const;
   void run_instr(const program::Instr& instr);
 
   const graph::Graph& graph_;

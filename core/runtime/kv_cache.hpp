@@ -10,20 +10,23 @@
 #include <vector>
 
 #include "core/backend/backend.hpp"
+#include "core/program/program.hpp"
 
 namespace tpe::runtime {
 
 class KvCache {
  public:
-  // Room for `slots` sequences of up to `capacity` tokens, every sequence empty. Keeps the
-  // memory when it already has that room.
-  void reserve(backend::Backend& backend, const std::vector<int64_t>& layer_widths, int slots,
-               int64_t capacity);
+  // Room for `slots` sequences of up to `capacity` tokens (and, in cross-attention layers,
+  // `second_capacity` tokens of the second stream), every sequence empty. Keeps the memory when
+  // it already has that room.
+  void reserve(backend::Backend& backend, const std::vector<program::Program::CacheLayer>& layers,
+               int slots, int64_t capacity, int64_t second_capacity = 0);
   void release();
 
   int slots() const { return slots_; }
   int64_t capacity() const { return capacity_; }
   int64_t length(int slot) const { return lengths_.at(static_cast<size_t>(slot)); }
+  int64_t second_length(int slot) const { return second_lengths_.at(static_cast<size_t>(slot)); }
   uint64_t generation() const { return generation_; }
   int64_t bytes(int64_t element_bytes) const;
   backend::KvLayer& layer(int i) { return layers_.at(static_cast<size_t>(i)); }
@@ -35,9 +38,10 @@ class KvCache {
 
  private:
   std::vector<backend::KvLayer> layers_;
-  std::vector<int64_t> lengths_;
+  std::vector<int64_t> lengths_, second_lengths_;
   int slots_ = 0;
-  int64_t capacity_ = 0;
+  int64_t capacity_ = 0, second_capacity_ = 0;
+  bool has_cross_ = false;
   uint64_t generation_ = 0;
 };
 

@@ -269,4 +269,19 @@ void attention(const float* q, int64_t n_new, int64_t start_pos, int64_t n_q_hea
   }
 }
 
+void attention_all(const float* q, int64_t n_q_rows, int64_t n_q_heads, int64_t head_dim,
+                   const int32_t* kv_of_q, const float* k_cache, const float* v_cache,
+                   int64_t n_kv_heads, int64_t kv_len, float scale, float* out) {
+  const int64_t q_stride = n_q_heads * head_dim;
+  const KvView kv{k_cache, v_cache, n_kv_heads * head_dim, head_dim};
+  std::vector<float> probs(static_cast<size_t>(kv_len));
+  for (int64_t n = 0; n < n_q_rows; ++n) {
+    for (int64_t h = 0; h < n_q_heads; ++h) {
+      const int64_t offset = n * q_stride + h * head_dim;
+      attend_one(q + offset, kv, int64_t{kv_of_q[h]} * head_dim, 0, kv_len - 1, scale, probs.data(),
+                 out + offset);
+    }
+  }
+}
+
 }  // namespace tpe::cpu

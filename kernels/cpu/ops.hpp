@@ -53,4 +53,10 @@ void attention(const float* q, int64_t n_new, int64_t start_pos, int64_t n_q_hea
                int64_t head_dim, const int32_t* kv_of_q, const float* k_cache, const float* v_cache,
                int64_t n_kv_heads, float scale, int64_t window, float* out);
 
+// Attention without a mask: every query row attends to keys 0 .. kv_len - 1 of the cache
+// (cross-attention over another stream, bidirectional encoders). Shapes as attention above.
+void attention_all(const float* q, int64_t n_q_rows, int64_t n_q_heads, int64_t head_dim,
+                   const int32_t* kv_of_q, const float* k_cache, const float* v_cache,
+                   int64_t n_kv_heads, int64_t kv_len, float scale, float* out);
+
 }  // namespace tpe::cpu

@@ -23,7 +23,8 @@ TEST(KvCache, PassesMustContinueTheirSequenceAndFit) {
   comm::ThreadGroup group(1);
   backend::CpuBackend cpu(0, group);
   runtime::KvCache cache;
-  cache.reserve(cpu, {8, 8}, 2, 4);
+  const std::vector<program::Program::CacheLayer> layers = {{8, false}, {8, false}};
+  cache.reserve(cpu, layers, 2, 4);
   backend::Batch prompt;
   prompt.tokens = {1, 2, 3};
   prompt.segments = {{1, 0, 3}};
@@ -44,11 +45,11 @@ TEST(KvCache, PassesMustContinueTheirSequenceAndFit) {
   expect_error(cache, slot, "slot 2 is outside the KV cache's 2 slots");
 
   const uint64_t generation = cache.generation();
-  cache.reserve(cpu, {8, 8}, 1, 3);  // fits: memory kept, sequences emptied
+  cache.reserve(cpu, layers, 1, 3);  // fits: memory kept, sequences emptied
   EXPECT_EQ(cache.generation(), generation);
   EXPECT_EQ(cache.length(1), 0);
   EXPECT_EQ(cache.bytes(4), 2 * 2 * 2 * 4 * 8 * 4);
-  cache.reserve(cpu, {8, 8}, 2, 5);  // does not: new memory
+  cache.reserve(cpu, layers, 2, 5);  // does not: new memory
   EXPECT_NE(cache.generation(), generation);
   EXPECT_EQ(cache.capacity(), 5);
 }
