@@ -83,8 +83,11 @@ void shard_embedding(Sharding& s, int op) { s.produce(op, State::kPartial); }
 
 void lower_embedding(Lowering& l, int index) {
   const Op& op = op_of(l, index);
-  const Range vocab = l.vocab();
+  // Each table is dealt out by its own rows (a token-type or encoder table is not the lm_head's
+  // vocabulary); the lm_head's table is dealt the same way, so a tied pair shares its slice.
+  const Range vocab = deal(op.out_features, l.world(), l.rank());
   Instr i = make_instr(Code::kEmbedding, index, {op.inputs[0]}, op.outputs[0]);
+  i.vocab = vocab;
   const Op& input = l.graph().ops[l.graph().values[op.inputs[0]].producer];
   const bool types = input.input == graph::InputKind::kTokenTypes;
   const bool second = l.graph().values[op.inputs[0]].stream == 1;

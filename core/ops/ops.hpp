@@ -104,7 +104,8 @@ struct Instr {
   int rope = -1;                             // Program::ropes
   IndexSet cols;                             // kGather
   backend::AttentionShape attention;         // kAttention
-  backend::Ids ids = backend::Ids::kTokens;  // kEmbedding
+  backend::Ids ids = backend::Ids::kTokens;  // kEmbedding: which ids it looks up
+  Range vocab;                               // kEmbedding: the table rows this rank holds
 };
 Instr make_instr(Code code, int op, std::vector<int> in, int out);
 

@@ -87,6 +87,13 @@ class Lowering final : public ops::Lowering {
 
   int weight(const std::string& tensor, std::vector<int64_t> shape, IndexSet rows,
              IndexSet cols) override {
+    for (const Range& r : rows) {
+      TPE_CHECK(r.begin >= 0 && r.end <= shape[0], "a weight slice's rows lie outside its tensor");
+    }
+    for (const Range& c : cols) {
+      TPE_CHECK(shape.size() > 1 && c.begin >= 0 && c.end <= shape[1],
+                "a weight slice's columns lie outside its tensor");
+    }
     const std::string key = slice_key(tensor, rows, cols);
     auto it = weight_index_.find(key);
     if (it != weight_index_.end()) return it->second;

@@ -175,7 +175,7 @@ void Executor::run_instr(const Instr& instr) {
   const bool in_place = !instr.in.empty() && out.data == in(0).data;
   switch (instr.code) {
     case Code::kEmbedding:
-      backend_->embedding(*weights_[instr.weight], program_.vocab[program_.rank], instr.ids, out);
+      backend_->embedding(*weights_[instr.weight], instr.vocab, instr.ids, out);
       break;
     case Code::kNorm: {
       const graph::Op& op = graph_.ops[instr.op];
