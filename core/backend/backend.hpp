@@ -59,12 +59,16 @@ struct RopeSpec {
   int64_t head_dim = 0;
 };
 
-// A rank-local matrix [rows, cols] in the backend's memory and element type.
+// A rank-local matrix [rows, cols] in the backend's memory and element type. A view (ld > cols)
+// is some columns of a wider buffer: a part of a fused projection's output. Only rotary,
+// attention and copy take views; the program gives every other instruction whole buffers.
 struct Buffer {
   std::shared_ptr<void> storage;  // owns the memory
   void* data = nullptr;
   int64_t rows = 0;
   int64_t cols = 0;
+  int64_t ld = 0;  // elements from one row to the next; 0: cols
+  int64_t stride() const { return ld > 0 ? ld : cols; }
 };
 
 // One attention layer's keys and values for every slot: [slots * max_len, width] each.

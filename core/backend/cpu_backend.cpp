@@ -103,8 +103,8 @@ void CpuBackend::rotary(Buffer& x, int rope_index) {
     for (int64_t i = 0; i < s.count; ++i) positions[i] = s.start_pos + i;
     const std::vector<float> inv_freq =
         cpu::rope_inv_freq(rope, head_dim, s.rope_len > 0 ? s.rope_len : s.start_pos + s.count);
-    cpu::rotary(f32(x) + row * x.cols, s.count, x.cols / head_dim, head_dim, positions.data(),
-                inv_freq);
+    cpu::rotary(f32(x) + row * x.stride(), s.count, x.cols / head_dim, head_dim, positions.data(),
+                inv_freq, x.stride());
     row += s.count;
   }
 }
@@ -116,33 +116,37 @@ void CpuBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, Kv
   for (int64_t h = 0; h < n_q; ++h) {
     kv_of_q[h] = static_cast<int32_t>((a.first_q + h) / a.group - a.first_kv);
   }
+  // Rows first..first + count of k and v (views, perhaps) into the cache at slot, position.
+  const auto append = [&](int64_t first, int64_t count, int slot, int64_t position) {
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t at = slot * cache.max_len + position + i;
+      std::copy_n(f32(k) + (first + i) * k.stride(), k.cols, f32(cache.k) + at * k.cols);
+      std::copy_n(f32(v) + (first + i) * v.stride(), v.cols, f32(cache.v) + at * v.cols);
+    }
+  };
   if (a.cross) {  // k, v: the second stream's rows; queries see all of their sequence's
     int64_t row = 0;
     for (const Batch::Segment& s : batch_->second.segments) {
-      std::copy_n(f32(k) + row * k.cols, s.count * k.cols,
-                  f32(cache.k) + (s.slot * cache.max_len + s.start_pos) * k.cols);
-      std::copy_n(f32(v) + row * v.cols, s.count * v.cols,
-                  f32(cache.v) + (s.slot * cache.max_len + s.start_pos) * v.cols);
+      append(row, s.count, s.slot, s.start_pos);
       row += s.count;
     }
     row = 0;
     for (const Batch::Segment& s : batch_->segments) {
-      cpu::attention_all(f32(q) + row * q.cols, s.count, n_q, a.head_dim, kv_of_q.data(),
+      cpu::attention_all(f32(q) + row * q.stride(), s.count, n_q, a.head_dim, kv_of_q.data(),
                          f32(cache.k) + s.slot * cache.max_len * k.cols,
                          f32(cache.v) + s.slot * cache.max_len * v.cols, n_kv, s.second_len,
-                         a.scale, f32(out) + row * out.cols);
+                         a.scale, f32(out) + row * out.cols, q.stride());
       row += s.count;
     }
     return;
   }
   int64_t row = 0;
   for (const Batch::Segment& s : batch_->segments) {
-    float* kc = f32(cache.k) + s.slot * cache.max_len * k.cols;
-    float* vc = f32(cache.v) + s.slot * cache.max_len * v.cols;
-    std::copy_n(f32(k) + row * k.cols, s.count * k.cols, kc + s.start_pos * k.cols);
-    std::copy_n(f32(v) + row * v.cols, s.count * v.cols, vc + s.start_pos * v.cols);
-    cpu::attention(f32(q) + row * q.cols, s.count, s.start_pos, n_q, a.head_dim, kv_of_q.data(), kc,
-                   vc, n_kv, a.scale, a.window, f32(out) + row * out.cols);
+    append(row, s.count, s.slot, s.start_pos);
+    cpu::attention(f32(q) + row * q.stride(), s.count, s.start_pos, n_q, a.head_dim, kv_of_q.data(),
+                   f32(cache.k) + s.slot * cache.max_len * k.cols,
+                   f32(cache.v) + s.slot * cache.max_len * v.cols, n_kv, a.scale, a.window,
+                   f32(out) + row * out.cols, q.stride());
     row += s.count;
   }
 }
@@ -160,7 +164,9 @@ void CpuBackend::mul(const Buffer& a, const Buffer& b, Buffer& out) {
 }
 
 void CpuBackend::copy(const Buffer& src, Buffer& dst) {
-  std::copy_n(f32(src), src.rows * src.cols, f32(dst));
+  for (int64_t r = 0; r < src.rows; ++r) {
+    std::copy_n(f32(src) + r * src.stride(), src.cols, f32(dst) + r * dst.stride());
+  }
 }
 
 void CpuBackend::select_rows(const Buffer& x, Buffer& out) {

@@ -531,7 +531,8 @@ void CudaBackend::gather_columns(const Buffer& x, const IndexSet& cols, Buffer& 
 void CudaBackend::rotary(Buffer& x, int rope) {
   const RopeSpec& spec = ropes_.at(static_cast<size_t>(rope));
   cuda::rotary(x.data, x.rows, x.cols / spec.head_dim, spec.head_dim, 2 * rotary_half(spec),
-               positions_, segment_of_, rope_tables_[static_cast<size_t>(rope)], dtype_, stream_);
+               positions_, segment_of_, rope_tables_[static_cast<size_t>(rope)], dtype_, stream_,
+               x.stride());
 }
 
 void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
@@ -543,10 +544,10 @@ void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, K
         device_);
   }
   cuda::kv_append(k.data, v.data, k.rows, k.cols, slots_, positions_, cache.k.data, cache.v.data,
-                  cache.max_len, dtype_, stream_);
+                  cache.max_len, dtype_, stream_, k.stride(), v.stride());
   cuda::attention(q.data, q.rows, q.cols / a.head_dim, a.head_dim, slots_, positions_, cache.k.data,
                   cache.v.data, cache.max_len, k.cols / a.head_dim, a.first_q, a.group, a.first_kv,
-                  a.scale, a.window, dtype_, out.data, stream_);
+                  a.scale, a.window, dtype_, out.data, stream_, q.stride());
 }
 
 void CudaBackend::activation(tpe_activation act, Buffer& x) {
@@ -562,9 +563,17 @@ void CudaBackend::mul(const Buffer& a, const Buffer& b, Buffer& out) {
 }
 
 void CudaBackend::copy(const Buffer& src, Buffer& dst) {
-  TPE_CUDA_CHECK(cudaMemcpyAsync(
-      dst.data, src.data, static_cast<size_t>(src.rows * src.cols) * cuda::dtype_size(dtype_),
-      cudaMemcpyDeviceToDevice, stream_));
+  const size_t e = cuda::dtype_size(dtype_);
+  if (src.stride() == src.cols && dst.stride() == dst.cols) {
+    TPE_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, static_cast<size_t>(src.rows * src.cols) * e,
+                                   cudaMemcpyDeviceToDevice, stream_));
+    return;
+  }
+  if (src.rows == 0) return;
+  TPE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, static_cast<size_t>(dst.stride()) * e, src.data,
+                                   static_cast<size_t>(src.stride()) * e,
+                                   static_cast<size_t>(src.cols) * e, static_cast<size_t>(src.rows),
+                                   cudaMemcpyDeviceToDevice, stream_));
 }
 
 void CudaBackend::select_rows(const Buffer& x, Buffer& out) {

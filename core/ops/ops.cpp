@@ -123,7 +123,7 @@ void lower_linear(Lowering& l, int index) {
   const std::vector<int64_t> shape = {op.out_features, op.in_features};
   Instr i = make_instr(Code::kLinear, index, {op.inputs[0]}, op.outputs[0]);
   if (l.linear_kind(index) == LinearKind::kColumn) {
-    const IndexSet& rows = l.held(op.outputs[0]);
+    const IndexSet rows = l.column_rows(index);
     i.weight = l.weight(op.name + ".weight", shape, rows, {});
     if (op.has_bias) i.bias = l.weight(op.name + ".bias", {op.out_features}, rows, {});
   } else {
@@ -148,6 +148,14 @@ void layout_split(Sharding& s, int op) { s.compose_split(op); }
 
 void lower_split(Lowering& l, int index) {
   const Op& op = op_of(l, index);
+  if (l.split_as_views(index)) {  // no instruction: each part is a run of the fused columns
+    int64_t offset = 0;
+    for (size_t part = 0; part < op.outputs.size(); ++part) {
+      l.view(op.outputs[part], op.inputs[0], offset);
+      offset += index_count(l.split_part(index, part));
+    }
+    return;
+  }
   for (size_t part = 0; part < op.outputs.size(); ++part) {
     Instr i = make_instr(Code::kGather, index, {op.inputs[0]}, op.outputs[part]);
     i.cols = l.split_part(index, part);

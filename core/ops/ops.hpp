@@ -79,7 +79,11 @@ struct Value {
   int64_t width = 0;  // local columns
   Rows rows = Rows::kTokens;
   bool stored = true;  // false for the token ids, which live in the pass's inputs
-  int alias = -1;      // shares this value's memory (in-place ops)
+  int alias = -1;      // shares this value's memory (in-place ops, views)
+  // A view: columns [col_offset, col_offset + width) of the value it aliases, whose rows are ld
+  // elements apart (0: not a view).
+  int64_t col_offset = 0;
+  int64_t ld = 0;
   int64_t offset = 0;  // bytes into the arena, set by the memory plan
 };
 
@@ -124,6 +128,14 @@ class Lowering {
   virtual const IndexSet& split_part(int op, size_t part) const = 0;
   // The input of an add whose replicated addend only rank 0 adds, or -1.
   virtual int added_once(int op) const = 0;
+  // Whether split `op` reads its fused input as views rather than copies: the input comes from
+  // a column-parallel linear that only this split reads, whose weight rows column_rows() then
+  // groups part by part, so that each part is a run of the fused output's columns.
+  virtual bool split_as_views(int op) const = 0;
+  // The weight rows of column-parallel linear `op`, in the order of its local output columns.
+  virtual IndexSet column_rows(int op) const = 0;
+  // `value` becomes columns [col_offset, col_offset + its width) of `of`.
+  virtual void view(int value, int of, int64_t col_offset) = 0;
 
   // The slice's index among the rank's weights (one per distinct slice).
   virtual int weight(const std::string& tensor, std::vector<int64_t> shape, IndexSet rows,

@@ -51,6 +51,10 @@ class Lowering final : public ops::Lowering {
     p_.rank = rank;
     p_.world = plan.world;
     p_.vocab = plan.vocab;
+    consumers_.resize(g.values.size());
+    for (size_t op = 0; op < g.ops.size(); ++op) {
+      for (int v : g.ops[op].inputs) consumers_[v].push_back(static_cast<int>(op));
+    }
     for (size_t v = 0; v < g.values.size(); ++v) {
       held_.push_back(parallel::held_features(g, plan, static_cast<int>(v), rank));
       Value value;
@@ -69,6 +73,7 @@ class Lowering final : public ops::Lowering {
         ops::traits(g_.ops[step.index].kind).lower(*this, step.index);
       }
     }
+    compact_views();
     alias_in_place();
     return std::move(p_);
   }
@@ -84,6 +89,45 @@ class Lowering final : public ops::Lowering {
     return plan_.split_parts[op][rank_][part];
   }
   int added_once(int op) const override { return plan_.add_replicated_input[op]; }
+
+  bool split_as_views(int op) const override {
+    const int fused = g_.ops[op].inputs[0];
+    const int producer = g_.values[fused].producer;
+    return g_.ops[producer].kind == OpKind::kLinear &&
+           plan_.linear_kind[producer] == parallel::LinearKind::kColumn &&
+           consumers_[fused] == std::vector<int>{op};
+  }
+
+  IndexSet column_rows(int op) const override {
+    const int out = g_.ops[op].outputs[0];
+    const std::vector<int>& readers = consumers_[out];
+    if (readers.size() != 1 || g_.ops[readers[0]].kind != OpKind::kSplit ||
+        !split_as_views(readers[0])) {
+      return held_[out];
+    }
+    std::vector<int64_t> features;  // the fused feature of each local column, in order
+    for (const Range& r : held_[out]) {
+      for (int64_t f = r.begin; f < r.end; ++f) features.push_back(f);
+    }
+    IndexSet rows;  // part by part
+    const size_t parts = g_.ops[readers[0]].outputs.size();
+    for (size_t part = 0; part < parts; ++part) {
+      for (const Range& c : split_part(readers[0], part)) {
+        for (int64_t i = c.begin; i < c.end; ++i) {
+          const int64_t f = features[static_cast<size_t>(i)];
+          index_append(rows, f, f + 1);
+        }
+      }
+    }
+    return rows;
+  }
+
+  void view(int value, int of, int64_t col_offset) override {
+    Value& v = p_.values[value];
+    v.alias = of;
+    v.col_offset = col_offset;
+    v.ld = p_.values[of].width;
+  }
 
   int weight(const std::string& tensor, std::vector<int64_t> shape, IndexSet rows,
              IndexSet cols) override {
@@ -134,8 +178,28 @@ class Lowering final : public ops::Lowering {
   void emit(Instr instr) override { p_.instrs.push_back(std::move(instr)); }
 
  private:
+  // Views reach only the instructions that read them in place of a whole buffer (rotary,
+  // attention, copy); any other reader gets a copy made just before it.
+  void compact_views() {
+    std::vector<Instr> out;
+    for (Instr& instr : p_.instrs) {
+      const bool reads_views = instr.code == Code::kRotary || instr.code == Code::kAttention ||
+                               instr.code == Code::kCopy;
+      for (size_t k = 0; k < instr.in.size() && !reads_views; ++k) {
+        const int v = instr.in[k];
+        if (p_.values[v].ld == 0) continue;
+        const int whole = new_value(p_.values[v].width, p_.values[v].rows);
+        out.push_back(ops::make_instr(Code::kCopy, instr.op, {v}, whole));
+        instr.in[k] = whole;
+      }
+      out.push_back(std::move(instr));
+    }
+    p_.instrs = std::move(out);
+  }
+
   // Elementwise ops whose input dies with them write over it: rotary and activations then run in
-  // place, and a copy of a dying value is no copy at all.
+  // place, and a copy of a dying value is no copy at all. A view is a region of its fused value:
+  // it dies with its own last reader, and only rotary (which takes views) writes over one.
   void alias_in_place() {
     const int n = static_cast<int>(p_.instrs.size());
     std::vector<int> last(p_.values.size(), -1);
@@ -143,7 +207,11 @@ class Lowering final : public ops::Lowering {
       for (int v : p_.instrs[i].in) last[v] = i;
     }
     last[p_.logits] = n;
-    std::vector<int> group_last = last;  // per storage root, the last use of any value in it
+    std::vector<int> region(p_.values.size());  // the value whose memory region v uses
+    for (size_t v = 0; v < region.size(); ++v) {
+      region[v] = p_.values[v].ld != 0 ? static_cast<int>(v) : p_.storage(static_cast<int>(v));
+    }
+    std::vector<int> region_last = last;  // per region, the last use of any value in it
     std::vector<Instr> kept;
     for (int i = 0; i < n; ++i) {
       Instr& instr = p_.instrs[i];
@@ -152,15 +220,23 @@ class Lowering final : public ops::Lowering {
                                instr.code == Code::kMul;
       if (elementwise && instr.out != p_.logits) {
         for (int v : instr.in) {
-          const int root = p_.storage(v);
-          if (!p_.values[v].stored || group_last[root] != i) continue;
-          p_.values[instr.out].alias = root;
-          group_last[root] = std::max(group_last[root], last[instr.out]);
+          const int r = region[v];
+          const Value& in = p_.values[v];
+          if (!in.stored || region_last[r] != i || (in.ld != 0 && instr.code != Code::kRotary)) {
+            continue;
+          }
+          Value& out = p_.values[instr.out];
+          out.alias = p_.storage(v);
+          out.col_offset = in.col_offset;
+          out.ld = in.ld;
+          region[instr.out] = r;
+          region_last[r] = std::max(region_last[r], last[instr.out]);
           break;
         }
       }
-      const bool no_op =
-          instr.code == Code::kCopy && p_.storage(instr.out) == p_.storage(instr.in[0]);
+      const bool no_op = instr.code == Code::kCopy &&
+                         p_.storage(instr.out) == p_.storage(instr.in[0]) &&
+                         p_.values[instr.out].col_offset == p_.values[instr.in[0]].col_offset;
       if (!no_op) kept.push_back(std::move(instr));
     }
     p_.instrs = std::move(kept);
@@ -169,7 +245,8 @@ class Lowering final : public ops::Lowering {
   const graph::Graph& g_;
   const parallel::Plan& plan_;
   int rank_;
-  std::vector<IndexSet> held_;  // per graph value
+  std::vector<IndexSet> held_;               // per graph value
+  std::vector<std::vector<int>> consumers_;  // per graph value: the ops that read it
   Program p_;
   std::map<std::string, int> weight_index_;
 };
@@ -229,8 +306,10 @@ void plan_memory(Program& p, const Limits& limits) {
     }
   }
   for (size_t v = 0; v < p.values.size(); ++v) {
-    if (p.values[v].alias >= 0)
-      p.values[v].offset = p.values[p.storage(static_cast<int>(v))].offset;
+    Value& value = p.values[v];
+    if (value.alias < 0) continue;
+    value.offset =
+        p.values[p.storage(static_cast<int>(v))].offset + value.col_offset * limits.element_bytes;
   }
   p.limits = limits;
   p.arena_bytes = arena;

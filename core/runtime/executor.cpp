@@ -47,7 +47,8 @@ void Executor::load(const WeightReader& reader, const std::function<void()>& on_
   for (size_t v = 0; v < program_.values.size(); ++v) {
     const program::Value& value = program_.values[v];
     if (!value.stored) continue;
-    views_[v] = {arena_.storage, static_cast<char*>(arena_.data) + value.offset, 0, value.width};
+    views_[v] = {arena_.storage, static_cast<char*>(arena_.data) + value.offset, 0, value.width,
+                 value.ld};
   }
   backend_->reserve_inputs(program_.limits.tokens, program_.limits.logit_rows, program_.ropes);
 }

@@ -228,7 +228,8 @@ std::vector<float> rope_inv_freq(const tpe_rope_desc& rope, int64_t head_dim, in
 }
 
 void rotary(float* x, int64_t tokens, int64_t n_heads, int64_t head_dim, const int64_t* positions,
-            const std::vector<float>& inv_freq) {
+            const std::vector<float>& inv_freq, int64_t ld) {
+  if (ld == 0) ld = n_heads * head_dim;
   const size_t half = inv_freq.size();
   std::vector<float> cos_t(half);
   std::vector<float> sin_t(half);
@@ -240,7 +241,7 @@ void rotary(float* x, int64_t tokens, int64_t n_heads, int64_t head_dim, const i
       sin_t[i] = std::sin(pos * inv_freq[i]);
     }
     for (int64_t h = 0; h < n_heads; ++h) {
-      float* head = x + (t * n_heads + h) * head_dim;
+      float* head = x + t * ld + h * head_dim;
       for (size_t i = 0; i < half; ++i) {
         const float x1 = head[i];
         const float x2 = head[i + half];
@@ -253,8 +254,9 @@ void rotary(float* x, int64_t tokens, int64_t n_heads, int64_t head_dim, const i
 
 void attention(const float* q, int64_t n_new, int64_t start_pos, int64_t n_q_heads,
                int64_t head_dim, const int32_t* kv_of_q, const float* k_cache, const float* v_cache,
-               int64_t n_kv_heads, float scale, int64_t window, float* out) {
-  const int64_t q_stride = n_q_heads * head_dim;
+               int64_t n_kv_heads, float scale, int64_t window, float* out, int64_t q_ld) {
+  const int64_t out_stride = n_q_heads * head_dim;
+  const int64_t q_stride = q_ld > 0 ? q_ld : out_stride;
   const KvView kv{k_cache, v_cache, n_kv_heads * head_dim, head_dim};
   // One scratch row for the whole call: scores, then probabilities, indexed by key position.
   std::vector<float> probs(static_cast<size_t>(start_pos + n_new));
@@ -262,24 +264,23 @@ void attention(const float* q, int64_t n_new, int64_t start_pos, int64_t n_q_hea
     const int64_t pos = start_pos + n;
     const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
     for (int64_t h = 0; h < n_q_heads; ++h) {
-      const int64_t offset = n * q_stride + h * head_dim;
-      attend_one(q + offset, kv, int64_t{kv_of_q[h]} * head_dim, first, pos, scale, probs.data(),
-                 out + offset);
+      attend_one(q + n * q_stride + h * head_dim, kv, int64_t{kv_of_q[h]} * head_dim, first, pos,
+                 scale, probs.data(), out + n * out_stride + h * head_dim);
     }
   }
 }
 
 void attention_all(const float* q, int64_t n_q_rows, int64_t n_q_heads, int64_t head_dim,
                    const int32_t* kv_of_q, const float* k_cache, const float* v_cache,
-                   int64_t n_kv_heads, int64_t kv_len, float scale, float* out) {
-  const int64_t q_stride = n_q_heads * head_dim;
+                   int64_t n_kv_heads, int64_t kv_len, float scale, float* out, int64_t q_ld) {
+  const int64_t out_stride = n_q_heads * head_dim;
+  const int64_t q_stride = q_ld > 0 ? q_ld : out_stride;
   const KvView kv{k_cache, v_cache, n_kv_heads * head_dim, head_dim};
   std::vector<float> probs(static_cast<size_t>(kv_len));
   for (int64_t n = 0; n < n_q_rows; ++n) {
     for (int64_t h = 0; h < n_q_heads; ++h) {
-      const int64_t offset = n * q_stride + h * head_dim;
-      attend_one(q + offset, kv, int64_t{kv_of_q[h]} * head_dim, 0, kv_len - 1, scale, probs.data(),
-                 out + offset);
+      attend_one(q + n * q_stride + h * head_dim, kv, int64_t{kv_of_q[h]} * head_dim, 0, kv_len - 1,
+                 scale, probs.data(), out + n * out_stride + h * head_dim);
     }
   }
 }

@@ -40,8 +40,10 @@ std::vector<float> rope_inv_freq(const tpe_rope_desc& rope, int64_t head_dim, in
 // Rotates x in place, viewed as [tokens, n_heads, head_dim]: the first rotary_dim = 2 *
 // inv_freq.size() features of each head, rotate-half style (pairs i and i + rotary_dim / 2),
 // angle = positions[t] * inv_freq[i]; cos/sin computed in fp32 as transformers does.
+// ld: elements from one token's row to the next (0: n_heads * head_dim), for x a view of the
+// q or k columns of a fused projection's output.
 void rotary(float* x, int64_t tokens, int64_t n_heads, int64_t head_dim, const int64_t* positions,
-            const std::vector<float>& inv_freq);
+            const std::vector<float>& inv_freq, int64_t ld = 0);
 
 // Causal attention of one sequence's new tokens against its KV cache, which already holds the
 // new tokens' keys and values. q: [n_new, n_q_heads * head_dim]; the new tokens sit at
@@ -51,12 +53,12 @@ void rotary(float* x, int64_t tokens, int64_t n_heads, int64_t head_dim, const i
 // out: [n_new, n_q_heads * head_dim]. Softmax in fp32 with the max subtracted.
 void attention(const float* q, int64_t n_new, int64_t start_pos, int64_t n_q_heads,
                int64_t head_dim, const int32_t* kv_of_q, const float* k_cache, const float* v_cache,
-               int64_t n_kv_heads, float scale, int64_t window, float* out);
+               int64_t n_kv_heads, float scale, int64_t window, float* out, int64_t q_ld = 0);
 
 // Attention without a mask: every query row attends to keys 0 .. kv_len - 1 of the cache
 // (cross-attention over another stream, bidirectional encoders). Shapes as attention above.
 void attention_all(const float* q, int64_t n_q_rows, int64_t n_q_heads, int64_t head_dim,
                    const int32_t* kv_of_q, const float* k_cache, const float* v_cache,
-                   int64_t n_kv_heads, int64_t kv_len, float scale, float* out);
+                   int64_t n_kv_heads, int64_t kv_len, float scale, float* out, int64_t q_ld = 0);
 
 }  // namespace tpe::cpu

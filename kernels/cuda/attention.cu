@@ -27,6 +27,7 @@ constexpr int kMaxHeadDim = 512;
 constexpr int kBatch = 8;
 
 struct AttentionArgs {
+  int64_t q_ld;  // elements between q's rows
   int64_t n_q;
   int64_t head_dim;
   int64_t max_len;
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* v_head = v_cache + slot_base;
   const int64_t first_key = a.window > 0 && pos >= a.window ? pos - a.window + 1 : 0;
 
-  const T* q_row = q + (t * a.n_q + h) * a.head_dim;
+  const T* q_row = q + t * a.q_ld + h * a.head_dim;
   for (int64_t d = tid; d < a.head_dim; d += kThreads) q_s[d] = to_float(q_row[d]);
 
   // Value layout: a row is row_packs packs, spread over threads_per_row threads; the block holds
@@ -182,9 +183,11 @@ __global__ void __launch_bounds__(kThreads)
 void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, const int32_t* slots,
                const int32_t* positions, const void* k_cache, const void* v_cache, int64_t max_len,
                int64_t n_kv, int64_t first_q, int64_t group, int64_t first_kv, float scale,
-               int64_t window, DType dtype, void* out, cudaStream_t stream) {
+               int64_t window, DType dtype, void* out, cudaStream_t stream, int64_t q_ld) {
   TPE_CUDA_REQUIRE(tokens >= 0 && n_q >= 0 && max_len >= 0 && window >= 0, "attention",
                    "negative size");
+  if (q_ld == 0) q_ld = n_q * head_dim;
+  TPE_CUDA_REQUIRE(q_ld >= n_q * head_dim, "attention", "q's row stride below its width");
   TPE_CUDA_REQUIRE(head_dim > 0 && head_dim <= kMaxHeadDim, "attention",
                    "head_dim must be in 1..512");
   TPE_CUDA_REQUIRE(group > 0 && n_kv > 0 && first_q >= 0, "attention",
@@ -195,8 +198,8 @@ void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, con
                    "attention", "a local q head maps outside the local kv heads");
   TPE_CUDA_REQUIRE(tokens * n_q <= int64_t{0x7fffffff}, "attention",
                    "more (token, head) pairs than one grid can hold");
-  const AttentionArgs args{n_q,   head_dim, max_len, n_kv * head_dim, first_q,
-                           group, first_kv, scale,   window};
+  const AttentionArgs args{q_ld,    n_q,   head_dim, max_len, n_kv * head_dim,
+                           first_q, group, first_kv, scale,   window};
   detail::dispatch(dtype, "attention", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto* tq = static_cast<const T*>(q);

@@ -50,13 +50,13 @@ __global__ void gather_columns_kernel(const E* x, int64_t in_width, const int32_
 
 // One block per token: its k and v rows into row positions[t] of cache slot slots[t].
 template <class U>
-__global__ void kv_append_kernel(const U* k, const U* v, int64_t row_units, const int32_t* slots,
-                                 const int32_t* positions, U* k_cache, U* v_cache,
-                                 int64_t max_len) {
+__global__ void kv_append_kernel(const U* k, const U* v, int64_t row_units, int64_t k_ld_units,
+                                 int64_t v_ld_units, const int32_t* slots, const int32_t* positions,
+                                 U* k_cache, U* v_cache, int64_t max_len) {
   const int64_t t = blockIdx.x;
   const int64_t row = int64_t{slots[t]} * max_len + positions[t];
-  const U* k_src = k + t * row_units;
-  const U* v_src = v + t * row_units;
+  const U* k_src = k + t * k_ld_units;
+  const U* v_src = v + t * v_ld_units;
   U* k_dst = k_cache + row * row_units;
   U* v_dst = v_cache + row * row_units;
   for (int64_t i = threadIdx.x; i < row_units; i += blockDim.x) {
@@ -116,18 +116,26 @@ void gather_columns(const void* x, int64_t tokens, int64_t in_width, const int32
 
 void kv_append(const void* k, const void* v, int64_t tokens, int64_t kv_width, const int32_t* slots,
                const int32_t* positions, void* k_cache, void* v_cache, int64_t max_len, DType dtype,
-               cudaStream_t stream) {
+               cudaStream_t stream, int64_t k_ld, int64_t v_ld) {
   TPE_CUDA_REQUIRE(tokens >= 0 && kv_width >= 0 && max_len >= 0, "kv_append", "negative size");
+  if (k_ld == 0) k_ld = kv_width;
+  if (v_ld == 0) v_ld = kv_width;
+  TPE_CUDA_REQUIRE(k_ld >= kv_width && v_ld >= kv_width, "kv_append",
+                   "row stride below the row's width");
   if (tokens == 0 || kv_width == 0) return;
-  const auto row_bytes = kv_width * static_cast<int64_t>(dtype_size(dtype));
+  const auto esize = static_cast<int64_t>(dtype_size(dtype));
+  const auto row_bytes = kv_width * esize;
+  // The unit must divide the strides too (they are or-ed into the alignment test).
   dispatch_unit(
-      row_bytes,
+      row_bytes | (k_ld * esize) | (v_ld * esize),
       [&](auto tag) {
         using U = typename decltype(tag)::type;
-        const int64_t units = row_bytes / static_cast<int64_t>(sizeof(U));
+        const auto unit = static_cast<int64_t>(sizeof(U));
+        const int64_t units = row_bytes / unit;
         kv_append_kernel<<<token_grid(tokens, "kv_append"), row_threads(units), 0, stream>>>(
-            static_cast<const U*>(k), static_cast<const U*>(v), units, slots, positions,
-            static_cast<U*>(k_cache), static_cast<U*>(v_cache), max_len);
+            static_cast<const U*>(k), static_cast<const U*>(v), units, k_ld * esize / unit,
+            v_ld * esize / unit, slots, positions, static_cast<U*>(k_cache),
+            static_cast<U*>(v_cache), max_len);
         TPE_CUDA_CHECK_LAUNCH();
       },
       k, v, k_cache, v_cache);

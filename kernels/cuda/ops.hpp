@@ -46,25 +46,27 @@ void gather_columns(const void* x, int64_t tokens, int64_t in_width, const int32
 // Rotate-half rotary in place on x [tokens, n_heads * head_dim]: the first rotary_dim features
 // of each head; token t uses angle positions[t] * inv_freq[table[t] * (rotary_dim / 2) + i]
 // (table may be null: row 0 for every token), cos/sin in fp32.
+// ld: elements from one token's row to the next (0: n_heads * head_dim), for x a view of the q or
+// k columns of a fused projection's output.
 void rotary(void* x, int64_t tokens, int64_t n_heads, int64_t head_dim, int64_t rotary_dim,
             const int32_t* positions, const int32_t* table, const float* inv_freq, DType dtype,
-            cudaStream_t stream);
+            cudaStream_t stream, int64_t ld = 0);
 
 // KV cache: k_cache, v_cache are [slots, max_len, kv_width]. Writes token t's k and v rows at
-// (slots[t], positions[t]).
+// (slots[t], positions[t]); k_ld, v_ld: elements between the inputs' rows (0: kv_width).
 void kv_append(const void* k, const void* v, int64_t tokens, int64_t kv_width, const int32_t* slots,
                const int32_t* positions, void* k_cache, void* v_cache, int64_t max_len, DType dtype,
-               cudaStream_t stream);
+               cudaStream_t stream, int64_t k_ld = 0, int64_t v_ld = 0);
 
 // Causal attention: token t (query at positions[t] of sequence slots[t]) attends keys
 // 0..positions[t] of its slot, skipping keys with positions[t] - j >= window when window > 0.
 // q: [tokens, n_q * head_dim]; local q head h reads local kv head
 // (first_q + h) / group - first_kv. Softmax in fp32 with the max subtracted.
-// out: [tokens, n_q * head_dim].
+// out: [tokens, n_q * head_dim]; q_ld: elements between q's rows (0: n_q * head_dim).
 void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, const int32_t* slots,
                const int32_t* positions, const void* k_cache, const void* v_cache, int64_t max_len,
                int64_t n_kv, int64_t first_q, int64_t group, int64_t first_kv, float scale,
-               int64_t window, DType dtype, void* out, cudaStream_t stream);
+               int64_t window, DType dtype, void* out, cudaStream_t stream, int64_t q_ld = 0);
 
 // Holds the stream until the host sets *flag, host memory mapped into the device
 // (cudaHostAllocMapped), to non-zero: what the host queues meanwhile then runs back to back.

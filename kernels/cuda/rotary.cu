@@ -11,7 +11,7 @@ using detail::to_float;
 constexpr int kThreads = 128;
 
 template <class T>
-__global__ void rotary_kernel(T* x, int64_t n_heads, int64_t head_dim, int64_t half,
+__global__ void rotary_kernel(T* x, int64_t ld, int64_t n_heads, int64_t head_dim, int64_t half,
                               const int32_t* positions, const int32_t* table,
                               const float* inv_freq) {
   const int64_t t = blockIdx.x;
@@ -22,7 +22,7 @@ __global__ void rotary_kernel(T* x, int64_t n_heads, int64_t head_dim, int64_t h
   const auto pos = static_cast<float>(positions[t]);
   const float* freq = inv_freq + (table != nullptr ? int64_t{table[t]} * half : 0);
   const int64_t i = p % half;
-  T* head = x + t * n_heads * head_dim + (p / half) * head_dim;
+  T* head = x + t * ld + (p / half) * head_dim;
   float sin_v;
   float cos_v;
   sincosf(pos * freq[i], &sin_v, &cos_v);
@@ -36,7 +36,9 @@ __global__ void rotary_kernel(T* x, int64_t n_heads, int64_t head_dim, int64_t h
 
 void rotary(void* x, int64_t tokens, int64_t n_heads, int64_t head_dim, int64_t rotary_dim,
             const int32_t* positions, const int32_t* table, const float* inv_freq, DType dtype,
-            cudaStream_t stream) {
+            cudaStream_t stream, int64_t ld) {
+  if (ld == 0) ld = n_heads * head_dim;
+  TPE_CUDA_REQUIRE(ld >= n_heads * head_dim, "rotary", "row stride below the row's width");
   TPE_CUDA_REQUIRE(tokens >= 0 && n_heads >= 0 && head_dim >= 0, "rotary", "negative size");
   TPE_CUDA_REQUIRE(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, "rotary",
                    "rotary_dim must be even and at most head_dim");
@@ -47,7 +49,7 @@ void rotary(void* x, int64_t tokens, int64_t n_heads, int64_t head_dim, int64_t 
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(blocks_per_token));
   detail::dispatch(dtype, "rotary", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    rotary_kernel<<<grid, kThreads, 0, stream>>>(static_cast<T*>(x), n_heads, head_dim,
+    rotary_kernel<<<grid, kThreads, 0, stream>>>(static_cast<T*>(x), ld, n_heads, head_dim,
                                                  rotary_dim / 2, positions, table, inv_freq);
     TPE_CUDA_CHECK_LAUNCH();
   });

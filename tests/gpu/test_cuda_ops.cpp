@@ -573,6 +573,30 @@ TEST_P(CudaOpTest, RotaryTwoTablesAndPartial) {
                     with_table && which[t] == 1 ? table1 : table0);
       }
       const std::vector<float> out = d_x.download();
+      // The same rows as a view (every other head-width of a buffer twice as wide): the other
+      // columns are left alone, these rotated alike.
+      const int64_t width = c.n_heads * c.head_dim;
+      std::vector<float> wide(static_cast<size_t>(tokens * 2 * width));
+      for (int64_t t = 0; t < tokens; ++t) {
+        std::copy_n(x.begin() + t * width, width, wide.begin() + t * 2 * width + width);
+        std::fill_n(wide.begin() + t * 2 * width, width, 0.5f);
+      }
+      DeviceTensor d_wide(wide, dtype());
+      rotary(static_cast<char*>(d_wide.get()) + width * dtype_size(dtype()), tokens, c.n_heads,
+             c.head_dim, c.rotary_dim, d_positions.as<int32_t>(),
+             with_table ? d_which.as<int32_t>() : nullptr, d_freq.as<float>(), dtype(), stream_,
+             2 * width);
+      sync();
+      const std::vector<float> wide_out = d_wide.download();
+      std::vector<float> view_out, others;
+      for (int64_t t = 0; t < tokens; ++t) {
+        view_out.insert(view_out.end(), wide_out.begin() + t * 2 * width + width,
+                        wide_out.begin() + (t + 1) * 2 * width);
+        others.insert(others.end(), wide_out.begin() + t * 2 * width,
+                      wide_out.begin() + t * 2 * width + width);
+      }
+      EXPECT_EQ(view_out, out) << "rotary through a row stride";
+      EXPECT_EQ(others, std::vector<float>(others.size(), 0.5f)) << "rotary wrote outside its view";
       expect_close(tag("rotary heads " + std::to_string(c.n_heads) + " head_dim " +
                        std::to_string(c.head_dim) + " rotary_dim " + std::to_string(c.rotary_dim) +
                        (with_table ? " two tables" : " table 0")),
@@ -674,8 +698,10 @@ struct AttentionCase {
   std::vector<Sequence> sequences;
 };
 
+// fused: q, k and v are read as views of one [tokens, q | k | v] buffer (GPT-NeoX's split
+// query_key_value), through the kernels' row strides.
 void run_attention_case(const AttentionCase& c, DType dtype, cudaStream_t stream, Rng& rng,
-                        const std::string& label) {
+                        const std::string& label, bool fused = false) {
   const Heads& h = c.heads;
   const int64_t kv_width = h.n_kv * h.head_dim;
   const int64_t q_width = h.n_q * h.head_dim;
@@ -700,18 +726,32 @@ void run_attention_case(const AttentionCase& c, DType dtype, cudaStream_t stream
 
   const DeviceTensor d_k_cache(k_cache, dtype);
   const DeviceTensor d_v_cache(v_cache, dtype);
-  const DeviceTensor d_q(q, dtype);
+  const int64_t fused_width = q_width + 2 * kv_width;
+  std::vector<float> qkv(static_cast<size_t>(tokens * fused_width));
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::copy_n(q.begin() + t * q_width, q_width, qkv.begin() + t * fused_width);
+    std::copy_n(k_new.begin() + t * kv_width, kv_width, qkv.begin() + t * fused_width + q_width);
+    std::copy_n(v_new.begin() + t * kv_width, kv_width,
+                qkv.begin() + t * fused_width + q_width + kv_width);
+  }
+  const DeviceTensor d_q(fused ? qkv : q, dtype);
   const DeviceTensor d_k(k_new, dtype);
   const DeviceTensor d_v(v_new, dtype);
+  const size_t e = dtype_size(dtype);
+  const void* q_in = d_q.get();
+  const void* k_in = fused ? static_cast<const char*>(d_q.get()) + q_width * e : d_k.get();
+  const void* v_in =
+      fused ? static_cast<const char*>(d_q.get()) + (q_width + kv_width) * e : d_v.get();
+  const int64_t ld = fused ? fused_width : 0;
   const DeviceBuffer d_slots = upload_raw(slot_of);
   const DeviceBuffer d_pos = upload_raw(pos_of);
   DeviceTensor d_out(static_cast<size_t>(tokens * q_width), dtype);
   const float scale = 1.0f / std::sqrt(static_cast<float>(h.head_dim));
-  kv_append(d_k.get(), d_v.get(), tokens, kv_width, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
-            d_k_cache.get(), d_v_cache.get(), c.cache.max_len, dtype, stream);
-  attention(d_q.get(), tokens, h.n_q, h.head_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
+  kv_append(k_in, v_in, tokens, kv_width, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
+            d_k_cache.get(), d_v_cache.get(), c.cache.max_len, dtype, stream, ld, ld);
+  attention(q_in, tokens, h.n_q, h.head_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
             d_k_cache.get(), d_v_cache.get(), c.cache.max_len, h.n_kv, h.first_q, h.group,
-            h.first_kv, scale, c.cache.window, dtype, d_out.get(), stream);
+            h.first_kv, scale, c.cache.window, dtype, d_out.get(), stream, ld);
   CK(cudaStreamSynchronize(stream));
 
   for (int64_t t = 0; t < tokens; ++t) {
@@ -771,7 +811,11 @@ TEST_P(CudaOpTest, KvAppendThenAttention) {
        {0, 320, 2},
        {{0, 300, 1}, {1, 20, 5}}},
   };
-  for (const AttentionCase& c : cases) run_attention_case(c, dtype(), stream_, rng, tag(c.name));
+  for (const AttentionCase& c : cases) {
+    run_attention_case(c, dtype(), stream_, rng, tag(c.name));
+    run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", q k v as views of one buffer"),
+                       true);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

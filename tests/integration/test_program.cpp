@@ -141,5 +141,25 @@ TEST(MemoryPlan, MoreSequencesThanMaxBatchIsRefusedNamingTheKey) {
   }
 }
 
+// GPT-NeoX's fused query_key_value is split by views: no column gather runs, and q, k and v are
+// runs of the projection's output (its weight rows grouped part by part at load). The fixtures'
+// logits against transformers are what show the views read the right columns.
+TEST(Program, FusedQkvIsSplitByViewsNotCopies) {
+  for (const char* fixture : {"neox_parallel", "neox_sequential"}) {
+    for (int tp = 1; tp <= 4; ++tp) {
+      const runtime::Model model = runtime::prepare(cpu_run(fixture, tp));
+      for (int rank = 0; rank < tp; ++rank) {
+        const program::Program p = program::lower(model.graph, model.plan, rank);
+        int gathers = 0, views = 0;
+        for (const auto& i : p.instrs) gathers += i.code == program::Code::kGather;
+        for (const auto& v : p.values) views += v.ld != 0;
+        EXPECT_EQ(gathers, 0) << fixture << " tp " << tp;
+        EXPECT_GE(views, 3 * static_cast<int>(model.graph.blocks.size()))
+            << fixture << " tp " << tp;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace tpe::test

@@ -24,19 +24,46 @@ constexpr int64_t kVocab = 13, kTypes = 3, kHidden = 8, kHeads = 2, kHeadDim = 4
 
 using Matrix = std::vector<double>;  // row-major
 
-struct ToyModel {
+// Random weights by name: matrices near 0, 1-D scales near 1.
+struct Weights {
   std::map<std::string, std::pair<std::vector<int64_t>, Matrix>> tensors;
+  std::mt19937 rng{5};
 
-  ToyModel() {
-    std::mt19937 rng(5);
+  void add(const std::string& name, std::vector<int64_t> shape) {
     std::uniform_real_distribution<double> u(-0.5, 0.5);
-    auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-      int64_t n = 1;
-      for (int64_t d : shape) n *= d;
-      Matrix m(static_cast<size_t>(n));
-      for (double& x : m) x = u(rng) + (shape.size() == 1 ? 1.0 : 0.0);
-      tensors[name] = {std::move(shape), std::move(m)};
-    };
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    Matrix m(static_cast<size_t>(n));
+    for (double& x : m) x = u(rng) + (shape.size() == 1 ? 1.0 : 0.0);
+    tensors[name] = {std::move(shape), std::move(m)};
+  }
+  const Matrix& w(const std::string& name) const { return tensors.at(name).second; }
+};
+
+Matrix matvec(const Matrix& m, const Matrix& x, int64_t out) {
+  const auto in = static_cast<int64_t>(x.size());
+  Matrix y(static_cast<size_t>(out), 0.0);
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t i = 0; i < in; ++i) y[o] += m[o * in + i] * x[i];
+  }
+  return y;
+}
+
+Matrix rms(const Matrix& x, const Matrix& w) {
+  double ss = 0;
+  for (double v : x) ss += v * v;
+  const double r = 1.0 / std::sqrt(ss / static_cast<double>(x.size()) + 1e-6);
+  Matrix y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = x[i] * r * w[i];
+  return y;
+}
+
+Matrix row(const Matrix& m, int64_t r, int64_t width) {
+  return Matrix(m.begin() + r * width, m.begin() + (r + 1) * width);
+}
+
+struct ToyModel : Weights {
+  ToyModel() {
     add("dec.embed", {kVocab, kHidden});
     add("dec.types", {kTypes, kHidden});
     add("enc.embed", {kVocab, kHidden});
@@ -46,8 +73,6 @@ struct ToyModel {
     add("final.weight", {kHidden});
     add("lm_head.weight", {kVocab, kHidden});
   }
-  const Matrix& w(const std::string& name) const { return tensors.at(name).second; }
-
   // The graph a policy would build for it.
   graph::Graph graph() const {
     graph::GraphBuilder b;
@@ -76,30 +101,13 @@ struct ToyModel {
 
   // Logits of one decoder token (id, type) over the encoder tokens `enc`, directly.
   std::vector<double> reference(int64_t id, int64_t type, const std::vector<int64_t>& enc) const {
-    auto row = [](const Matrix& m, int64_t r) {
-      return Matrix(m.begin() + r * kHidden, m.begin() + (r + 1) * kHidden);
-    };
-    auto matvec = [](const Matrix& m, const Matrix& x, int64_t out) {
-      Matrix y(static_cast<size_t>(out), 0.0);
-      for (int64_t o = 0; o < out; ++o)
-        for (int64_t i = 0; i < kHidden; ++i) y[o] += m[o * kHidden + i] * x[i];
-      return y;
-    };
-    auto rms = [](const Matrix& x, const Matrix& w) {
-      double ss = 0;
-      for (double v : x) ss += v * v;
-      const double r = 1.0 / std::sqrt(ss / static_cast<double>(x.size()) + 1e-6);
-      Matrix y(x.size());
-      for (size_t i = 0; i < x.size(); ++i) y[i] = x[i] * r * w[i];
-      return y;
-    };
-    Matrix x = row(w("dec.embed"), id);
-    const Matrix t = row(w("dec.types"), type);
+    Matrix x = row(w("dec.embed"), id, kHidden);
+    const Matrix t = row(w("dec.types"), type, kHidden);
     for (int64_t i = 0; i < kHidden; ++i) x[i] += t[i];
     const Matrix q = matvec(w("layers.0.q.weight"), rms(x, w("layers.0.norm.weight")), kHidden);
     std::vector<Matrix> keys, values;
     for (int64_t e : enc) {
-      const Matrix s = row(w("enc.embed"), e);
+      const Matrix s = row(w("enc.embed"), e, kHidden);
       keys.push_back(matvec(w("layers.0.k.weight"), s, kHidden));
       values.push_back(matvec(w("layers.0.v.weight"), s, kHidden));
     }
@@ -125,7 +133,7 @@ struct ToyModel {
 };
 
 // Runs the passes on `world` CPU ranks and returns rank 0's logits of each pass.
-std::vector<Tensor> run(const ToyModel& model, const graph::Graph& g, int world,
+std::vector<Tensor> run(const Weights& model, const graph::Graph& g, int world,
                         const std::vector<backend::Batch>& passes) {
   const parallel::Plan plan = parallel::make_plan(g, world);
   comm::ThreadGroup group(world);
@@ -238,6 +246,67 @@ TEST(TwoStreams, PassesThatContradictTheCacheOrLackInputsAreRefused) {
   pass.token_types = {1};
   pass.segments[0].second_len = 3;
   expect_error(pass, "sequence 0 attends to 3 second-stream tokens, but its cache holds 2");
+}
+
+// A fused gate_up projection split into views: the views are copied into whole buffers for the
+// activation and the product (which take no views), at TP 1 to 3, against a direct computation.
+struct GatedMlp : Weights {
+  static constexpr int64_t kFf = 12;
+  GatedMlp() {
+    add("embed", {kVocab, kHidden});
+    add("mlp.norm.weight", {kHidden});
+    add("mlp.gate_up.weight", {2 * kFf, kHidden});
+    add("mlp.down.weight", {kHidden, kFf});
+    add("final.weight", {kHidden});
+    add("lm_head.weight", {kVocab, kHidden});
+  }
+  graph::Graph graph() const {
+    graph::GraphBuilder b;
+    int x = b.embedding(b.input_ids(), "embed", kVocab, kHidden);
+    b.begin_block("ToyMlp", "mlp");
+    const int h = b.norm(x, TPE_NORM_RMS, "mlp.norm", false, 1e-6);
+    std::vector<int> parts;
+    b.split(b.linear(h, "mlp.gate_up", kHidden, 2 * kFf, false), TPE_SPLIT_CONCAT, {kFf, kFf}, 0, 0,
+            parts);
+    const int m = b.mul(b.activation(parts[0], TPE_ACT_SILU), parts[1]);
+    x = b.add(x, b.linear(m, "mlp.down", kFf, kHidden, false));
+    b.end_block();
+    b.lm_head(b.norm(x, TPE_NORM_RMS, "final", false, 1e-6), "lm_head.weight", kVocab, kHidden);
+    return b.finish();
+  }
+  Matrix reference(int64_t id) const {
+    Matrix x = row(w("embed"), id, kHidden);
+    const Matrix gu = matvec(w("mlp.gate_up.weight"), rms(x, w("mlp.norm.weight")), 2 * kFf);
+    Matrix m(kFf);
+    for (int64_t i = 0; i < kFf; ++i) m[i] = gu[i] / (1 + std::exp(-gu[i])) * gu[kFf + i];
+    const Matrix y = matvec(w("mlp.down.weight"), m, kHidden);
+    for (int64_t i = 0; i < kHidden; ++i) x[i] += y[i];
+    return matvec(w("lm_head.weight"), rms(x, w("final.weight")), kVocab);
+  }
+};
+
+TEST(FusedSplit, GateUpViewsAreCopiedForOpsThatTakeNone) {
+  const GatedMlp model;
+  const graph::Graph g = model.graph();
+  backend::Batch pass;
+  pass.tokens = {3, 9, 0};
+  pass.segments = {{0, 0, 2}, {1, 0, 1}};
+  pass.logit_rows = {0, 1, 2};
+  for (int world = 1; world <= 3; ++world) {
+    const program::Program p = program::lower(g, parallel::make_plan(g, world), 0);
+    int views = 0, copies = 0;
+    for (const auto& v : p.values) views += v.ld != 0;
+    for (const auto& i : p.instrs) copies += i.code == program::Code::kCopy;
+    EXPECT_EQ(views, 2) << "tp " << world;   // gate and up
+    EXPECT_EQ(copies, 2) << "tp " << world;  // one before the activation, one before the product
+    const std::vector<Tensor> logits = run(model, g, world, {pass});
+    for (int64_t r = 0; r < 3; ++r) {
+      const Matrix want = model.reference(pass.tokens[r]);
+      for (int64_t i = 0; i < kVocab; ++i) {
+        EXPECT_NEAR(logits[0].row(r)[i], want[i], 1e-4) << "tp " << world << " row " << r;
+      }
+    }
+  }
 }
 
 }  // namespace
