@@ -102,17 +102,7 @@ void expect_transformers_logits(const std::string& variant, const std::string& f
   const test::Reference ref = test::load_reference(fixture);
   runtime::Engine engine(prepare_with(variant, fixture, tp), /*quiet=*/true);
   ASSERT_EQ(engine.model().choice.policy->name, "toy");
-  const std::vector<Tensor> logits = engine.prompt_logits(ref.prompts);
-  ASSERT_EQ(logits.size(), ref.logits.size());
-  for (size_t p = 0; p < logits.size(); ++p) {
-    ASSERT_EQ(logits[p].shape, ref.logits[p].shape);
-    float max_ref = 0, max_diff = 0;
-    for (size_t i = 0; i < ref.logits[p].data.size(); ++i) {
-      max_ref = std::max(max_ref, std::abs(ref.logits[p].data[i]));
-      max_diff = std::max(max_diff, std::abs(ref.logits[p].data[i] - logits[p].data[i]));
-    }
-    EXPECT_LE(max_diff, 1e-4f * max_ref) << "prompt " << p;
-  }
+  EXPECT_LE(test::logits_error(engine.prompt_logits(ref.prompts), ref.logits), 1e-4f);
 }
 
 // The graph a plugin built holds exactly what its structs said: every attention op the heads and

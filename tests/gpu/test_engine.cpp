@@ -37,18 +37,6 @@ runtime::Engine make_engine(const std::string& fixture, int tp, const std::strin
   return runtime::Engine(runtime::prepare(cuda_run(fixture, tp, dtype)), /*quiet=*/true);
 }
 
-// max |a - b| / max |b| over all prompts.
-float relative_error(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
-  float diff = 0, scale = 0;
-  for (size_t p = 0; p < b.size(); ++p) {
-    for (size_t i = 0; i < b[p].data.size(); ++i) {
-      diff = std::max(diff, std::abs(a[p].data[i] - b[p].data[i]));
-      scale = std::max(scale, std::abs(b[p].data[i]));
-    }
-  }
-  return diff / scale;
-}
-
 class GpuFixture : public testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -59,7 +47,7 @@ class GpuFixture : public testing::TestWithParam<std::string> {
 TEST_P(GpuFixture, Fp32MatchesTransformers) {
   const Reference ref = load_reference(GetParam());
   runtime::Engine engine = make_engine(GetParam(), 1, "float32");
-  const float error = relative_error(engine.prompt_logits(ref.prompts), ref.logits);
+  const float error = logits_error(engine.prompt_logits(ref.prompts), ref.logits);
   EXPECT_LE(error, 1e-3f);
   runtime::GenerationParams params;
   params.max_new_tokens = 16;
@@ -78,7 +66,7 @@ TEST_P(GpuFixture, HalfPrecisionKeepsTheFirstEightGreedyTokens) {
       const std::vector<int64_t> first8(ref.greedy[p].begin(), ref.greedy[p].begin() + 8);
       EXPECT_EQ(out[p], first8) << dtype << " prompt " << p;
     }
-    EXPECT_LE(relative_error(engine.prompt_logits(ref.prompts), ref.logits), 3e-2f) << dtype;
+    EXPECT_LE(logits_error(engine.prompt_logits(ref.prompts), ref.logits), 3e-2f) << dtype;
   }
 }
 
@@ -92,7 +80,7 @@ void expect_tp_equals_one(const std::string& fixture, int tp) {
     runtime::Engine one = make_engine(fixture, 1, dtype);
     runtime::Engine many = make_engine(fixture, tp, dtype);
     const float tolerance = std::string(dtype) == "float32" ? 1e-4f : 3e-2f;
-    EXPECT_LE(relative_error(many.prompt_logits(ref.prompts), one.prompt_logits(ref.prompts)),
+    EXPECT_LE(logits_error(many.prompt_logits(ref.prompts), one.prompt_logits(ref.prompts)),
               tolerance)
         << dtype;
     if (std::string(dtype) == "float32") {
@@ -132,7 +120,7 @@ TEST(GpuChunkedPrefill, ChunksOfThreeTokensMatchTransformers) {
     run.prefill_chunk = 3;
     run.max_batch = 3;
     runtime::Engine engine(runtime::prepare(run), true);
-    EXPECT_LE(relative_error(engine.prompt_logits(ref.prompts), ref.logits), 1e-3f) << fixture;
+    EXPECT_LE(logits_error(engine.prompt_logits(ref.prompts), ref.logits), 1e-3f) << fixture;
     runtime::GenerationParams params;
     params.max_new_tokens = 16;
     EXPECT_EQ(engine.generate(ref.prompts, params), ref.greedy) << fixture;

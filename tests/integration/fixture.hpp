@@ -2,8 +2,11 @@
 // for them, and transformers' greedy continuations.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -55,6 +58,23 @@ inline Reference load_reference(const std::string& name) {
     ref.logits.push_back(std::move(t));
   }
   return ref;
+}
+
+// How far logits are from a reference: per prompt max |got - want| / max |want|, the largest
+// over prompts (infinity when the prompts or shapes differ).
+inline float logits_error(const std::vector<Tensor>& got, const std::vector<Tensor>& want) {
+  if (got.size() != want.size()) return std::numeric_limits<float>::infinity();
+  float worst = 0;
+  for (size_t p = 0; p < want.size(); ++p) {
+    if (got[p].shape != want[p].shape) return std::numeric_limits<float>::infinity();
+    float max_ref = 0, max_diff = 0;
+    for (size_t i = 0; i < want[p].data.size(); ++i) {
+      max_ref = std::max(max_ref, std::abs(want[p].data[i]));
+      max_diff = std::max(max_diff, std::abs(want[p].data[i] - got[p].data[i]));
+    }
+    worst = std::max(worst, max_diff / max_ref);
+  }
+  return worst;
 }
 
 }  // namespace tpe::test

@@ -51,18 +51,7 @@ class FixtureTest : public testing::TestWithParam<Case> {};
 TEST_P(FixtureTest, LogitsMatchTransformers) {
   const Reference ref = load_reference(GetParam().fixture);
   runtime::Engine engine = make_engine(GetParam().fixture, GetParam().tp);
-  const std::vector<Tensor> logits = engine.prompt_logits(ref.prompts);
-  ASSERT_EQ(logits.size(), ref.logits.size());
-  for (size_t p = 0; p < logits.size(); ++p) {
-    ASSERT_EQ(logits[p].shape, ref.logits[p].shape) << "prompt " << p;
-    float max_ref = 0, max_diff = 0;
-    for (size_t i = 0; i < ref.logits[p].data.size(); ++i) {
-      max_ref = std::max(max_ref, std::abs(ref.logits[p].data[i]));
-      max_diff = std::max(max_diff, std::abs(ref.logits[p].data[i] - logits[p].data[i]));
-    }
-    EXPECT_LE(max_diff, 1e-4f * max_ref)
-        << "prompt " << p << ": max |diff| " << max_diff << ", max |logit| " << max_ref;
-  }
+  EXPECT_LE(logits_error(engine.prompt_logits(ref.prompts), ref.logits), 1e-4f);
 }
 
 TEST_P(FixtureTest, GreedyContinuationMatchesTransformers) {

@@ -66,18 +66,6 @@ TEST(MemoryPlan, LiveValuesNeverShareBytes) {
   }
 }
 
-float relative_error(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
-  float diff = 0, scale = 0;
-  for (size_t p = 0; p < b.size(); ++p) {
-    EXPECT_EQ(a[p].shape, b[p].shape);
-    for (size_t i = 0; i < std::min(a[p].data.size(), b[p].data.size()); ++i) {
-      diff = std::max(diff, std::abs(a[p].data[i] - b[p].data[i]));
-      scale = std::max(scale, std::abs(b[p].data[i]));
-    }
-  }
-  return diff / scale;
-}
-
 // Passes of 3 tokens: prompts straddle passes, sliding windows span them, and dynamic NTK rope
 // must use the whole prompt's length in every chunk.
 TEST(ChunkedPrefill, ChunksOfThreeTokensMatchTransformers) {
@@ -89,7 +77,7 @@ TEST(ChunkedPrefill, ChunksOfThreeTokensMatchTransformers) {
       run.prefill_chunk = 3;
       run.max_batch = static_cast<int64_t>(ref.prompts.size());
       runtime::Engine engine(runtime::prepare(run), /*quiet=*/true);
-      EXPECT_LE(relative_error(engine.prompt_logits(ref.prompts), ref.logits), 1e-4f)
+      EXPECT_LE(logits_error(engine.prompt_logits(ref.prompts), ref.logits), 1e-4f)
           << fixture << " tp " << tp;
       runtime::GenerationParams params;
       params.max_new_tokens = 16;
