@@ -76,7 +76,43 @@ const Op& op_of(const Lowering& l, int op) { return l.graph().ops[op]; }
 
 // ---- input_ids: the batch's token ids, the same on every rank --------------------------------
 void shard_input_ids(Sharding& s, int op) { s.produce(op, State::kReplicated); }
-void lower_nothing(Lowering&, int) {}
+// No instruction: the ids live in the pass's inputs, not in the arena.
+void lower_input(Lowering& l, int op) { l.value(op_of(l, op).outputs[0]).stored = false; }
+
+// A split reads its fused input as views rather than copies when the input comes from a
+// column-parallel linear that only this split reads: the linear's weight rows are then grouped
+// part by part (column_rows), so that each part is a run of the fused output's columns.
+bool split_as_views(const Lowering& l, int split) {
+  const int fused = op_of(l, split).inputs[0];
+  const int producer = l.graph().values[fused].producer;
+  return op_of(l, producer).kind == OpKind::kLinear &&
+         l.linear_kind(producer) == LinearKind::kColumn &&
+         l.readers(fused) == std::vector<int>{split};
+}
+
+// The weight rows of a column-parallel linear, in the order of its local output columns.
+IndexSet column_rows(const Lowering& l, int linear) {
+  const int out = op_of(l, linear).outputs[0];
+  const std::vector<int>& readers = l.readers(out);
+  if (readers.size() != 1 || op_of(l, readers[0]).kind != OpKind::kSplit ||
+      !split_as_views(l, readers[0])) {
+    return l.held(out);
+  }
+  std::vector<int64_t> features;  // the fused feature of each local column, in order
+  for (const Range& r : l.held(out)) {
+    for (int64_t f = r.begin; f < r.end; ++f) features.push_back(f);
+  }
+  IndexSet rows;  // part by part
+  for (size_t part = 0; part < op_of(l, readers[0]).outputs.size(); ++part) {
+    for (const Range& c : l.split_part(readers[0], part)) {
+      for (int64_t i = c.begin; i < c.end; ++i) {
+        const int64_t f = features[static_cast<size_t>(i)];
+        index_append(rows, f, f + 1);
+      }
+    }
+  }
+  return rows;
+}
 
 // ---- embedding: vocabulary-parallel; each rank contributes the rows it owns (a partial sum) ---
 void shard_embedding(Sharding& s, int op) { s.produce(op, State::kPartial); }
@@ -123,7 +159,7 @@ void lower_linear(Lowering& l, int index) {
   const std::vector<int64_t> shape = {op.out_features, op.in_features};
   Instr i = make_instr(Code::kLinear, index, {op.inputs[0]}, op.outputs[0]);
   if (l.linear_kind(index) == LinearKind::kColumn) {
-    const IndexSet rows = l.column_rows(index);
+    const IndexSet rows = column_rows(l, index);
     i.weight = l.weight(op.name + ".weight", shape, rows, {});
     if (op.has_bias) i.bias = l.weight(op.name + ".bias", {op.out_features}, rows, {});
   } else {
@@ -148,7 +184,7 @@ void layout_split(Sharding& s, int op) { s.compose_split(op); }
 
 void lower_split(Lowering& l, int index) {
   const Op& op = op_of(l, index);
-  if (l.split_as_views(index)) {  // no instruction: each part is a run of the fused columns
+  if (split_as_views(l, index)) {  // no instruction: each part is a run of the fused columns
     int64_t offset = 0;
     for (size_t part = 0; part < op.outputs.size(); ++part) {
       l.view(op.outputs[part], op.inputs[0], offset);
@@ -321,7 +357,7 @@ void lower_lm_head(Lowering& l, int index) {
 
 // One entry per op kind, in OpKind's order.
 constexpr OpTraits kTraits[] = {
-    /* kInputIds   */ {shard_input_ids, nullptr, 0, lower_nothing},
+    /* kInputIds   */ {shard_input_ids, nullptr, 0, lower_input},
     /* kEmbedding  */ {shard_embedding, nullptr, 0, lower_embedding},
     /* kNorm       */ {shard_whole_row, nullptr, 0, lower_norm},
     /* kLinear     */ {shard_linear, nullptr, 0, lower_linear},

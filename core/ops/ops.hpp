@@ -128,12 +128,8 @@ class Lowering {
   virtual const IndexSet& split_part(int op, size_t part) const = 0;
   // The input of an add whose replicated addend only rank 0 adds, or -1.
   virtual int added_once(int op) const = 0;
-  // Whether split `op` reads its fused input as views rather than copies: the input comes from
-  // a column-parallel linear that only this split reads, whose weight rows column_rows() then
-  // groups part by part, so that each part is a run of the fused output's columns.
-  virtual bool split_as_views(int op) const = 0;
-  // The weight rows of column-parallel linear `op`, in the order of its local output columns.
-  virtual IndexSet column_rows(int op) const = 0;
+  // The ops that read a value.
+  virtual const std::vector<int>& readers(int value) const = 0;
   // `value` becomes columns [col_offset, col_offset + its width) of `of`.
   virtual void view(int value, int of, int64_t col_offset) = 0;
 

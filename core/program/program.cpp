@@ -9,7 +9,6 @@
 namespace tpe::program {
 
 using graph::Op;
-using graph::OpKind;
 using parallel::Step;
 
 int64_t Program::bytes(int v, const Limits& l) const {
@@ -51,16 +50,15 @@ class Lowering final : public ops::Lowering {
     p_.rank = rank;
     p_.world = plan.world;
     p_.vocab = plan.vocab;
-    consumers_.resize(g.values.size());
+    readers_.resize(g.values.size());
     for (size_t op = 0; op < g.ops.size(); ++op) {
-      for (int v : g.ops[op].inputs) consumers_[v].push_back(static_cast<int>(op));
+      for (int v : g.ops[op].inputs) readers_[v].push_back(static_cast<int>(op));
     }
     for (size_t v = 0; v < g.values.size(); ++v) {
       held_.push_back(parallel::held_features(g, plan, static_cast<int>(v), rank));
       Value value;
       value.width = index_count(held_.back());
       if (g.values[v].stream == 1) value.rows = Rows::kSecondTokens;
-      value.stored = g.ops[g.values[v].producer].kind != OpKind::kInputIds;
       p_.values.push_back(value);
     }
   }
@@ -90,37 +88,7 @@ class Lowering final : public ops::Lowering {
   }
   int added_once(int op) const override { return plan_.add_replicated_input[op]; }
 
-  bool split_as_views(int op) const override {
-    const int fused = g_.ops[op].inputs[0];
-    const int producer = g_.values[fused].producer;
-    return g_.ops[producer].kind == OpKind::kLinear &&
-           plan_.linear_kind[producer] == parallel::LinearKind::kColumn &&
-           consumers_[fused] == std::vector<int>{op};
-  }
-
-  IndexSet column_rows(int op) const override {
-    const int out = g_.ops[op].outputs[0];
-    const std::vector<int>& readers = consumers_[out];
-    if (readers.size() != 1 || g_.ops[readers[0]].kind != OpKind::kSplit ||
-        !split_as_views(readers[0])) {
-      return held_[out];
-    }
-    std::vector<int64_t> features;  // the fused feature of each local column, in order
-    for (const Range& r : held_[out]) {
-      for (int64_t f = r.begin; f < r.end; ++f) features.push_back(f);
-    }
-    IndexSet rows;  // part by part
-    const size_t parts = g_.ops[readers[0]].outputs.size();
-    for (size_t part = 0; part < parts; ++part) {
-      for (const Range& c : split_part(readers[0], part)) {
-        for (int64_t i = c.begin; i < c.end; ++i) {
-          const int64_t f = features[static_cast<size_t>(i)];
-          index_append(rows, f, f + 1);
-        }
-      }
-    }
-    return rows;
-  }
+  const std::vector<int>& readers(int value) const override { return readers_[value]; }
 
   void view(int value, int of, int64_t col_offset) override {
     Value& v = p_.values[value];
@@ -245,8 +213,8 @@ class Lowering final : public ops::Lowering {
   const graph::Graph& g_;
   const parallel::Plan& plan_;
   int rank_;
-  std::vector<IndexSet> held_;               // per graph value
-  std::vector<std::vector<int>> consumers_;  // per graph value: the ops that read it
+  std::vector<IndexSet> held_;             // per graph value
+  std::vector<std::vector<int>> readers_;  // per graph value: the ops that read it
   Program p_;
   std::map<std::string, int> weight_index_;
 };

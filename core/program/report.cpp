@@ -67,9 +67,11 @@ std::string format_plan(const graph::Graph& g, const parallel::Plan& plan, const
   }
   for (const auto& [op_index, weight] : matrix[0]) {
     const graph::Op& op = g.ops[op_index];
-    const char* kind = op.kind != graph::OpKind::kLinear                             ? "vocab"
-                       : plan.linear_kind[op_index] == parallel::LinearKind::kColumn ? "column"
-                                                                                     : "row";
+    // Embedding and lm_head are no linears to the planner: they split by vocabulary rows.
+    const parallel::LinearKind linear = plan.linear_kind[op_index];
+    const char* kind = linear == parallel::LinearKind::kNone     ? "vocab"
+                       : linear == parallel::LinearKind::kColumn ? "column"
+                                                                 : "row";
     std::vector<std::string> shapes;
     for (size_t r = 0; r < ranks.size(); ++r) {
       shapes.push_back(shape(ranks[r].weights[matrix[r].at(op_index)]));
