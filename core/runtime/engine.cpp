@@ -40,9 +40,6 @@ Model prepare(const config::RunConfig& run) {
   if (run.device != "cpu" && run.device != "cuda") {
     fail("device '{}' is not one of cpu, cuda", run.device);
   }
-  if (run.device == "cuda" && !kHaveCuda) {
-    fail("device = \"cuda\": this tpengine was built without CUDA (no nvcc at build time)");
-  }
   if (run.kernel_inject) {
     fail("kernel_inject = true: fused kernels are not built yet; set kernel_inject = false");
   }
@@ -50,8 +47,10 @@ Model prepare(const config::RunConfig& run) {
   const std::string dtype =
       run.dtype == "auto" ? (run.device == "cpu" ? "float32" : config.dtype()) : run.dtype;
   if (run.device == "cpu" && dtype != "float32") {
-    fail("dtype '{}': the cpu backend computes in float32 (use dtype = \"auto\" or \"float32\")",
-         dtype);
+    fail(
+        "dtype '{}': the cpu backend computes in float32 (use dtype = \"auto\" or \"float32\", "
+        "or device = \"cuda\"; `plan --device cuda` plans for GPUs without one)",
+        dtype);
   }
   plugin::Registry registry =
       plugin::Registry::discover(plugin::Registry::default_search_path(run.policy_search_paths));
@@ -241,6 +240,10 @@ std::vector<Chunk> chunk_prompts(const std::vector<std::vector<int64_t>>& prompt
 
 Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_seed)
     : model_(std::move(model)) {
+  // Planning for GPUs needs none, nor CUDA; running on them does.
+  if (model_.device == "cuda" && !kHaveCuda) {
+    fail("device = \"cuda\": this tpengine was built without CUDA (no nvcc at build time)");
+  }
   std::optional<io::Checkpoint> checkpoint;
   Executor::WeightReader reader;
   std::string source;

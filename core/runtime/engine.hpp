@@ -42,7 +42,8 @@ struct Model {
   bool replay = true;  // record decode steps and replay them where the backend can
 };
 
-// Reads config.json, finds the policy, builds the graph and plans it for run.tp_size ranks.
+// Reads config.json, finds the policy, builds the graph and plans it for run.tp_size ranks
+// (device = "cuda" needs neither a GPU nor a CUDA build to be planned; the Engine checks).
 Model prepare(const config::RunConfig& run);
 
 struct GenerationParams {

@@ -38,7 +38,10 @@ TOML
     grep -Eq "model.layers.0.self_attn.k_proj +column +\[16, 96\] \[32, 96\] \[16, 96\] \[16, 96\]" <<<"$out"
     grep -Eq "model.layers.1.mlp.down_proj +row +\[96, 64\] \[96, 32\] \[96, 32\] \[96, 32\]" <<<"$out"
     grep -Eq "LlamaDecoderLayer model.layers.1 +2 all-reduce" <<<"$out"
-    grep -Eq "rank 1: weights .*, KV cache 1.00 MiB \(512 B per token\), activation arena [0-9.]+ (KiB|MiB)" <<<"$out";;
+    grep -Eq "rank 1: weights .*, KV cache 1.00 MiB \(512 B per token\), activation arena [0-9.]+ (KiB|MiB)" <<<"$out"
+    # Planning for GPUs needs no GPU (nor a CUDA build): bf16 halves every figure.
+    out=$("$tpengine" plan --model "$fixtures/llama_6h2kv" --tp 4 --device cuda --dtype bfloat16)
+    grep -Eq "rank 1: weights .*, KV cache 512.0 KiB \(256 B per token\)" <<<"$out";;
   plan_arena)
     # The activation arena `plan` predicts per rank, before any weight is read, against the
     # workspace a CPU run measured (the backend's peak beside weights and KV cache), within 10%,
