@@ -350,7 +350,8 @@ def print_tables(args, ours, no_graph, single, hf_tp):
 
 def commit():
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        # "-dirty" when the tree measured is not the commit (a copy of a working tree).
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
