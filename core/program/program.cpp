@@ -283,7 +283,7 @@ void plan_memory(Program& p, const Limits& limits) {
   p.arena_bytes = arena;
 }
 
-std::string instr_label(const graph::Graph& graph, const Program&, const Instr& instr) {
+std::string instr_label(const graph::Graph& graph, const Instr& instr) {
   if (instr.op < 0) return code_name(instr.code);
   const std::string name = graph.relative_name(instr.op);
   const std::string kind = graph::op_kind_name(graph.ops[instr.op].kind);

@@ -32,7 +32,6 @@ struct Limits {
   int64_t logit_rows = 1;  // rows whose logits one pass returns
   int64_t element_bytes = 4;
   int64_t second_tokens = 1;  // tokens of the second stream in one pass (graphs that have one)
-  bool operator==(const Limits&) const = default;
 };
 
 struct Program {
@@ -49,7 +48,7 @@ struct Program {
   };
   std::vector<CacheLayer> cache_layers;
   std::vector<backend::RopeSpec> ropes;  // the rotary parameter sets, shared by their instructions
-  std::vector<Range> vocab;              // per rank: rows of the embedding and lm_head
+  std::vector<Range> vocab;              // per rank: its rows of the lm_head (logits' slices)
   int64_t vocab_size = 0;
   int logits = -1;  // the value holding the full logits
   // Memory plan (plan_memory): the arena holds every stored value at its offset.
@@ -70,6 +69,6 @@ Program lower(const graph::Graph& graph, const parallel::Plan& plan, int rank);
 void plan_memory(Program& program, const Limits& limits);
 
 // "linear self_attn.q_proj", "all_reduce": the same in every layer.
-std::string instr_label(const graph::Graph& graph, const Program& program, const Instr& instr);
+std::string instr_label(const graph::Graph& graph, const Instr& instr);
 
 }  // namespace tpe::program

@@ -149,7 +149,7 @@ Tensor Executor::forward(const Batch& batch, std::vector<StepTime>* profile) {
     const std::vector<double> ms = backend_->profile_end();
     profile->clear();
     for (size_t i = 0; i < program_.instrs.size(); ++i) {
-      profile->push_back({program::instr_label(graph_, program_, program_.instrs[i]), ms.at(i)});
+      profile->push_back({program::instr_label(graph_, program_.instrs[i]), ms.at(i)});
     }
   }
   if (logit_rows == 0) return Tensor({0, program_.vocab_size});
