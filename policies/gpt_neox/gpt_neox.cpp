@@ -8,12 +8,12 @@
 namespace {
 
 void build(tpengine::Builder& b) {
-  const int64_t hidden = b.require_int("hidden_size");
-  const int64_t n_heads = b.require_int("num_attention_heads");
+  const int64_t hidden = b.require_size("hidden_size");
+  const int64_t n_heads = b.require_size("num_attention_heads");
   const int64_t head_dim = hidden / n_heads;
-  const int64_t ffn = b.require_int("intermediate_size");
-  const int64_t layers = b.require_int("num_hidden_layers");
-  const int64_t vocab = b.require_int("vocab_size");
+  const int64_t ffn = b.require_size("intermediate_size");
+  const int64_t layers = b.require_size("num_hidden_layers", 4096);
+  const int64_t vocab = b.require_size("vocab_size");
   const double eps = b.require_float("layer_norm_eps");
   const tpe_activation act = tpengine::Builder::activation_named(b.string_or("hidden_act", "gelu"));
   const bool parallel_residual = b.bool_or("use_parallel_residual", true);

@@ -24,13 +24,13 @@ void build(tpengine::Builder& b) {
   for (const Family& f : kFamilies) {
     if (model_type == f.model_type) family = &f;
   }
-  const int64_t hidden = b.require_int("hidden_size");
-  const int64_t n_heads = b.require_int("num_attention_heads");
-  const int64_t n_kv = b.int_or("num_key_value_heads", n_heads);
-  const int64_t head_dim = b.int_or("head_dim", hidden / n_heads);
-  const int64_t ffn = b.require_int("intermediate_size");
-  const int64_t layers = b.require_int("num_hidden_layers");
-  const int64_t vocab = b.require_int("vocab_size");
+  const int64_t hidden = b.require_size("hidden_size");
+  const int64_t n_heads = b.require_size("num_attention_heads");
+  const int64_t n_kv = b.size_or("num_key_value_heads", n_heads);
+  const int64_t head_dim = b.size_or("head_dim", hidden / n_heads);
+  const int64_t ffn = b.require_size("intermediate_size");
+  const int64_t layers = b.require_size("num_hidden_layers", 4096);
+  const int64_t vocab = b.require_size("vocab_size");
   const double eps = b.require_float("rms_norm_eps");
   const tpe_activation act = tpengine::Builder::activation_named(b.string_or("hidden_act", "silu"));
   const bool attention_bias = b.bool_or("attention_bias", false);

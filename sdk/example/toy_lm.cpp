@@ -12,13 +12,13 @@
 namespace {
 
 void build(tpengine::Builder& b) {
-  const int64_t d_model = b.require_int("d_model");
-  const int64_t n_layers = b.require_int("n_layers");
-  const int64_t n_heads = b.require_int("n_heads");
-  const int64_t n_kv_heads = b.int_or("n_kv_heads", n_heads);
+  const int64_t d_model = b.require_size("d_model");
+  const int64_t n_layers = b.require_size("n_layers", 4096);
+  const int64_t n_heads = b.require_size("n_heads");
+  const int64_t n_kv_heads = b.size_or("n_kv_heads", n_heads);
   const int64_t head_dim = d_model / n_heads;
-  const int64_t d_ff = b.require_int("d_ff");
-  const int64_t vocab = b.require_int("vocab");
+  const int64_t d_ff = b.require_size("d_ff");
+  const int64_t vocab = b.require_size("vocab");
   const double eps = b.require_float("norm_eps");
   const tpe_rope_desc rope = b.rope();  // reads rope_theta
 

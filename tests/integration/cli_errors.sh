@@ -51,6 +51,13 @@ case $case in
   config_missing_field)
     python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); del c['num_attention_heads']; json.dump(c, open(p,'w'))"
     expect="policy 'llama'.*config.json.*num_attention_heads";;
+  config_zero_heads)
+    # Checked on read, before the policy divides by it (it was a SIGFPE).
+    python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); c['num_attention_heads']=0; json.dump(c, open(p,'w'))"
+    expect="policy 'llama'.*config.json: key 'num_attention_heads' must be in \[1, 16777216\], got 0";;
+  config_huge_layers)
+    python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); c['num_hidden_layers']=10**9; json.dump(c, open(p,'w'))"
+    expect="policy 'llama'.*config.json: key 'num_hidden_layers' must be in \[1, 4096\], got 1000000000";;
   unknown_model_type)
     python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); c['model_type']='martian'; c['architectures']=['MartianForCausalLM']; json.dump(c, open(p,'w'))"
     expect="config.json.*'martian'.*policies found: .*llama.*gpt_neox|config.json.*'martian'.*policies found: .*gpt_neox.*llama";;

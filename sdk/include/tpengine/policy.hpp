@@ -32,6 +32,17 @@ class Builder {
     int64_t v = fallback;
     return optional(api_->config_int(g_, key, &v), key, "an integer") ? v : fallback;
   }
+  // A size (a width, a head count, a layer count): an integer in [1, max], else an error naming
+  // the key and its value, before anything divides by it or allocates for it.
+  static constexpr int64_t kMaxSize = int64_t{1} << 24;
+  int64_t require_size(const char* key, int64_t max = kMaxSize) const {
+    return checked_size(key, require_int(key), max);
+  }
+  int64_t size_or(const char* key, int64_t fallback, int64_t max = kMaxSize) const {
+    int64_t v = fallback;
+    return optional(api_->config_int(g_, key, &v), key, "an integer") ? checked_size(key, v, max)
+                                                                       : fallback;
+  }
   double require_float(const char* key) const {
     double v = 0;
     check(api_->config_float(g_, key, &v), key, "a number");
@@ -116,6 +127,13 @@ class Builder {
     if (r == TPE_WRONG_TYPE) {
       throw PolicyError(std::string("config.json: key '") + key + "' must be " + type);
     }
+  }
+  static int64_t checked_size(const char* key, int64_t v, int64_t max) {
+    if (v < 1 || v > max) {
+      throw PolicyError(std::string("config.json: key '") + key + "' must be in [1, " +
+                        std::to_string(max) + "], got " + std::to_string(v));
+    }
+    return v;
   }
   static bool optional(tpe_lookup r, const char* key, const char* type) {
     if (r == TPE_MISSING) return false;
