@@ -41,7 +41,7 @@ class Builder {
   int64_t size_or(const char* key, int64_t fallback, int64_t max = kMaxSize) const {
     int64_t v = fallback;
     return optional(api_->config_int(g_, key, &v), key, "an integer") ? checked_size(key, v, max)
-                                                                       : fallback;
+                                                                      : fallback;
   }
   double require_float(const char* key) const {
     double v = 0;
