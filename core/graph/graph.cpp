@@ -60,6 +60,18 @@ int Graph::num_attention_ops() const {
   return n;
 }
 
+bool GraphBuilder::valid(int v) {
+  if (v >= 0 && v < static_cast<int>(graph_.values.size())) return true;
+  // -1 is what a failed call returned: its error is recorded already.
+  if (v != -1 || !error_) {
+    set_error(
+        fmt::format("an op was given value {}, which no earlier op produced (the graph has "
+                    "{} values)",
+                    v, graph_.values.size()));
+  }
+  return false;
+}
+
 void GraphBuilder::set_error(const std::string& message) {
   if (!error_) error_ = message;
 }

@@ -113,7 +113,9 @@ class GraphBuilder {
   Graph finish();
 
  private:
-  bool valid(int v) const { return v >= 0 && v < static_cast<int>(graph_.values.size()); }
+  // Whether v is a value an earlier op produced. An invalid one that no recorded error explains
+  // (a policy passing a made-up value) is recorded as the error.
+  bool valid(int v);
   bool check(bool ok, const std::string& message);
   // Outputs take the stream of the op's first input (an input op's: its own).
   int add_op(graph::Op op, std::vector<int64_t> output_widths, int stream = -1);

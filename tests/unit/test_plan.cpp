@@ -408,3 +408,39 @@ TEST(Plan, WeightsAreHeldOnceExceptNormsAndReplicatedKvHeads) {
 
 }  // namespace
 }  // namespace tpe
+
+namespace tpe {
+namespace {
+
+// A made-up value is named as the error, not hidden behind "the graph has no lm_head"; a value
+// that an earlier failed call returned keeps that call's error.
+TEST(GraphBuilder, AValueNoOpProducedIsTheError) {
+  graph::GraphBuilder b;
+  const int x = b.embedding(b.input_ids(), "emb", 10, 8);
+  EXPECT_LT(b.linear(12345, "l", 8, 8, false), 0);
+  b.lm_head(x, "emb", 10, 8);
+  try {
+    b.finish();
+    ADD_FAILURE() << "a graph with an undefined value was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("value 12345, which no earlier op produced"),
+              std::string::npos)
+        << e.what();
+  }
+  graph::GraphBuilder c;
+  const int bad = c.linear(c.embedding(c.input_ids(), "emb", 10, 8), "l", 7, 8, false);
+  c.norm(bad, TPE_NORM_RMS, "n", false, 1e-5);
+  EXPECT_THROW(
+      {
+        try {
+          c.finish();
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("in_features 7"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      Error);
+}
+
+}  // namespace
+}  // namespace tpe
