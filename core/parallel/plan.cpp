@@ -72,9 +72,12 @@ class Planner final : public ops::Sharding {
     plan_.shard.assign(g_.values.size(), {});
     plan_.split_parts.assign(g_.ops.size(), {});
     plan_.add_replicated_input.assign(g_.ops.size(), -1);
-    for (int r = 0; r < world; ++r) {
-      plan_.vocab.push_back(deal(g_.values[g_.logits].width, world, r));
+    const int64_t vocab = g_.values[g_.logits].width;
+    if (vocab < world) {
+      fail("tp_size {} is more ranks than the vocabulary's {} rows: use a smaller tp_size", world,
+           vocab);
     }
+    for (int r = 0; r < world; ++r) plan_.vocab.push_back(deal(vocab, world, r));
   }
 
   Plan run() {
@@ -222,6 +225,13 @@ class Planner final : public ops::Sharding {
         layouts_.emplace(classes_.find(value), grain_layout(g_.values[v].width, world_));
       }
       plan_.shard[v] = *layout_of(value);
+      for (int r = 0; r < world_; ++r) {
+        if (index_count(plan_.shard[v][r]) > 0) continue;
+        fail(
+            "tp_size {} is more ranks than {} can be split over: rank {} would hold none of its "
+            "{} features; use a smaller tp_size",
+            world_, g_.describe(g_.values[v].producer), r, g_.values[v].width);
+      }
     }
     run_layout_phase(2);
   }

@@ -81,6 +81,13 @@ case $case in
   token_out_of_range)
     run=(generate --model "$model" --prompt-ids 1,999 --quiet --tp 2)
     expect="token id 999 is out of range for the vocabulary of 128 tokens";;
+  tp_beyond_heads)
+    # 4 heads over 5 ranks: one would hold no head (it was loaded as if it held them all).
+    run=(generate --model "$model" --prompt-ids 1,2 -n 2 --quiet --tp 5)
+    expect="tp_size 5 is more ranks than .* can be split over: rank 4 would hold none";;
+  tp_beyond_vocab)
+    run=(generate --model "$model" --prompt-ids 1,2 -n 2 --quiet --tp 200)
+    expect="tp_size 200 is more ranks than the vocabulary's 128 rows";;
   kv_cache_too_large)
     run=(generate --model "$model" --prompt-ids 1,2 -n 100000000000 --quiet)
     expect="KV cache for 1 sequence\\(s\\) of up to 100000000002 tokens needs .* GiB, more than";;
