@@ -119,6 +119,11 @@ void fetch(const LaunchEnv& e, std::array<char, 128>& id, double timeout_s) {
 
 std::optional<LaunchEnv> launch_env_from_environment() {
   LaunchEnv e;
+  // Half a launcher's environment is a mistake to name, not a hint to run one process.
+  if (env("RANK").has_value() != env("WORLD_SIZE").has_value()) {
+    fail("multi-process launch: {} is set but {} is not; a launcher (torchrun) sets both",
+         env("RANK") ? "RANK" : "WORLD_SIZE", env("RANK") ? "WORLD_SIZE" : "RANK");
+  }
   if (env("RANK") && env("WORLD_SIZE")) {
     e.launcher = "torchrun";
     e.rank = env_int("RANK", 0, 1 << 20);

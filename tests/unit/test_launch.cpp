@@ -31,6 +31,20 @@ TEST_F(LaunchEnvTest, NoLauncherMeansOneProcess) {
   EXPECT_FALSE(launch_env_from_environment().has_value());
 }
 
+TEST_F(LaunchEnvTest, HalfATorchrunEnvironmentIsRefused) {
+  set("RANK", "1");
+  try {
+    launch_env_from_environment();
+    ADD_FAILURE() << "RANK without WORLD_SIZE ran as one process";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("RANK is set but WORLD_SIZE is not"), std::string::npos)
+        << e.what();
+  }
+  TearDown();
+  set("WORLD_SIZE", "2");
+  EXPECT_THROW(launch_env_from_environment(), Error);
+}
+
 TEST_F(LaunchEnvTest, Torchrun) {
   set("RANK", "3");
   set("WORLD_SIZE", "4");
