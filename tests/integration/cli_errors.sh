@@ -29,6 +29,7 @@ PY
 
 run=(generate --model "$model" --prompt-ids 1,2,3 -n 2 --quiet)
 expect=""
+stdout="$work/out"
 case $case in
   truncated)
     truncate -s $(( $(stat -c %s "$st") / 2 )) "$st"
@@ -75,6 +76,18 @@ case $case in
   bad_flag_value)
     run+=(--top-p abc)
     expect="--top-p: top_p must be a number in \\(0, 1\\], got 'abc'";;
+  empty_prompt_id)
+    run=(generate --model "$model" --prompt-ids "1,,2" --quiet)
+    expect="--prompt-ids \"1,,2\": an empty id between commas";;
+  negative_seed)
+    run+=(--seed -1)
+    expect="--seed: seed must be a non-negative integer, got '-1'";;
+  negative_stop_id)
+    run+=(--stop-ids 2,-3)
+    expect="--stop-ids: a stop token id must be a non-negative integer, got '-3'";;
+  output_to_full_disk)
+    stdout=/dev/full
+    expect="writing the output failed: No space left on device";;
   bad_prompt_ids)
     run=(generate --model "$model" --prompt-ids 1,x,3 --quiet)
     expect="--prompt-ids \"1,x,3\": 'x' is not a token id";;
@@ -94,7 +107,7 @@ case $case in
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 
-"$tpengine" "${run[@]}" >"$work/out" 2>"$work/err"
+"$tpengine" "${run[@]}" >"$stdout" 2>"$work/err"
 status=$?
 lines=$(wc -l <"$work/err")
 echo "exit $status; stderr:"; cat "$work/err"

@@ -6,9 +6,11 @@
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -98,14 +100,35 @@ CLI::Validator number_in(const std::string& name, double low, double high, bool 
       "NUMBER");
 }
 
+// "1,2,3" (spaces around the commas allowed); an empty item ("1,,2", "1,2,") is an error.
+// An integer >= 0, with a message naming the option (CLI11's own prints the range as doubles).
+CLI::Validator non_negative(const std::string& name) {
+  return CLI::Validator(
+      [=](std::string& text) {
+        char* end = nullptr;
+        errno = 0;
+        const long long v = std::strtoll(text.c_str(), &end, 10);
+        if (end == text.c_str() || *end != '\0' || errno == ERANGE || v < 0) {
+          return fmt::format("{} must be a non-negative integer, got '{}'", name, text);
+        }
+        return std::string();
+      },
+      "INT >= 0");
+}
+
 std::vector<int64_t> parse_ids(const std::string& text, const std::string& flag) {
   std::vector<int64_t> ids;
   size_t pos = 0;
-  while (pos < text.size()) {
-    const size_t end = std::min(text.find_first_of(", ", pos), text.size());
-    const std::string item = text.substr(pos, end - pos);
+  while (pos <= text.size()) {
+    const size_t end = std::min(text.find(',', pos), text.size());
+    std::string item = text.substr(pos, end - pos);
     pos = end + 1;
-    if (item.empty()) continue;
+    item.erase(0, item.find_first_not_of(' '));
+    item.erase(item.find_last_not_of(' ') + 1);
+    if (item.empty()) {
+      if (ids.empty() && end == text.size()) break;  // no ids at all: said below
+      tpe::fail("{} \"{}\": an empty id between commas", flag, text);
+    }
     size_t used = 0;
     long long value = -1;
     try {
@@ -433,16 +456,17 @@ int main(int argc, char** argv) {
                   "text, encoded with the model's tokenizer.json; repeat for a batch");
   gen->add_option("--prompt-ids", prompt_ids, "comma-separated token ids; repeat for a batch");
   gen->add_option("-n,--max-new-tokens", overrides.max_new_tokens, "tokens to generate")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative("max_new_tokens"));
   gen->add_option("--do-sample", overrides.do_sample, "sample (true) or greedy (false)");
   gen->add_option("--temperature", overrides.temperature)
       ->check(number_in("temperature", 0, HUGE_VAL, false));
-  gen->add_option("--top-k", overrides.top_k)->check(CLI::NonNegativeNumber);
+  gen->add_option("--top-k", overrides.top_k)->check(non_negative("top_k"));
   gen->add_option("--top-p", overrides.top_p)->check(number_in("top_p", 0, 1, true));
   gen->add_option("--repetition-penalty", overrides.repetition_penalty)->check(CLI::PositiveNumber);
-  gen->add_option("--seed", overrides.seed);
+  gen->add_option("--seed", overrides.seed)->check(non_negative("seed"));
   gen->add_option("--stop-ids", stop_ids, "stop token ids (replace the model's eos)")
-      ->delimiter(',');
+      ->delimiter(',')
+      ->check(non_negative("a stop token id"));
   gen->add_flag("--ignore-eos", overrides.ignore_eos, "never stop before max_new_tokens");
 
   CLI::App* plan = app.add_subcommand("plan", "show how a model splits, without loading weights");
@@ -508,16 +532,17 @@ int main(int argc, char** argv) {
   }
   if (!stop_ids.empty()) overrides.stop_token_ids = stop_ids;
 
+  int status = 0;
   try {
-    if (*gen) return run_generate(gen_flags, prompt_ids, prompt_texts, overrides);
-    if (*tokenize) return run_tokenize(tok_model, tok_text, no_special);
-    if (*detokenize) return run_detokenize(tok_model, detok_ids, skip_special);
-    if (*plan) return run_plan(plan_flags, batch, seq_len);
+    if (*gen) status = run_generate(gen_flags, prompt_ids, prompt_texts, overrides);
+    if (*tokenize) status = run_tokenize(tok_model, tok_text, no_special);
+    if (*detokenize) status = run_detokenize(tok_model, detok_ids, skip_special);
+    if (*plan) status = run_plan(plan_flags, batch, seq_len);
     if (*bench) {
-      return run_bench(bench_flags, bench_options, bench_batches, random_weights, bench_json);
+      status = run_bench(bench_flags, bench_options, bench_batches, random_weights, bench_json);
     }
-    if (*policies) return run_policies(policies_flags);
-    if (*inspect) return run_inspect(inspect_path);
+    if (*policies) status = run_policies(policies_flags);
+    if (*inspect) status = run_inspect(inspect_path);
   } catch (const tpe::Error& e) {
     std::fprintf(stderr, "tpengine: error: %s\n", e.what());
     return 1;
@@ -525,5 +550,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "tpengine: error: %s\n", e.what());
     return 1;
   }
-  return 0;
+  // Output that never reached its file (a full disk, a closed pipe) is a failed run.
+  if (std::fflush(stdout) != 0 || std::ferror(stdout) != 0) {
+    std::fprintf(stderr, "tpengine: error: writing the output failed: %s\n", std::strerror(errno));
+    return 1;
+  }
+  return status;
 }
