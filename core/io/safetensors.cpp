@@ -220,7 +220,10 @@ std::map<std::string, std::string> parse_metadata(const fs::path& file, const js
   return metadata;
 }
 
-void check_no_overlap(const fs::path& file, const std::vector<TensorInfo>& tensors) {
+// As the reference loader: the tensors tile the data section, from its first byte to its last,
+// without overlaps, gaps or bytes past the last one.
+void check_layout(const fs::path& file, const std::vector<TensorInfo>& tensors,
+                  uint64_t data_size) {
   std::vector<const TensorInfo*> order;
   for (const TensorInfo& info : tensors) {
     // An empty tensor owns no bytes, so it cannot overlap anything wherever it points.
@@ -228,13 +231,23 @@ void check_no_overlap(const fs::path& file, const std::vector<TensorInfo>& tenso
   }
   std::sort(order.begin(), order.end(),
             [](const TensorInfo* a, const TensorInfo* b) { return a->begin < b->begin; });
-  for (size_t i = 1; i < order.size(); ++i) {
-    const TensorInfo& prev = *order[i - 1];
-    const TensorInfo& next = *order[i];
-    if (next.begin < prev.end) {
-      fail_in(file, "tensors '{}' [{}, {}] and '{}' [{}, {}] overlap", printable(prev.name),
-              prev.begin, prev.end, printable(next.name), next.begin, next.end);
+  uint64_t covered = 0;
+  const TensorInfo* prev = nullptr;
+  for (const TensorInfo* next : order) {
+    if (prev != nullptr && next->begin < prev->end) {
+      fail_in(file, "tensors '{}' [{}, {}] and '{}' [{}, {}] overlap", printable(prev->name),
+              prev->begin, prev->end, printable(next->name), next->begin, next->end);
     }
+    if (next->begin > covered) {
+      fail_in(file, "bytes [{}, {}) of the data section belong to no tensor (before '{}')", covered,
+              next->begin, printable(next->name));
+    }
+    covered = next->end;
+    prev = next;
+  }
+  if (covered != data_size) {
+    fail_in(file, "bytes [{}, {}) of the data section follow the last tensor's data", covered,
+            data_size);
   }
 }
 
@@ -426,7 +439,7 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
       file->tensors_.push_back(parse_tensor(path, key, value, data_size));
     }
   }
-  check_no_overlap(path, file->tensors_);
+  check_layout(path, file->tensors_, data_size);
   return file;
 }
 

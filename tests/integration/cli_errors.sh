@@ -37,6 +37,10 @@ case $case in
   overlapping_offsets)
     edit_header 'k = sorted(x for x in h if x != "__metadata__"); a, b = h[k[0]], h[k[1]]; b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + b["data_offsets"][1] - b["data_offsets"][0]]'
     expect="model.safetensors.*overlap";;
+  bytes_after_tensors)
+    # The reference loader refuses data no tensor accounts for; so do we.
+    printf 'trailing' >>"$st"
+    expect="model.safetensors: bytes \\[[0-9]+, [0-9]+\\) of the data section follow the last tensor's data";;
   offsets_past_end)
     edit_header 'k = sorted(x for x in h if x != "__metadata__")[0]; e = h[k]["data_offsets"]; h[k]["data_offsets"] = [len(data), len(data) + e[1] - e[0]]'
     expect="model.safetensors: tensor '[^']*': data_offsets .* past the data section";;
@@ -44,7 +48,8 @@ case $case in
     edit_header 'header_len = 10**9'
     expect="model.safetensors.*header length";;
   missing_tensor)
-    edit_header 'del h["model.layers.1.mlp.up_proj.weight"]'
+    # The tensor and its bytes go (later tensors move up), so the file itself stays well formed.
+    edit_header 'k = "model.layers.1.mlp.up_proj.weight"; b, e = h[k]["data_offsets"]; del h[k]; data = data[:b] + data[e:]; [t.__setitem__("data_offsets", [o - (e - b) for o in t["data_offsets"]]) for n, t in h.items() if n != "__metadata__" and t["data_offsets"][0] >= e]'
     expect="policy 'llama' .* reads tensor 'model.layers.1.mlp.up_proj.weight', which checkpoint .* does not have";;
   wrong_shape)
     edit_header 's = h["model.layers.0.mlp.down_proj.weight"]["shape"]; h["model.layers.0.mlp.down_proj.weight"]["shape"] = s[::-1]'

@@ -346,6 +346,18 @@ TEST_F(Safetensors, OffsetsOverlap) {
                     "abcd", {"tensors 'a' [0, 3] and 'b' [2, 4] overlap"});
 }
 
+// The tensors must tile the data section as the reference loader requires: no gap before or
+// between them, nothing after the last.
+TEST_F(Safetensors, BytesThatBelongToNoTensor) {
+  expect_open_error(R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},)"
+                    R"("b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}})",
+                    "abcd", {"bytes [1, 2) of the data section belong to no tensor (before 'b')"});
+  expect_open_error(R"({"w":{"dtype":"U8","shape":[3],"data_offsets":[1,4]}})", "abcd",
+                    {"bytes [0, 1) of the data section belong to no tensor (before 'w')"});
+  expect_open_error(R"({"w":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}})", "abcd",
+                    {"bytes [3, 4) of the data section follow the last tensor's data"});
+}
+
 TEST_F(Safetensors, SpanDoesNotMatchShape) {
   expect_open_error(R"({"a.weight":{"dtype":"F32","shape":[4,8],"data_offsets":[0,96]}})",
                     std::string(128, 'x'),
