@@ -11,4 +11,18 @@ bool Batch::is_decode() const {
   return true;
 }
 
+const std::vector<int64_t>& Batch::ids(Ids which) const {
+  switch (which) {
+    case Ids::kTokens:
+      return tokens;
+    case Ids::kTokenTypes:
+      return token_types;
+    case Ids::kSecondTokens:
+      return second.tokens;
+    case Ids::kSecondTokenTypes:
+      return second.token_types;
+  }
+  return tokens;
+}
+
 }  // namespace tpe::backend

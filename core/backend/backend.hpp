@@ -19,6 +19,9 @@
 
 namespace tpe::backend {
 
+// Which of the pass's ids an embedding looks up.
+enum class Ids { kTokens, kTokenTypes, kSecondTokens, kSecondTokenTypes };
+
 // The inputs of one forward pass: its tokens grouped by sequence.
 struct Batch {
   struct Segment {
@@ -48,10 +51,9 @@ struct Batch {
   // Every sequence adds one token and every row's logits are wanted: a decode step, whose
   // instructions are the same for every step of the same batch size.
   bool is_decode() const;
+  // The ids an embedding of kind `which` reads.
+  const std::vector<int64_t>& ids(Ids which) const;
 };
-
-// Which of the pass's ids an embedding looks up.
-enum class Ids { kTokens, kTokenTypes, kSecondTokens, kSecondTokenTypes };
 
 // One set of rotary parameters the program uses; Backend::rotary names it by index.
 struct RopeSpec {

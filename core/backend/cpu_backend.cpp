@@ -54,10 +54,7 @@ double CpuBackend::copy_bandwidth_gbs() {
 }
 
 void CpuBackend::embedding(const Buffer& table, Range vocab, Ids ids, Buffer& out) {
-  const std::vector<int64_t>& source = ids == Ids::kTokens         ? batch_->tokens
-                                       : ids == Ids::kTokenTypes   ? batch_->token_types
-                                       : ids == Ids::kSecondTokens ? batch_->second.tokens
-                                                                   : batch_->second.token_types;
+  const std::vector<int64_t>& source = batch_->ids(ids);
   TPE_CHECK(static_cast<int64_t>(source.size()) == out.rows, "embedding: ids and rows differ");
   for (int64_t t = 0; t < out.rows; ++t) {
     const int64_t id = source[t];

@@ -78,10 +78,7 @@ void Executor::check_ids(const Batch& batch) const {
   for (const Instr& instr : program_.instrs) {
     if (instr.code != Code::kEmbedding) continue;
     const bool second = instr.ids == Ids::kSecondTokens || instr.ids == Ids::kSecondTokenTypes;
-    const std::vector<int64_t>& ids = instr.ids == Ids::kTokens         ? batch.tokens
-                                      : instr.ids == Ids::kTokenTypes   ? batch.token_types
-                                      : instr.ids == Ids::kSecondTokens ? batch.second.tokens
-                                                                        : batch.second.token_types;
+    const std::vector<int64_t>& ids = batch.ids(instr.ids);
     const size_t rows = second ? batch.second.tokens.size() : batch.tokens.size();
     const program::Weight& table = program_.weights[instr.weight];
     if (ids.size() != rows) {
