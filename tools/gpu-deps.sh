@@ -22,6 +22,7 @@
 # - makes the links that update-alternatives would have made for OpenBLAS (libopenblas.so,
 #   cblas.h), so that CMake's FindBLAS and find_path find them where they look;
 # - rewrites the .pc files' /usr prefixes relative to ${pcfiledir}, so the folder may move;
+# - adds FlashInfer's headers (tools/fetch-flashinfer.sh) as DIR/flashinfer;
 # - writes env.sh, which points CMake (CMAKE_PREFIX_PATH), pkg-config (a pkgconf from the
 #   folder, reading only the folder's .pc files) and the loader (LD_LIBRARY_PATH) at the folder.
 set -euo pipefail
@@ -115,10 +116,14 @@ while read -r pc; do
   sed -i -E "s#^([A-Za-z_]+)=/usr(/|\$)#\\1=\${pcfiledir}/$rel\\2#" "$pc"
 done < <(find "$usr" -name '*.pc')
 
+# FlashInfer's headers (tools/fetch-flashinfer.sh), found by CMake on CMAKE_PREFIX_PATH.
+"$repo/tools/fetch-flashinfer.sh"
+cp -a "$repo/.deps/flashinfer" "$dir/flashinfer"
+
 cat >"$dir/env.sh" <<'EOF'
 # Source from bash: points CMake, pkg-config and the loader at the packages in this folder.
 tpe_deps_usr=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/usr
-export CMAKE_PREFIX_PATH="$tpe_deps_usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+export CMAKE_PREFIX_PATH="$tpe_deps_usr:${tpe_deps_usr%/usr}/flashinfer${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
 export PKG_CONFIG="$tpe_deps_usr/bin/pkgconf"
 export PKG_CONFIG_LIBDIR="$tpe_deps_usr/lib/x86_64-linux-gnu/pkgconfig:$tpe_deps_usr/share/pkgconfig"
 export LD_LIBRARY_PATH="$tpe_deps_usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs everything tpengine needs to build and test, from Debian's packages. Idempotent: it
-# installs only what is missing. Needs root (or sudo) on Debian 12 / Ubuntu 22.04 or newer.
+# Installs everything tpengine needs to build and test: Debian's packages, then FlashInfer's
+# CUDA headers (the attention kernels; see flashinfer below). Idempotent: it installs only what
+# is missing. Needs root (or sudo) on Debian 12 / Ubuntu 22.04 or newer for the packages.
 set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
 
 packages=(
   build-essential cmake pkg-config ccache python3
@@ -23,10 +25,13 @@ for p in "${packages[@]}"; do
 done
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all ${#packages[@]} packages present"
-  exit 0
+else
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "install-deps: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-echo "install-deps: installing ${missing[*]}"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+
+# FlashInfer's CUDA headers (the Hopper attention kernels), pinned.
+"$repo/tools/fetch-flashinfer.sh"

@@ -181,8 +181,9 @@ class Backend {
   // ---- recording a pass once and replaying it (CUDA graphs) ----
   // A backend that can record the work a pass queues and replay it, reading new inputs from the
   // buffers begin() fills, says so here. Between record_begin() and record_end(key) nothing runs;
-  // replay(key) runs the recording. forget_recordings() drops them (the memory they refer to
-  // moved).
+  // replay(key) runs the recording, or says false when there is none. forget_recordings() drops
+  // them (the memory they refer to moved); the backend may also drop them itself, when a pass
+  // that runs op by op has to grow scratch memory that recordings refer to.
   virtual bool can_replay() const { return false; }
   virtual void record_begin() {}
   virtual void record_end(int /*key*/) {}

@@ -418,6 +418,8 @@ void CudaBackend::begin(const Batch& batch) {
   // no logits or failed half way, before its inputs are overwritten.
   sync("the previous forward pass");
   TPE_CHECK(inputs_host_ != nullptr, "reserve_inputs was not called");
+  segments_ = batch.segments;
+  decode_ = batch.is_decode();
   // The layout depends only on the counts, so every decode step of one batch size reads its
   // inputs at the same addresses: ids, slots, positions, segment of each token, logit rows
   // (int32), then per rotary parameter set, per segment, its inverse frequencies (fp32).
@@ -535,6 +537,24 @@ void CudaBackend::rotary(Buffer& x, int rope) {
                x.stride());
 }
 
+int CudaBackend::attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_len,
+                                  int64_t n_kv, int64_t group) {
+  // At most 16 MiB of partial results; big passes need no splits to fill the device.
+  constexpr int64_t kMaxScratchFloats = int64_t{4} << 20;
+  const int64_t have = attention_scratch_.cols * attention_scratch_.rows *
+                       static_cast<int64_t>(cuda::dtype_size(dtype_)) / 4;
+  int splits =
+      cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, kMaxScratchFloats);
+  const int64_t need = cuda::attention_scratch_floats(tokens, n_q, head_dim, splits);
+  if (need <= have) return splits;
+  if (recording_) {
+    return cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, have);
+  }
+  forget_recordings();
+  attention_scratch_ = alloc(1, need * 4 / static_cast<int64_t>(cuda::dtype_size(dtype_)));
+  return splits;
+}
+
 void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                             const AttentionShape& a, Buffer& out) {
   if (a.cross) {
@@ -545,9 +565,42 @@ void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, K
   }
   cuda::kv_append(k.data, v.data, k.rows, k.cols, slots_, positions_, cache.k.data, cache.v.data,
                   cache.max_len, dtype_, stream_, k.stride(), v.stride());
-  cuda::attention(q.data, q.rows, q.cols / a.head_dim, a.head_dim, slots_, positions_, cache.k.data,
-                  cache.v.data, cache.max_len, k.cols / a.head_dim, a.first_q, a.group, a.first_kv,
-                  a.scale, a.window, dtype_, out.data, stream_, q.stride());
+  const int64_t n_q = q.cols / a.head_dim;
+  const int64_t n_kv = k.cols / a.head_dim;
+  const size_t e = cuda::dtype_size(dtype_);
+  // Tokens [first, first + count) on CUDA cores, split over the keys.
+  const auto split_kv = [&](int64_t first, int64_t count) {
+    if (count == 0) return;
+    const int splits = attention_splits(count, n_q, a.head_dim, cache.max_len, n_kv, a.group);
+    cuda::attention(static_cast<const char*>(q.data) + static_cast<size_t>(first * q.stride()) * e,
+                    count, n_q, a.head_dim, slots_ + first, positions_ + first, cache.k.data,
+                    cache.v.data, cache.max_len, n_kv, a.first_q, a.group, a.first_kv, a.scale,
+                    a.window, dtype_,
+                    static_cast<char*>(out.data) + static_cast<size_t>(first * out.cols) * e,
+                    stream_, q.stride(), splits, static_cast<float*>(attention_scratch_.data));
+  };
+  // Sequences with many new tokens (prompts, their chunks) go to the tensor-core prefill kernel
+  // one by one, where it serves; runs of the others (decode steps, a few tokens) to split_kv.
+  constexpr int64_t kPrefillMinTokens = 16;
+  if (decode_ || !cuda::prefill_attention_supported(dtype_, a.head_dim, q.stride())) {
+    split_kv(0, q.rows);
+    return;
+  }
+  int64_t t = 0;
+  int64_t short_from = 0;
+  for (const Batch::Segment& seg : segments_) {
+    if (seg.count >= kPrefillMinTokens) {
+      split_kv(short_from, t - short_from);
+      cuda::prefill_attention(
+          static_cast<const char*>(q.data) + static_cast<size_t>(t * q.stride()) * e, q.stride(),
+          seg.count, n_q, a.head_dim, seg.slot, seg.start_pos, cache.k.data, cache.v.data,
+          cache.max_len, n_kv, a.first_q, a.group, a.first_kv, a.scale, a.window, dtype_,
+          static_cast<char*>(out.data) + static_cast<size_t>(t * out.cols) * e, stream_);
+      short_from = t + seg.count;
+    }
+    t += seg.count;
+  }
+  split_kv(short_from, t - short_from);
 }
 
 void CudaBackend::activation(tpe_activation act, Buffer& x) {
@@ -663,9 +716,11 @@ void CudaBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vo
 
 void CudaBackend::record_begin() {
   TPE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  recording_ = true;
 }
 
 void CudaBackend::record_end(int key) {
+  recording_ = false;
   cudaGraph_t graph = nullptr;
   TPE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
   cudaGraphExec_t exec = nullptr;
@@ -692,6 +747,7 @@ void CudaBackend::forget_recordings() {
     cudaGraph_t graph = nullptr;
     cudaStreamEndCapture(stream_, &graph);
     if (graph != nullptr) cudaGraphDestroy(graph);
+    recording_ = false;
     cudaGetLastError();
   }
   for (auto& [key, exec] : recordings_) cudaGraphExecDestroy(exec);

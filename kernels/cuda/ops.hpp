@@ -63,10 +63,31 @@ void kv_append(const void* k, const void* v, int64_t tokens, int64_t kv_width, c
 // q: [tokens, n_q * head_dim]; local q head h reads local kv head
 // (first_q + h) / group - first_kv. Softmax in fp32 with the max subtracted.
 // out: [tokens, n_q * head_dim]; q_ld: elements between q's rows (0: n_q * head_dim).
+// CUDA cores, the keys of each token in `splits` parts (attention_splits) whose partial results
+// go to `scratch` (attention_scratch_floats floats) and are merged by a second kernel. Reads
+// positions and slots on the device only, so a recorded call replays for any lengths.
 void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, const int32_t* slots,
                const int32_t* positions, const void* k_cache, const void* v_cache, int64_t max_len,
                int64_t n_kv, int64_t first_q, int64_t group, int64_t first_kv, float scale,
-               int64_t window, DType dtype, void* out, cudaStream_t stream, int64_t q_ld = 0);
+               int64_t window, DType dtype, void* out, cudaStream_t stream, int64_t q_ld = 0,
+               int splits = 1, float* scratch = nullptr);
+// The split count attention uses best for these shapes on the current device, given a scratch of
+// scratch_floats floats: enough blocks to fill the device, never more partial results than fit.
+int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_len, int64_t n_kv,
+                     int64_t group, int64_t scratch_floats);
+int64_t attention_scratch_floats(int64_t tokens, int64_t n_q, int64_t head_dim, int splits);
+
+// Causal attention of one sequence's `count` new tokens, at positions start_pos.. of cache slot
+// `slot` (already appended), on tensor cores: FlashInfer's Hopper prefill kernel (a TMA and
+// warp-specialised FlashAttention-3 design). Shapes as attention. Only where
+// prefill_attention_supported says so: a Hopper device in a build for sm_90a, f16 or bf16,
+// head_dim 64, 128 or 256, 16-byte aligned rows.
+bool prefill_attention_supported(DType dtype, int64_t head_dim, int64_t q_ld);
+void prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, int64_t head_dim,
+                       int64_t slot, int64_t start_pos, const void* k_cache, const void* v_cache,
+                       int64_t max_len, int64_t n_kv, int64_t first_q, int64_t group,
+                       int64_t first_kv, float scale, int64_t window, DType dtype, void* out,
+                       cudaStream_t stream);
 
 // Holds the stream until the host sets *flag, host memory mapped into the device
 // (cudaHostAllocMapped), to non-zero: what the host queues meanwhile then runs back to back.

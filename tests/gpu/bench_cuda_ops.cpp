@@ -275,21 +275,28 @@ void bench_gemm_candidates(cudaStream_t stream, int64_t in, int64_t out) {
   CK_LT(cublasLtDestroy(handle));
 }
 
-// Attention of `seqs` sequences of context `ctx` whose last `new_tokens` are new, Llama-7B-like
-// heads (32 q, 8 kv) of head_dim `hd`.
+// Attention of `seqs` sequences of context `ctx` whose last `new_tokens` are new, heads n_q and
+// n_kv of head_dim `hd`: on the split-KV kernel (the splits it picks) or, prefill, the tensor-core
+// prefill kernel one sequence at a time. The caches rotate among copies spanning 512 MB, so that
+// decode reads memory, not L2. Decode reports the K and V bytes per second; prefill the causal
+// FLOP/s: 4 * hd * n_q * (the query-key pairs the mask keeps).
 void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx,
-                     int64_t new_tokens, int64_t hd) {
-  const int64_t n_q = 32;
-  const int64_t n_kv = 8;
+                     int64_t new_tokens, int64_t n_q, int64_t n_kv, int64_t hd, bool prefill) {
   const size_t es = tpe::cuda::dtype_size(dtype);
   const size_t cache = static_cast<size_t>(seqs * ctx * n_kv * hd);
   const int64_t tokens = seqs * new_tokens;
-  Buffer k(cache * es);
-  Buffer v(cache * es);
+  const int copies =
+      static_cast<int>(std::clamp<size_t>((size_t{512} << 20) / (2 * cache * es) + 1, 1, 64));
+  std::vector<std::unique_ptr<Buffer>> k;
+  std::vector<std::unique_ptr<Buffer>> v;
+  for (int c = 0; c < copies; ++c) {
+    k.push_back(std::make_unique<Buffer>(cache * es));
+    v.push_back(std::make_unique<Buffer>(cache * es));
+    fill_random(k.back()->p, dtype, cache, 5 + 2 * c, stream);
+    fill_random(v.back()->p, dtype, cache, 6 + 2 * c, stream);
+  }
   Buffer q(static_cast<size_t>(tokens * n_q * hd) * es);
   Buffer out(static_cast<size_t>(tokens * n_q * hd) * es);
-  fill_random(k.p, dtype, cache, 5, stream);
-  fill_random(v.p, dtype, cache, 6, stream);
   fill_random(q.p, dtype, static_cast<size_t>(tokens * n_q * hd), 7, stream);
   std::vector<int32_t> slots;
   std::vector<int32_t> positions;
@@ -305,19 +312,46 @@ void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx
   CK(cudaMemcpy(d_slots.p, slots.data(), index_bytes, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d_positions.p, positions.data(), index_bytes, cudaMemcpyHostToDevice));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  constexpr int64_t kScratch = int64_t{4} << 20;
+  Buffer scratch(static_cast<size_t>(kScratch) * 4);
+  const int splits = tpe::cuda::attention_splits(tokens, n_q, hd, ctx, n_kv, n_q / n_kv, kScratch);
   const double us = time_us(
       stream,
-      [&](int) {
+      [&](int i) {
+        const void* kc = k[static_cast<size_t>(i % copies)]->p;
+        const void* vc = v[static_cast<size_t>(i % copies)]->p;
+        if (prefill) {
+          for (int64_t s = 0; s < seqs; ++s) {
+            const size_t at = static_cast<size_t>(s * new_tokens * n_q * hd) * es;
+            tpe::cuda::prefill_attention(static_cast<const char*>(q.p) + at, n_q * hd, new_tokens,
+                                         n_q, hd, s, ctx - new_tokens, kc, vc, ctx, n_kv, 0,
+                                         n_q / n_kv, 0, scale, 0, dtype,
+                                         static_cast<char*>(out.p) + at, stream);
+          }
+          return;
+        }
         tpe::cuda::attention(q.p, tokens, n_q, hd, static_cast<const int32_t*>(d_slots.p),
-                             static_cast<const int32_t*>(d_positions.p), k.p, v.p, ctx, n_kv, 0,
-                             n_q / n_kv, 0, scale, 0, dtype, out.p, stream);
+                             static_cast<const int32_t*>(d_positions.p), kc, vc, ctx, n_kv, 0,
+                             n_q / n_kv, 0, scale, 0, dtype, out.p, stream, 0, splits,
+                             static_cast<float*>(scratch.p));
       },
       new_tokens > 1 ? 3 : 20, new_tokens > 1 ? 5 : 15);
-  char what[128];
-  std::snprintf(what, sizeof what, "attention %-4s %lld seqs x %lld keys, %lld new each, hd %lld",
-                dtype_name(dtype), static_cast<long long>(seqs), static_cast<long long>(ctx),
-                static_cast<long long>(new_tokens), static_cast<long long>(hd));
-  report(what, us, 2.0 * static_cast<double>(cache * es));
+  char what[160];
+  std::snprintf(what, sizeof what, "attention %s %-4s %lld x %lld keys, %lld new, %lld/%lld h%lld",
+                prefill ? "prefill" : "split-kv", dtype_name(dtype), static_cast<long long>(seqs),
+                static_cast<long long>(ctx), static_cast<long long>(new_tokens),
+                static_cast<long long>(n_q), static_cast<long long>(n_kv),
+                static_cast<long long>(hd));
+  if (new_tokens == 1) {
+    report(what, us, 2.0 * static_cast<double>(cache * es));
+    return;
+  }
+  // Query i (of new_tokens, at ctx - new_tokens + i) sees ctx - new_tokens + i + 1 keys.
+  const double pairs =
+      static_cast<double>(seqs) * static_cast<double>(new_tokens) *
+      (static_cast<double>(ctx - new_tokens) + (static_cast<double>(new_tokens) + 1.0) / 2.0);
+  const double flops = 4.0 * static_cast<double>(hd * n_q) * pairs;
+  std::printf("%-58s %9.2f us %7.1f TFLOP/s (causal)\n", what, us, flops / (us * 1e-6) / 1e12);
 }
 
 void bench_kernels(cudaStream_t stream) {
@@ -346,12 +380,29 @@ void bench_kernels(cudaStream_t stream) {
         time_us(stream, [&](int) { tpe::cuda::add(a.p, b.p, out.p, n, dtype, stream); });
     report("add bf16 64M elements", us, 3.0 * static_cast<double>(n) * 2);
   }
-  // Decode: 16 sequences at position 4095, one new token each; TB/s counts their K and V.
-  bench_attention(stream, DType::kBF16, 16, 4096, 1, 128);
-  bench_attention(stream, DType::kF32, 16, 4096, 1, 128);
-  bench_attention(stream, DType::kBF16, 16, 4096, 1, 80);  // 16-byte loads
-  // Prefill: one sequence of 2048 new tokens, each block re-reading its keys from L2.
-  bench_attention(stream, DType::kBF16, 1, 2048, 2048, 128);
+  // Decode: batch 1, 8 and 32 at position 4095, one new token each, Llama-2-7B's heads (32 q,
+  // 32 kv) and a GQA shape (32 q, 8 kv; Llama-3-8B, Mistral); TB/s counts their K and V.
+  for (const int64_t seqs : {int64_t{1}, int64_t{8}, int64_t{32}}) {
+    bench_attention(stream, DType::kBF16, seqs, 4096, 1, 32, 32, 128, false);
+    bench_attention(stream, DType::kBF16, seqs, 4096, 1, 32, 8, 128, false);
+  }
+  bench_attention(stream, DType::kF32, 16, 4096, 1, 32, 8, 128, false);
+  bench_attention(stream, DType::kBF16, 16, 4096, 1, 32, 8, 80, false);  // 16-byte loads
+  // Prefill: one prompt of 2048 (and 8192) tokens, 32 heads of 128, on tensor cores beside the
+  // split-KV kernel; and a chunk of 512 continuing 1536 cached tokens.
+  for (const int64_t n : {int64_t{2048}, int64_t{8192}}) {
+    if (tpe::cuda::prefill_attention_supported(DType::kBF16, 128, 32 * 128)) {
+      bench_attention(stream, DType::kBF16, 1, n, n, 32, 32, 128, true);
+      bench_attention(stream, DType::kBF16, 1, n, n, 32, 8, 128, true);
+    }
+  }
+  if (tpe::cuda::prefill_attention_supported(DType::kBF16, 128, 32 * 128)) {
+    bench_attention(stream, DType::kBF16, 1, 2048, 512, 32, 32, 128, true);
+    bench_attention(stream, DType::kF16, 1, 2048, 2048, 32, 32, 128, true);
+    bench_attention(stream, DType::kBF16, 1, 2048, 2048, 32, 32, 64, true);
+    bench_attention(stream, DType::kBF16, 1, 2048, 2048, 16, 16, 256, true);
+  }
+  bench_attention(stream, DType::kBF16, 1, 2048, 2048, 32, 32, 128, false);
 }
 
 }  // namespace

@@ -698,10 +698,17 @@ struct AttentionCase {
   std::vector<Sequence> sequences;
 };
 
+// Which kernel a case runs on: the split-KV kernel with the splits it would choose, or with a
+// given count; or the tensor-core prefill kernel, one call per sequence.
+struct AttentionPath {
+  enum Kind { kSplitKv, kPrefill } kind = kSplitKv;
+  int splits = 0;  // kSplitKv: 0 picks attention_splits' count
+};
+
 // fused: q, k and v are read as views of one [tokens, q | k | v] buffer (GPT-NeoX's split
 // query_key_value), through the kernels' row strides.
 void run_attention_case(const AttentionCase& c, DType dtype, cudaStream_t stream, Rng& rng,
-                        const std::string& label, bool fused = false) {
+                        const std::string& label, bool fused = false, AttentionPath path = {}) {
   const Heads& h = c.heads;
   const int64_t kv_width = h.n_kv * h.head_dim;
   const int64_t q_width = h.n_q * h.head_dim;
@@ -749,9 +756,29 @@ void run_attention_case(const AttentionCase& c, DType dtype, cudaStream_t stream
   const float scale = 1.0f / std::sqrt(static_cast<float>(h.head_dim));
   kv_append(k_in, v_in, tokens, kv_width, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
             d_k_cache.get(), d_v_cache.get(), c.cache.max_len, dtype, stream, ld, ld);
-  attention(q_in, tokens, h.n_q, h.head_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
-            d_k_cache.get(), d_v_cache.get(), c.cache.max_len, h.n_kv, h.first_q, h.group,
-            h.first_kv, scale, c.cache.window, dtype, d_out.get(), stream, ld);
+  if (path.kind == AttentionPath::kPrefill) {
+    int64_t t0 = 0;
+    for (const Sequence& s : c.sequences) {
+      prefill_attention(static_cast<const char*>(q_in) + t0 * (fused ? fused_width : q_width) * e,
+                        ld, s.n_new, h.n_q, h.head_dim, s.slot, s.start, d_k_cache.get(),
+                        d_v_cache.get(), c.cache.max_len, h.n_kv, h.first_q, h.group, h.first_kv,
+                        scale, c.cache.window, dtype,
+                        static_cast<char*>(d_out.get()) + t0 * q_width * e, stream);
+      t0 += s.n_new;
+    }
+  } else {
+    constexpr int64_t kScratch = int64_t{1} << 22;
+    const int splits = path.splits > 0
+                           ? path.splits
+                           : attention_splits(tokens, h.n_q, h.head_dim, c.cache.max_len, h.n_kv,
+                                              h.group, kScratch);
+    const DeviceBuffer scratch(static_cast<size_t>(kScratch) * 4);
+    ASSERT_LE(attention_scratch_floats(tokens, h.n_q, h.head_dim, splits), kScratch);
+    attention(q_in, tokens, h.n_q, h.head_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
+              d_k_cache.get(), d_v_cache.get(), c.cache.max_len, h.n_kv, h.first_q, h.group,
+              h.first_kv, scale, c.cache.window, dtype, d_out.get(), stream, ld, splits,
+              scratch.as<float>());
+  }
   CK(cudaStreamSynchronize(stream));
 
   for (int64_t t = 0; t < tokens; ++t) {
@@ -815,6 +842,72 @@ TEST_P(CudaOpTest, KvAppendThenAttention) {
     run_attention_case(c, dtype(), stream_, rng, tag(c.name));
     run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", q k v as views of one buffer"),
                        true);
+    // Splits that leave some of them empty, and one that is not a power of two.
+    for (const int splits : {1, 7, 64}) {
+      run_attention_case(c, dtype(), stream_, rng,
+                         tag(c.name + ", " + std::to_string(splits) + " splits"), false,
+                         {AttentionPath::kSplitKv, splits});
+    }
+  }
+}
+
+// The shapes the model families have: GQA ratios 1, 2, 4, 7 and 8 and MQA, head dims 64, 80,
+// 128 and 256, causal and sliding-window masks, ragged batches (prompts of different lengths,
+// chunks continuing a cached prefix), a rank's q heads that start inside a kv group. Every case
+// runs on the split-KV kernel and, where it serves (f16/bf16, head dims 64/128/256 on Hopper),
+// on the tensor-core prefill kernel.
+TEST_P(CudaOpTest, AttentionMasksGroupsAndHeadDims) {
+  Rng rng(12);
+  const std::vector<AttentionCase> cases = {
+      {"mha hd64 ragged (200 + 33 + chunk of 64 at 100)",
+       {8, 8, 64, 0, 1, 0},
+       {0, 300, 3},
+       {{0, 0, 200}, {1, 0, 33}, {2, 100, 64}}},
+      {"gqa2 hd256 (130 + chunk of 17 at 300)",
+       {4, 2, 256, 0, 2, 0},
+       {0, 320, 2},
+       {{0, 0, 130}, {1, 300, 17}}},
+      {"gqa4 hd128 long (1000, cache 1024)", {8, 2, 128, 0, 4, 0}, {0, 1024, 1}, {{0, 0, 1000}}},
+      {"gqa7 hd128 ragged (100 + chunk of 50 at 60)",
+       {14, 2, 128, 0, 7, 0},
+       {0, 128, 2},
+       {{0, 0, 100}, {1, 60, 50}}},
+      {"gqa8 hd128 window 64 (300 + chunk of 40 at 500)",
+       {16, 2, 128, 0, 8, 0},
+       {64, 600, 2},
+       {{0, 0, 300}, {1, 500, 40}}},
+      {"mqa hd64 (12 q heads, 1 kv; 150 + 20 at 7)",
+       {12, 1, 64, 0, 12, 0},
+       {0, 160, 2},
+       {{0, 0, 150}, {1, 7, 20}}},
+      {"mqa hd128 tp-rank (q heads 8..15 of 32, 1 kv; 90)",
+       {8, 1, 128, 8, 32, 0},
+       {0, 96, 1},
+       {{0, 0, 90}}},
+      {"gqa4 hd128 rank starting mid-group (q 3..8, kv 0..2; 77)",
+       {6, 3, 128, 3, 4, 0},
+       {0, 80, 1},
+       {{0, 0, 77}}},
+      {"gqa4 hd80 window 32 (120 + 2 new at 90)",
+       {8, 2, 80, 0, 4, 0},
+       {32, 128, 2},
+       {{0, 0, 120}, {1, 90, 2}}},
+      {"gqa2 hd256 window 100 (decode at 1500, 3 at 700)",
+       {4, 2, 256, 0, 2, 0},
+       {100, 1600, 2},
+       {{0, 1500, 1}, {1, 700, 3}}},
+  };
+  const bool prefill = prefill_attention_supported(dtype(), 128, 8 * 128);
+  std::printf("[ info     ] tensor-core prefill on this device and dtype: %s\n",
+              prefill ? "yes" : "no");
+  for (const AttentionCase& c : cases) {
+    run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", split-KV"));
+    if (prefill_attention_supported(dtype(), c.heads.head_dim, c.heads.n_q * c.heads.head_dim)) {
+      run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", prefill"), false,
+                         {AttentionPath::kPrefill});
+      run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", prefill, views"), true,
+                         {AttentionPath::kPrefill});
+    }
   }
 }
 
