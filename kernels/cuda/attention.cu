@@ -1,19 +1,19 @@
 // Attention over the KV cache on CUDA cores, split over the keys (flash-decoding): the kernel for
 // decode steps and short chunks, and for whatever prefill_attention (tensor cores) does not take.
 //
-// A block serves one token, one local kv head (up to 8 of its q heads, held in registers)
-// and one split of the token's keys. Its 128 threads form lane groups of `lanes` lanes (a power
-// of two); a lane group owns one key at a time, each lane holding packs (16 bytes) of the key's
-// head dimensions, so a key row is read with coalesced 16-byte loads and each K/V row once for
-// all the group's q heads. Lane groups take kUnroll consecutive keys per step, loading every K and
-// V row of the step before using any (many loads in flight), score them (partial dot products
-// summed over the lanes by shuffles), and keep their own online softmax state (running max, sum,
-// and an fp32 output accumulator) in base-2 exponents. At the end the lane groups' states are
-// merged: within a warp by shuffles, across warps through shared memory. With one split the
-// block writes the normalised output; with several it writes each split's normalised output and
-// log-sum-exp to the scratch, and a second kernel merges the splits. The split count depends only
-// on the shapes (never on the lengths, which are read on the device), so a recorded decode step
-// replays with any context.
+// A block serves one token, one local kv head (up to 4 of its q heads, held in registers;
+// larger groups take several blocks) and one split of the token's keys. Its 128 threads form lane
+// groups of `lanes` lanes (a power of two); a lane group owns one key at a time, each lane holding
+// packs (16 bytes) of the key's head dimensions, so a key row is read with coalesced 16-byte loads
+// and each K/V row once for the block's q heads. Lane groups take 4 consecutive keys per step,
+// loading every K and V row of the step before using any (many loads in flight), score them
+// (partial dot products summed over the lanes by shuffles), and keep their own online softmax state
+// (running max, sum, and an fp32 output accumulator) in base-2 exponents. At the end the lane
+// groups' states are merged: within a warp by shuffles, across warps through shared memory. With
+// one split the block writes the normalised output; with several it writes each split's normalised
+// output and log-sum-exp to the scratch, and a second kernel merges the splits. The split count
+// depends only on the shapes (never on the lengths, which are read on the device), so a recorded
+// decode step replays with any context.
 #include <cmath>
 #include <numeric>
 
@@ -29,7 +29,7 @@ using detail::to_float;
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;    // keys a lane group loads per step
-constexpr int kMaxHeads = 8;  // q heads of one kv head a block holds in registers
+constexpr int kMaxHeads = 4;  // q heads of one kv head a block holds in registers
 constexpr int kMaxHeadDim = 512;
 constexpr int kMaxSplits = 64;
 constexpr int64_t kMinSplitKeys = 128;  // fewer keys per split (at full cache) is not worth it
@@ -52,14 +52,17 @@ struct Args {
   int packs;        // head_dim / kW
 };
 
-__device__ __forceinline__ void merge_state(float& m, float& l, float m2, float l2, float* acc,
-                                            const float* acc2, int n) {
+// Merges the softmax state (m2, l2, acc2) into (m, l, acc); kN accumulators.
+template <int kN>
+__device__ __forceinline__ void merge_state(float& m, float& l, float m2, float l2,
+                                            float (&acc)[kN], const float (&acc2)[kN]) {
   const float mx = fmaxf(m, m2);
   if (mx == -INFINITY) return;  // both empty
   const float a = exp2f(m - mx);
   const float b = exp2f(m2 - mx);
   l = l * a + l2 * b;
-  for (int i = 0; i < n; ++i) acc[i] = acc[i] * a + acc2[i] * b;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) acc[i] = acc[i] * a + acc2[i] * b;
   m = mx;
 }
 
@@ -120,16 +123,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   float m[kHeads];
   float l[kHeads];
-  float acc[kHeads][kPacks][kW];
+  float acc[kHeads][kPacks * kW];  // pack i's element w at i * kW + w
 #pragma unroll
   for (int h = 0; h < kHeads; ++h) {
     m[h] = -INFINITY;
     l[h] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kPacks; ++i) {
-#pragma unroll
-      for (int w = 0; w < kW; ++w) acc[h][i][w] = 0.0f;
-    }
+    for (int i = 0; i < kPacks * kW; ++i) acc[h][i] = 0.0f;
   }
 
   // The loop is the same for every lane of a warp (the shuffles need them all): a warp's lane
@@ -179,10 +179,7 @@ __global__ void __launch_bounds__(kThreads)
       m[h] = mx;
       l[h] *= rescale;
 #pragma unroll
-      for (int i = 0; i < kPacks; ++i) {
-#pragma unroll
-        for (int w = 0; w < kW; ++w) acc[h][i][w] *= rescale;
-      }
+      for (int i = 0; i < kPacks * kW; ++i) acc[h][i] *= rescale;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const float p = exp2f(s[u] - mx);  // 0 for keys past the end
@@ -190,7 +187,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < kPacks; ++i) {
 #pragma unroll
-          for (int w = 0; w < kW; ++w) acc[h][i][w] += p * to_float(vp[u][i].v[w]);
+          for (int w = 0; w < kW; ++w) acc[h][i * kW + w] += p * to_float(vp[u][i].v[w]);
         }
       }
     }
@@ -204,24 +201,24 @@ __global__ void __launch_bounds__(kThreads)
       const float l2 = __shfl_xor_sync(0xffffffffu, l[h], offset);
       float acc2[kPacks * kW];
 #pragma unroll
-      for (int i = 0; i < kPacks; ++i) {
-#pragma unroll
-        for (int w = 0; w < kW; ++w)
-          acc2[i * kW + w] = __shfl_xor_sync(0xffffffffu, acc[h][i][w], offset);
-      }
-      merge_state(m[h], l[h], m2, l2, &acc[h][0][0], acc2, kPacks * kW);
+      for (int i = 0; i < kPacks * kW; ++i)
+        acc2[i] = __shfl_xor_sync(0xffffffffu, acc[h][i], offset);
+      merge_state(m[h], l[h], m2, l2, acc[h], acc2);
     }
   }
 
-  // Then the warps, one head at a time through shared memory.
-  for (int h = 0; h < nh; ++h) {
+  // Then the warps, one head at a time through shared memory (unrolled: registers are indexed
+  // by constants only; nh is the same for the whole block, so are the barriers).
+#pragma unroll
+  for (int h = 0; h < kHeads; ++h) {
+    if (h >= nh) break;
     if (lane < a.lanes) {
 #pragma unroll
       for (int i = 0; i < kPacks; ++i) {
         const int p = li + i * a.lanes;
         if (p < a.packs) {
 #pragma unroll
-          for (int w = 0; w < kW; ++w) merge_acc[warp][p * kW + w] = acc[h][i][w];
+          for (int w = 0; w < kW; ++w) merge_acc[warp][p * kW + w] = acc[h][i * kW + w];
         }
       }
       if (lane == 0) {
@@ -375,8 +372,8 @@ void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, con
           // Wide rows per lane (heads over 256 elements, or rows without 16-byte alignment) take
           // one q head per block: a group's heads in registers would spill.
           using One = std::integral_constant<int, 1>;
-          if (per_lane > 4) {
-            run(std::integral_constant<int, 16>{}, One{});
+          if constexpr (kW == 1) {
+            run(std::integral_constant<int, 16>{}, One{});  // rare: correct, not fast
           } else if (per_lane > 1) {
             run(std::integral_constant<int, 4>{}, One{});
           } else if (heads_per_kv == 1) {

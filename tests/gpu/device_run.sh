@@ -64,9 +64,11 @@ if [ "${TPE_SANITIZE:-0}" = 1 ] && [ -n "$sanitizer" ]; then
     --gtest_filter='-*GemmShapes*' >"$out/memcheck.log" 2>&1
   echo "memcheck exit $?"
   tail -4 "$out/memcheck.log"
-  echo "== racecheck (attention, norms)"
+  # FlashInfer's prefill is left out: racecheck cannot follow its TMA pipeline (wrong results
+  # under the tool, no hazard reported; test_cuda_ops.cpp says more).
+  echo "== racecheck (split-KV attention, norms)"
   timeout 100 "$sanitizer" --tool racecheck --error-exitcode 3 build-gpu/tests/gpu/tpe_gpu_tests \
-    --gtest_filter='*Attention*:*Norm*' >"$out/racecheck.log" 2>&1
+    --gtest_filter='*Attention*:*Norm*:-*PrefillAttention*' >"$out/racecheck.log" 2>&1
   echo "racecheck exit $?"
   tail -4 "$out/racecheck.log"
 fi

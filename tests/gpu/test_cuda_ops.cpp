@@ -853,12 +853,9 @@ TEST_P(CudaOpTest, KvAppendThenAttention) {
 
 // The shapes the model families have: GQA ratios 1, 2, 4, 7 and 8 and MQA, head dims 64, 80,
 // 128 and 256, causal and sliding-window masks, ragged batches (prompts of different lengths,
-// chunks continuing a cached prefix), a rank's q heads that start inside a kv group. Every case
-// runs on the split-KV kernel and, where it serves (f16/bf16, head dims 64/128/256 on Hopper),
-// on the tensor-core prefill kernel.
-TEST_P(CudaOpTest, AttentionMasksGroupsAndHeadDims) {
-  Rng rng(12);
-  const std::vector<AttentionCase> cases = {
+// chunks continuing a cached prefix), a rank's q heads that start inside a kv group.
+const std::vector<AttentionCase>& family_attention_cases() {
+  static const std::vector<AttentionCase> cases = {
       {"mha hd64 ragged (200 + 33 + chunk of 64 at 100)",
        {8, 8, 64, 0, 1, 0},
        {0, 300, 3},
@@ -897,17 +894,33 @@ TEST_P(CudaOpTest, AttentionMasksGroupsAndHeadDims) {
        {100, 1600, 2},
        {{0, 1500, 1}, {1, 700, 3}}},
   };
-  const bool prefill = prefill_attention_supported(dtype(), 128, 8 * 128);
-  std::printf("[ info     ] tensor-core prefill on this device and dtype: %s\n",
-              prefill ? "yes" : "no");
-  for (const AttentionCase& c : cases) {
+  return cases;
+}
+
+TEST_P(CudaOpTest, AttentionMasksGroupsAndHeadDims) {
+  Rng rng(12);
+  for (const AttentionCase& c : family_attention_cases()) {
     run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", split-KV"));
-    if (prefill_attention_supported(dtype(), c.heads.head_dim, c.heads.n_q * c.heads.head_dim)) {
-      run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", prefill"), false,
-                         {AttentionPath::kPrefill});
-      run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", prefill, views"), true,
-                         {AttentionPath::kPrefill});
+  }
+}
+
+// The same cases on the tensor-core prefill kernel, where it serves (f16/bf16, head dims 64, 128
+// and 256, on Hopper). A test of its own: compute-sanitizer's racecheck cannot follow FlashInfer's
+// TMA and barrier pipeline (results come out wrong under it, with no hazard reported), so the
+// device script leaves this one out of racecheck.
+TEST_P(CudaOpTest, PrefillAttentionMasksGroupsAndHeadDims) {
+  if (!prefill_attention_supported(dtype(), 128, 8 * 128)) {
+    GTEST_SKIP() << "no tensor-core prefill for " << dtype_name(dtype()) << " on this device";
+  }
+  Rng rng(13);
+  for (const AttentionCase& c : family_attention_cases()) {
+    if (!prefill_attention_supported(dtype(), c.heads.head_dim, c.heads.n_q * c.heads.head_dim)) {
+      continue;  // head dims 80: the split-KV kernel's (test above)
     }
+    run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", prefill"), false,
+                       {AttentionPath::kPrefill});
+    run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", prefill, views"), true,
+                       {AttentionPath::kPrefill});
   }
 }
 
