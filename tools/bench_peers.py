@@ -12,12 +12,16 @@ length and number of new tokens, greedy, never stopping early:
     real load time (from the page cache: the file was just written);
   - `tpengine bench --random-weights --json` at every TP size, first (and, with --no-graph-too,
     again with --no-cuda-graph: every decode step op by op, to show what the CUDA graph buys);
+  - llama.cpp's llama-bench (--peers llamacpp --llama-cpp SRC), built from SRC (a llama.cpp
+    source folder, or the archive `tools/llama_cpp_peer.py pack` makes) with CUDA, on an F16 GGUF
+    of the shape with random weights, flash attention on: pp P (a P-token prompt) and tg N after
+    P tokens of context, at batch 1, as TTFT and TPOT (tools/llama_cpp_peer.py);
   - the bandwidth roofline: weight bytes per GPU / the copy bandwidth tpengine measured.
 transformers' TTFT is the time of a one-token generate; its TPOT is (time of an N-token generate -
 TTFT) / (N - 1). Needs torch and transformers (tpengine itself does not).
 
 usage: tools/bench_peers.py --shape llama-2-7b --tpengine build/tools/tpengine --device cuda
-                            --dtype bfloat16 [--tp 1 2 4] [--batch 1 8] [--peers eager tp]
+                            --dtype bfloat16 [--tp 1 2 4] [--batch 1 8] [--peers eager tp llamacpp]
                             [--profile] [--no-graph-too] [--workdir DIR] [--json-out FILE]
 """
 import argparse
@@ -206,7 +210,9 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--peers", nargs="*", default=["eager", "tp"],
-                        choices=["eager", "sdpa", "tp"])
+                        choices=["eager", "sdpa", "tp", "llamacpp"])
+    parser.add_argument("--llama-cpp", help="llama.cpp source folder, or the archive "
+                        "`tools/llama_cpp_peer.py pack` writes (--peers llamacpp)")
     parser.add_argument("--profile", action="store_true", help="tpengine's op-by-op decode step")
     parser.add_argument("--no-graph-too", action="store_true",
                         help="also run tpengine with every decode step op by op (no CUDA graph)")
@@ -228,14 +234,14 @@ def main():
             json.dump(SHAPES[args.shape], f)
         hf_tp_sizes = [tp for tp in args.tp if tp > 1] if "tp" in args.peers else []
         save = bool(hf_tp_sizes)
-        ours, no_graph, single, hf_tp = {}, {}, {}, {}
+        ours, no_graph, single, hf_tp, llama = {}, {}, {}, {}, {}
 
         def record():
             if args.json_out:
                 with open(args.json_out, "w") as f:
                     json.dump({"shape": args.shape, "tpengine": ours,
                                "tpengine_no_cuda_graph": no_graph, "transformers": single,
-                               "hf_tp": hf_tp}, f, indent=1)
+                               "hf_tp": hf_tp, "llama_cpp": llama}, f, indent=1)
 
         # tpengine first: its figures matter most when a run is cut short.
         for tp in args.tp:
@@ -250,6 +256,9 @@ def main():
         for tp in hf_tp_sizes:
             hf_tp[tp] = run_hf_tp(args, model_dir, tp)
             record()
+        if "llamacpp" in args.peers:
+            llama.update(run_llama_cpp(args, model_dir) or {})
+            record()
         if save:  # the load from a real checkpoint
             loads = {tp: run_tpengine(args, model_dir, tp, checkpoint=True, load_only=True)
                      for tp in args.tp}
@@ -261,19 +270,45 @@ def main():
     finally:
         if not args.workdir:
             shutil.rmtree(model_dir, ignore_errors=True)
-    print_tables(args, ours, no_graph, single, hf_tp)
+    print_tables(args, ours, no_graph, single, hf_tp, llama)
 
 
-def print_tables(args, ours, no_graph, single, hf_tp):
-    import torch
-    import transformers
-    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
+def run_llama_cpp(args, model_dir):
+    """llama-bench's figures (tools/llama_cpp_peer.py) at batch 1, or None (logged)."""
+    import llama_cpp_peer
+
+    if not args.llama_cpp:
+        log("--peers llamacpp needs --llama-cpp (a llama.cpp source folder or archive)")
+        return None
+    if args.batch != [1]:
+        log("llama.cpp: llama-bench is measured at batch 1 only")
+    try:
+        src = llama_cpp_peer.source_tree(args.llama_cpp, model_dir)
+        binary = llama_cpp_peer.build_llama_bench(src, os.path.join(model_dir, "llama-build"),
+                                                  args.device.startswith("cuda"), args.timeout)
+        gguf_path = os.path.join(model_dir, "model-f16.gguf")
+        llama_cpp_peer.write_gguf(src, SHAPES[args.shape], gguf_path)
+    except (OSError, subprocess.SubprocessError, ImportError) as e:
+        log(f"llama.cpp: {e}")
+        return None
+    return llama_cpp_peer.run_llama_bench(binary, gguf_path, args.prompt_len, args.new_tokens,
+                                          args.repeat, args.timeout)
+
+
+def print_tables(args, ours, no_graph, single, hf_tp, llama):
+    try:  # only the transformers peers need them
+        import torch
+        import transformers
+        versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+        gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
+    except ImportError:
+        versions, gpu = "no torch", ""
     print(f"### {args.shape}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new "
           f"tokens, {args.device} {gpu}")
     print()
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; tpengine commit {commit()}; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}. tpengine: random weights, {args.repeat} "
+          f"{os.cpu_count()} cores; tpengine commit {commit()}; {versions}. tpengine: random "
+          f"weights, {args.repeat} "
           f"timed runs after 1 warm-up; transformers: {args.peer_repeat} timed run(s) after a "
           f"warm-up.")
     print()
@@ -302,6 +337,10 @@ def print_tables(args, ours, no_graph, single, hf_tp):
                           f"{run['decode_tokens_per_s']:.1f} | "
                           f"{run['achieved_bandwidth_gbs']:.0f} GB/s = "
                           f"{100 * run['achieved_bandwidth_fraction']:.0f} % | {gb:.2f} |")
+            if tp == 1 and batch == 1 and llama:
+                print(f"| llama.cpp llama-bench -fa 1, F16 GGUF ({llama['backends']}) | 1 | 1 | "
+                      f"{llama['ttft_ms']:.1f} | {llama['tpot_ms']:.2f} | | "
+                      f"{llama['tg_tokens_per_s']:.1f} | | |")
             for impl, runs in single.items() if tp == 1 else []:
                 h = runs[i]
                 print(f"| transformers {impl} | 1 | {batch} | {h['ttft_ms']:.1f} | "
