@@ -589,14 +589,13 @@ void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, K
   int64_t t = 0;
   int64_t short_from = 0;
   for (const Batch::Segment& seg : segments_) {
-    // A sequence the prefill kernel declines (a head mapping it cannot take) joins the run.
-    if (seg.count >= kPrefillMinTokens &&
-        cuda::prefill_attention(
-            static_cast<const char*>(q.data) + static_cast<size_t>(t * q.stride()) * e, q.stride(),
-            seg.count, n_q, a.head_dim, seg.slot, seg.start_pos, cache.k.data, cache.v.data,
-            cache.max_len, n_kv, a.first_q, a.group, a.first_kv, a.scale, a.window, dtype_,
-            static_cast<char*>(out.data) + static_cast<size_t>(t * out.cols) * e, stream_)) {
+    if (seg.count >= kPrefillMinTokens) {
       split_kv(short_from, t - short_from);
+      cuda::prefill_attention(
+          static_cast<const char*>(q.data) + static_cast<size_t>(t * q.stride()) * e, q.stride(),
+          seg.count, n_q, a.head_dim, seg.slot, seg.start_pos, cache.k.data, cache.v.data,
+          cache.max_len, n_kv, a.first_q, a.group, a.first_kv, a.scale, a.window, dtype_,
+          static_cast<char*>(out.data) + static_cast<size_t>(t * out.cols) * e, stream_);
       short_from = t + seg.count;
     }
     t += seg.count;

@@ -78,15 +78,12 @@ int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_
 int64_t attention_scratch_floats(int64_t tokens, int64_t n_q, int64_t head_dim, int splits);
 
 // Causal attention of one sequence's `count` new tokens, at positions start_pos.. of cache slot
-// `slot` (already appended), on tensor cores through FlashInfer: its Hopper prefill kernel (a TMA
-// and warp-specialised FlashAttention-3 design) for head_dim 64, 128 and 256, its
-// FlashAttention-2 kernel for 80 and 96. Shapes as attention. Only where
-// prefill_attention_supported says so: a Hopper device in a build for sm_90, f16 or bf16, rows of
-// 16 bytes. Returns false, enqueuing nothing, for the one head mapping it cannot take (head_dim 80
-// or 96, a rank whose q heads start inside a kv group, several local kv heads): the caller runs
-// attention instead.
+// `slot` (already appended), on tensor cores: FlashInfer's Hopper prefill kernel (a TMA and
+// warp-specialised FlashAttention-3 design). Shapes as attention. Only where
+// prefill_attention_supported says so: a Hopper device in a build for sm_90a, f16 or bf16,
+// head_dim 64, 128 or 256, 16-byte aligned rows.
 bool prefill_attention_supported(DType dtype, int64_t head_dim, int64_t q_ld);
-bool prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, int64_t head_dim,
+void prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, int64_t head_dim,
                        int64_t slot, int64_t start_pos, const void* k_cache, const void* v_cache,
                        int64_t max_len, int64_t n_kv, int64_t first_q, int64_t group,
                        int64_t first_kv, float scale, int64_t window, DType dtype, void* out,

@@ -1,20 +1,19 @@
-// prefill_attention: a sequence's chunk of queries on tensor cores, through FlashInfer's kernels
-// (kernels/cuda/flashinfer) where the build and the device have them: the Hopper kernel for head
-// dims 64, 128 and 256, the FlashAttention-2 kernel for 80 and 96.
+// prefill_attention: a sequence's chunk of queries on tensor cores, through FlashInfer's Hopper
+// kernel (kernels/cuda/flashinfer) where the build and the device have it.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 
 #include "kernels/cuda/check.hpp"
 #include "kernels/cuda/ops.hpp"
-#if TPE_HAVE_FLASHINFER
-#include "kernels/cuda/flashinfer/prefill.hpp"
+#if TPE_HAVE_FLASHINFER_SM90
+#include "kernels/cuda/flashinfer/sm90_prefill.hpp"
 #endif
 
 namespace tpe::cuda {
 
 bool prefill_attention_supported(DType dtype, int64_t head_dim, int64_t q_ld) {
-#if TPE_HAVE_FLASHINFER
+#if TPE_HAVE_FLASHINFER_SM90
   // sm_90a code runs on compute capability 9.0 only.
   static const bool hopper = [] {
     int device = 0;
@@ -27,10 +26,9 @@ bool prefill_attention_supported(DType dtype, int64_t head_dim, int64_t q_ld) {
     }
     return major == 9 && minor == 0;
   }();
-  // Both kernels read rows of 16 bytes (the Hopper one by TMA).
-  const bool sm90_dim = head_dim == 64 || head_dim == 128 || head_dim == 256;
-  const bool fa2_dim = head_dim == 80 || head_dim == 96;
-  return hopper && dtype != DType::kF32 && (sm90_dim || fa2_dim) && q_ld % 8 == 0;
+  // The kernel loads q, k and v by TMA: rows a multiple of 16 bytes.
+  return hopper && dtype != DType::kF32 && (head_dim == 64 || head_dim == 128 || head_dim == 256) &&
+         q_ld % 8 == 0;
 #else
   (void)dtype;
   (void)head_dim;
@@ -39,7 +37,7 @@ bool prefill_attention_supported(DType dtype, int64_t head_dim, int64_t q_ld) {
 #endif
 }
 
-bool prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, int64_t head_dim,
+void prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, int64_t head_dim,
                        int64_t slot, int64_t start_pos, const void* k_cache, const void* v_cache,
                        int64_t max_len, int64_t n_kv, int64_t first_q, int64_t group,
                        int64_t first_kv, float scale, int64_t window, DType dtype, void* out,
@@ -54,14 +52,14 @@ bool prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, 
   TPE_CUDA_REQUIRE(q_ld >= n_q * head_dim, "prefill_attention", "q's row stride below its width");
   TPE_CUDA_REQUIRE(group > 0 && n_kv > 0 && first_q >= 0, "prefill_attention",
                    "group and n_kv must be positive, first_q not negative");
-  if (count == 0 || n_q == 0) return true;
+  if (count == 0 || n_q == 0) return;
   TPE_CUDA_REQUIRE(first_q / group - first_kv >= 0 && (first_q + n_q - 1) / group - first_kv < n_kv,
                    "prefill_attention", "a local q head maps outside the local kv heads");
-#if TPE_HAVE_FLASHINFER
+#if TPE_HAVE_FLASHINFER_SM90
   const int64_t e = static_cast<int64_t>(dtype_size(dtype));
   const int64_t kv_width = n_kv * head_dim;
   const int64_t slot_offset = slot * max_len * kv_width * e;
-  fi::PrefillArgs a;
+  flashinfer_sm90::PrefillArgs a;
   a.q_stride_n = q_ld;
   a.q_stride_h = head_dim;
   a.kv_stride_n = kv_width;
@@ -82,19 +80,13 @@ bool prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, 
     cudaError_t status = cudaErrorNotSupported;
     switch (head_dim) {
       case 64:
-        status = fi::sm90_prefill<64>(a, dtype, stream);
-        break;
-      case 80:
-        status = fi::fa2_prefill<80>(a, dtype, stream);
-        break;
-      case 96:
-        status = fi::fa2_prefill<96>(a, dtype, stream);
+        status = flashinfer_sm90::prefill<64>(a, dtype, stream);
         break;
       case 128:
-        status = fi::sm90_prefill<128>(a, dtype, stream);
+        status = flashinfer_sm90::prefill<128>(a, dtype, stream);
         break;
       case 256:
-        status = fi::sm90_prefill<256>(a, dtype, stream);
+        status = flashinfer_sm90::prefill<256>(a, dtype, stream);
         break;
       default:
         break;
@@ -106,16 +98,13 @@ bool prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, 
   if (first_q % group == 0 && n_q % group == 0 && first_q / group == first_kv &&
       n_q / group == n_kv) {
     run(0, n_q, 0, n_kv);
-    return true;
+    return;
   }
-  // The FA2 kernel writes its output densely: one call must cover all the rank's q heads.
-  if ((head_dim == 80 || head_dim == 96) && n_kv > 1) return false;
   for (int64_t kv = 0; kv < n_kv; ++kv) {
     const int64_t lo = std::max<int64_t>(0, (kv + first_kv) * group - first_q);
     const int64_t hi = std::min<int64_t>(n_q, (kv + first_kv + 1) * group - first_q);
     if (lo < hi) run(lo, hi - lo, kv, 1);
   }
-  return true;
 #else
   (void)slot;
   (void)k_cache;
@@ -123,7 +112,6 @@ bool prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, 
   (void)scale;
   (void)out;
   (void)stream;
-  return false;
 #endif
 }
 

@@ -417,8 +417,6 @@ void bench_kernels(cudaStream_t stream) {
     bench_attention(stream, DType::kF16, 1, 2048, 2048, 32, 32, 128, true);
     bench_attention(stream, DType::kBF16, 1, 2048, 2048, 32, 32, 64, true);
     bench_attention(stream, DType::kBF16, 1, 2048, 2048, 16, 16, 256, true);
-    bench_attention(stream, DType::kBF16, 1, 2048, 2048, 32, 32, 80, true);  // FA2 kernel
-    bench_attention(stream, DType::kBF16, 1, 2048, 2048, 64, 64, 96, true);  // GPT-NeoX-20B
   }
   bench_attention(stream, DType::kBF16, 1, 2048, 2048, 32, 32, 128, false);
 }

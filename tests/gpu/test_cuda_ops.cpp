@@ -889,18 +889,6 @@ const std::vector<AttentionCase>& family_attention_cases() {
        {8, 2, 80, 0, 4, 0},
        {32, 128, 2},
        {{0, 0, 120}, {1, 90, 2}}},
-      {"mha hd96 ragged (GPT-NeoX-20B's heads; 150 + chunk of 40 at 60)",
-       {8, 8, 96, 0, 1, 0},
-       {0, 160, 2},
-       {{0, 0, 150}, {1, 60, 40}}},
-      {"gqa2 hd96 window 48 (200 + chunk of 30 at 100)",
-       {8, 4, 96, 0, 2, 0},
-       {48, 256, 2},
-       {{0, 0, 200}, {1, 100, 30}}},
-      {"mqa hd80 tp-rank (q heads 4..7 of 16, 1 kv; 70)",
-       {4, 1, 80, 4, 16, 0},
-       {0, 80, 1},
-       {{0, 0, 70}}},
       {"gqa2 hd256 window 100 (decode at 1500, 3 at 700)",
        {4, 2, 256, 0, 2, 0},
        {100, 1600, 2},
@@ -916,46 +904,24 @@ TEST_P(CudaOpTest, AttentionMasksGroupsAndHeadDims) {
   }
 }
 
-// The same cases on the tensor-core prefill kernels, where they serve (f16/bf16, head dims 64,
-// 80, 96, 128 and 256, on Hopper). A test of its own: compute-sanitizer's racecheck cannot follow
-// FlashInfer's TMA and barrier pipeline (results come out wrong under it, with no hazard reported),
-// so the device script leaves this one out of racecheck.
+// The same cases on the tensor-core prefill kernel, where it serves (f16/bf16, head dims 64, 128
+// and 256, on Hopper). A test of its own: compute-sanitizer's racecheck cannot follow FlashInfer's
+// TMA and barrier pipeline (results come out wrong under it, with no hazard reported), so the
+// device script leaves this one out of racecheck.
 TEST_P(CudaOpTest, PrefillAttentionMasksGroupsAndHeadDims) {
   if (!prefill_attention_supported(dtype(), 128, 8 * 128)) {
     GTEST_SKIP() << "no tensor-core prefill for " << dtype_name(dtype()) << " on this device";
   }
   Rng rng(13);
   for (const AttentionCase& c : family_attention_cases()) {
-    ASSERT_TRUE(
-        prefill_attention_supported(dtype(), c.heads.head_dim, c.heads.n_q * c.heads.head_dim))
-        << c.name;
+    if (!prefill_attention_supported(dtype(), c.heads.head_dim, c.heads.n_q * c.heads.head_dim)) {
+      continue;  // head dims 80: the split-KV kernel's (test above)
+    }
     run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", prefill"), false,
                        {AttentionPath::kPrefill});
     run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", prefill, views"), true,
                        {AttentionPath::kPrefill});
   }
-}
-
-// The FA2 kernel (head dims 80, 96) writes its output densely, so it declines a rank whose q
-// heads start inside a kv group with several local kv heads, enqueuing nothing; the backend then
-// runs the split-KV kernel.
-TEST_P(CudaOpTest, PrefillAttentionDeclinesWhatItCannotWrite) {
-  if (!prefill_attention_supported(dtype(), 96, 6 * 96)) {
-    GTEST_SKIP() << "no tensor-core prefill for " << dtype_name(dtype()) << " on this device";
-  }
-  const DeviceTensor d(std::vector<float>(6 * 96 * 64, 1.0f), dtype());
-  DeviceTensor out(6 * 96 * 8, dtype());
-  // q heads 3..8 with group 4 read kv heads 0..2.
-  EXPECT_FALSE(prefill_attention(d.get(), 6 * 96, 8, 6, 96, 0, 0, d.get(), d.get(), 16, 3, 3, 4, 0,
-                                 0.1f, 0, dtype(), out.get(), stream_));
-  sync();
-  size_t written = 0;
-  for (const float v : out.download()) written += std::isnan(v) ? 0 : 1;
-  EXPECT_EQ(written, 0u);
-  // Whole groups (q heads 0..5, group 2, kv heads 0..2) are taken.
-  EXPECT_TRUE(prefill_attention(d.get(), 6 * 96, 8, 6, 96, 0, 0, d.get(), d.get(), 16, 3, 0, 2, 0,
-                                0.1f, 0, dtype(), out.get(), stream_));
-  sync();
 }
 
 // ---------------------------------------------------------------------------------------------

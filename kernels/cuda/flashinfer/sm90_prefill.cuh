@@ -5,9 +5,9 @@
 #include <flashinfer/attention/hopper/prefill_sm90.cuh>
 #include <flashinfer/attention/hopper/variants.cuh>
 
-#include "kernels/cuda/flashinfer/prefill.hpp"
+#include "kernels/cuda/flashinfer/sm90_prefill.hpp"
 
-namespace tpe::cuda::fi::sm90 {
+namespace tpe::cuda::flashinfer_sm90 {
 
 // The parameter block FlashInfer's kernel templates read (its single_prefill_sm90 binding's).
 template <class T>
@@ -54,23 +54,18 @@ cudaError_t run(const PrefillArgs& a, cudaStream_t stream) {
   p.group_size = a.num_qo_heads / a.num_kv_heads;
   p.window_left = a.window_left;
   p.causal = true;
-  using ::flashinfer::MaskMode;
-  using ::flashinfer::StandardAttention;
+  using flashinfer::MaskMode;
+  using flashinfer::StandardAttention;
   if (a.window_left >= 0) {
-    return ::flashinfer::SinglePrefillWithKVCacheDispatched<kHeadDim, kHeadDim, MaskMode::kCausal,
-                                                            true, StandardAttention>(p, stream);
+    return flashinfer::SinglePrefillWithKVCacheDispatched<kHeadDim, kHeadDim, MaskMode::kCausal,
+                                                          true, StandardAttention>(p, stream);
   }
-  return ::flashinfer::SinglePrefillWithKVCacheDispatched<kHeadDim, kHeadDim, MaskMode::kCausal,
-                                                          false, StandardAttention>(p, stream);
+  return flashinfer::SinglePrefillWithKVCacheDispatched<kHeadDim, kHeadDim, MaskMode::kCausal,
+                                                        false, StandardAttention>(p, stream);
 }
 
-}  // namespace tpe::cuda::fi::sm90
-
-namespace tpe::cuda::fi {
-
 template <int kHeadDim>
-cudaError_t sm90_prefill(const PrefillArgs& a, DType dtype, cudaStream_t stream) {
-  using sm90::run;
+cudaError_t prefill(const PrefillArgs& a, DType dtype, cudaStream_t stream) {
   switch (dtype) {
     case DType::kBF16:
       return run<kHeadDim, cutlass::bfloat16_t>(a, stream);
@@ -82,4 +77,4 @@ cudaError_t sm90_prefill(const PrefillArgs& a, DType dtype, cudaStream_t stream)
   return cudaErrorNotSupported;
 }
 
-}  // namespace tpe::cuda::fi
+}  // namespace tpe::cuda::flashinfer_sm90
