@@ -852,7 +852,7 @@ TEST_P(CudaOpTest, KvAppendThenAttention) {
 }
 
 // The shapes the model families have: GQA ratios 1, 2, 4, 7 and 8 and MQA, head dims 64, 80,
-// 128 and 256, causal and sliding-window masks, ragged batches (prompts of different lengths,
+// 96, 128 and 256, causal and sliding-window masks, ragged batches (prompts of different lengths,
 // chunks continuing a cached prefix), a rank's q heads that start inside a kv group.
 const std::vector<AttentionCase>& family_attention_cases() {
   static const std::vector<AttentionCase> cases = {
@@ -889,6 +889,18 @@ const std::vector<AttentionCase>& family_attention_cases() {
        {8, 2, 80, 0, 4, 0},
        {32, 128, 2},
        {{0, 0, 120}, {1, 90, 2}}},
+      {"mha hd96 ragged (GPT-NeoX-20B's heads; 150 + chunk of 40 at 60)",
+       {8, 8, 96, 0, 1, 0},
+       {0, 160, 2},
+       {{0, 0, 150}, {1, 60, 40}}},
+      {"gqa2 hd96 window 48 (200 + chunk of 30 at 100)",
+       {8, 4, 96, 0, 2, 0},
+       {48, 256, 2},
+       {{0, 0, 200}, {1, 100, 30}}},
+      {"mqa hd80 tp-rank (q heads 4..7 of 16, 1 kv; 70)",
+       {4, 1, 80, 4, 16, 0},
+       {0, 80, 1},
+       {{0, 0, 70}}},
       {"gqa2 hd256 window 100 (decode at 1500, 3 at 700)",
        {4, 2, 256, 0, 2, 0},
        {100, 1600, 2},
