@@ -289,10 +289,12 @@ def run_llama_cpp(args, model_dir):
         gguf_path = os.path.join(model_dir, "model-f16.gguf")
         llama_cpp_peer.write_gguf(src, SHAPES[args.shape], gguf_path)
     except (OSError, subprocess.SubprocessError, ImportError) as e:
-        log(f"llama.cpp: {e}")
+        detail = getattr(e, "stderr", None) or b""
+        log(f"llama.cpp: {e}\n{detail[-3000:].decode(errors='replace')}")
         return None
-    return llama_cpp_peer.run_llama_bench(binary, gguf_path, args.prompt_len, args.new_tokens,
-                                          args.repeat, args.timeout)
+    return llama_cpp_peer.run_llama_bench(
+        binary, gguf_path, args.prompt_len, args.new_tokens, args.repeat,
+        lambda cmd, what: run_logged(cmd, what, args.timeout))
 
 
 def print_tables(args, ours, no_graph, single, hf_tp, llama):

@@ -147,23 +147,16 @@ def write_gguf(src, shape, path):
     log(f"{path}: {os.path.getsize(path) / 1e9:.2f} GB")
 
 
-def run_llama_bench(binary, gguf_path, prompt_len, new_tokens, repeat, timeout):
+def run_llama_bench(binary, gguf_path, prompt_len, new_tokens, repeat, run):
     """{pp_tokens_per_s, tg_tokens_per_s, ttft_ms, tpot_ms} of llama-bench -fa 1, all layers on
     the GPU: a prompt of prompt_len tokens (pp, empty context), and new_tokens generated after
-    prompt_len tokens of context (tg @ d), or None (logged) when it fails."""
+    prompt_len tokens of context (tg @ d), or None when it fails. run(cmd, what): the finished
+    process or None, logged (bench_peers.run_logged)."""
     def bench(extra):
         cmd = [binary, "-m", gguf_path, "-fa", "1", "-ngl", "99", "-r", str(repeat), "-o", "json",
                *extra]
-        log(" ".join(cmd))
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            log(f"llama-bench took longer than {timeout} s; left out")
-            return None
-        if done.returncode != 0:
-            log(f"llama-bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
-            return None
-        return json.loads(done.stdout)[0]
+        done = run(cmd, "llama-bench")
+        return json.loads(done.stdout)[0] if done else None
 
     pp = bench(["-p", str(prompt_len), "-n", "0"])
     tg = bench(["-p", "0", "-n", str(new_tokens), "-d", str(prompt_len)])
