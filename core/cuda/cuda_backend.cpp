@@ -419,7 +419,6 @@ void CudaBackend::begin(const Batch& batch) {
   sync("the previous forward pass");
   TPE_CHECK(inputs_host_ != nullptr, "reserve_inputs was not called");
   segments_ = batch.segments;
-  decode_ = batch.is_decode();
   // The layout depends only on the counts, so every decode step of one batch size reads its
   // inputs at the same addresses: ids, slots, positions, segment of each token, logit rows
   // (int32), then per rotary parameter set, per segment, its inverse frequencies (fp32).
@@ -547,7 +546,9 @@ int CudaBackend::attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim,
       cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, kMaxScratchFloats);
   const int64_t need = cuda::attention_scratch_floats(tokens, n_q, head_dim, splits);
   if (need <= have) return splits;
-  if (recording_) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TPE_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {  // recording: no allocation, use what there is
     return cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, have);
   }
   forget_recordings();
@@ -582,14 +583,11 @@ void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, K
   // Sequences with many new tokens (prompts, their chunks) go to the tensor-core prefill kernel
   // one by one, where it serves; runs of the others (decode steps, a few tokens) to split_kv.
   constexpr int64_t kPrefillMinTokens = 16;
-  if (decode_ || !cuda::prefill_attention_supported(dtype_, a.head_dim, q.stride())) {
-    split_kv(0, q.rows);
-    return;
-  }
+  const bool tensor_cores = cuda::prefill_attention_supported(dtype_, a.head_dim, q.stride());
   int64_t t = 0;
   int64_t short_from = 0;
   for (const Batch::Segment& seg : segments_) {
-    if (seg.count >= kPrefillMinTokens) {
+    if (tensor_cores && seg.count >= kPrefillMinTokens) {
       split_kv(short_from, t - short_from);
       cuda::prefill_attention(
           static_cast<const char*>(q.data) + static_cast<size_t>(t * q.stride()) * e, q.stride(),
@@ -716,11 +714,9 @@ void CudaBackend::gather_vocab(const Buffer& local, const std::vector<Range>& vo
 
 void CudaBackend::record_begin() {
   TPE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-  recording_ = true;
 }
 
 void CudaBackend::record_end(int key) {
-  recording_ = false;
   cudaGraph_t graph = nullptr;
   TPE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
   cudaGraphExec_t exec = nullptr;
@@ -747,7 +743,6 @@ void CudaBackend::forget_recordings() {
     cudaGraph_t graph = nullptr;
     cudaStreamEndCapture(stream_, &graph);
     if (graph != nullptr) cudaGraphDestroy(graph);
-    recording_ = false;
     cudaGetLastError();
   }
   for (auto& [key, exec] : recordings_) cudaGraphExecDestroy(exec);

@@ -128,12 +128,10 @@ class CudaBackend final : public Backend {
   const int32_t* segment_of_ = nullptr;
   const int32_t* logit_rows_ = nullptr;
   int64_t logit_row_count_ = 0;
-  std::vector<const float*> rope_tables_;  // per rotary parameter set
-  Buffer gather_scratch_;                  // the logits' all-gather
-  Buffer attention_scratch_;               // split-KV attention's partial results (fp32)
-  std::vector<Batch::Segment> segments_;   // the pass's, for prefill attention per sequence
-  bool decode_ = false;                    // the pass is a decode step
-  bool recording_ = false;
+  std::vector<const float*> rope_tables_;      // per rotary parameter set
+  Buffer gather_scratch_;                      // the logits' all-gather
+  Buffer attention_scratch_;                   // split-KV attention's partial results (fp32)
+  std::vector<Batch::Segment> segments_;       // the pass's, for prefill attention per sequence
   std::map<const IndexSet*, Buffer> columns_;  // gather lists, by the program's sets
   std::map<int, cudaGraphExec_t> recordings_;  // decode steps, by batch size
   // Profiling: the host's go flag (pinned, mapped), its device address, and the step events.
