@@ -106,6 +106,7 @@ void prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, 
     if (lo < hi) run(lo, hi - lo, kv, 1);
   }
 #else
+  (void)q;
   (void)slot;
   (void)k_cache;
   (void)v_cache;
