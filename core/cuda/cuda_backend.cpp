@@ -542,14 +542,14 @@ int CudaBackend::attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim,
   constexpr int64_t kMaxScratchFloats = int64_t{4} << 20;
   const int64_t have = attention_scratch_.cols * attention_scratch_.rows *
                        static_cast<int64_t>(cuda::dtype_size(dtype_)) / 4;
-  int splits =
-      cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, kMaxScratchFloats);
+  int splits = cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, dtype_,
+                                      kMaxScratchFloats);
   const int64_t need = cuda::attention_scratch_floats(tokens, n_q, head_dim, splits);
   if (need <= have) return splits;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   TPE_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
   if (capture != cudaStreamCaptureStatusNone) {  // recording: no allocation, use what there is
-    return cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, have);
+    return cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, dtype_, have);
   }
   forget_recordings();
   attention_scratch_ = alloc(1, need * 4 / static_cast<int64_t>(cuda::dtype_size(dtype_)));
@@ -569,7 +569,7 @@ void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, K
   const int64_t n_q = q.cols / a.head_dim;
   const int64_t n_kv = k.cols / a.head_dim;
   const size_t e = cuda::dtype_size(dtype_);
-  // Tokens [first, first + count) on CUDA cores, split over the keys.
+  // Tokens [first, first + count) on the split-KV kernels.
   const auto split_kv = [&](int64_t first, int64_t count) {
     if (count == 0) return;
     const int splits = attention_splits(count, n_q, a.head_dim, cache.max_len, n_kv, a.group);

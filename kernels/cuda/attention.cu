@@ -1,19 +1,26 @@
-// Attention over the KV cache on CUDA cores, split over the keys (flash-decoding): the kernel for
-// decode steps and short chunks, and for whatever prefill_attention (tensor cores) does not take.
+// Attention over the KV cache split over the keys (flash-decoding): the kernels for decode steps
+// and short chunks, and for whatever prefill_attention (FlashInfer's tensor-core prefill) does not
+// take. Two kernels share the grid (token, split of the keys, kv head with a chunk of its q
+// heads), the partial results' layout and the merge of the splits:
+// - mma_kernel, on tensor cores: 16-bit q heads that share a kv head (GQA, MQA), head dims 64, 96
+//   and 128 (described where it is defined);
+// - split_kernel, on CUDA cores: everything else (MHA, fp32, other head dims, unaligned rows).
 //
-// A block serves one token, one local kv head (up to 4 of its q heads, held in registers;
-// larger groups take several blocks) and one split of the token's keys. Its 128 threads form lane
-// groups of `lanes` lanes (a power of two); a lane group owns one key at a time, each lane holding
-// packs (16 bytes) of the key's head dimensions, so a key row is read with coalesced 16-byte loads
-// and each K/V row once for the block's q heads. Lane groups take 4 consecutive keys per step,
-// loading every K and V row of the step before using any (many loads in flight), score them
-// (partial dot products summed over the lanes by shuffles), and keep their own online softmax state
-// (running max, sum, and an fp32 output accumulator) in base-2 exponents. At the end the lane
-// groups' states are merged: within a warp by shuffles, across warps through shared memory. With
-// one split the block writes the normalised output; with several it writes each split's normalised
-// output and log-sum-exp to the scratch, and a second kernel merges the splits. The split count
-// depends only on the shapes (never on the lengths, which are read on the device), so a recorded
-// decode step replays with any context.
+// split_kernel: a block serves one token, one local kv head (up to 4 of its q heads, held in
+// registers; larger groups take several blocks) and one split of the token's keys. Its 128
+// threads form lane groups of `lanes` lanes (a power of two); a lane group owns one key at a time,
+// each lane holding packs (16 bytes) of the key's head dimensions, so a key row is read with
+// coalesced 16-byte loads and each K/V row once for the block's q heads. Lane groups take 4
+// consecutive keys per step, loading every K and V row of the step before using any (many loads in
+// flight), score them (partial dot products summed over the lanes by shuffles), and keep their own
+// online softmax state (running max, sum, and an fp32 output accumulator) in base-2 exponents. At
+// the end the lane groups' states are merged: within a warp by shuffles, across warps through
+// shared memory.
+//
+// With one split a block writes the normalised output; with several it writes each split's
+// normalised output and log-sum-exp to the scratch, and merge_splits_kernel combines them. The
+// split count depends only on the shapes (never on the lengths, which are read on the device), so
+// a recorded decode step replays with any context.
 #include <cmath>
 #include <numeric>
 
@@ -36,6 +43,7 @@ constexpr int64_t kMinSplitKeys = 128;  // fewer keys per split (at full cache) 
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Args {
+  int64_t tokens;
   int64_t q_ld;
   int64_t n_q;
   int64_t head_dim;
@@ -47,9 +55,9 @@ struct Args {
   float scale_log2;  // scale * log2(e): scores in base-2 exponents
   int64_t window;
   int splits;
-  int head_blocks;  // blocks per kv head (its q heads in chunks of kHeads)
-  int lanes;        // lanes per key: a power of two, at least packs / kPacks
-  int packs;        // head_dim / kW
+  int head_blocks;  // blocks per kv head (its q heads in chunks of kHeads or kMmaRows)
+  int lanes;        // split_kernel: lanes per key, a power of two, at least packs / kPacks
+  int packs;        // split_kernel: head_dim / kW
 };
 
 // Merges the softmax state (m2, l2, acc2) into (m, l, acc); kN accumulators.
@@ -243,40 +251,325 @@ __global__ void __launch_bounds__(kThreads)
       if (a.splits == 1) {
         out[(t * a.n_q + qh) * a.head_dim + d] = from_float<T>(o);
       } else {
-        partial[((t * a.n_q + qh) * a.splits + split) * (a.head_dim + 1) + d] = o;
+        partial[((t * a.n_q + qh) * a.splits + split) * a.head_dim + d] = o;
       }
     }
     if (a.splits > 1 && tid == 0) {
-      partial[((t * a.n_q + qh) * a.splits + split) * (a.head_dim + 1) + a.head_dim] =
+      partial[a.tokens * a.n_q * a.splits * a.head_dim + (t * a.n_q + qh) * a.splits + split] =
           total > 0.0f ? mx + log2f(total) : -INFINITY;
     }
     __syncthreads();  // merge_* are reused by the next head
   }
 }
 
-// One block per (token, q head): the splits' outputs weighted by their share of the softmax.
+// ---- On tensor cores (bf16 and f16; head dims 64, 96 and 128) --------------------------------
+//
+// A block serves what split_kernel's does, but all of a kv head's q heads at once (up to 16, the
+// rows of an m16n8k16 MMA; rows past the group are zeros) and its four warps take 16 keys at a
+// time each. K and V go from memory straight into registers: each lane loads 16-byte chunks of two
+// key rows (keys r and r + 8 of the tile, r = lane / 4; chunk at 32 j + 8 c, c = lane % 4), so a
+// warp reads 8 rows in 64-byte runs per load. The MMA's reduction index may be any permutation of
+// the head dimensions as long as Q uses the same one, so such a chunk is directly the B operand of
+// S = Q K^T for two k-steps. For O = P V the keys are the reduction index: each 32-bit word of a V
+// chunk is one lane's part of an 8 x 8 matrix (keys x dimensions) that movmatrix transposes into
+// the B operand; the output dimensions come out permuted so that a lane's accumulators are again
+// the 8 contiguous dimensions of its chunk. S's accumulators are P's A operand (as in
+// FlashAttention-2). Warps keep their own softmax state and are merged through shared memory.
+constexpr int kMmaRows = 16;  // q heads per block
+constexpr int kMmaKeys = 16;  // keys per warp step
+
 template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// Two floats as the 16-bit pair of an MMA operand, lo in the low half.
+template <class T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  uint32_t r;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  return r;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <class T, int kHd>
 __global__ void __launch_bounds__(kThreads)
-    merge_splits_kernel(const float* partial, int64_t head_dim, int splits, T* out) {
-  __shared__ float weight[kMaxSplits];
-  const int64_t row = blockIdx.x;  // token * n_q + head
-  const float* part = partial + row * splits * (head_dim + 1);
-  float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, part[s * (head_dim + 1) + head_dim]);
-  if (threadIdx.x < splits) {
-    const float lse = part[threadIdx.x * (head_dim + 1) + head_dim];
-    weight[threadIdx.x] = lse == -INFINITY ? 0.0f : exp2f(lse - mx);
+    mma_kernel(const T* q, const int32_t* slots, const int32_t* positions,
+               const T* __restrict__ k_cache, const T* __restrict__ v_cache, Args a, T* out,
+               float* partial) {
+  constexpr int kChunks = kHd / 32;  // 16-byte chunks per lane and row
+  constexpr int kTiles = kHd / 8;    // n-tiles of O = P V
+  // Rows padded by 4 floats: lanes of one c (rows r = 0..7) store to different banks.
+  __shared__ float s_o[kWarps][kMmaRows][kHd + 4];
+  __shared__ float s_m[kWarps][kMmaRows];
+  __shared__ float s_l[kWarps][kMmaRows];
+
+  const int64_t t = blockIdx.x;
+  const int split = static_cast<int>(blockIdx.y);
+  const int kv = static_cast<int>(blockIdx.z) / a.head_blocks;
+  const int chunk = static_cast<int>(blockIdx.z) % a.head_blocks;
+  const int64_t global_kv = kv + a.first_kv;
+  const int64_t lo_all = max(int64_t{0}, global_kv * a.group - a.first_q);
+  const int64_t hi_all = min(a.n_q, (global_kv + 1) * a.group - a.first_q);
+  const int64_t h0 = lo_all + int64_t{chunk} * kMmaRows;
+  if (h0 >= hi_all) return;
+  const int nh = static_cast<int>(min(int64_t{kMmaRows}, hi_all - h0));
+
+  const int64_t pos = positions[t];
+  const int64_t first_key = a.window > 0 && pos >= a.window ? pos - a.window + 1 : 0;
+  const int64_t n_keys = pos + 1 - first_key;
+  constexpr int64_t kRound = int64_t{kWarps} * kMmaKeys;  // keys the block takes per step
+  const int64_t split_keys = ((n_keys + a.splits - 1) / a.splits + kRound - 1) / kRound * kRound;
+  const int64_t begin = first_key + split * split_keys;
+  const int64_t end = min(pos + 1, begin + split_keys);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int r = lane / 4;
+  const int c = lane % 4;
+  const int64_t slot_base = int64_t{slots[t]} * a.max_len * a.kv_width + kv * kHd;
+  const T* k_head = k_cache + slot_base + 8 * c;
+  const T* v_head = v_cache + slot_base + 8 * c;
+
+  // Q as the A operand of k-steps 2 j and 2 j + 1 (rows r and r + 8: q heads h0 + r, h0 + r + 8).
+  uint32_t qa[2 * kChunks][4];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = r + 8 * hf;
+    const T* q_row = q + t * a.q_ld + (h0 + row) * kHd + 8 * c;
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+      uint4 w{0, 0, 0, 0};
+      if (row < nh) w = *reinterpret_cast<const uint4*>(q_row + 32 * j);
+      qa[2 * j][hf] = w.x;
+      qa[2 * j][2 + hf] = w.y;
+      qa[2 * j + 1][hf] = w.z;
+      qa[2 * j + 1][2 + hf] = w.w;
+    }
+  }
+
+  float o[kTiles][4];
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY};  // rows r and r + 8, in base-2 exponents
+  float l[2] = {0.0f, 0.0f};            // this lane's part of the row sums
+
+  for (int64_t k0 = begin + int64_t{warp} * kMmaKeys; k0 < end; k0 += kRound) {
+    uint4 kw[2][kChunks];
+    uint4 vw[2][kChunks];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int64_t key = k0 + r + 8 * hf;
+      const bool valid = key < end;  // rows past it may hold anything: never multiply them
+#pragma unroll
+      for (int j = 0; j < kChunks; ++j) {
+        kw[hf][j] = uint4{0, 0, 0, 0};
+        vw[hf][j] = uint4{0, 0, 0, 0};
+        if (valid) {
+          kw[hf][j] = *reinterpret_cast<const uint4*>(k_head + key * a.kv_width + 32 * j);
+          vw[hf][j] = *reinterpret_cast<const uint4*>(v_head + key * a.kv_width + 32 * j);
+        }
+      }
+    }
+    // S = Q K^T for keys k0 .. k0 + 7 (n-tile 0) and k0 + 8 .. k0 + 15 (n-tile 1).
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kChunks; ++j) {
+        mma_16816<T>(s[nt], qa[2 * j], kw[nt][j].x, kw[nt][j].y);
+        mma_16816<T>(s[nt], qa[2 * j + 1], kw[nt][j].z, kw[nt][j].w);
+      }
+    }
+    // Lane (r, c) holds rows r (s[.][0..1]) and r + 8 (s[.][2..3]), keys 8 nt + 2 c + {0, 1}.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool valid = k0 + 8 * nt + 2 * c + (e & 1) < end;
+        s[nt][e] = valid ? s[nt][e] * a.scale_log2 : -INFINITY;
+        mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
+      }
+    }
+    float rescale[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
+      mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
+      rescale[hf] = exp2f(m[hf] - mx[hf]);  // key k0 is valid, so mx is finite
+      m[hf] = mx[hf];
+      l[hf] *= rescale[hf];
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m[e / 2]);
+        l[e / 2] += s[nt][e];
+      }
+    }
+    const uint32_t pa[4] = {pack_pair<T>(s[0][0], s[0][1]), pack_pair<T>(s[0][2], s[0][3]),
+                            pack_pair<T>(s[1][0], s[1][1]), pack_pair<T>(s[1][2], s[1][3])};
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+      o[i][0] *= rescale[0];
+      o[i][1] *= rescale[0];
+      o[i][2] *= rescale[1];
+      o[i][3] *= rescale[1];
+    }
+    // O += P V, n-tile 4 j + p: the transposed word p of the V chunks j of keys r and r + 8.
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        mma_16816<T>(o[4 * j + p], pa, transpose_8x8(word(vw[0][j], p)),
+                     transpose_8x8(word(vw[1][j], p)));
+      }
+    }
+  }
+
+  // Lane (r, c)'s o[4 j + p][2 hf + e] is row r + 8 hf, dimension 32 j + 8 c + 2 p + e.
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 1);
+    l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 2);
+  }
+  if (c == 0) {
+    s_m[warp][r] = m[0];
+    s_m[warp][r + 8] = m[1];
+    s_l[warp][r] = l[0];
+    s_l[warp][r + 8] = l[1];
   }
   __syncthreads();
-  float total = 0.0f;
-  for (int s = 0; s < splits; ++s) total += weight[s];
-  for (int64_t d = threadIdx.x; d < head_dim; d += kThreads) {
-    float o = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      if (weight[s] > 0.0f) o += part[s * (head_dim + 1) + d] * weight[s];
+  // The row's maximum over the warps, and the row's total at that maximum.
+  const auto row_state = [&](int row, float& row_max, float& total) {
+    row_max = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) row_max = fmaxf(row_max, s_m[w][row]);
+    total = 0.0f;
+    if (row_max == -INFINITY) return;  // no keys in this split
+    for (int w = 0; w < kWarps; ++w) total += s_l[w][row] * exp2f(s_m[w][row] - row_max);
+  };
+  // Each warp's rows, weighted by their share of the block's softmax, into its own slice.
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = r + 8 * hf;
+    if (row >= nh) continue;
+    float row_max;
+    float total;
+    row_state(row, row_max, total);
+    const float weight = m[hf] == -INFINITY ? 0.0f : exp2f(m[hf] - row_max) / total;
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        *reinterpret_cast<float2*>(&s_o[warp][row][32 * j + 8 * c + 2 * p]) =
+            make_float2(o[4 * j + p][2 * hf] * weight, o[4 * j + p][2 * hf + 1] * weight);
+      }
     }
-    out[row * head_dim + d] = from_float<T>(o / total);
   }
+  __syncthreads();
+  for (int i = tid; i < nh * kHd; i += kThreads) {
+    const int row = i / kHd;
+    const int d = i % kHd;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += s_o[w][row][d];
+    const int64_t qh = h0 + row;
+    if (a.splits == 1) {
+      out[(t * a.n_q + qh) * kHd + d] = from_float<T>(sum);
+    } else {
+      partial[((t * a.n_q + qh) * a.splits + split) * kHd + d] = sum;
+    }
+  }
+  if (a.splits > 1 && tid < nh) {
+    float row_max;
+    float total;
+    row_state(tid, row_max, total);
+    partial[a.tokens * a.n_q * a.splits * kHd + (t * a.n_q + h0 + tid) * a.splits + split] =
+        total > 0.0f ? row_max + log2f(total) : -INFINITY;
+  }
+}
+
+// One block per (token, q head): the splits' outputs weighted by their share of the softmax. The
+// partial outputs are split-major rows of head_dim floats, their log-sum-exps after all of them.
+// Latency, not bandwidth, is what this costs (a decode step's few rows): the first warp reads
+// every split's log-sum-exp at once, then each thread's loads over the splits are independent.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    merge_splits_kernel(const float* partial, int64_t rows, int64_t head_dim, int splits, T* out) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float inv_total;
+  const int64_t row = blockIdx.x;  // token * n_q + head
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid < 32) {
+    const float* lse = partial + rows * splits * head_dim + row * splits;
+    const float a = tid < splits ? lse[tid] : -INFINITY;
+    const float b = tid + 32 < splits ? lse[tid + 32] : -INFINITY;
+    float mx = fmaxf(a, b);
+    for (int offset = 16; offset > 0; offset /= 2)
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+    // Every token sees at least itself, so some split has keys and mx is finite.
+    const float wa = exp2f(a - mx);  // 0 for an empty split (-inf)
+    const float wb = exp2f(b - mx);
+    if (tid < splits) weight[tid] = wa;
+    if (tid + 32 < splits) weight[tid + 32] = wb;
+    float total = wa + wb;
+    for (int offset = 16; offset > 0; offset /= 2)
+      total += __shfl_xor_sync(0xffffffffu, total, offset);
+    if (tid == 0) inv_total = 1.0f / total;
+  }
+  __syncthreads();
+  const float* o = partial + row * splits * head_dim;
+  for (int64_t d = tid; d < head_dim; d += kThreads) {
+    float sum = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) sum += o[s * head_dim + d] * weight[s];
+    out[row * head_dim + d] = from_float<T>(sum * inv_total);
+  }
+}
+
+// Whether the tensor-core kernel takes these shapes: 16-bit types, its head dims, and q heads
+// that share kv heads (an MHA head fills one of an MMA's 16 rows, and split_kernel reads MHA
+// caches near the bandwidth already). It also needs 16-byte aligned rows (mma_aligned).
+bool on_tensor_cores(DType dtype, int64_t head_dim, int64_t group) {
+  return dtype != DType::kF32 && (head_dim == 64 || head_dim == 96 || head_dim == 128) &&
+         group >= 2;
+}
+
+bool mma_aligned(int64_t q_ld, const void* q, const void* k, const void* v, const void* out) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return q_ld % 8 == 0 && aligned(q) && aligned(k) && aligned(v) && aligned(out);
 }
 
 int sm_count() {
@@ -302,11 +595,12 @@ int64_t attention_scratch_floats(int64_t tokens, int64_t n_q, int64_t head_dim, 
 }
 
 int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_len, int64_t n_kv,
-                     int64_t group, int64_t scratch_floats) {
+                     int64_t group, DType dtype, int64_t scratch_floats) {
   if (tokens <= 0 || n_q <= 0) return 1;
   static const int sms = sm_count();
   const int64_t heads_per_kv = std::min(group, n_q);
-  const int64_t head_blocks = (heads_per_kv + kMaxHeads - 1) / kMaxHeads;
+  const int64_t rows = on_tensor_cores(dtype, head_dim, group) ? kMmaRows : kMaxHeads;
+  const int64_t head_blocks = (heads_per_kv + rows - 1) / rows;
   const int64_t blocks = tokens * std::min(n_kv, n_q) * head_blocks;
   // Enough blocks for about four per multiprocessor, splits of at least kMinSplitKeys keys of a
   // full cache, and partial results that fit the scratch.
@@ -342,50 +636,72 @@ void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, con
   const int64_t heads_per_kv = std::min(group, n_q);
   TPE_CUDA_REQUIRE(n_kv * heads_per_kv <= 65535, "attention", "too many heads for a grid");
 
+  Args args{tokens,          q_ld,    n_q,   head_dim, max_len,
+            n_kv * head_dim, first_q, group, first_kv, scale * kLog2e,
+            window,          splits,  1,     0,        0};
   detail::dispatch(dtype, "attention", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto* tq = static_cast<const T*>(q);
     const auto* tk = static_cast<const T*>(k_cache);
     const auto* tv = static_cast<const T*>(v_cache);
     auto* tout = static_cast<T*>(out);
-    // Every row (of q, the caches, out) starts a multiple of head_dim elements in.
-    detail::dispatch_width<T>(
-        std::gcd(head_dim, q_ld),
-        [&](auto width) {
-          constexpr int kW = decltype(width)::value;
-          const int packs = static_cast<int>(head_dim / kW);
-          int lanes = 1;
-          while (lanes < 32 && lanes < packs) lanes *= 2;
-          const int per_lane = (packs + lanes - 1) / lanes;
-          Args args{q_ld,    n_q,   head_dim, max_len,        n_kv * head_dim,
-                    first_q, group, first_kv, scale * kLog2e, window,
-                    splits,  1,     lanes,    packs};
-          auto run = [&](auto packs_tag, auto heads_tag) {
-            constexpr int kPacks = decltype(packs_tag)::value;
-            constexpr int kHeads = decltype(heads_tag)::value;
-            args.head_blocks = static_cast<int>((heads_per_kv + kHeads - 1) / kHeads);
-            const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(splits),
-                            static_cast<unsigned>(n_kv * args.head_blocks));
-            launch<T, kW, kPacks, kHeads>(grid, tq, slots, positions, tk, tv, args, tout, scratch,
-                                          stream);
-          };
-          // Wide rows per lane (heads over 256 elements, or rows without 16-byte alignment) take
-          // one q head per block: a group's heads in registers would spill.
-          using One = std::integral_constant<int, 1>;
-          if constexpr (kW == 1) {
-            run(std::integral_constant<int, 16>{}, One{});  // rare: correct, not fast
-          } else if (per_lane > 1) {
-            run(std::integral_constant<int, 4>{}, One{});
-          } else if (heads_per_kv == 1) {
-            run(One{}, One{});
-          } else {
-            run(One{}, std::integral_constant<int, kMaxHeads>{});
-          }
-        },
-        tq, tk, tv, tout);
+    const auto grid = [&](int heads) {
+      args.head_blocks = static_cast<int>((heads_per_kv + heads - 1) / heads);
+      return dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(splits),
+                  static_cast<unsigned>(n_kv * args.head_blocks));
+    };
+    bool mma = false;
+    if constexpr (!std::is_same_v<T, float>) {
+      mma = on_tensor_cores(dtype, head_dim, group) && mma_aligned(q_ld, q, k_cache, v_cache, out);
+      if (mma) {
+        const auto run = [&](auto hd_tag) {
+          mma_kernel<T, decltype(hd_tag)::value><<<grid(kMmaRows), kThreads, 0, stream>>>(
+              tq, slots, positions, tk, tv, args, tout, scratch);
+          TPE_CUDA_CHECK_LAUNCH();
+        };
+        if (head_dim == 64) {
+          run(std::integral_constant<int, 64>{});
+        } else if (head_dim == 96) {
+          run(std::integral_constant<int, 96>{});
+        } else {
+          run(std::integral_constant<int, 128>{});
+        }
+      }
+    }
+    if (!mma) {
+      // Every row (of q, the caches, out) starts a multiple of head_dim elements in.
+      detail::dispatch_width<T>(
+          std::gcd(head_dim, q_ld),
+          [&](auto width) {
+            constexpr int kW = decltype(width)::value;
+            args.packs = static_cast<int>(head_dim / kW);
+            args.lanes = 1;
+            while (args.lanes < 32 && args.lanes < args.packs) args.lanes *= 2;
+            const int per_lane = (args.packs + args.lanes - 1) / args.lanes;
+            auto run = [&](auto packs_tag, auto heads_tag) {
+              constexpr int kPacks = decltype(packs_tag)::value;
+              constexpr int kHeads = decltype(heads_tag)::value;
+              launch<T, kW, kPacks, kHeads>(grid(kHeads), tq, slots, positions, tk, tv, args, tout,
+                                            scratch, stream);
+            };
+            // Wide rows per lane (heads over 256 elements, or rows without 16-byte alignment)
+            // take one q head per block: a group's heads in registers would spill.
+            using One = std::integral_constant<int, 1>;
+            if constexpr (kW == 1) {
+              run(std::integral_constant<int, 16>{}, One{});  // rare: correct, not fast
+            } else if (per_lane > 1) {
+              run(std::integral_constant<int, 4>{}, One{});
+            } else if (heads_per_kv == 1) {
+              run(One{}, One{});
+            } else {
+              run(One{}, std::integral_constant<int, kMaxHeads>{});
+            }
+          },
+          tq, tk, tv, tout);
+    }
     if (splits > 1) {
       merge_splits_kernel<T><<<static_cast<unsigned>(tokens * n_q), kThreads, 0, stream>>>(
-          scratch, head_dim, splits, tout);
+          scratch, tokens * n_q, head_dim, splits, tout);
       TPE_CUDA_CHECK_LAUNCH();
     }
   });

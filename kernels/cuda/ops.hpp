@@ -63,8 +63,9 @@ void kv_append(const void* k, const void* v, int64_t tokens, int64_t kv_width, c
 // q: [tokens, n_q * head_dim]; local q head h reads local kv head
 // (first_q + h) / group - first_kv. Softmax in fp32 with the max subtracted.
 // out: [tokens, n_q * head_dim]; q_ld: elements between q's rows (0: n_q * head_dim).
-// CUDA cores, the keys of each token in `splits` parts (attention_splits) whose partial results
-// go to `scratch` (attention_scratch_floats floats) and are merged by a second kernel. Reads
+// The keys of each token in `splits` parts (attention_splits) whose partial results go to
+// `scratch` (attention_scratch_floats floats) and are merged by a second kernel; on tensor cores
+// for 16-bit q heads that share a kv head (head dims 64, 96, 128), else on CUDA cores. Reads
 // positions and slots on the device only, so a recorded call replays for any lengths.
 void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, const int32_t* slots,
                const int32_t* positions, const void* k_cache, const void* v_cache, int64_t max_len,
@@ -74,7 +75,7 @@ void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, con
 // The split count attention uses best for these shapes on the current device, given a scratch of
 // scratch_floats floats: enough blocks to fill the device, never more partial results than fit.
 int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_len, int64_t n_kv,
-                     int64_t group, int64_t scratch_floats);
+                     int64_t group, DType dtype, int64_t scratch_floats);
 int64_t attention_scratch_floats(int64_t tokens, int64_t n_q, int64_t head_dim, int splits);
 
 // Causal attention of one sequence's `count` new tokens, at positions start_pos.. of cache slot

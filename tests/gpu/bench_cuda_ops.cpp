@@ -332,7 +332,8 @@ void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   constexpr int64_t kScratch = int64_t{4} << 20;
   Buffer scratch(static_cast<size_t>(kScratch) * 4);
-  const int splits = tpe::cuda::attention_splits(tokens, n_q, hd, ctx, n_kv, n_q / n_kv, kScratch);
+  const int splits =
+      tpe::cuda::attention_splits(tokens, n_q, hd, ctx, n_kv, n_q / n_kv, dtype, kScratch);
   const auto call = [&](int i) {
     const void* kc = k[static_cast<size_t>(i % copies)]->p;
     const void* vc = v[static_cast<size_t>(i % copies)]->p;

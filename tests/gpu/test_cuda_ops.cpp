@@ -771,7 +771,7 @@ void run_attention_case(const AttentionCase& c, DType dtype, cudaStream_t stream
     const int splits = path.splits > 0
                            ? path.splits
                            : attention_splits(tokens, h.n_q, h.head_dim, c.cache.max_len, h.n_kv,
-                                              h.group, kScratch);
+                                              h.group, dtype, kScratch);
     const DeviceBuffer scratch(static_cast<size_t>(kScratch) * 4);
     ASSERT_LE(attention_scratch_floats(tokens, h.n_q, h.head_dim, splits), kScratch);
     attention(q_in, tokens, h.n_q, h.head_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
@@ -905,6 +905,15 @@ const std::vector<AttentionCase>& family_attention_cases() {
        {4, 2, 256, 0, 2, 0},
        {100, 1600, 2},
        {{0, 1500, 1}, {1, 700, 3}}},
+      // 16-bit groups of head dim 64, 96 or 128 run on tensor cores in blocks of 16 q heads.
+      {"mqa hd64 wide group (40 q heads, 1 kv: blocks of 16, 16 and 8; 130 + 2 at 60)",
+       {40, 1, 64, 0, 40, 0},
+       {0, 136, 2},
+       {{0, 0, 130}, {1, 60, 2}}},
+      {"gqa4 hd64 decode (at 1999, and 3 at 500)",
+       {8, 2, 64, 0, 4, 0},
+       {0, 2048, 2},
+       {{0, 1999, 1}, {1, 500, 3}}},
   };
   return cases;
 }
