@@ -13,7 +13,8 @@ length and number of new tokens, greedy, never stopping early:
   - `tpengine bench --random-weights --json` at every TP size, first (and, with --no-graph-too,
     again with --no-cuda-graph: every decode step op by op, to show what the CUDA graph buys);
   - llama.cpp's llama-bench (--peers llamacpp --llama-cpp SRC), built from SRC (a llama.cpp
-    source folder, or the archive `tools/llama_cpp_peer.py pack` makes) with CUDA, on an F16 GGUF
+    source folder, or the archive `tools/llama_cpp_peer.py pack` makes) with CUDA, or an existing
+    build given by --llama-bench (SRC still gives gguf-py, which writes the model), on an F16 GGUF
     of the shape with random weights, flash attention on: pp P (a P-token prompt) and tg N after
     P tokens of context, at batch 1, as TTFT and TPOT (tools/llama_cpp_peer.py);
   - the bandwidth roofline: weight bytes per GPU / the copy bandwidth tpengine measured.
@@ -69,6 +70,9 @@ def run_logged(cmd, what, timeout):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         log(f"{what} took longer than {timeout} s; left out")
+        return None
+    except OSError as e:
+        log(f"{what} could not start: {e}")
         return None
     if done.returncode != 0:
         log(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -213,6 +217,8 @@ def main():
                         choices=["eager", "sdpa", "tp", "llamacpp"])
     parser.add_argument("--llama-cpp", help="llama.cpp source folder, or the archive "
                         "`tools/llama_cpp_peer.py pack` writes (--peers llamacpp)")
+    parser.add_argument("--llama-bench", help="a llama-bench built before (from the same "
+                        "source, with CUDA): used instead of building one from --llama-cpp")
     parser.add_argument("--profile", action="store_true", help="tpengine's op-by-op decode step")
     parser.add_argument("--no-graph-too", action="store_true",
                         help="also run tpengine with every decode step op by op (no CUDA graph)")
@@ -284,8 +290,15 @@ def run_llama_cpp(args, model_dir):
         log("llama.cpp: llama-bench is measured at batch 1 only")
     try:
         src = llama_cpp_peer.source_tree(args.llama_cpp, model_dir)
-        binary = llama_cpp_peer.build_llama_bench(src, os.path.join(model_dir, "llama-build"),
-                                                  args.device.startswith("cuda"), args.timeout)
+        if args.llama_bench:
+            if not os.access(args.llama_bench, os.X_OK):
+                log(f"llama.cpp: --llama-bench {args.llama_bench}: not an executable file")
+                return None
+            binary = args.llama_bench
+        else:
+            binary = llama_cpp_peer.build_llama_bench(
+                src, os.path.join(model_dir, "llama-build"), args.device.startswith("cuda"),
+                args.timeout)
         gguf_path = os.path.join(model_dir, "model-f16.gguf")
         llama_cpp_peer.write_gguf(src, SHAPES[args.shape], gguf_path)
     except (OSError, subprocess.SubprocessError, ImportError) as e:
