@@ -1,14 +1,9 @@
 #include "core/io/safetensors.hpp"
 
-#include <fcntl.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <bit>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -21,6 +16,7 @@
 
 #include "core/common/error.hpp"
 #include "core/common/json_error.hpp"
+#include "core/io/mapped_file.hpp"
 
 namespace tpe::io {
 namespace {
@@ -270,42 +266,6 @@ uint64_t read_header_length(const fs::path& file, const std::byte* map, size_t s
   return length;
 }
 
-// The whole file, mapped read-only; an empty file is {nullptr, 0}.
-std::pair<const std::byte*, size_t> map_file(const fs::path& path) {
-  // O_NONBLOCK so that a FIFO named like a checkpoint is rejected below instead of blocking.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) fail_in(path, "cannot open: {}", std::strerror(errno));
-  struct stat st {};
-  const bool regular = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
-  const size_t size = regular ? static_cast<size_t>(st.st_size) : 0;
-  void* map = size > 0 ? ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : nullptr;
-  const int map_errno = errno;
-  ::close(fd);
-  if (!regular) fail_in(path, "not a regular file");
-  if (map == MAP_FAILED) fail_in(path, "cannot map: {}", std::strerror(map_errno));
-  return {static_cast<const std::byte*>(map), size};
-}
-
-size_t page_size() {
-  static const size_t size = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  return size;
-}
-
-float bf16_to_f32(uint16_t half) { return std::bit_cast<float>(uint32_t{half} << 16); }
-
-float f16_to_f32(uint16_t half) {
-  const uint32_t sign = uint32_t{half & 0x8000u} << 16;
-  const uint32_t exponent = (half >> 10) & 0x1fu;
-  const uint32_t mantissa = half & 0x3ffu;
-  if (exponent == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));
-  if (exponent == 0) {
-    // Subnormal (or zero): mantissa x 2^-24 is exact in fp32, whose range is far wider.
-    const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
-    return std::bit_cast<float>(sign | std::bit_cast<uint32_t>(magnitude));
-  }
-  return std::bit_cast<float>(sign | ((exponent + 112) << 23) | (mantissa << 13));
-}
-
 template <float (*convert)(uint16_t)>
 void convert_halves(const std::byte* src, size_t count, float* dst) {
   for (size_t i = 0; i < count; ++i) {
@@ -424,7 +384,9 @@ size_t dtype_size(DType dtype) {
 std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
-  std::tie(file->map_, file->map_size_) = map_file(path);
+  file->mapping_ = std::make_unique<MappedFile>(path);
+  file->map_ = file->mapping_->data();
+  file->map_size_ = file->mapping_->size();
   const uint64_t header_length = read_header_length(path, file->map_, file->map_size_);
   file->data_offset_ = 8 + header_length;
   const auto* header = reinterpret_cast<const char*>(file->map_ + 8);
@@ -443,9 +405,7 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
   return file;
 }
 
-SafetensorsFile::~SafetensorsFile() {
-  if (map_ != nullptr) ::munmap(const_cast<std::byte*>(map_), map_size_);
-}
+SafetensorsFile::~SafetensorsFile() = default;
 
 const TensorInfo* SafetensorsFile::find(std::string_view name) const {
   const auto it = by_name_.find(name);
@@ -461,13 +421,7 @@ const std::byte* SafetensorsFile::bytes(const TensorInfo& info) const {
 void SafetensorsFile::release(const TensorInfo& info) const { release_bytes(info.begin, info.end); }
 
 void SafetensorsFile::release_bytes(uint64_t begin, uint64_t end) const {
-  if (begin == end) return;
-  // Rounding outwards may drop a neighbour's pages too; that is harmless, as private read-only
-  // pages are never dirty and simply fault back in from the page cache if read again.
-  const size_t page = page_size();
-  const size_t first = (data_offset_ + begin) / page * page;
-  const size_t last = std::min(data_offset_ + end + page - 1, map_size_ + page - 1) / page * page;
-  ::madvise(const_cast<std::byte*>(map_) + first, last - first, MADV_DONTNEED);
+  mapping_->release(data_offset_ + begin, data_offset_ + end);
 }
 
 Checkpoint Checkpoint::open(const fs::path& model_dir) {

@@ -19,6 +19,8 @@
 
 namespace tpe::io {
 
+class MappedFile;
+
 enum class DType { F32, F16, BF16, F64, I64, I32, I16, I8, U8, BOOL };
 
 std::string_view dtype_name(DType dtype);  // "F32", ...
@@ -61,7 +63,8 @@ class SafetensorsFile {
   // Like release, for bytes [begin, end) of the data section.
   void release_bytes(uint64_t begin, uint64_t end) const;
   std::filesystem::path path_;
-  const std::byte* map_ = nullptr;
+  std::unique_ptr<MappedFile> mapping_;
+  const std::byte* map_ = nullptr;  // mapping_'s bytes
   size_t map_size_ = 0;
   size_t data_offset_ = 0;  // 8 + header length
   std::vector<TensorInfo> tensors_;

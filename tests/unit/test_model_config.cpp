@@ -9,6 +9,7 @@
 
 #include "core/common/error.hpp"
 #include "core/config/model_config.hpp"
+#include "tests/unit/expect_error.hpp"
 
 namespace {
 
@@ -44,18 +45,7 @@ class ModelDir {
 };
 
 // Runs `action`, expecting a one-line tpe::Error that contains every one of `parts`.
-void expect_error(const std::function<void()>& action, std::initializer_list<std::string> parts) {
-  try {
-    action();
-    ADD_FAILURE() << "no tpe::Error thrown";
-  } catch (const tpe::Error& e) {
-    const std::string message = e.what();
-    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
-    for (const std::string& part : parts) {
-      EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' not in: " << message;
-    }
-  }
-}
+using tpe::testing::expect_error;
 
 void expect_rope_error(const std::string& config_json, std::initializer_list<std::string> parts) {
   const ModelDir dir;

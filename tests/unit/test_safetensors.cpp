@@ -15,6 +15,7 @@
 
 #include "core/common/error.hpp"
 #include "core/io/safetensors.hpp"
+#include "tests/unit/expect_error.hpp"
 
 namespace {
 
@@ -104,25 +105,8 @@ float f16_reference(uint16_t half) {
   return static_cast<float>(sign * std::ldexp(1024 + mantissa, exponent - 25));
 }
 
-template <typename F>
-std::string error_of(F&& action) {
-  try {
-    action();
-  } catch (const tpe::Error& error) {
-    return error.what();
-  }
-  ADD_FAILURE() << "expected a tpe::Error";
-  return {};
-}
-
-template <typename F>
-void expect_error(F&& action, const std::vector<std::string>& parts) {
-  const std::string message = error_of(action);
-  EXPECT_EQ(message.find('\n'), std::string::npos) << message;
-  for (const std::string& part : parts) {
-    EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' not in: " << message;
-  }
-}
+using tpe::testing::error_of;
+using tpe::testing::expect_error;
 
 class ModelDirTest : public ::testing::Test {
  protected:

@@ -21,6 +21,7 @@
 #include "core/common/error.hpp"
 #include "core/common/process.hpp"
 #include "core/config/run_config.hpp"
+#include "core/io/gguf.hpp"
 #include "core/io/safetensors.hpp"
 #include "core/program/report.hpp"
 #include "core/runtime/bench.hpp"
@@ -411,7 +412,59 @@ int run_policies(const CommonFlags& common) {
   return 0;
 }
 
+// A metadata value on one line: long strings and arrays shortened, control characters escaped.
+std::string gguf_value_text(const tpe::io::GgufValue& v) {
+  using Kind = tpe::io::GgufValue::Kind;
+  const auto quoted = [](const std::string& text) {
+    constexpr size_t kMax = 80;
+    const std::string shown = tpe::printable(text.substr(0, kMax));
+    return text.size() > kMax ? fmt::format("'{}'... ({} bytes)", shown, text.size())
+                              : fmt::format("'{}'", shown);
+  };
+  switch (v.kind) {
+    case Kind::kInt:
+      return std::to_string(v.i);
+    case Kind::kFloat:
+      return fmt::format("{}", v.f);
+    case Kind::kBool:
+      return v.b ? "true" : "false";
+    case Kind::kString:
+      return quoted(v.s);
+    case Kind::kArray:
+      break;
+  }
+  const size_t n = v.strings.size() + v.ints.size() + v.floats.size();
+  std::vector<std::string> head;
+  for (size_t i = 0; i < std::min<size_t>(n, 4); ++i) {
+    head.push_back(!v.strings.empty() ? quoted(v.strings[i])
+                   : !v.ints.empty()  ? std::to_string(v.ints[i])
+                                      : fmt::format("{}", v.floats[i]));
+  }
+  return fmt::format("[{}{}] ({} {})", fmt::join(head, ", "), n > head.size() ? ", ..." : "", n,
+                     tpe::io::gguf_value_type_name(v.element_type));
+}
+
+int run_inspect_gguf(const fs::path& path) {
+  const auto file = tpe::io::GgufFile::open(path);
+  fmt::print("GGUF version {}, {} metadata keys, {} tensors\n", file->version(),
+             file->metadata().size(), file->tensors().size());
+  for (const auto& [key, value] : file->metadata()) {
+    fmt::print("{:<44} {:<8} {}\n", tpe::printable(key), tpe::io::gguf_value_type_name(value.type),
+               gguf_value_text(value));
+  }
+  uint64_t total = 0;
+  for (const tpe::io::GgufTensor& t : file->tensors()) {
+    total += t.bytes;
+    fmt::print("{:<56} {:<5} {:<16} {:>12}\n", tpe::printable(t.name),
+               tpe::io::ggml_type_name(static_cast<uint32_t>(t.type)),
+               fmt::format("[{}]", fmt::join(t.shape(), ", ")), t.bytes);
+  }
+  fmt::print("{} tensors, {} bytes\n", file->tensors().size(), total);
+  return 0;
+}
+
 int run_inspect(const std::string& path) {
+  if (fs::path(path).extension() == ".gguf") return run_inspect_gguf(path);
   const fs::path dir = fs::is_directory(path) ? fs::path(path) : fs::path(path).parent_path();
   std::vector<const tpe::io::TensorInfo*> tensors;
   std::unique_ptr<tpe::io::SafetensorsFile> single;
@@ -517,7 +570,7 @@ int main(int argc, char** argv) {
 
   CLI::App* inspect = app.add_subcommand("inspect", "list a checkpoint's tensors");
   std::string inspect_path;
-  inspect->add_option("path", inspect_path, "model directory or .safetensors file")
+  inspect->add_option("path", inspect_path, "model directory, .safetensors or .gguf file")
       ->required()
       ->check(CLI::ExistingPath);
 
