@@ -142,6 +142,16 @@ PY
     echo "$out"
     grep -Eq "^model.layers.1.mlp.down_proj.weight +F32 +\[64, 96\] +24576  model-0000[1-4]-of-00004.safetensors" <<<"$out"
     grep -Eq "^2[0-9] tensors" <<<"$out";;
+  inspect_gguf)
+    out=$("$tpengine" inspect "$fixtures/gguf/blocks.gguf")
+    echo "$out"
+    grep -Eq "^GGUF version 3, 16 metadata keys, 22 tensors$" <<<"$out"
+    grep -Eq "^test.strings +ARRAY +\['a', '', '▁b'\] \(3 STRING\)$" <<<"$out"
+    grep -Eq "^Q4_K +Q4_K +\[3, 512\] +864$" <<<"$out"
+    cp "$fixtures/llama_mha/config.json" "$work/config.gguf"
+    if "$tpengine" inspect "$work/config.gguf" 2>"$work/err.txt"; then exit 1; fi
+    cat "$work/err.txt"
+    grep -q "config.gguf: not a GGUF file: it does not start with the magic 'GGUF'" "$work/err.txt";;
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 echo PASS
