@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Make the GGUF reader's fixture: tests/fixtures/gguf/blocks.gguf.
+"""Make the GGUF fixtures: tests/fixtures/gguf/blocks.gguf, and model-f32.gguf beside some
+Hugging Face fixtures.
 
 The gguf package (gguf-py, from the llama.cpp source that llama-cpp-python's pinned source
 distribution vendors: see tools/llama_cpp_peer.py) writes and dequantizes; tpengine's reader is
@@ -9,11 +10,21 @@ compared with it, so nothing here is computed by tpengine. The file holds:
   (the blocks' f16 scales made finite, float elements made finite) and `<TYPE>.expected`, the F32
   values gguf.quants.dequantize gives for those bytes.
 
+`--convert DIR...` writes DIR/model-f32.gguf for Hugging Face fixtures (single-file, F32) as
+llama.cpp's converter (convert_hf_to_gguf.py) would: the metadata keys its LlamaModel and
+Qwen2Model write from config.json, gguf-py's tensor name map, and for llama its `permute` of the
+q and k rows (taken from SRC's conversion/llama.py, so that the reordering tpengine undoes is
+llama.cpp's, not a copy of tpengine's idea of it). The weights stay F32, so the engine's output
+on the GGUF must match the fixture's transformers reference exactly as on the safetensors.
+
 Usage:
     python3 tools/make_gguf_fixtures.py --llama-cpp SRC --out tests/fixtures/gguf
-SRC: a llama.cpp source folder, or the archive `tools/llama_cpp_peer.py pack` writes.
+    python3 tools/make_gguf_fixtures.py --llama-cpp SRC --convert tests/fixtures/llama_gqa ...
+SRC: a llama.cpp source folder (for --convert, one with conversion/llama.py: the unpacked
+source distribution, not the trimmed `tools/llama_cpp_peer.py pack` archive).
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -37,11 +48,97 @@ def finite_halves(rng, n):
     return np.where(exponent == 0x1F, bits & np.uint16(0x83FF), bits).astype(np.uint16)
 
 
+def read_safetensors(path):
+    """{name: float32 array} of an F32 safetensors file (no torch needed)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        assert info["dtype"] == "F32", (path, name, info["dtype"])
+        begin, end = info["data_offsets"]
+        out[name] = np.frombuffer(data[begin:end], dtype=np.float32).reshape(info["shape"])
+    return out
+
+
+def llama_cpp_permute(src):
+    """LlamaModel.permute from llama.cpp's converter, compiled on its own (it needs numpy only)."""
+    import ast
+    import textwrap
+
+    path = os.path.join(src, "conversion", "llama.py")
+    tree = ast.parse(open(path).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "permute":
+            node.decorator_list = []
+            node.args.args[0].annotation = None
+            code = textwrap.dedent(ast.unparse(node))
+            scope = {}
+            exec(code, scope)
+            return scope["permute"]
+    sys.exit(f"no permute() in {path}")
+
+
+def convert(gguf, src, fixture):
+    config = json.load(open(os.path.join(fixture, "config.json")))
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[config["model_type"]]
+    tensors = read_safetensors(os.path.join(fixture, "model.safetensors"))
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    path = os.path.join(fixture, "model-f32.gguf")
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(layers)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    rope = config.get("rope_parameters") or {}
+    w.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    if (head_dim := config.get("head_dim")) is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim or config["hidden_size"] // heads)
+    w.add_vocab_size(config["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key in ("bos_token_id", "eos_token_id"):
+        if isinstance(config.get(key), int):
+            getattr(w, f"add_{key}")(config[key])
+    names = gguf.get_tensor_name_map(arch, layers)
+    permute = llama_cpp_permute(src)
+    for name, data in tensors.items():
+        if arch == gguf.MODEL_ARCH.LLAMA and name.endswith("q_proj.weight"):
+            data = permute(data, heads, heads)
+        elif arch == gguf.MODEL_ARCH.LLAMA and name.endswith("k_proj.weight"):
+            data = permute(data, heads, kv_heads)
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert new is not None, name
+        w.add_tensor(new, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"{path}: {os.path.getsize(path)} bytes")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--llama-cpp", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="where blocks.gguf goes")
+    parser.add_argument("--convert", nargs="+", default=[], help="Hugging Face fixture folders")
     args = parser.parse_args()
+    if args.convert:
+        src = args.llama_cpp
+        sys.path.insert(0, os.path.join(src, "gguf-py"))
+        import gguf
+        for fixture in args.convert:
+            convert(gguf, src, fixture)
+        return
     with tempfile.TemporaryDirectory() as work:
         src = llama_cpp_peer.source_tree(args.llama_cpp, work)
         sys.path.insert(0, os.path.join(src, "gguf-py"))

@@ -10,12 +10,14 @@
 #include <chrono>
 #include <cstdio>
 #include <exception>
+#include <functional>
 #include <mutex>
 #include <thread>
 
 #include "core/backend/cpu_backend.hpp"
 #include "core/comm/communicator.hpp"
 #include "core/common/error.hpp"
+#include "core/io/gguf_model.hpp"
 #include "core/io/safetensors.hpp"
 #include "core/program/report.hpp"
 #include "core/runtime/executor.hpp"
@@ -33,6 +35,22 @@ constexpr bool kHaveCuda = true;
 constexpr bool kHaveCuda = false;
 #endif
 
+namespace {
+
+bool is_gguf_file(const std::filesystem::path& path) {
+  return path.extension() == ".gguf" && !std::filesystem::is_directory(path);
+}
+
+}  // namespace
+
+config::ModelConfig load_model_config(const std::filesystem::path& model_path) {
+  if (is_gguf_file(model_path)) {
+    return config::ModelConfig::from_json(io::gguf_config_json(*io::GgufFile::open(model_path)),
+                                          model_path);
+  }
+  return config::ModelConfig::load(model_path);
+}
+
 Model prepare(const config::RunConfig& run) {
   if (run.model_path.empty()) {
     fail("no model given: set [model] path in the config file or pass --model DIR");
@@ -43,7 +61,7 @@ Model prepare(const config::RunConfig& run) {
   if (run.kernel_inject) {
     fail("kernel_inject = true: fused kernels are not built yet; set kernel_inject = false");
   }
-  config::ModelConfig config = config::ModelConfig::load(run.model_path);
+  config::ModelConfig config = load_model_config(run.model_path);
   const std::string dtype =
       run.dtype == "auto" ? (run.device == "cpu" ? "float32" : config.dtype()) : run.dtype;
   if (run.device == "cpu" && dtype != "float32") {
@@ -148,11 +166,11 @@ namespace {
 // a policy written for another revision of the architecture. Rank 0 reads every tensor some rank
 // reads (a row-parallel bias is rank 0's alone).
 void check_tensors_present(const Model& model, const program::Program& rank0,
-                           const io::Checkpoint& checkpoint) {
+                           const std::function<bool(const std::string&)>& has,
+                           const std::string& source) {
   std::vector<std::string> missing;
   for (const program::Weight& w : rank0.weights) {
-    if (checkpoint.find(w.tensor) == nullptr &&
-        std::find(missing.begin(), missing.end(), w.tensor) == missing.end()) {
+    if (!has(w.tensor) && std::find(missing.begin(), missing.end(), w.tensor) == missing.end()) {
       missing.push_back(w.tensor);
     }
   }
@@ -161,8 +179,7 @@ void check_tensors_present(const Model& model, const program::Program& rank0,
   fail("policy '{}' ({}) reads tensor{} {}{}, which checkpoint {} does not have",
        model.choice.policy->name, model.choice.policy->file.string(), missing.size() > 1 ? "s" : "",
        fmt::format("'{}'", fmt::join(missing.begin(), missing.begin() + shown, "', '")),
-       missing.size() > shown ? fmt::format(" and {} more", missing.size() - shown) : "",
-       checkpoint.dir().string());
+       missing.size() > shown ? fmt::format(" and {} more", missing.size() - shown) : "", source);
 }
 
 // The KV cache is sized up front; refuse one the machine cannot hold rather than die allocating.
@@ -245,6 +262,8 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
     fail("device = \"cuda\": this tpengine was built without CUDA (no nvcc at build time)");
   }
   std::optional<io::Checkpoint> checkpoint;
+  std::unique_ptr<io::GgufFile> gguf;
+  std::optional<io::GgufWeights> gguf_weights;
   Executor::WeightReader reader;
   std::string source;
   if (random_weights_seed) {
@@ -255,10 +274,23 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
                                            std::span<float> out) {
       random_weights(seed, name, shape, rows, cols, out);
     };
+  } else if (is_gguf_file(model_.config.path())) {
+    gguf = io::GgufFile::open(model_.config.path());
+    gguf_weights.emplace(*gguf);
+    source = model_.config.path().string();
+    check_tensors_present(
+        model_, program::lower(model_.graph, model_.plan, 0),
+        [&](const std::string& name) { return gguf_weights->find(name) != nullptr; }, source);
+    reader = [&gguf_weights](const std::string& name, std::span<const int64_t> shape,
+                             const IndexSet& rows, const IndexSet& cols, std::span<float> out) {
+      gguf_weights->read_f32(name, shape, rows, cols, out);
+    };
   } else {
     checkpoint = io::Checkpoint::open(model_.config.path().parent_path());
-    check_tensors_present(model_, program::lower(model_.graph, model_.plan, 0), *checkpoint);
     source = checkpoint->dir().string();
+    check_tensors_present(
+        model_, program::lower(model_.graph, model_.plan, 0),
+        [&](const std::string& name) { return checkpoint->find(name) != nullptr; }, source);
     reader = [&checkpoint](const std::string& name, std::span<const int64_t> shape,
                            const IndexSet& rows, const IndexSet& cols, std::span<float> out) {
       checkpoint->read_f32(name, shape, rows, cols, out);

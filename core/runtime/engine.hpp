@@ -42,7 +42,11 @@ struct Model {
   bool replay = true;  // record decode steps and replay them where the backend can
 };
 
-// Reads config.json, finds the policy, builds the graph and plans it for run.tp_size ranks
+// The model's config: a directory's config.json (and generation_config.json), or a GGUF file's
+// metadata read as the config.json of the checkpoint it was converted from.
+config::ModelConfig load_model_config(const std::filesystem::path& model_path);
+
+// Reads the config, finds the policy, builds the graph and plans it for run.tp_size ranks
 // (device = "cuda" needs neither a GPU nor a CUDA build to be planned; the Engine checks).
 Model prepare(const config::RunConfig& run);
 

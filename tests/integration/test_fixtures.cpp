@@ -1,5 +1,7 @@
 // Every fixture at TP = 1..4 against transformers: logits within 1e-4 x max |logit| (fp32) and
-// identical 16-token greedy continuations, the prompts run as one ragged batch.
+// identical 16-token greedy continuations, the prompts run as one ragged batch. Fixtures with a
+// model-f32.gguf (the same weights as llama.cpp's converter writes them) run from that file too,
+// against the same reference.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -20,29 +22,39 @@
 namespace tpe::test {
 namespace {
 
+constexpr const char* kGguf = "model-f32.gguf";
+
 struct Case {
   std::string fixture;
   int tp;
+  bool gguf = false;  // from the fixture's model-f32.gguf instead of its safetensors
 };
 
-void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << " at TP " << c.tp; }
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.fixture << (c.gguf ? " (GGUF)" : "") << " at TP " << c.tp;
+}
 
 std::string case_name(const testing::TestParamInfo<Case>& info) {
-  return info.param.fixture + "_tp" + std::to_string(info.param.tp);
+  return info.param.fixture + (info.param.gguf ? "_gguf" : "") + "_tp" +
+         std::to_string(info.param.tp);
 }
 
 std::vector<Case> all_cases() {
   std::vector<Case> cases;
   for (const std::string& name : fixture_names()) {
-    for (int tp = 1; tp <= 4; ++tp) cases.push_back({name, tp});
+    const bool gguf = std::filesystem::exists(fixture_dir(name) / kGguf);
+    for (int tp = 1; tp <= 4; ++tp) {
+      cases.push_back({name, tp});
+      if (gguf) cases.push_back({name, tp, true});
+    }
   }
   return cases;
 }
 
-runtime::Engine make_engine(const std::string& fixture, int tp) {
+runtime::Engine make_engine(const Case& c) {
   config::RunConfig run;
-  run.model_path = fixture_dir(fixture);
-  run.tp_size = tp;
+  run.model_path = c.gguf ? fixture_dir(c.fixture) / kGguf : fixture_dir(c.fixture);
+  run.tp_size = c.tp;
   return runtime::Engine(runtime::prepare(run), /*quiet=*/true);
 }
 
@@ -50,13 +62,13 @@ class FixtureTest : public testing::TestWithParam<Case> {};
 
 TEST_P(FixtureTest, LogitsMatchTransformers) {
   const Reference ref = load_reference(GetParam().fixture);
-  runtime::Engine engine = make_engine(GetParam().fixture, GetParam().tp);
+  runtime::Engine engine = make_engine(GetParam());
   EXPECT_LE(logits_error(engine.prompt_logits(ref.prompts), ref.logits), 1e-4f);
 }
 
 TEST_P(FixtureTest, GreedyContinuationMatchesTransformers) {
   const Reference ref = load_reference(GetParam().fixture);
-  runtime::Engine engine = make_engine(GetParam().fixture, GetParam().tp);
+  runtime::Engine engine = make_engine(GetParam());
   runtime::GenerationParams params;
   params.max_new_tokens = static_cast<int64_t>(ref.greedy[0].size());
   EXPECT_EQ(engine.generate(ref.prompts, params), ref.greedy);
@@ -72,7 +84,7 @@ namespace {
 
 TEST(Generation, StopTokenEndsTheSequenceAndIsKept) {
   const Reference ref = load_reference("llama_gqa");
-  runtime::Engine engine = make_engine("llama_gqa", 2);
+  runtime::Engine engine = make_engine({"llama_gqa", 2});
   runtime::GenerationParams params;
   params.max_new_tokens = 16;
   params.stop_token_ids = {ref.greedy[0][3]};
@@ -98,11 +110,11 @@ TEST(Generation, SampledTokensDependOnlyOnTheSeed) {
   params.sampling.top_p = 0.95;
   params.sampling.repetition_penalty = 1.2;
   params.seed = 1234;
-  runtime::Engine tp1 = make_engine("neox_parallel", 1);
+  runtime::Engine tp1 = make_engine({"neox_parallel", 1});
   const auto reference = tp1.generate(ref.prompts, params);
   EXPECT_EQ(tp1.generate(ref.prompts, params), reference);  // same seed, same tokens
   for (int tp = 2; tp <= 4; ++tp) {
-    runtime::Engine engine = make_engine("neox_parallel", tp);
+    runtime::Engine engine = make_engine({"neox_parallel", tp});
     EXPECT_EQ(engine.generate(ref.prompts, params), reference) << "tp " << tp;
   }
   params.seed = 99;
@@ -123,7 +135,7 @@ TEST(Generation, WeightBytesMatchThePlanAndTheCheckpoint) {
     if (t->shape.size() == 1) vector_elements += n;
   }
   for (int tp = 1; tp <= 4; ++tp) {
-    runtime::Engine engine = make_engine("llama_6h2kv", tp);
+    runtime::Engine engine = make_engine({"llama_6h2kv", tp});
     const auto memory = program::rank_memory(engine.model().graph, engine.model().plan);
     const auto bytes = engine.weight_bytes();
     int64_t total = 0;

@@ -14,7 +14,10 @@
 #include <string_view>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/io/gguf.hpp"
+#include "core/io/gguf_model.hpp"
 #include "tests/unit/expect_error.hpp"
 
 namespace {
@@ -310,6 +313,67 @@ TEST(Gguf, ReadF32ChecksTheShape) {
   const std::vector<int64_t> wrong{512, 3};
   expect_error([&] { file->read_f32(*t, wrong, {}, {}, out); },
                {"tensor 'Q4_K' in " + kBlocks.string() + " has shape [3, 512], expected [512, 3]"});
+}
+
+// ---- a GGUF file as its Hugging Face checkpoint -------------------------------------------------
+
+nlohmann::json read_json(const fs::path& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
+// model-f32.gguf was converted from the fixture's checkpoint: the config read back from its
+// metadata must say what the config.json transformers wrote says.
+TEST(GgufModel, ConfigIsTheCheckpointsConfigJson) {
+  for (const char* fixture : {"llama_gqa", "llama_tied", "qwen2_bias"}) {
+    const fs::path dir = fs::path(TPE_FIXTURES_DIR) / fixture;
+    const nlohmann::json want = read_json(dir / "config.json");
+    const nlohmann::json got = io::gguf_config_json(*io::GgufFile::open(dir / "model-f32.gguf"));
+    for (const char* key :
+         {"model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+          "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "vocab_size",
+          "tie_word_embeddings", "bos_token_id", "eos_token_id"}) {
+      EXPECT_EQ(got.at(key), want.at(key)) << fixture << " " << key;
+    }
+    if (want.contains("head_dim")) {
+      EXPECT_EQ(got.at("head_dim"), want.at("head_dim")) << fixture;
+    }
+    // Stored as FLOAT32 in GGUF: equal as floats.
+    EXPECT_EQ(static_cast<float>(got.at("rms_norm_eps").get<double>()),
+              static_cast<float>(want.at("rms_norm_eps").get<double>()))
+        << fixture;
+    const double theta = want.contains("rope_parameters")
+                             ? want["rope_parameters"]["rope_theta"].get<double>()
+                             : want.at("rope_theta").get<double>();
+    EXPECT_EQ(got.at("rope_theta").get<double>(), theta) << fixture;
+  }
+}
+
+TEST(GgufModel, NamesMapOntoHuggingFaceNames) {
+  const auto file =
+      io::GgufFile::open(fs::path(TPE_FIXTURES_DIR) / "qwen2_bias" / "model-f32.gguf");
+  const io::GgufWeights weights(*file);
+  EXPECT_EQ(weights.gguf_name("model.layers.1.self_attn.q_proj.bias"), "blk.1.attn_q.bias");
+  EXPECT_EQ(weights.gguf_name("model.layers.0.mlp.down_proj.weight"), "blk.0.ffn_down.weight");
+  EXPECT_EQ(weights.gguf_name("lm_head.weight"), "output.weight");
+  EXPECT_EQ(weights.gguf_name("model.layers.x.mlp.down_proj.weight"), "");
+  EXPECT_EQ(weights.gguf_name("model.layers.0.mlp.fc1.weight"), "");
+  EXPECT_NE(weights.find("model.embed_tokens.weight"), nullptr);
+  std::vector<float> out(4);
+  const std::vector<int64_t> shape{4};
+  expect_error([&] { weights.read_f32("model.layers.9.mlp.up_proj.weight", shape, {}, {}, out); },
+               {"tensor 'model.layers.9.mlp.up_proj.weight' (GGUF 'blk.9.ffn_up.weight') is "
+                "missing from"});
+}
+
+TEST(GgufModel, OtherArchitecturesAreRefusedByName) {
+  const auto file = io::GgufFile::open(kBlocks);
+  const std::vector<std::string> parts{
+      kBlocks.string() +
+      ": GGUF architecture 'tpengine-test' is not supported; tpengine reads "
+      "llama and qwen2 GGUF files"};
+  expect_error([&] { (void)io::gguf_config_json(*file); }, parts);
+  expect_error([&] { io::GgufWeights weights(*file); }, parts);
 }
 
 }  // namespace

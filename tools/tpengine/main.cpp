@@ -350,7 +350,9 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
 int run_plan(const CommonFlags& common, int64_t batch, int64_t seq_len) {
   const RunConfig run = common.resolve();
   const tpe::runtime::Model model = tpe::runtime::prepare(run);
-  fmt::print("model:  {}\n", model.config.path().parent_path().string());
+  const fs::path& source = model.config.path();  // config.json, or a GGUF file
+  fmt::print("model:  {}\n",
+             (source.extension() == ".gguf" ? source : source.parent_path()).string());
   fmt::print("policy: {} {} ({}): {}\n", model.choice.policy->name, model.choice.policy->version,
              model.choice.policy->file.string(), model.choice.reason);
   if (model.injection_policy) {
@@ -403,7 +405,7 @@ int run_policies(const CommonFlags& common) {
                fmt::join(losers, ", "));
   }
   if (!run.model_path.empty()) {
-    const auto config = tpe::config::ModelConfig::load(run.model_path);
+    const auto config = tpe::runtime::load_model_config(run.model_path);
     const auto choice = registry.choose(config, run.policy_name);
     fmt::print("for {} (model_type '{}'): {} from {}: {}\n", run.model_path.string(),
                config.model_type(), choice.policy->name, choice.policy->file.string(),
