@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # A real model end to end: SmolLM2-135M-Instruct from its GGUF file (Q4_1; tools/fetch-smollm2.sh
-# fetches it into a cache the first time), text in and text out through the GGUF's own
-# tokenizer, split over two ranks. Greedy, so the completion is fixed: llama.cpp on the same file
-# gives " Paris." too.
-# usage: smollm2.sh TPENGINE
+# fetches it into a cache the first time). tpe_real_tests compares it with transformers loading
+# the same file (tests/real/smollm2); then the CLI completes a prompt at TP 2 through the GGUF's
+# own tokenizer, greedy, which must name Paris (llama.cpp on the same file says " Paris." too).
+# usage: smollm2.sh TPENGINE TPE_REAL_TESTS
 set -euo pipefail
-tpengine=$1
+tpengine=$1 tests=$2
 root=$(cd "$(dirname "$0")/../.." && pwd)
 model=$("$root/tools/fetch-smollm2.sh")
+TPE_SMOLLM2_GGUF=$model "$tests"
 out=$("$tpengine" generate --model "$model" --tp 2 --prompt "The capital of France is" \
   --max-new-tokens 16)
 echo "$out"

@@ -1,0 +1,94 @@
+// SmolLM2-135M-Instruct from its GGUF file (Q4_1, dequantized to fp32) against transformers
+// loading the same file (tests/real/smollm2, made by tools/make_real_refs.py): the prompts'
+// ids from the GGUF's tokenizer, the last position's logits within 1e-4 x max |logit|, and 32
+// greedy tokens, at TP 1, 2 and 3. The file is fetched by tools/fetch-smollm2.sh; smollm2.sh
+// passes its path in TPE_SMOLLM2_GGUF.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/io/safetensors.hpp"
+#include "core/runtime/engine.hpp"
+#include "tests/integration/fixture.hpp"
+
+namespace tpe::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+fs::path model_file() {
+  const char* path = std::getenv("TPE_SMOLLM2_GGUF");
+  if (path == nullptr) {
+    ADD_FAILURE() << "TPE_SMOLLM2_GGUF is not set: run tests/real/smollm2.sh";
+    return {};
+  }
+  return path;
+}
+
+struct RealReference {
+  std::vector<std::string> texts;
+  std::vector<std::vector<int64_t>> prompts;
+  std::vector<std::vector<int64_t>> greedy;
+  std::vector<Tensor> last_logits;  // per prompt [1, vocab]
+};
+
+RealReference load() {
+  const fs::path dir = fs::path(TPE_REAL_DIR) / "smollm2";
+  std::ifstream in(dir / "reference.json");
+  const nlohmann::json j = nlohmann::json::parse(in);
+  RealReference ref;
+  ref.texts = j.at("texts").get<std::vector<std::string>>();
+  ref.prompts = j.at("prompts").get<std::vector<std::vector<int64_t>>>();
+  ref.greedy = j.at("greedy").get<std::vector<std::vector<int64_t>>>();
+  const auto file = io::SafetensorsFile::open(dir / "reference.safetensors");
+  for (size_t i = 0; i < ref.prompts.size(); ++i) {
+    const io::TensorInfo* info = file->find("last." + std::to_string(i));
+    EXPECT_NE(info, nullptr) << i;
+    if (info == nullptr) continue;
+    Tensor t({1, info->shape[0]});
+    t.data = file->read_f32(*info, info->shape, {}, {});
+    ref.last_logits.push_back(std::move(t));
+  }
+  return ref;
+}
+
+TEST(RealSmolLm2, TokenizerFromTheGgufGivesTransformersIds) {
+  const RealReference ref = load();
+  const tokenizer::Tokenizer tokenizer = runtime::load_tokenizer(model_file());
+  for (size_t i = 0; i < ref.texts.size(); ++i) {
+    const std::vector<uint32_t> ids = tokenizer.encode(ref.texts[i]);
+    EXPECT_EQ(std::vector<int64_t>(ids.begin(), ids.end()), ref.prompts[i]) << ref.texts[i];
+  }
+}
+
+class RealSmolLm2Tp : public testing::TestWithParam<int> {};
+
+TEST_P(RealSmolLm2Tp, LogitsAndGreedyTokensMatchTransformers) {
+  const RealReference ref = load();
+  config::RunConfig run;
+  run.model_path = model_file();
+  run.tp_size = GetParam();
+  runtime::Engine engine(runtime::prepare(run), /*quiet=*/true);
+  std::vector<Tensor> last;
+  for (const Tensor& all : engine.prompt_logits(ref.prompts)) {
+    const int64_t vocab = all.shape[1];
+    Tensor t({1, vocab});
+    t.data.assign(all.data.end() - vocab, all.data.end());
+    last.push_back(std::move(t));
+  }
+  EXPECT_LE(logits_error(last, ref.last_logits), 1e-4f);
+  runtime::GenerationParams params;
+  params.max_new_tokens = static_cast<int64_t>(ref.greedy[0].size());
+  EXPECT_EQ(engine.generate(ref.prompts, params), ref.greedy);
+}
+
+INSTANTIATE_TEST_SUITE_P(Tp, RealSmolLm2Tp, testing::Values(1, 2, 3));
+
+}  // namespace
+}  // namespace tpe::test
