@@ -202,10 +202,10 @@ void q6_k(const std::byte* b, float* y) {
   }
 }
 
-template <void (*kBlock)(const std::byte*, float*)>
-void each_block(const std::byte* src, int64_t blocks, int64_t elements, int64_t bytes, float* dst) {
-  for (int64_t i = 0; i < blocks; ++i) kBlock(src + i * bytes, dst + i * elements);
-}
+// The block dequantizers by type.
+constexpr std::pair<GgmlType, void (*)(const std::byte*, float*)> kBlockFunctions[] = {
+    {GgmlType::Q4_0, q4_0}, {GgmlType::Q4_1, q4_1}, {GgmlType::Q5_0, q5_0}, {GgmlType::Q5_1, q5_1},
+    {GgmlType::Q8_0, q8_0}, {GgmlType::Q4_K, q4_k}, {GgmlType::Q5_K, q5_k}, {GgmlType::Q6_K, q6_k}};
 
 }  // namespace
 
@@ -233,37 +233,24 @@ BlockLayout block_layout(GgmlType type) {
 
 void dequantize(GgmlType type, const std::byte* src, int64_t blocks, float* dst) {
   const BlockLayout l = block_layout(type);
-  switch (type) {
-    case GgmlType::F32:
-      if (blocks > 0) std::memcpy(dst, src, static_cast<size_t>(blocks) * sizeof(float));
-      return;
-    case GgmlType::F16:
-      for (int64_t i = 0; i < blocks; ++i) dst[i] = half_at(src + 2 * i);
-      return;
-    case GgmlType::BF16:
-      for (int64_t i = 0; i < blocks; ++i) {
-        uint16_t h;
-        std::memcpy(&h, src + 2 * i, sizeof h);
-        dst[i] = bf16_to_f32(h);
-      }
-      return;
-    case GgmlType::Q4_0:
-      return each_block<q4_0>(src, blocks, l.elements, l.bytes, dst);
-    case GgmlType::Q4_1:
-      return each_block<q4_1>(src, blocks, l.elements, l.bytes, dst);
-    case GgmlType::Q5_0:
-      return each_block<q5_0>(src, blocks, l.elements, l.bytes, dst);
-    case GgmlType::Q5_1:
-      return each_block<q5_1>(src, blocks, l.elements, l.bytes, dst);
-    case GgmlType::Q8_0:
-      return each_block<q8_0>(src, blocks, l.elements, l.bytes, dst);
-    case GgmlType::Q4_K:
-      return each_block<q4_k>(src, blocks, l.elements, l.bytes, dst);
-    case GgmlType::Q5_K:
-      return each_block<q5_k>(src, blocks, l.elements, l.bytes, dst);
-    case GgmlType::Q6_K:
-      return each_block<q6_k>(src, blocks, l.elements, l.bytes, dst);
+  if (type == GgmlType::F32) {
+    if (blocks > 0) std::memcpy(dst, src, static_cast<size_t>(blocks) * sizeof(float));
+    return;
   }
+  if (type == GgmlType::F16 || type == GgmlType::BF16) {
+    for (int64_t i = 0; i < blocks; ++i) {
+      uint16_t h;
+      std::memcpy(&h, src + 2 * i, sizeof h);
+      dst[i] = type == GgmlType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
+    }
+    return;
+  }
+  for (const auto& [t, block] : kBlockFunctions) {
+    if (t != type) continue;
+    for (int64_t i = 0; i < blocks; ++i) block(src + i * l.bytes, dst + i * l.elements);
+    return;
+  }
+  TPE_CHECK(false, "dequantize of ggml type {}", static_cast<uint32_t>(type));
 }
 
 }  // namespace tpe::io

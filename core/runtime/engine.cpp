@@ -296,27 +296,25 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
                                            std::span<float> out) {
       random_weights(seed, name, shape, rows, cols, out);
     };
-  } else if (is_gguf_file(model_.config.path())) {
-    gguf = io::GgufFile::open(model_.config.path());
-    gguf_weights.emplace(*gguf);
-    source = model_.config.path().string();
-    check_tensors_present(
-        model_, program::lower(model_.graph, model_.plan, 0),
-        [&](const std::string& name) { return gguf_weights->find(name) != nullptr; }, source);
-    reader = [&gguf_weights](const std::string& name, std::span<const int64_t> shape,
-                             const IndexSet& rows, const IndexSet& cols, std::span<float> out) {
-      gguf_weights->read_f32(name, shape, rows, cols, out);
-    };
   } else {
-    checkpoint = io::Checkpoint::open(model_.config.path().parent_path());
-    source = checkpoint->dir().string();
-    check_tensors_present(
-        model_, program::lower(model_.graph, model_.plan, 0),
-        [&](const std::string& name) { return checkpoint->find(name) != nullptr; }, source);
-    reader = [&checkpoint](const std::string& name, std::span<const int64_t> shape,
-                           const IndexSet& rows, const IndexSet& cols, std::span<float> out) {
-      checkpoint->read_f32(name, shape, rows, cols, out);
+    // A directory's safetensors or a GGUF file, both read by Hugging Face tensor names.
+    const auto read_from = [&](const auto& weights) {
+      check_tensors_present(
+          model_, program::lower(model_.graph, model_.plan, 0),
+          [&](const std::string& name) { return weights.find(name) != nullptr; }, source);
+      reader = [&weights](const std::string& name, std::span<const int64_t> shape,
+                          const IndexSet& rows, const IndexSet& cols,
+                          std::span<float> out) { weights.read_f32(name, shape, rows, cols, out); };
     };
+    if (is_gguf_file(model_.config.path())) {
+      gguf = io::GgufFile::open(model_.config.path());
+      source = model_.config.path().string();
+      read_from(gguf_weights.emplace(*gguf));
+    } else {
+      checkpoint = io::Checkpoint::open(model_.config.path().parent_path());
+      source = checkpoint->dir().string();
+      read_from(*checkpoint);
+    }
   }
   // One process drives every rank, or (launched) just its own.
   std::vector<int> local_ranks;

@@ -74,6 +74,42 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float m2, float 
   m = mx;
 }
 
+// What a block of either kernel serves, from its grid position: token t, local kv head kv, its
+// q heads [h0, h0 + nh) (the block's chunk of `rows` of the heads that read kv; nh 0 when the
+// chunk is past them) and keys [begin, end) (the split's share of the token's window, splits
+// starting at multiples of `round` keys so that the block's steps stay aligned).
+struct BlockWork {
+  int64_t t;
+  int split;
+  int kv;
+  int64_t h0;
+  int nh;
+  int64_t begin;
+  int64_t end;
+};
+
+__device__ __forceinline__ BlockWork block_work(const Args& a, const int32_t* positions, int rows,
+                                                int64_t round) {
+  BlockWork w{};
+  w.t = blockIdx.x;
+  w.split = static_cast<int>(blockIdx.y);
+  w.kv = static_cast<int>(blockIdx.z) / a.head_blocks;
+  const int chunk = static_cast<int>(blockIdx.z) % a.head_blocks;
+  const int64_t global_kv = w.kv + a.first_kv;
+  const int64_t lo_all = max(int64_t{0}, global_kv * a.group - a.first_q);
+  const int64_t hi_all = min(a.n_q, (global_kv + 1) * a.group - a.first_q);
+  w.h0 = lo_all + int64_t{chunk} * rows;
+  if (w.h0 >= hi_all) return w;  // nh = 0
+  w.nh = static_cast<int>(min(int64_t{rows}, hi_all - w.h0));
+  const int64_t pos = positions[w.t];
+  const int64_t first_key = a.window > 0 && pos >= a.window ? pos - a.window + 1 : 0;
+  const int64_t n_keys = pos + 1 - first_key;
+  const int64_t split_keys = ((n_keys + a.splits - 1) / a.splits + round - 1) / round * round;
+  w.begin = first_key + w.split * split_keys;
+  w.end = min(pos + 1, w.begin + split_keys);
+  return w;
+}
+
 // kW: elements per pack; kPacks: packs per lane at most; kHeads: q heads per block at most.
 template <class T, int kW, int kPacks, int kHeads>
 __global__ void __launch_bounds__(kThreads)
@@ -85,25 +121,9 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float merge_m[kWarps];
   __shared__ float merge_l[kWarps];
 
-  const int64_t t = blockIdx.x;
-  const int split = static_cast<int>(blockIdx.y);
-  const int kv = static_cast<int>(blockIdx.z) / a.head_blocks;
-  const int chunk = static_cast<int>(blockIdx.z) % a.head_blocks;
-  // The local q heads that read local kv head kv, this block's chunk of them.
-  const int64_t global_kv = kv + a.first_kv;
-  const int64_t lo_all = max(int64_t{0}, global_kv * a.group - a.first_q);
-  const int64_t hi_all = min(a.n_q, (global_kv + 1) * a.group - a.first_q);
-  const int64_t h0 = lo_all + int64_t{chunk} * kHeads;
-  if (h0 >= hi_all) return;
-  const int nh = static_cast<int>(min(int64_t{kHeads}, hi_all - h0));
-
-  const int64_t pos = positions[t];
-  const int64_t first_key = a.window > 0 && pos >= a.window ? pos - a.window + 1 : 0;
-  const int64_t n_keys = pos + 1 - first_key;
-  // Splits start at multiples of the block's keys per step, so that steps stay aligned.
-  const int64_t split_keys = ((n_keys + a.splits - 1) / a.splits + 31) / 32 * 32;
-  const int64_t begin = first_key + split * split_keys;
-  const int64_t end = min(pos + 1, begin + split_keys);
+  const BlockWork w = block_work(a, positions, kHeads, 32);
+  if (w.nh == 0) return;
+  const auto [t, split, kv, h0, nh, begin, end] = w;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % 32;
@@ -332,24 +352,10 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float s_m[kWarps][kMmaRows];
   __shared__ float s_l[kWarps][kMmaRows];
 
-  const int64_t t = blockIdx.x;
-  const int split = static_cast<int>(blockIdx.y);
-  const int kv = static_cast<int>(blockIdx.z) / a.head_blocks;
-  const int chunk = static_cast<int>(blockIdx.z) % a.head_blocks;
-  const int64_t global_kv = kv + a.first_kv;
-  const int64_t lo_all = max(int64_t{0}, global_kv * a.group - a.first_q);
-  const int64_t hi_all = min(a.n_q, (global_kv + 1) * a.group - a.first_q);
-  const int64_t h0 = lo_all + int64_t{chunk} * kMmaRows;
-  if (h0 >= hi_all) return;
-  const int nh = static_cast<int>(min(int64_t{kMmaRows}, hi_all - h0));
-
-  const int64_t pos = positions[t];
-  const int64_t first_key = a.window > 0 && pos >= a.window ? pos - a.window + 1 : 0;
-  const int64_t n_keys = pos + 1 - first_key;
   constexpr int64_t kRound = int64_t{kWarps} * kMmaKeys;  // keys the block takes per step
-  const int64_t split_keys = ((n_keys + a.splits - 1) / a.splits + kRound - 1) / kRound * kRound;
-  const int64_t begin = first_key + split * split_keys;
-  const int64_t end = min(pos + 1, begin + split_keys);
+  const BlockWork w = block_work(a, positions, kMmaRows, kRound);
+  if (w.nh == 0) return;
+  const auto [t, split, kv, h0, nh, begin, end] = w;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % 32;

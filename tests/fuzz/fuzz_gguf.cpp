@@ -14,29 +14,14 @@
 
 #include "core/common/error.hpp"
 #include "core/io/gguf.hpp"
+#include "tests/fuzz/scratch.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 namespace io = tpe::io;
 
-// One directory per process, removed at exit; the file in it is rewritten for every input.
-class Scratch {
- public:
-  Scratch() {
-    std::string pattern = (fs::temp_directory_path() / "fuzz_gguf_XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) abort();
-    dir_ = pattern;
-  }
-  ~Scratch() {
-    std::error_code ignored;
-    fs::remove_all(dir_, ignored);
-  }
-  fs::path file() const { return dir_ / "model.gguf"; }
-
- private:
-  fs::path dir_;
-};
+using tpe::fuzz::Scratch;
 
 void check_and_read(const io::GgufFile& file, const uint8_t* data, size_t size) {
   for (const io::GgufTensor& t : file.tensors()) {
@@ -61,14 +46,14 @@ void check_and_read(const io::GgufFile& file, const uint8_t* data, size_t size) 
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static const Scratch scratch;
+  static const Scratch scratch("fuzz_gguf");
   {
-    std::ofstream out(scratch.file(), std::ios::binary | std::ios::trunc);
+    std::ofstream out((scratch.dir() / "model.gguf"), std::ios::binary | std::ios::trunc);
     out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size));
     if (!out) abort();
   }
   try {
-    const auto file = io::GgufFile::open(scratch.file());
+    const auto file = io::GgufFile::open((scratch.dir() / "model.gguf"));
     check_and_read(*file, data, size);
   } catch (const tpe::Error& error) {
     // Internal errors are broken invariants, which no input may cause.

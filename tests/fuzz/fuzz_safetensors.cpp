@@ -13,29 +13,14 @@
 
 #include "core/common/error.hpp"
 #include "core/io/safetensors.hpp"
+#include "tests/fuzz/scratch.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 namespace io = tpe::io;
 
-// One directory per process, removed at exit; the file in it is rewritten for every input.
-class Scratch {
- public:
-  Scratch() {
-    std::string pattern = (fs::temp_directory_path() / "fuzz_safetensors_XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) abort();
-    dir_ = pattern;
-  }
-  ~Scratch() {
-    std::error_code ignored;
-    fs::remove_all(dir_, ignored);
-  }
-  const fs::path& dir() const { return dir_; }
-
- private:
-  fs::path dir_;
-};
+using tpe::fuzz::Scratch;
 
 uint64_t header_length(const uint8_t* data) {
   uint64_t length = 0;
@@ -73,7 +58,7 @@ void read_floats(const io::Checkpoint& checkpoint) {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static const Scratch scratch;
+  static const Scratch scratch("fuzz_safetensors");
   {
     std::ofstream out(scratch.dir() / "model.safetensors", std::ios::binary | std::ios::trunc);
     out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size));
