@@ -57,13 +57,18 @@ if ! (cd "$work" && apt-get download "${packages[@]}" 2> >(grep -v "unsandboxed"
   exit 1
 fi
 
-# The project's Boost includes, read before DIR is refilled (a DIR inside the repository that
-# git does not ignore would otherwise contribute all of Boost's own).
+# The project's Boost includes, read from its source folders (so a release tarball or a copy
+# without .git works too, and no unpacked dependency under the tree contributes its own).
 rm -rf "$dir"
 boost_tu=$work/boost_includes.cpp
-# git grep exits 1 when nothing matches: no Boost includes is a fine answer.
-(cd "$repo" && { git grep --untracked -h -E '^\s*#\s*include\s*<boost/' \
-  -- '*.cpp' '*.hpp' '*.h' '*.cu' || true; }) | sort -u >"$boost_tu"
+(cd "$repo" && grep -rhE '^\s*#\s*include\s*<boost/' --include='*.cpp' --include='*.hpp' \
+  --include='*.h' --include='*.cu' core kernels policies sdk tools tests || true) |
+  sort -u >"$boost_tu"
+if [ ! -s "$boost_tu" ]; then
+  echo "gpu-deps: no #include <boost/...> found under $repo/{core,kernels,policies,sdk,tools,tests};" \
+    "expected Boost.DLL's (core/plugin): is this a tpengine source tree?" >&2
+  exit 1
+fi
 
 mkdir -p "$dir"
 for deb in "$work"/*.deb; do dpkg -x "$deb" "$dir"; done
@@ -88,13 +93,11 @@ find "$lib" -name 'liblapack*' -delete
 # Boost: those includes and their closure under the host compiler.
 keep=$work/boost_keep
 echo "boost/version.hpp" >"$keep"
-if [ -s "$boost_tu" ]; then
-  # BOOST_DLL_USE_STD_FS: the definition core/CMakeLists.txt compiles Boost.DLL with. -M lists
-  # the headers separated by spaces and backslash-newlines.
-  # shellcheck disable=SC1003
-  "${CXX:-c++}" -std=c++20 -DBOOST_DLL_USE_STD_FS -I"$usr/include" -M "$boost_tu" |
-    tr -s ' \\' '\n' | sed -n "s#^$usr/include/\(boost/.*\)#\1#p" >>"$keep"
-fi
+# BOOST_DLL_USE_STD_FS: the definition core/CMakeLists.txt compiles Boost.DLL with. -M lists
+# the headers separated by spaces and backslash-newlines.
+# shellcheck disable=SC1003
+"${CXX:-c++}" -std=c++20 -DBOOST_DLL_USE_STD_FS -I"$usr/include" -M "$boost_tu" |
+  tr -s ' \\' '\n' | sed -n "s#^$usr/include/\(boost/.*\)#\1#p" >>"$keep"
 (cd "$usr/include" && find boost/config boost/predef -type f) >>"$keep"
 mv "$usr/include/boost" "$work/boost"
 while read -r header; do
