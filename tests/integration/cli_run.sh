@@ -131,6 +131,28 @@ assert one == texts[0] + "\n", (one, texts[0])
 assert two == "".join(f"[{i}] {t}\n" for i, t in enumerate(texts)), (two, texts)
 PY
     ;;
+  generate_json)
+    # One JSON object a line per sequence: transformers' greedy ids and text; a stop id ends one.
+    m="$fixtures/llama_text"
+    "$tpengine" generate --model "$m" --tp 2 --quiet -n 16 --ignore-eos --json \
+      --prompt "Call me Ishmael. Some years ago" --prompt "The quick brown fox" >"$work/all.jsonl"
+    stop=$(python3 -c "import json; print(json.load(open('$m/reference.json'))['greedy'][0][2])")
+    "$tpengine" generate --model "$m" --quiet -n 16 --json --stop-ids "$stop" \
+      --prompt "Call me Ishmael. Some years ago" >"$work/stop.jsonl"
+    python3 - "$m/reference.json" "$work/all.jsonl" "$work/stop.jsonl" <<'PY'
+import json, sys
+ref = json.load(open(sys.argv[1]))
+rows = [json.loads(line) for line in open(sys.argv[2], encoding="utf-8")]
+assert [r["index"] for r in rows] == [0, 1], rows
+for r, ids, text, prompt in zip(rows, ref["greedy"], ref["greedy_texts"], ref["prompts"]):
+    assert r["ids"] == ids and r["text"] == text, (r, ids, text)
+    assert r["finish_reason"] == "length" and r["completion_tokens"] == 16, r
+    assert r["prompt_tokens"] == len(prompt) and r["batch_seconds"] > 0, r
+(stop,) = [json.loads(line) for line in open(sys.argv[3], encoding="utf-8")]
+assert stop["ids"] == ref["greedy"][0][:3] and stop["finish_reason"] == "stop", stop
+assert stop["completion_tokens"] == 3, stop
+PY
+    ;;
   tokenize)
     ids=$("$tpengine" tokenize --model "$fixtures/llama_text" "Call me Ishmael. Some years ago")
     expected=$(python3 -c "import json; print(' '.join(map(str, json.load(open('$fixtures/llama_text/reference.json'))['prompts'][0])))")

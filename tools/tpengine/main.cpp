@@ -6,7 +6,9 @@
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -49,7 +51,8 @@ struct CommonFlags {
 
   void add_to(CLI::App& app, bool with_runtime) {
     app.add_option("-c,--config", config_file, "TOML run configuration")->check(CLI::ExistingFile);
-    app.add_option("-m,--model", model, "model directory (config.json, *.safetensors)");
+    app.add_option("-m,--model", model,
+                   "model directory (config.json, *.safetensors) or .gguf file");
     app.add_option("--tp", tp, "tensor-parallel size (ranks)")->check(CLI::Range(1, 1024));
     app.add_option("--policy", policy, "use this policy plugin, by name");
     app.add_option("--policy-path", policy_paths, "extra directory of policy plugins (repeatable)");
@@ -146,9 +149,34 @@ std::vector<int64_t> parse_ids(const std::string& text, const std::string& flag)
   return ids;
 }
 
+// generate --json: one object a line per sequence, as an API would return it.
+void print_json(const std::vector<std::vector<int64_t>>& prompts,
+                const std::vector<std::vector<int64_t>>& outputs,
+                const tpe::runtime::GenerationParams& params,
+                const std::optional<tpe::tokenizer::Tokenizer>& tokenizer, double seconds) {
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const std::vector<int64_t>& ids = outputs[i];
+    const bool stopped =
+        !ids.empty() && std::find(params.stop_token_ids.begin(), params.stop_token_ids.end(),
+                                  ids.back()) != params.stop_token_ids.end();
+    nlohmann::json out = {{"index", i},
+                          {"ids", ids},
+                          {"finish_reason", stopped ? "stop" : "length"},
+                          {"prompt_tokens", prompts[i].size()},
+                          {"completion_tokens", ids.size()},
+                          {"batch_seconds", seconds}};
+    if (tokenizer) {
+      out["text"] = tokenizer->decode(std::vector<uint32_t>(ids.begin(), ids.end()),
+                                      /*skip_special_tokens=*/true);
+    }
+    // Decoded text may end inside a character; such bytes are replaced, never printed raw.
+    fmt::print("{}\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+  }
+}
+
 int run_generate(const CommonFlags& common, const std::vector<std::string>& prompt_ids,
                  const std::vector<std::string>& prompt_texts,
-                 const tpe::config::GenerationSettings& overrides) {
+                 const tpe::config::GenerationSettings& overrides, bool json) {
   RunConfig run = common.resolve();
   auto& g = run.generation;
   if (overrides.max_new_tokens) g.max_new_tokens = overrides.max_new_tokens;
@@ -182,6 +210,14 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
       tpe::runtime::resolve_generation(run.generation, model.config.generation());
   tpe::runtime::Engine engine(std::move(model), common.quiet);
   // Launched as one process per rank, every process generates and rank 0 prints.
+  if (json) {
+    const auto start = std::chrono::steady_clock::now();
+    const auto outputs = engine.generate(prompts, params);
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (engine.is_rank0()) print_json(prompts, outputs, params, tokenizer, seconds);
+    return 0;
+  }
   if (!tokenizer) {
     const auto outputs = engine.generate(prompts, params);
     if (!engine.is_rank0()) return 0;
@@ -508,7 +544,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> stop_ids;
   std::vector<std::string> prompt_texts;
   gen->add_option("-p,--prompt", prompt_texts,
-                  "text, encoded with the model's tokenizer.json; repeat for a batch");
+                  "text, encoded with the model's tokenizer; repeat for a batch");
   gen->add_option("--prompt-ids", prompt_ids, "comma-separated token ids; repeat for a batch");
   gen->add_option("-n,--max-new-tokens", overrides.max_new_tokens, "tokens to generate")
       ->check(non_negative("max_new_tokens"));
@@ -523,6 +559,10 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->check(non_negative("a stop token id"));
   gen->add_flag("--ignore-eos", overrides.ignore_eos, "never stop before max_new_tokens");
+  bool gen_json = false;
+  gen->add_flag("--json", gen_json,
+                "one JSON object a line per sequence: ids, text, finish_reason, token counts, "
+                "batch_seconds");
 
   CLI::App* plan = app.add_subcommand("plan", "show how a model splits, without loading weights");
   plan_flags.add_to(*plan, true);
@@ -560,12 +600,15 @@ int main(int argc, char** argv) {
   CLI::App* tokenize = app.add_subcommand("tokenize", "text to token ids (tokenizer.json)");
   std::string tok_model, tok_text;
   bool no_special = false, skip_special = false;
-  tokenize->add_option("-m,--model", tok_model, "model directory with tokenizer.json")->required();
+  tokenize
+      ->add_option("-m,--model", tok_model, "model directory with tokenizer.json, or .gguf file")
+      ->required();
   tokenize->add_option("text", tok_text, "the text")->required();
   tokenize->add_flag("--no-special", no_special, "do not add special tokens (BOS, ...)");
   CLI::App* detokenize = app.add_subcommand("detokenize", "token ids to text (tokenizer.json)");
   std::vector<std::string> detok_ids;
-  detokenize->add_option("-m,--model", tok_model, "model directory with tokenizer.json")
+  detokenize
+      ->add_option("-m,--model", tok_model, "model directory with tokenizer.json, or .gguf file")
       ->required();
   detokenize->add_option("ids", detok_ids, "token ids (space- or comma-separated)")->required();
   detokenize->add_flag("--skip-special", skip_special, "leave special tokens out");
@@ -589,7 +632,7 @@ int main(int argc, char** argv) {
 
   int status = 0;
   try {
-    if (*gen) status = run_generate(gen_flags, prompt_ids, prompt_texts, overrides);
+    if (*gen) status = run_generate(gen_flags, prompt_ids, prompt_texts, overrides, gen_json);
     if (*tokenize) status = run_tokenize(tok_model, tok_text, no_special);
     if (*detokenize) status = run_detokenize(tok_model, detok_ids, skip_special);
     if (*plan) status = run_plan(plan_flags, batch, seq_len);
