@@ -428,10 +428,12 @@ std::vector<Tensor> Engine::prompt_logits(const std::vector<std::vector<int64_t>
 
 std::vector<std::vector<int64_t>> Engine::generate(
     const std::vector<std::vector<int64_t>>& prompts, const GenerationParams& params,
-    const std::function<void(size_t, int64_t)>& on_token, StepProfile* profile) {
+    const std::function<void(size_t, int64_t)>& on_token, StepProfile* profile,
+    std::vector<std::vector<TokenLogprob>>* logprobs) {
   check_prompts(prompts, model_.limits);
   const size_t n = prompts.size();
   std::vector<std::vector<int64_t>> generated(n);
+  if (logprobs != nullptr) logprobs->assign(n, {});
   if (params.max_new_tokens <= 0) return generated;
   int64_t max_prompt = 0;
   for (const auto& p : prompts) max_prompt = std::max(max_prompt, static_cast<int64_t>(p.size()));
@@ -458,11 +460,16 @@ std::vector<std::vector<int64_t>> Engine::generate(
       // Rank 0 samples; every rank takes its choice so all caches stay identical.
       std::vector<int64_t> next(live.size());
       if (executor.rank() == 0) {
+        std::vector<float> raw;
         for (size_t j = 0; j < live.size(); ++j) {
           const size_t seq = static_cast<size_t>(live[j]);
-          next[j] = sampler.sample(
-              {logits.row(static_cast<int64_t>(j)), static_cast<size_t>(logits.cols())},
-              history[seq], params.sampling);
+          const std::span<float> row{logits.row(static_cast<int64_t>(j)),
+                                     static_cast<size_t>(logits.cols())};
+          if (logprobs != nullptr) raw.assign(row.begin(), row.end());  // sample changes row
+          next[j] = sampler.sample(row, history[seq], params.sampling);
+          if (logprobs != nullptr) {
+            (*logprobs)[seq].push_back(token_logprob(raw, next[j], params.top_logprobs));
+          }
         }
       }
       executor.broadcast(next);

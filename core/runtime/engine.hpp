@@ -59,6 +59,9 @@ struct GenerationParams {
   int64_t max_new_tokens = 32;
   uint64_t seed = 0;
   std::vector<int64_t> stop_token_ids;
+  // With `logprobs` given to generate: each chosen token's log-probability and this many
+  // alternatives (token_logprob).
+  int64_t top_logprobs = 0;
 };
 
 // The user's settings over the model's generation_config.json defaults.
@@ -89,9 +92,11 @@ class Engine {
     int64_t step = 1;
     std::vector<StepTime> times;
   };
+  // `logprobs`, when given, gets each sequence's tokens' token_logprob (rank 0's process).
   std::vector<std::vector<int64_t>> generate(
       const std::vector<std::vector<int64_t>>& prompts, const GenerationParams& params,
-      const std::function<void(size_t, int64_t)>& on_token = {}, StepProfile* profile = nullptr);
+      const std::function<void(size_t, int64_t)>& on_token = {}, StepProfile* profile = nullptr,
+      std::vector<std::vector<TokenLogprob>>* logprobs = nullptr);
 
   // All-reduces issued so far (each counted once, not per rank).
   int64_t all_reduce_count() const;

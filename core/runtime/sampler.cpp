@@ -116,4 +116,30 @@ int64_t Sampler::sample(std::span<float> logits, std::span<const int64_t> histor
   return draw(logits, rng_);
 }
 
+TokenLogprob token_logprob(std::span<const float> logits, int64_t id, int64_t k) {
+  double max = -std::numeric_limits<double>::infinity();
+  for (const float v : logits) max = std::max(max, static_cast<double>(v));
+  double sum = 0;
+  for (const float v : logits) sum += std::exp(static_cast<double>(v) - max);
+  const double log_z = max + std::log(sum);
+  TokenLogprob out;
+  out.id = id;
+  out.logprob = static_cast<double>(logits[static_cast<size_t>(id)]) - log_z;
+  std::vector<int64_t> order(logits.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  const auto shown =
+      static_cast<std::ptrdiff_t>(std::min<size_t>(static_cast<size_t>(k), order.size()));
+  std::partial_sort(order.begin(), order.begin() + shown, order.end(), [&](int64_t a, int64_t b) {
+    const float x = logits[static_cast<size_t>(a)];
+    const float y = logits[static_cast<size_t>(b)];
+    return x > y || (x == y && a < b);
+  });
+  for (std::ptrdiff_t i = 0; i < shown; ++i) {
+    out.top.emplace_back(
+        order[static_cast<size_t>(i)],
+        static_cast<double>(logits[static_cast<size_t>(order[static_cast<size_t>(i)])]) - log_z);
+  }
+  return out;
+}
+
 }  // namespace tpe

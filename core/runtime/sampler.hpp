@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <random>
 #include <span>
+#include <utility>
+#include <vector>
 
 namespace tpe {
 
@@ -27,5 +29,15 @@ class Sampler {
  private:
   std::mt19937_64 rng_;
 };
+
+// A chosen token's log-probability under the model (log-softmax of the raw logits, before the
+// repetition penalty, temperature and top-k/top-p), and the k most likely tokens, best first
+// (ties: the lower id first).
+struct TokenLogprob {
+  int64_t id = 0;
+  double logprob = 0;
+  std::vector<std::pair<int64_t, double>> top;
+};
+TokenLogprob token_logprob(std::span<const float> logits, int64_t id, int64_t k);
 
 }  // namespace tpe

@@ -152,6 +152,23 @@ for r, ids, text, prompt in zip(rows, ref["greedy"], ref["greedy_texts"], ref["p
 assert stop["ids"] == ref["greedy"][0][:3] and stop["finish_reason"] == "stop", stop
 assert stop["completion_tokens"] == 3, stop
 PY
+    # --logprobs K: per token its log-probability, text and K alternatives (greedy: itself first).
+    "$tpengine" generate --model "$m" --quiet -n 4 --json --logprobs 2 \
+      --prompt "Call me Ishmael. Some years ago" >"$work/lp.jsonl"
+    python3 - "$work/lp.jsonl" <<'PY'
+import json, sys
+(row,) = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8")]
+steps = row["logprobs"]
+assert [s["id"] for s in steps] == row["ids"], row
+for s in steps:
+    assert len(s["top"]) == 2 and s["top"][0]["id"] == s["id"], s
+    assert s["logprob"] <= 0 and s["top"][0]["logprob"] >= s["top"][1]["logprob"], s
+    assert isinstance(s["token"], str), s
+PY
+    if "$tpengine" generate --model "$m" --quiet -n 2 --logprobs 2 --prompt-ids 1,2 2>"$work/err.txt"; then
+      exit 1
+    fi
+    grep -q "^tpengine: error: --logprobs prints with --json: add --json$" "$work/err.txt"
     ;;
   tokenize)
     ids=$("$tpengine" tokenize --model "$fixtures/llama_text" "Call me Ishmael. Some years ago")

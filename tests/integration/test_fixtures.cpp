@@ -76,6 +76,43 @@ TEST_P(FixtureTest, GreedyContinuationMatchesTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureTest, testing::ValuesIn(all_cases()), case_name);
 
+// The first generated token's log-probability and its alternatives: the log-softmax of
+// transformers' logits at the prompt's last position, best first.
+TEST(Generation, LogprobsOfTheFirstTokenAreTransformers) {
+  const Reference ref = load_reference("llama_gqa");
+  runtime::Engine engine = make_engine({"llama_gqa", 2});
+  runtime::GenerationParams params;
+  params.max_new_tokens = 3;
+  params.top_logprobs = 4;
+  std::vector<std::vector<TokenLogprob>> logprobs;
+  const auto out = engine.generate(ref.prompts, params, {}, nullptr, &logprobs);
+  ASSERT_EQ(logprobs.size(), ref.prompts.size());
+  for (size_t p = 0; p < ref.prompts.size(); ++p) {
+    ASSERT_EQ(logprobs[p].size(), out[p].size());
+    const Tensor& logits = ref.logits[p];
+    const float* last = logits.row(logits.shape[0] - 1);
+    const int64_t vocab = logits.shape[1];
+    double max = last[0];
+    for (int64_t v = 0; v < vocab; ++v) max = std::max(max, static_cast<double>(last[v]));
+    double sum = 0;
+    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(last[v] - max);
+    std::vector<std::pair<double, int64_t>> want;
+    for (int64_t v = 0; v < vocab; ++v) want.emplace_back(last[v] - max - std::log(sum), v);
+    std::sort(want.begin(), want.end(),
+              [](const auto& a, const auto& b) { return a.first > b.first; });
+    const TokenLogprob& first = logprobs[p][0];
+    EXPECT_EQ(first.id, ref.greedy[p][0]);
+    EXPECT_NEAR(first.logprob, want[0].first, 1e-4) << p;
+    ASSERT_EQ(first.top.size(), 4u);
+    for (size_t k = 0; k < 4; ++k) {
+      EXPECT_EQ(first.top[k].first, want[k].second) << p << " " << k;
+      EXPECT_NEAR(first.top[k].second, want[k].first, 1e-4) << p << " " << k;
+    }
+    // Greedy: each chosen token is its step's most likely one.
+    for (const TokenLogprob& t : logprobs[p]) EXPECT_EQ(t.top[0].first, t.id);
+  }
+}
+
 }  // namespace
 }  // namespace tpe::test
 

@@ -153,7 +153,8 @@ std::vector<int64_t> parse_ids(const std::string& text, const std::string& flag)
 void print_json(const std::vector<std::vector<int64_t>>& prompts,
                 const std::vector<std::vector<int64_t>>& outputs,
                 const tpe::runtime::GenerationParams& params,
-                const std::optional<tpe::tokenizer::Tokenizer>& tokenizer, double seconds) {
+                const std::optional<tpe::tokenizer::Tokenizer>& tokenizer, double seconds,
+                const std::vector<std::vector<tpe::TokenLogprob>>* logprobs) {
   for (size_t i = 0; i < outputs.size(); ++i) {
     const std::vector<int64_t>& ids = outputs[i];
     const bool stopped =
@@ -169,6 +170,26 @@ void print_json(const std::vector<std::vector<int64_t>>& prompts,
       out["text"] = tokenizer->decode(std::vector<uint32_t>(ids.begin(), ids.end()),
                                       /*skip_special_tokens=*/true);
     }
+    if (logprobs != nullptr) {
+      const auto piece = [&](int64_t id, nlohmann::json& entry) {
+        if (tokenizer)
+          entry["token"] = tokenizer->decode(std::vector<uint32_t>{static_cast<uint32_t>(id)});
+      };
+      nlohmann::json steps = nlohmann::json::array();
+      for (const tpe::TokenLogprob& t : (*logprobs)[i]) {
+        nlohmann::json step = {{"id", t.id}, {"logprob", t.logprob}};
+        piece(t.id, step);
+        nlohmann::json top = nlohmann::json::array();
+        for (const auto& [id, logprob] : t.top) {
+          nlohmann::json alt = {{"id", id}, {"logprob", logprob}};
+          piece(id, alt);
+          top.push_back(std::move(alt));
+        }
+        step["top"] = std::move(top);
+        steps.push_back(std::move(step));
+      }
+      out["logprobs"] = std::move(steps);
+    }
     // Decoded text may end inside a character; such bytes are replaced, never printed raw.
     fmt::print("{}\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   }
@@ -176,7 +197,11 @@ void print_json(const std::vector<std::vector<int64_t>>& prompts,
 
 int run_generate(const CommonFlags& common, const std::vector<std::string>& prompt_ids,
                  const std::vector<std::string>& prompt_texts,
-                 const tpe::config::GenerationSettings& overrides, bool json) {
+                 const tpe::config::GenerationSettings& overrides, bool json,
+                 std::optional<int64_t> top_logprobs) {
+  if (top_logprobs && !json) {
+    tpe::fail("--logprobs prints with --json: add --json");
+  }
   RunConfig run = common.resolve();
   auto& g = run.generation;
   if (overrides.max_new_tokens) g.max_new_tokens = overrides.max_new_tokens;
@@ -206,16 +231,21 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
       prompts.emplace_back(ids.begin(), ids.end());
     }
   }
-  const tpe::runtime::GenerationParams params =
+  tpe::runtime::GenerationParams params =
       tpe::runtime::resolve_generation(run.generation, model.config.generation());
+  params.top_logprobs = top_logprobs.value_or(0);
   tpe::runtime::Engine engine(std::move(model), common.quiet);
   // Launched as one process per rank, every process generates and rank 0 prints.
   if (json) {
     const auto start = std::chrono::steady_clock::now();
-    const auto outputs = engine.generate(prompts, params);
+    std::vector<std::vector<tpe::TokenLogprob>> logprobs;
+    const auto outputs =
+        engine.generate(prompts, params, {}, nullptr, top_logprobs ? &logprobs : nullptr);
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (engine.is_rank0()) print_json(prompts, outputs, params, tokenizer, seconds);
+    if (engine.is_rank0()) {
+      print_json(prompts, outputs, params, tokenizer, seconds, top_logprobs ? &logprobs : nullptr);
+    }
     return 0;
   }
   if (!tokenizer) {
@@ -560,6 +590,11 @@ int main(int argc, char** argv) {
       ->check(non_negative("a stop token id"));
   gen->add_flag("--ignore-eos", overrides.ignore_eos, "never stop before max_new_tokens");
   bool gen_json = false;
+  std::optional<int64_t> top_logprobs;
+  gen->add_option("--logprobs", top_logprobs,
+                  "with --json: each token's log-probability under the model (raw logits) and "
+                  "its K most likely alternatives")
+      ->check(non_negative("logprobs"));
   gen->add_flag("--json", gen_json,
                 "one JSON object a line per sequence: ids, text, finish_reason, token counts, "
                 "batch_seconds");
@@ -632,7 +667,8 @@ int main(int argc, char** argv) {
 
   int status = 0;
   try {
-    if (*gen) status = run_generate(gen_flags, prompt_ids, prompt_texts, overrides, gen_json);
+    if (*gen)
+      status = run_generate(gen_flags, prompt_ids, prompt_texts, overrides, gen_json, top_logprobs);
     if (*tokenize) status = run_tokenize(tok_model, tok_text, no_special);
     if (*detokenize) status = run_detokenize(tok_model, detok_ids, skip_special);
     if (*plan) status = run_plan(plan_flags, batch, seq_len);
