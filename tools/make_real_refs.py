@@ -3,7 +3,8 @@
 
 transformers loads the GGUF file (`from_pretrained(..., gguf_file=...)`, which dequantizes it to
 fp32) with its tokenizer, and for each prompt records the ids, the last position's logits (fp32,
-eager attention) and 32 greedy tokens. tests/real/test_smollm2.cpp compares tpengine with them.
+eager attention) and 32 greedy tokens; and for one chat message the ids apply_chat_template gives
+(the model's template) and 32 greedy tokens. tests/real/test_smollm2.cpp compares tpengine with them.
 Needs torch, transformers, accelerate and gguf (pip).
 
 Usage:
@@ -27,6 +28,7 @@ PROMPTS = [
     "Water boils at a temperature of",
 ]
 NEW_TOKENS = 32
+CHAT = "What color is the sky on a clear day?"
 
 
 def main():
@@ -45,17 +47,30 @@ def main():
             ids = tokenizer(text, return_tensors="pt").input_ids
             prompts.append(ids[0].tolist())
             logits[f"last.{i}"] = model(ids).logits[0, -1].float().contiguous()
-            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 eos_token_id=None, pad_token_id=tokenizer.eos_token_id)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                 pad_token_id=tokenizer.eos_token_id)
             greedy.append(out[0, ids.shape[1]:].tolist())
+        # A chat turn: the model's own template (it adds its default system prompt).
+        chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": CHAT}],
+                                                 add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        ids = torch.tensor([chat_ids])
+        # An explicit mask: the prompt holds <|im_end|>, which is also the pad id, and an
+        # inferred mask would hide those tokens.
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                             do_sample=False, eos_token_id=None,
+                             pad_token_id=tokenizer.eos_token_id)
+        chat = {"message": CHAT, "ids": chat_ids, "greedy": out[0, ids.shape[1]:].tolist()}
     os.makedirs(args.out, exist_ok=True)
     save_file(logits, os.path.join(args.out, "reference.safetensors"))
     with open(os.path.join(args.out, "reference.json"), "w") as f:
         json.dump({"model": name, "transformers": transformers.__version__,
                    "torch": torch.__version__, "texts": PROMPTS, "prompts": prompts,
-                   "greedy": greedy}, f, indent=1)
+                   "greedy": greedy, "chat": chat}, f, indent=1)
     for text, g in zip(PROMPTS, greedy):
         print(repr(text), "->", repr(tokenizer.decode(g)))
+    print(repr(CHAT), "->", repr(tokenizer.decode(chat["greedy"])))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@
 #include <chrono>
 #include <cstdio>
 #include <exception>
+#include <fstream>
 #include <functional>
 #include <mutex>
 #include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "core/backend/cpu_backend.hpp"
 #include "core/comm/communicator.hpp"
@@ -71,6 +74,74 @@ tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_path) {
     if (value != nullptr && value->kind == io::GgufValue::Kind::kBool) *flag = value->b;
   }
   return tokenizer::Tokenizer::from_gguf(vocab, model_path.string());
+}
+
+ChatTemplate load_chat_template(const std::filesystem::path& model_path) {
+  ChatTemplate t;
+  constexpr const char* kSpecials[] = {"bos_token", "eos_token", "unk_token", "pad_token"};
+  if (is_gguf_file(model_path)) {
+    const auto file = io::GgufFile::open(model_path);
+    t.source = model_path.string();
+    if (file->find_value("tokenizer.chat_template") == nullptr) {
+      fail(
+          "{}: no metadata 'tokenizer.chat_template': this model has no chat template; pass "
+          "the prompt as --prompt",
+          printable(t.source));
+    }
+    t.text = file->string("tokenizer.chat_template");
+    const std::vector<std::string>& tokens = file->array("tokenizer.ggml.tokens").strings;
+    for (const char* name : kSpecials) {
+      const std::string id_key = std::string("tokenizer.ggml.") +
+                                 (std::string_view(name) == "unk_token"   ? "unknown_token_id"
+                                  : std::string_view(name) == "pad_token" ? "padding_token_id"
+                                  : std::string_view(name) == "bos_token" ? "bos_token_id"
+                                                                          : "eos_token_id");
+      if (file->find_value(id_key) == nullptr) continue;
+      const int64_t id = file->integer(id_key);
+      if (id >= 0 && static_cast<size_t>(id) < tokens.size()) {
+        t.variables[name] = tokens[static_cast<size_t>(id)];
+      }
+    }
+    return t;
+  }
+  const std::filesystem::path config_path = model_path / "tokenizer_config.json";
+  t.source = config_path.string();
+  std::ifstream in(config_path);
+  if (!in) fail("{}: cannot open, so the model has no chat template", printable(t.source));
+  nlohmann::json config;
+  try {
+    config = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    fail("{}: not JSON: {}", printable(t.source), e.what());
+  }
+  const auto it = config.find("chat_template");
+  if (it == config.end() || it->is_null()) {
+    fail("{}: no 'chat_template': this model has no chat template; pass the prompt as --prompt",
+         printable(t.source));
+  }
+  if (it->is_string()) {
+    t.text = it->get<std::string>();
+  } else if (it->is_array()) {  // named templates: the "default" one
+    for (const auto& named : *it) {
+      if (named.is_object() && named.value("name", "") == "default" && named.contains("template") &&
+          named["template"].is_string()) {
+        t.text = named["template"].get<std::string>();
+      }
+    }
+    if (t.text.empty())
+      fail("{}: 'chat_template' has no template named 'default'", printable(t.source));
+  } else {
+    fail("{}: 'chat_template' must be a string or a list of named templates", printable(t.source));
+  }
+  for (const char* name : kSpecials) {
+    const auto v = config.find(name);
+    if (v == config.end()) continue;
+    if (v->is_string()) t.variables[name] = v->get<std::string>();
+    if (v->is_object() && v->contains("content") && (*v)["content"].is_string()) {
+      t.variables[name] = (*v)["content"].get<std::string>();
+    }
+  }
+  return t;
 }
 
 Model prepare(const config::RunConfig& run) {

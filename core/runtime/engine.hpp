@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -49,6 +50,16 @@ config::ModelConfig load_model_config(const std::filesystem::path& model_path);
 // The model's tokenizer: a directory's tokenizer.json (and tokenizer_config.json), or a GGUF
 // file's tokenizer.ggml.* metadata (Tokenizer::from_gguf).
 tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_path);
+
+// The model's chat template and the special tokens a template may name (bos_token, eos_token,
+// unk_token, pad_token): tokenizer_config.json's `chat_template` (the "default" one of a list),
+// or a GGUF file's tokenizer.chat_template. tpe::Error naming the file when there is none.
+struct ChatTemplate {
+  std::string text;
+  std::map<std::string, std::string> variables;
+  std::string source;  // for messages
+};
+ChatTemplate load_chat_template(const std::filesystem::path& model_path);
 
 // Reads the config, finds the policy, builds the graph and plans it for run.tp_size ranks
 // (device = "cuda" needs neither a GPU nor a CUDA build to be planned; the Engine checks).

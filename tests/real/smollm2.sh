@@ -2,7 +2,8 @@
 # A real model end to end: SmolLM2-135M-Instruct from its GGUF file (Q4_1; tools/fetch-smollm2.sh
 # fetches it into a cache the first time). tpe_real_tests compares it with transformers loading
 # the same file (tests/real/smollm2); then the CLI completes a prompt at TP 2 through the GGUF's
-# own tokenizer, greedy, which must name Paris (llama.cpp on the same file says " Paris." too).
+# own tokenizer, greedy, which must name Paris (llama.cpp on the same file says " Paris." too),
+# and answers a chat message through the GGUF's chat template, which must say blue.
 # usage: smollm2.sh TPENGINE TPE_REAL_TESTS
 set -euo pipefail
 tpengine=$1 tests=$2
@@ -13,4 +14,9 @@ out=$("$tpengine" generate --model "$model" --tp 2 --prompt "The capital of Fran
   --max-new-tokens 16)
 echo "$out"
 grep -q "Paris" <<<"$out"
+# A chat turn through the model's own template (which adds its default system prompt).
+out=$("$tpengine" generate --model "$model" --tp 2 --chat "What color is the sky on a clear day?" \
+  --max-new-tokens 32)
+echo "$out"
+grep -q "blue" <<<"$out"
 echo PASS

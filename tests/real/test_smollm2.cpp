@@ -15,6 +15,7 @@
 
 #include "core/io/safetensors.hpp"
 #include "core/runtime/engine.hpp"
+#include "core/tokenizer/chat_template.hpp"
 #include "tests/integration/fixture.hpp"
 
 namespace tpe::test {
@@ -89,6 +90,29 @@ TEST_P(RealSmolLm2Tp, LogitsAndGreedyTokensMatchTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Tp, RealSmolLm2Tp, testing::Values(1, 2, 3));
+
+// A chat turn: the model's template from the GGUF, rendered and encoded as apply_chat_template
+// does, then its greedy answer.
+TEST(RealSmolLm2, ChatTurnAsTransformers) {
+  const fs::path dir = fs::path(TPE_REAL_DIR) / "smollm2";
+  std::ifstream in(dir / "reference.json");
+  const nlohmann::json chat = nlohmann::json::parse(in).at("chat");
+  const runtime::ChatTemplate t = runtime::load_chat_template(model_file());
+  const std::string text = tokenizer::render_chat_template(
+      t.text, t.source, {{"user", chat.at("message").get<std::string>()}}, true, t.variables);
+  const std::vector<uint32_t> ids =
+      runtime::load_tokenizer(model_file()).encode(text, /*add_special_tokens=*/false);
+  const std::vector<int64_t> prompt(ids.begin(), ids.end());
+  EXPECT_EQ(prompt, chat.at("ids").get<std::vector<int64_t>>());
+  config::RunConfig run;
+  run.model_path = model_file();
+  run.tp_size = 2;
+  runtime::Engine engine(runtime::prepare(run), /*quiet=*/true);
+  runtime::GenerationParams params;
+  const auto want = chat.at("greedy").get<std::vector<int64_t>>();
+  params.max_new_tokens = static_cast<int64_t>(want.size());
+  EXPECT_EQ(engine.generate({prompt}, params)[0], want);
+}
 
 }  // namespace
 }  // namespace tpe::test

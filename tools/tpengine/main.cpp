@@ -28,6 +28,7 @@
 #include "core/program/report.hpp"
 #include "core/runtime/bench.hpp"
 #include "core/runtime/engine.hpp"
+#include "core/tokenizer/chat_template.hpp"
 #include "core/tokenizer/tokenizer.hpp"
 
 namespace {
@@ -198,7 +199,8 @@ void print_json(const std::vector<std::vector<int64_t>>& prompts,
 int run_generate(const CommonFlags& common, const std::vector<std::string>& prompt_ids,
                  const std::vector<std::string>& prompt_texts,
                  const tpe::config::GenerationSettings& overrides, bool json,
-                 std::optional<int64_t> top_logprobs) {
+                 std::optional<int64_t> top_logprobs, const std::string& chat,
+                 const std::string& system) {
   if (top_logprobs && !json) {
     tpe::fail("--logprobs prints with --json: add --json");
   }
@@ -213,14 +215,34 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
   if (overrides.seed) g.seed = overrides.seed;
   if (overrides.stop_token_ids) g.stop_token_ids = overrides.stop_token_ids;
   if (overrides.ignore_eos) g.ignore_eos = overrides.ignore_eos;
-  if (prompt_ids.empty() == prompt_texts.empty()) {
-    tpe::fail("pass either --prompt \"text\" or --prompt-ids \"1,2,3\" (each once per sequence)");
+  const int inputs =
+      (prompt_ids.empty() ? 0 : 1) + (prompt_texts.empty() ? 0 : 1) + (chat.empty() ? 0 : 1);
+  if (inputs != 1) {
+    tpe::fail(
+        "pass one of --prompt \"text\" or --prompt-ids \"1,2,3\" (each once per sequence), or "
+        "--chat \"message\"");
   }
+  if (!system.empty() && chat.empty()) tpe::fail("--system goes with --chat");
   std::vector<std::vector<int64_t>> prompts;
   for (const std::string& p : prompt_ids) prompts.push_back(parse_ids(p, "--prompt-ids"));
 
   tpe::runtime::Model model = tpe::runtime::prepare(run);
   std::optional<tpe::tokenizer::Tokenizer> tokenizer;
+  if (!chat.empty()) {
+    // The model's chat template renders the conversation, as transformers' apply_chat_template
+    // with add_generation_prompt; its text is encoded without adding special tokens again.
+    const tpe::runtime::ChatTemplate chat_template =
+        tpe::runtime::load_chat_template(run.model_path);
+    std::vector<tpe::tokenizer::ChatMessage> messages;
+    if (!system.empty()) messages.push_back({"system", system});
+    messages.push_back({"user", chat});
+    const std::string text = tpe::tokenizer::render_chat_template(
+        chat_template.text, chat_template.source, messages,
+        /*add_generation_prompt=*/true, chat_template.variables);
+    tokenizer = tpe::runtime::load_tokenizer(run.model_path);
+    const std::vector<uint32_t> ids = tokenizer->encode(text, /*add_special_tokens=*/false);
+    prompts.emplace_back(ids.begin(), ids.end());
+  }
   if (!prompt_texts.empty()) {
     tokenizer = tpe::runtime::load_tokenizer(run.model_path);
     int64_t vocab = 0;
@@ -589,6 +611,11 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->check(non_negative("a stop token id"));
   gen->add_flag("--ignore-eos", overrides.ignore_eos, "never stop before max_new_tokens");
+  std::string chat_message;
+  std::string system_message;
+  gen->add_option("--chat", chat_message,
+                  "a user message, put in the model's chat template (its answer is generated)");
+  gen->add_option("--system", system_message, "with --chat: a system message before it");
   bool gen_json = false;
   std::optional<int64_t> top_logprobs;
   gen->add_option("--logprobs", top_logprobs,
@@ -668,7 +695,8 @@ int main(int argc, char** argv) {
   int status = 0;
   try {
     if (*gen)
-      status = run_generate(gen_flags, prompt_ids, prompt_texts, overrides, gen_json, top_logprobs);
+      status = run_generate(gen_flags, prompt_ids, prompt_texts, overrides, gen_json, top_logprobs,
+                            chat_message, system_message);
     if (*tokenize) status = run_tokenize(tok_model, tok_text, no_special);
     if (*detokenize) status = run_detokenize(tok_model, detok_ids, skip_special);
     if (*plan) status = run_plan(plan_flags, batch, seq_len);
