@@ -19,4 +19,11 @@ out=$("$tpengine" generate --model "$model" --tp 2 --chat "What color is the sky
   --max-new-tokens 32)
 echo "$out"
 grep -q "blue" <<<"$out"
+# The same as a conversation on stdin: two turns, two answers, the second one after the first.
+out=$(printf 'What color is the sky on a clear day?\nAnd at night?\n' |
+  "$tpengine" chat --model "$model" --tp 2 --max-new-tokens 24 --quiet)
+echo "$out"
+[ "$(wc -l <<<"$out")" -eq 2 ]
+grep -q "blue" <<<"$(head -1 <<<"$out")"
+grep -qi "night" <<<"$(tail -1 <<<"$out")"
 echo PASS

@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -290,6 +291,54 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
   for (size_t i = 0; i < outputs.size(); ++i) {
     const std::vector<uint32_t> ids(outputs[i].begin(), outputs[i].end());
     fmt::print("[{}] {}\n", i, tokenizer->decode(ids, /*skip_special_tokens=*/true));
+  }
+  return 0;
+}
+
+// chat: a conversation read from stdin, a line a user turn, each answer streamed to stdout; end
+// of input (Ctrl-D) ends it. Every turn renders the whole conversation with the model's chat
+// template and prefills it again (no KV cache kept between turns).
+int run_chat(const CommonFlags& common, const std::string& system,
+             std::optional<int64_t> max_new_tokens) {
+  RunConfig run = common.resolve();
+  if (max_new_tokens) run.generation.max_new_tokens = max_new_tokens;
+  const tpe::runtime::ChatTemplate chat_template = tpe::runtime::load_chat_template(run.model_path);
+  const tpe::tokenizer::Tokenizer tokenizer = tpe::runtime::load_tokenizer(run.model_path);
+  tpe::runtime::Model model = tpe::runtime::prepare(run);
+  if (model.launch) tpe::fail("chat reads stdin in one process: run it without a launcher");
+  int64_t vocab = 0;
+  model.config.get_int("vocab_size", vocab);
+  tokenizer.check_embedding_size(vocab);
+  const tpe::runtime::GenerationParams params =
+      tpe::runtime::resolve_generation(run.generation, model.config.generation());
+  tpe::runtime::Engine engine(std::move(model), common.quiet);
+  std::vector<tpe::tokenizer::ChatMessage> messages;
+  if (!system.empty()) messages.push_back({"system", system});
+  const bool interactive = isatty(STDIN_FILENO) != 0;
+  std::string line;
+  for (;;) {
+    if (interactive) {
+      std::fprintf(stderr, "> ");
+      std::fflush(stderr);
+    }
+    if (!std::getline(std::cin, line)) break;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    messages.push_back({"user", line});
+    const std::string text = tpe::tokenizer::render_chat_template(
+        chat_template.text, chat_template.source, messages, /*add_generation_prompt=*/true,
+        chat_template.variables);
+    const std::vector<uint32_t> ids = tokenizer.encode(text, /*add_special_tokens=*/false);
+    auto decoder = tokenizer.incremental_decoder(/*skip_special_tokens=*/true);
+    const std::vector<int64_t> answer = engine.generate(
+        {std::vector<int64_t>(ids.begin(), ids.end())}, params, [&](size_t, int64_t id) {
+          fmt::print("{}", decoder.step(static_cast<uint32_t>(id)));
+          std::fflush(stdout);
+        })[0];
+    fmt::print("{}\n", decoder.finish());
+    std::fflush(stdout);
+    messages.push_back(
+        {"assistant", tokenizer.decode(std::vector<uint32_t>(answer.begin(), answer.end()),
+                                       /*skip_special_tokens=*/true)});
   }
   return 0;
 }
@@ -659,6 +708,16 @@ int main(int argc, char** argv) {
   CLI::App* policies = app.add_subcommand("policies", "list policy plugins and which one wins");
   policies_flags.add_to(*policies, false);
 
+  CommonFlags chat_flags;
+  CLI::App* chat = app.add_subcommand(
+      "chat",
+      "a conversation through the model's chat template: a line of stdin a turn, Ctrl-D ends");
+  chat_flags.add_to(*chat, true);
+  std::string chat_system;
+  std::optional<int64_t> chat_max_new;
+  chat->add_option("--system", chat_system, "a system message first");
+  chat->add_option("-n,--max-new-tokens", chat_max_new, "most tokens per answer")
+      ->check(CLI::PositiveNumber);
   CLI::App* tokenize = app.add_subcommand("tokenize", "text to token ids (tokenizer.json)");
   std::string tok_model, tok_text;
   bool no_special = false, skip_special = false;
@@ -697,6 +756,7 @@ int main(int argc, char** argv) {
     if (*gen)
       status = run_generate(gen_flags, prompt_ids, prompt_texts, overrides, gen_json, top_logprobs,
                             chat_message, system_message);
+    if (*chat) status = run_chat(chat_flags, chat_system, chat_max_new);
     if (*tokenize) status = run_tokenize(tok_model, tok_text, no_special);
     if (*detokenize) status = run_detokenize(tok_model, detok_ids, skip_special);
     if (*plan) status = run_plan(plan_flags, batch, seq_len);
