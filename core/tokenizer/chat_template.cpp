@@ -1033,7 +1033,8 @@ class Renderer {
     const Expr& callee = *e.args[0];
     std::vector<Value> args = evaluated_args(e, 1);
     if (callee.type == Expr::Type::kName && callee.name == "raise_exception") {
-      fail("{}", raised(args));
+      failer_.at(e.at, "the template refused the conversation: {}",
+                 args.empty() ? std::string() : printable(text(args[0])));
     }
     if (callee.type == Expr::Type::kName && callee.name == "range") {
       const int64_t from = args.size() > 1 ? args[0].i : 0;
@@ -1049,11 +1050,6 @@ class Renderer {
     }
     const Value self = eval(*callee.args[0]);
     return method(self, callee.name, args, e.at);
-  }
-
-  std::string raised(const std::vector<Value>& args) const {
-    return fmt::format("the chat template refused the conversation: {}",
-                       args.empty() ? std::string() : printable(text(args[0])));
   }
 
   static std::string strip(const std::string& s, const std::string& chars, bool left, bool right) {
