@@ -373,7 +373,13 @@ class ExprParser {
   ExprParser(std::vector<Token> tokens, const Failer& failer)
       : t_(std::move(tokens)), failer_(failer) {}
 
-  ExprPtr expression() { return ternary(); }
+  // Nesting is bounded: a hostile template must not exhaust the stack.
+  ExprPtr expression() {
+    if (++depth_ > kMaxDepth) failer_.at(peek().at, "expressions nest deeper than {}", kMaxDepth);
+    ExprPtr e = ternary();
+    --depth_;
+    return e;
+  }
   const Token& peek() const { return t_[k_]; }
   bool at_end() const { return t_[k_].type == Token::Type::kEnd; }
   bool name_is(std::string_view n) const {
@@ -451,7 +457,7 @@ class ExprParser {
     if (name_is("not")) {
       const size_t at = take().at;
       ExprPtr e = node(Expr::Type::kUnary, at, "not");
-      e->args.push_back(not_expr());
+      e->args.push_back(expression_at_not());
       return e;
     }
     return comparison();
@@ -531,11 +537,20 @@ class ExprParser {
     }
     return a;
   }
+  // `not not ...` and `- - ...` count towards the nesting bound too.
+  ExprPtr expression_at_not() {
+    if (++depth_ > kMaxDepth) failer_.at(peek().at, "expressions nest deeper than {}", kMaxDepth);
+    ExprPtr e = not_expr();
+    --depth_;
+    return e;
+  }
   ExprPtr unary() {
     if (op_is("-")) {
       const size_t at = take().at;
       ExprPtr e = node(Expr::Type::kUnary, at, "-");
+      if (++depth_ > kMaxDepth) failer_.at(at, "expressions nest deeper than {}", kMaxDepth);
       e->args.push_back(unary());
+      --depth_;
       return e;
     }
     return filtered();
@@ -667,8 +682,10 @@ class ExprParser {
     failer_.at(tok.at, "unexpected '{}'", tok.text);
   }
 
+  static constexpr int kMaxDepth = 100;
   std::vector<Token> t_;
   size_t k_ = 0;
+  int depth_ = 0;
   const Failer& failer_;
 };
 
@@ -708,6 +725,12 @@ class Parser {
   }
   // Nodes up to a statement whose first word is in `ends` (left unconsumed).
   std::vector<Node> block(const std::vector<std::string_view>& ends) {
+    if (++depth_ > 100)
+      failer_.at(pieces_[std::min(k_, pieces_.size() - 1)].at, "blocks nest deeper than 100");
+    struct Leave {
+      int& depth;
+      ~Leave() { --depth; }
+    } leave{depth_};
     std::vector<Node> out;
     while (k_ < pieces_.size()) {
       const Piece& p = pieces_[k_];
@@ -823,6 +846,7 @@ class Parser {
 
   std::vector<Piece> pieces_;
   size_t k_ = 0;
+  int depth_ = 0;
   const Failer& failer_;
 };
 
@@ -836,6 +860,11 @@ class Renderer {
 
   void run(const std::vector<Node>& nodes, std::string& out) {
     for (const Node& n : nodes) {
+      // Bounded work: a hostile template must not loop for hours or fill memory.
+      if (++steps_ > kMaxSteps || out.size() > kMaxOutput) {
+        failer_.at(n.at, "the template renders more than {} steps or {} MiB", kMaxSteps,
+                   kMaxOutput >> 20);
+      }
       switch (n.type) {
         case Node::Type::kText:
           out += n.text;
@@ -1270,8 +1299,11 @@ class Renderer {
     failer_.at(e.at, "'{}' of a {} and a {}", op, kind_name(a), kind_name(b));
   }
 
+  static constexpr int64_t kMaxSteps = 10'000'000;
+  static constexpr size_t kMaxOutput = size_t{16} << 20;
   const Failer& failer_;
   std::vector<std::map<std::string, Value>> scopes_;
+  int64_t steps_ = 0;
 };
 
 }  // namespace
