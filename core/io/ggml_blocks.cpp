@@ -16,58 +16,6 @@ namespace {
 constexpr int64_t kQK = 32;    // elements of a Q4_0 .. Q8_0 block
 constexpr int64_t kQKK = 256;  // elements of a K-quant super-block
 
-struct TypeInfo {
-  uint32_t id;
-  std::string_view name;
-  BlockLayout layout;  // {0, 0}: a type tpengine does not read
-};
-
-// Every ggml type id of gguf 0.19 (so that a file's unsupported type is named in messages).
-constexpr TypeInfo kTypes[] = {
-    {0, "F32", {1, 4}},
-    {1, "F16", {1, 2}},
-    {2, "Q4_0", {kQK, 18}},
-    {3, "Q4_1", {kQK, 20}},
-    {6, "Q5_0", {kQK, 22}},
-    {7, "Q5_1", {kQK, 24}},
-    {8, "Q8_0", {kQK, 34}},
-    {9, "Q8_1", {}},
-    {10, "Q2_K", {}},
-    {11, "Q3_K", {}},
-    {12, "Q4_K", {kQKK, 144}},
-    {13, "Q5_K", {kQKK, 176}},
-    {14, "Q6_K", {kQKK, 210}},
-    {15, "Q8_K", {}},
-    {16, "IQ2_XXS", {}},
-    {17, "IQ2_XS", {}},
-    {18, "IQ3_XXS", {}},
-    {19, "IQ1_S", {}},
-    {20, "IQ4_NL", {}},
-    {21, "IQ3_S", {}},
-    {22, "IQ2_S", {}},
-    {23, "IQ4_XS", {}},
-    {24, "I8", {}},
-    {25, "I16", {}},
-    {26, "I32", {}},
-    {27, "I64", {}},
-    {28, "F64", {}},
-    {29, "IQ1_M", {}},
-    {30, "BF16", {1, 2}},
-    {34, "TQ1_0", {}},
-    {35, "TQ2_0", {}},
-    {39, "MXFP4", {}},
-    {40, "NVFP4", {}},
-    {41, "Q1_0", {}},
-    {42, "Q2_0", {}},
-};
-
-const TypeInfo* find_type(uint32_t id) {
-  for (const TypeInfo& t : kTypes) {
-    if (t.id == id) return &t;
-  }
-  return nullptr;
-}
-
 float half_at(const std::byte* p) {
   uint16_t h;
   std::memcpy(&h, p, sizeof h);
@@ -202,10 +150,58 @@ void q6_k(const std::byte* b, float* y) {
   }
 }
 
-// The block dequantizers by type.
-constexpr std::pair<GgmlType, void (*)(const std::byte*, float*)> kBlockFunctions[] = {
-    {GgmlType::Q4_0, q4_0}, {GgmlType::Q4_1, q4_1}, {GgmlType::Q5_0, q5_0}, {GgmlType::Q5_1, q5_1},
-    {GgmlType::Q8_0, q8_0}, {GgmlType::Q4_K, q4_k}, {GgmlType::Q5_K, q5_k}, {GgmlType::Q6_K, q6_k}};
+struct TypeInfo {
+  uint32_t id;
+  std::string_view name;
+  BlockLayout layout;                                 // {0, 0}: a type tpengine does not read
+  void (*block)(const std::byte*, float*) = nullptr;  // a quantized type's dequantizer
+};
+
+// Every ggml type id of gguf 0.19 (so that a file's unsupported type is named in messages).
+constexpr TypeInfo kTypes[] = {
+    {0, "F32", {1, 4}},
+    {1, "F16", {1, 2}},
+    {2, "Q4_0", {kQK, 18}, q4_0},
+    {3, "Q4_1", {kQK, 20}, q4_1},
+    {6, "Q5_0", {kQK, 22}, q5_0},
+    {7, "Q5_1", {kQK, 24}, q5_1},
+    {8, "Q8_0", {kQK, 34}, q8_0},
+    {9, "Q8_1", {}},
+    {10, "Q2_K", {}},
+    {11, "Q3_K", {}},
+    {12, "Q4_K", {kQKK, 144}, q4_k},
+    {13, "Q5_K", {kQKK, 176}, q5_k},
+    {14, "Q6_K", {kQKK, 210}, q6_k},
+    {15, "Q8_K", {}},
+    {16, "IQ2_XXS", {}},
+    {17, "IQ2_XS", {}},
+    {18, "IQ3_XXS", {}},
+    {19, "IQ1_S", {}},
+    {20, "IQ4_NL", {}},
+    {21, "IQ3_S", {}},
+    {22, "IQ2_S", {}},
+    {23, "IQ4_XS", {}},
+    {24, "I8", {}},
+    {25, "I16", {}},
+    {26, "I32", {}},
+    {27, "I64", {}},
+    {28, "F64", {}},
+    {29, "IQ1_M", {}},
+    {30, "BF16", {1, 2}},
+    {34, "TQ1_0", {}},
+    {35, "TQ2_0", {}},
+    {39, "MXFP4", {}},
+    {40, "NVFP4", {}},
+    {41, "Q1_0", {}},
+    {42, "Q2_0", {}},
+};
+
+const TypeInfo* find_type(uint32_t id) {
+  for (const TypeInfo& t : kTypes) {
+    if (t.id == id) return &t;
+  }
+  return nullptr;
+}
 
 }  // namespace
 
@@ -245,12 +241,9 @@ void dequantize(GgmlType type, const std::byte* src, int64_t blocks, float* dst)
     }
     return;
   }
-  for (const auto& [t, block] : kBlockFunctions) {
-    if (t != type) continue;
-    for (int64_t i = 0; i < blocks; ++i) block(src + i * l.bytes, dst + i * l.elements);
-    return;
-  }
-  TPE_CHECK(false, "dequantize of ggml type {}", static_cast<uint32_t>(type));
+  const auto block = find_type(static_cast<uint32_t>(type))->block;
+  TPE_CHECK(block != nullptr, "dequantize of ggml type {}", static_cast<uint32_t>(type));
+  for (int64_t i = 0; i < blocks; ++i) block(src + i * l.bytes, dst + i * l.elements);
 }
 
 }  // namespace tpe::io

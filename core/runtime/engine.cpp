@@ -78,7 +78,12 @@ tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_path) {
 
 ChatTemplate load_chat_template(const std::filesystem::path& model_path) {
   ChatTemplate t;
-  constexpr const char* kSpecials[] = {"bos_token", "eos_token", "unk_token", "pad_token"};
+  // A template's special-token variables, and the GGUF keys that hold their ids.
+  constexpr std::pair<const char*, const char*> kSpecials[] = {
+      {"bos_token", "tokenizer.ggml.bos_token_id"},
+      {"eos_token", "tokenizer.ggml.eos_token_id"},
+      {"unk_token", "tokenizer.ggml.unknown_token_id"},
+      {"pad_token", "tokenizer.ggml.padding_token_id"}};
   if (is_gguf_file(model_path)) {
     const auto file = io::GgufFile::open(model_path);
     t.source = model_path.string();
@@ -90,12 +95,7 @@ ChatTemplate load_chat_template(const std::filesystem::path& model_path) {
     }
     t.text = file->string("tokenizer.chat_template");
     const std::vector<std::string>& tokens = file->array("tokenizer.ggml.tokens").strings;
-    for (const char* name : kSpecials) {
-      const std::string id_key = std::string("tokenizer.ggml.") +
-                                 (std::string_view(name) == "unk_token"   ? "unknown_token_id"
-                                  : std::string_view(name) == "pad_token" ? "padding_token_id"
-                                  : std::string_view(name) == "bos_token" ? "bos_token_id"
-                                                                          : "eos_token_id");
+    for (const auto& [name, id_key] : kSpecials) {
       if (file->find_value(id_key) == nullptr) continue;
       const int64_t id = file->integer(id_key);
       if (id >= 0 && static_cast<size_t>(id) < tokens.size()) {
@@ -133,7 +133,7 @@ ChatTemplate load_chat_template(const std::filesystem::path& model_path) {
   } else {
     fail("{}: 'chat_template' must be a string or a list of named templates", printable(t.source));
   }
-  for (const char* name : kSpecials) {
+  for (const auto& [name, gguf_key] : kSpecials) {
     const auto v = config.find(name);
     if (v == config.end()) continue;
     if (v->is_string()) t.variables[name] = v->get<std::string>();

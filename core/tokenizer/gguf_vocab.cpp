@@ -2,7 +2,7 @@
 // (transformers/integrations/gguf/gguf_tokenizer_mapping.py, byte_level_tokenizer and
 // add_gguf_special_tokens) builds from a file's metadata, written out and read like any other.
 #include <algorithm>
-#include <array>
+#include <iterator>
 #include <string_view>
 
 #include <nlohmann/json.hpp>
@@ -18,7 +18,7 @@ namespace {
 using nlohmann::json;
 
 // The pre-tokenizer names transformers gives a split of their own; any other name means GPT-2's.
-constexpr std::array<std::string_view, 23> kOwnSplits = {
+constexpr std::string_view kOwnSplits[] = {
     "llama3", "llama-v3",     "llama-bpe", "falcon3",   "falcon-h1", "pixtral", "midm-2.0",
     "lfm2",   "jina-v5-nano", "dbrx",      "smaug-bpe", "tekken",    "qwen2",   "deepseek-r1-qwen",
     "kormo",  "f2llmv2",      "megrez",    "qwen35",    "gpt-4o",    "llama4",  "kanana2",
@@ -58,7 +58,7 @@ Tokenizer Tokenizer::from_gguf(const GgufVocab& v, const std::string& source) {
         "'gpt2' (byte-level BPE) only so far",
         where, printable(v.model));
   }
-  if (std::find(kOwnSplits.begin(), kOwnSplits.end(), v.pre) != kOwnSplits.end()) {
+  if (std::ranges::find(kOwnSplits, v.pre) != std::end(kOwnSplits)) {
     fail(
         "{}: metadata 'tokenizer.ggml.pre' is '{}', a pre-tokenizer tpengine does not read from "
         "GGUF yet (its Hugging Face tokenizer.json works)",
