@@ -17,8 +17,9 @@
 #   static archives (GoogleTest's excepted: it ships no shared library) and LAPACK;
 # - keeps only the Boost headers the project's sources include, with what they include in turn
 #   (found by the host compiler), plus boost/config and boost/predef whole for other compilers:
-#   all of Boost is 160 MB, the part used well under 2 MB. Rerun the script after adding a Boost
-#   include;
+#   all of Boost is 160 MB, the part used well under 2 MB. Each library touched is kept whole,
+#   so that another compiler's #if branches find their headers too. Rerun the script after
+#   adding a Boost include;
 # - makes the links that update-alternatives would have made for OpenBLAS (libopenblas.so,
 #   cblas.h), so that CMake's FindBLAS and find_path find them where they look;
 # - rewrites the .pc files' /usr prefixes relative to ${pcfiledir}, so the folder may move;
@@ -99,6 +100,14 @@ echo "boost/version.hpp" >"$keep"
 "${CXX:-c++}" -std=c++20 -DBOOST_DLL_USE_STD_FS -I"$usr/include" -M "$boost_tu" |
   tr -s ' \\' '\n' | sed -n "s#^$usr/include/\(boost/.*\)#\1#p" >>"$keep"
 (cd "$usr/include" && find boost/config boost/predef -type f) >>"$keep"
+# Each Boost library touched is kept whole (boost/X/ and boost/X.hpp): another compiler than
+# this one takes other #if branches, and a header missing here would be taken from any other
+# Boost on that machine's default include path (CMake's "one Boost" check stops such a mix).
+while read -r module; do
+  (cd "$usr/include" && find "boost/$module" -type f 2>/dev/null || true
+   [ ! -f "boost/$module.hpp" ] || echo "boost/$module.hpp")
+done < <(sed -n 's#^boost/\([^/.]*\)[/.].*#\1#p' "$keep" | sort -u) >>"$keep.modules"
+cat "$keep.modules" >>"$keep"
 mv "$usr/include/boost" "$work/boost"
 while read -r header; do
   mkdir -p "$usr/include/$(dirname "$header")"

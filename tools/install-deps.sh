@@ -17,6 +17,7 @@ packages=(
   libicu-dev            # tokenizer Unicode normalisation and character classes
   zlib1g-dev            # the tokenizer tests' gzipped expected outputs
   libgtest-dev libgmock-dev
+  patchelf              # tools/bundle.sh: RPATHs of the relocatable folder
 )
 
 missing=()

@@ -2,7 +2,6 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <boost/dll/shared_library.hpp>
 
 #include <algorithm>
 #include <cstdlib>
@@ -10,6 +9,7 @@
 
 #include "core/common/error.hpp"
 #include "core/plugin/abi_struct.hpp"
+#include "core/plugin/boost_dll.hpp"
 
 namespace tpe::plugin {
 namespace fs = std::filesystem;
@@ -38,13 +38,17 @@ std::vector<SearchDir> Registry::default_search_path(const std::vector<fs::path>
       rest = colon == std::string_view::npos ? std::string_view() : rest.substr(colon + 1);
     }
   }
-  // An installed engine finds its plugins beside it (bin/../lib/tpengine/policies); a build-tree
-  // one in the build's policies folder.
+  // An installed engine (or a bundle, tools/bundle.sh) finds its plugins beside it
+  // (bin/../lib/tpengine/policies) and only there; a build-tree one in the build's policies
+  // folder.
   std::error_code ec;
   const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
   const fs::path installed = exe.parent_path().parent_path() / "lib" / "tpengine" / "policies";
-  if (!ec && fs::is_directory(installed, ec)) dirs.push_back({installed, Origin::kBuiltin});
-  dirs.push_back({fs::path(TPE_POLICY_BUILD_DIR), Origin::kBuiltin});
+  if (!ec && fs::is_directory(installed, ec)) {
+    dirs.push_back({installed, Origin::kBuiltin});
+  } else {
+    dirs.push_back({fs::path(TPE_POLICY_BUILD_DIR), Origin::kBuiltin});
+  }
   return dirs;
 }
 

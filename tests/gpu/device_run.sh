@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds tpengine and runs the GPU tests (ctest label gpu: kernels, the engine end to end, TP 2
-# and 4 where the GPUs exist, one process per GPU under torchrun and mpirun) and the kernel
+# and 4 where the GPUs exist, one process per GPU under torchrun and mpirun, SmolLM2 from its
+# GGUF file, which must be in .deps/models since the machine may have no network) and the kernel
 # benchmark on a CUDA machine that lacks the Debian -dev packages, using the folder
 # tools/gpu-deps.sh prepared (TPE_GPU_DEPS, default .gpu-deps). With TPE_SANITIZE=1 it then runs
 # the kernel tests under compute-sanitizer (memcheck, and racecheck on the kernels that use
@@ -37,7 +38,7 @@ if ! cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTUR
   exit 1
 fi
 targets=(tpengine tpe_policy_llama tpe_policy_gpt_neox tpe_gpu_tests tpe_gpu_engine_tests
-         tpe_gpu_bench)
+         tpe_gpu_bench tpe_real_tests)
 if ! cmake --build build-gpu -j"$(nproc)" --target "${targets[@]}" >"$out/build.log" 2>&1; then
   grep -E -A8 "error|Error" "$out/build.log" | head -120
   exit 1

@@ -191,6 +191,27 @@ PY
     if "$tpengine" inspect "$work/config.gguf" 2>"$work/err.txt"; then exit 1; fi
     cat "$work/err.txt"
     grep -q "config.gguf: not a GGUF file: it does not start with the magic 'GGUF'" "$work/err.txt";;
+  bundle)
+    # tools/bundle.sh on this build, unpacked elsewhere: the libraries the loader finds outside
+    # the base system and CUDA all come from the folder, its plugins too (and only those), and
+    # it gives transformers' greedy tokens.
+    build=$(cd "$(dirname "$tpengine")/.." && pwd)
+    "$(dirname "$0")/../../tools/bundle.sh" --build "$build" "$work/made/tpe"
+    mkdir "$work/elsewhere"
+    tar -xJf "$work/made/tpe.tar.xz" -C "$work/elsewhere"
+    rm -rf "$work/made"
+    moved=$work/elsewhere/tpe
+    base='/(ld-linux[^/]*|lib(c|m|dl|pthread|rt|gcc_s|stdc\+\+|cudart|cublasLt|nccl))\.so[^/]*$'
+    outside=$(ldd "$moved/bin/tpengine" | awk '$2 == "=>" {print $3}' | grep -vE "^$moved/" |
+              grep -vE "$base" || true)
+    check "libraries from outside the bundle" "$outside" ""
+    out=$("$moved/bin/tpengine" policies)
+    echo "$out"
+    check "plugin folders" "$(sed -n '/^search path/,/^policies:/p' <<<"$out" | grep -c "^  ")" 1
+    grep -q "^  $moved/lib/tpengine/policies (built-in)$" <<<"$out"
+    out=$("$moved/bin/tpengine" generate --model "$fixtures/llama_gqa" --tp 2 --quiet -n 16 \
+          --ignore-eos --prompt-ids "$(prompt llama_gqa 0)")
+    check "the bundle's greedy tokens" "$out" "$(expected llama_gqa 0)";;
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 echo PASS

@@ -4,12 +4,18 @@
 # the same file (tests/real/smollm2); then the CLI completes a prompt at TP 2 through the GGUF's
 # own tokenizer, greedy, which must name Paris (llama.cpp on the same file says " Paris." too),
 # and answers a chat message through the GGUF's chat template, which must say blue.
-# usage: smollm2.sh TPENGINE TPE_REAL_TESTS
+# With cuda, only the GPU cases (fp32 and bf16 on one GPU; exit 77, skipped, without one).
+# usage: smollm2.sh TPENGINE TPE_REAL_TESTS [cuda]
 set -euo pipefail
-tpengine=$1 tests=$2
+tpengine=$1 tests=$2 device=${3:-cpu}
 root=$(cd "$(dirname "$0")/../.." && pwd)
+if [ "$device" = cuda ]; then
+  nvidia-smi -L >/dev/null 2>&1 || { echo "SKIP: no CUDA device"; exit 77; }
+  TPE_SMOLLM2_GGUF=$("$root/tools/fetch-smollm2.sh") "$tests" --gtest_filter='RealSmolLm2Cuda.*'
+  exit
+fi
 model=$("$root/tools/fetch-smollm2.sh")
-TPE_SMOLLM2_GGUF=$model "$tests"
+TPE_SMOLLM2_GGUF=$model "$tests" --gtest_filter='-RealSmolLm2Cuda.*'
 out=$("$tpengine" generate --model "$model" --tp 2 --prompt "The capital of France is" \
   --max-new-tokens 16)
 echo "$out"

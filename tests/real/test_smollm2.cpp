@@ -1,9 +1,13 @@
 // SmolLM2-135M-Instruct from its GGUF file (Q4_1, dequantized to fp32) against transformers
 // loading the same file (tests/real/smollm2, made by tools/make_real_refs.py): the prompts'
 // ids from the GGUF's tokenizer, the last position's logits within 1e-4 x max |logit|, and 32
-// greedy tokens, at TP 1, 2 and 3. The file is fetched by tools/fetch-smollm2.sh; smollm2.sh
-// passes its path in TPE_SMOLLM2_GGUF.
+// greedy tokens, at TP 1, 2 and 3 on the CPU; on one GPU (RealSmolLm2Cuda, built with CUDA) the
+// same in fp32 and the first 16 greedy tokens in bf16. The file is fetched by
+// tools/fetch-smollm2.sh; smollm2.sh passes its path in TPE_SMOLLM2_GGUF.
 #include <gtest/gtest.h>
+#ifdef TPE_REAL_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 #include <cstdlib>
 #include <filesystem>
@@ -68,14 +72,19 @@ TEST(RealSmolLm2, TokenizerFromTheGgufGivesTransformersIds) {
   }
 }
 
-class RealSmolLm2Tp : public testing::TestWithParam<int> {};
-
-TEST_P(RealSmolLm2Tp, LogitsAndGreedyTokensMatchTransformers) {
-  const RealReference ref = load();
+config::RunConfig real_run(int tp, const std::string& device, const std::string& dtype) {
   config::RunConfig run;
   run.model_path = model_file();
-  run.tp_size = GetParam();
-  runtime::Engine engine(runtime::prepare(run), /*quiet=*/true);
+  run.tp_size = tp;
+  run.device = device;
+  run.dtype = dtype;
+  return run;
+}
+
+// The last position's logits of each prompt within 1e-4 x max |logit| of transformers', and its
+// greedy tokens (the first max_new).
+void expect_transformers(runtime::Engine& engine, const RealReference& ref, float tolerance,
+                         size_t max_new) {
   std::vector<Tensor> last;
   for (const Tensor& all : engine.prompt_logits(ref.prompts)) {
     const int64_t vocab = all.shape[1];
@@ -83,13 +92,52 @@ TEST_P(RealSmolLm2Tp, LogitsAndGreedyTokensMatchTransformers) {
     t.data.assign(all.data.end() - vocab, all.data.end());
     last.push_back(std::move(t));
   }
-  EXPECT_LE(logits_error(last, ref.last_logits), 1e-4f);
+  const float error = logits_error(last, ref.last_logits);
+  EXPECT_LE(error, tolerance);
+  testing::Test::RecordProperty("max_rel_error", std::to_string(error));
   runtime::GenerationParams params;
-  params.max_new_tokens = static_cast<int64_t>(ref.greedy[0].size());
-  EXPECT_EQ(engine.generate(ref.prompts, params), ref.greedy);
+  params.max_new_tokens = static_cast<int64_t>(max_new);
+  const auto out = engine.generate(ref.prompts, params);
+  ASSERT_EQ(out.size(), ref.greedy.size());
+  for (size_t p = 0; p < out.size(); ++p) {
+    const std::vector<int64_t> want(ref.greedy[p].begin(), ref.greedy[p].begin() + max_new);
+    EXPECT_EQ(out[p], want) << "prompt " << p << ": " << ref.texts[p];
+  }
+}
+
+class RealSmolLm2Tp : public testing::TestWithParam<int> {};
+
+TEST_P(RealSmolLm2Tp, LogitsAndGreedyTokensMatchTransformers) {
+  const RealReference ref = load();
+  runtime::Engine engine(runtime::prepare(real_run(GetParam(), "cpu", "auto")), /*quiet=*/true);
+  expect_transformers(engine, ref, 1e-4f, ref.greedy[0].size());
 }
 
 INSTANTIATE_TEST_SUITE_P(Tp, RealSmolLm2Tp, testing::Values(1, 2, 3));
+
+#ifdef TPE_REAL_CUDA
+class RealSmolLm2Cuda : public testing::Test {
+ protected:
+  void SetUp() override {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+TEST_F(RealSmolLm2Cuda, Fp32LogitsAndGreedyTokensMatchTransformers) {
+  const RealReference ref = load();
+  runtime::Engine engine(runtime::prepare(real_run(1, "cuda", "float32")), /*quiet=*/true);
+  expect_transformers(engine, ref, 1e-4f, ref.greedy[0].size());
+}
+
+// bf16 rounds every weight and activation: its logits are compared at bf16's precision, and its
+// greedy tokens for the first 16.
+TEST_F(RealSmolLm2Cuda, Bf16KeepsTheFirst16GreedyTokens) {
+  const RealReference ref = load();
+  runtime::Engine engine(runtime::prepare(real_run(1, "cuda", "bfloat16")), /*quiet=*/true);
+  expect_transformers(engine, ref, 3e-2f, 16);
+}
+#endif
 
 // A chat turn: the model's template from the GGUF, rendered and encoded as apply_chat_template
 // does, then its greedy answer.
