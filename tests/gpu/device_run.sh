@@ -5,7 +5,7 @@
 # benchmark on a CUDA machine that lacks the Debian -dev packages, using the folder
 # tools/gpu-deps.sh prepared (TPE_GPU_DEPS, default .gpu-deps). With TPE_SANITIZE=1 it then runs
 # the kernel tests under compute-sanitizer (memcheck, and racecheck on the kernels that use
-# shared memory). Logs go to OUT; the summary goes to stdout.
+# shared memory); TPE_BENCH=0 leaves the bench out. Logs go to OUT; the summary goes to stdout.
 #
 #   tests/gpu/device_run.sh [OUT]        OUT defaults to build-gpu/logs
 set -uo pipefail
@@ -54,9 +54,11 @@ grep -E "tests passed|tests failed|\*\*\*Failed|Not Run|Timeout|Exception" "$out
 echo "skipped: $(grep -c '(Skipped)' "$out/gpu_tests.log" || true)"
 grep -E "^\[  SKIPPED \]|SKIP:" "$out/gpu_tests.log" | sort | uniq -c | head -10
 
-echo "== kernel bench"
-build-gpu/tests/gpu/tpe_gpu_bench >"$out/bench.log" 2>&1 || status=1
-tail -30 "$out/bench.log"
+if [ "${TPE_BENCH:-1}" = 1 ]; then
+  echo "== kernel bench"
+  build-gpu/tests/gpu/tpe_gpu_bench >"$out/bench.log" 2>&1 || status=1
+  tail -30 "$out/bench.log"
+fi
 
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ "${TPE_SANITIZE:-0}" = 1 ] && [ -n "$sanitizer" ]; then
