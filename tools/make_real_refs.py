@@ -3,8 +3,9 @@
 
 transformers loads the GGUF file (`from_pretrained(..., gguf_file=...)`, which dequantizes it to
 fp32) with its tokenizer, and for each prompt records the ids, the last position's logits (fp32,
-eager attention) and 32 greedy tokens; and for one chat message the ids apply_chat_template gives
-(the model's template) and 32 greedy tokens. tests/real/test_smollm2.cpp compares tpengine with them.
+eager attention) and 32 greedy tokens; the first 16 greedy tokens in bf16, with eager and with
+sdpa attention (the two disagree where bf16's rounding flips a near tie); and for one chat message
+the ids apply_chat_template gives (the model's template) and 32 greedy tokens. tests/real/test_smollm2.cpp compares tpengine with them.
 Needs torch, transformers, accelerate and gguf (pip).
 
 Usage:
@@ -28,6 +29,7 @@ PROMPTS = [
     "Water boils at a temperature of",
 ]
 NEW_TOKENS = 32
+BF16_TOKENS = 16
 CHAT = "What color is the sky on a clear day?"
 
 
@@ -62,12 +64,23 @@ def main():
                              do_sample=False, eos_token_id=None,
                              pad_token_id=tokenizer.eos_token_id)
         chat = {"message": CHAT, "ids": chat_ids, "greedy": out[0, ids.shape[1]:].tolist()}
+    greedy_bf16 = {}
+    for impl in ("eager", "sdpa"):
+        half = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                    attn_implementation=impl)
+        half = half.to(torch.bfloat16).eval()
+        with torch.no_grad():
+            greedy_bf16[impl] = [
+                half.generate(ids, attention_mask=torch.ones_like(ids),
+                              max_new_tokens=BF16_TOKENS, do_sample=False, eos_token_id=None,
+                              pad_token_id=tokenizer.eos_token_id)[0, len(p):].tolist()
+                for p in prompts for ids in [torch.tensor([p])]]
     os.makedirs(args.out, exist_ok=True)
     save_file(logits, os.path.join(args.out, "reference.safetensors"))
     with open(os.path.join(args.out, "reference.json"), "w") as f:
         json.dump({"model": name, "transformers": transformers.__version__,
                    "torch": torch.__version__, "texts": PROMPTS, "prompts": prompts,
-                   "greedy": greedy, "chat": chat}, f, indent=1)
+                   "greedy": greedy, "greedy_bf16": greedy_bf16, "chat": chat}, f, indent=1)
     for text, g in zip(PROMPTS, greedy):
         print(repr(text), "->", repr(tokenizer.decode(g)))
     print(repr(CHAT), "->", repr(tokenizer.decode(chat["greedy"])))

@@ -81,18 +81,22 @@ config::RunConfig real_run(int tp, const std::string& device, const std::string&
   return run;
 }
 
-// The last position's logits of each prompt within 1e-4 x max |logit| of transformers', and its
-// greedy tokens (the first max_new).
-void expect_transformers(runtime::Engine& engine, const RealReference& ref, float tolerance,
-                         size_t max_new) {
+// Each prompt's last-position logits, [1, vocab].
+std::vector<Tensor> last_logits(runtime::Engine& engine, const RealReference& ref) {
   std::vector<Tensor> last;
   for (const Tensor& all : engine.prompt_logits(ref.prompts)) {
-    const int64_t vocab = all.shape[1];
-    Tensor t({1, vocab});
-    t.data.assign(all.data.end() - vocab, all.data.end());
+    Tensor t({1, all.shape[1]});
+    t.data.assign(all.data.end() - all.shape[1], all.data.end());
     last.push_back(std::move(t));
   }
-  const float error = logits_error(last, ref.last_logits);
+  return last;
+}
+
+// The last position's logits of each prompt within tolerance x max |logit| of transformers',
+// and its greedy tokens (the first max_new).
+void expect_transformers(runtime::Engine& engine, const RealReference& ref, float tolerance,
+                         size_t max_new) {
+  const float error = logits_error(last_logits(engine, ref), ref.last_logits);
   EXPECT_LE(error, tolerance);
   testing::Test::RecordProperty("max_rel_error", std::to_string(error));
   runtime::GenerationParams params;
@@ -131,11 +135,27 @@ TEST_F(RealSmolLm2Cuda, Fp32LogitsAndGreedyTokensMatchTransformers) {
 }
 
 // bf16 rounds every weight and activation: its logits are compared at bf16's precision, and its
-// greedy tokens for the first 16.
-TEST_F(RealSmolLm2Cuda, Bf16KeepsTheFirst16GreedyTokens) {
+// first 16 greedy tokens with transformers' own in bf16. Those depend on the attention
+// implementation where rounding flips a near tie (eager and sdpa disagree on 2 of the 5
+// prompts), so each prompt's tokens must be one of the two.
+TEST_F(RealSmolLm2Cuda, Bf16GreedyTokensAreTransformersBf16) {
   const RealReference ref = load();
+  std::ifstream in(fs::path(TPE_REAL_DIR) / "smollm2" / "reference.json");
+  const nlohmann::json bf16 = nlohmann::json::parse(in).at("greedy_bf16");
+  const auto eager = bf16.at("eager").get<std::vector<std::vector<int64_t>>>();
+  const auto sdpa = bf16.at("sdpa").get<std::vector<std::vector<int64_t>>>();
   runtime::Engine engine(runtime::prepare(real_run(1, "cuda", "bfloat16")), /*quiet=*/true);
-  expect_transformers(engine, ref, 3e-2f, 16);
+  EXPECT_LE(logits_error(last_logits(engine, ref), ref.last_logits), 3e-2f);
+  runtime::GenerationParams params;
+  params.max_new_tokens = static_cast<int64_t>(eager[0].size());
+  const auto out = engine.generate(ref.prompts, params);
+  ASSERT_EQ(out.size(), eager.size());
+  for (size_t p = 0; p < out.size(); ++p) {
+    EXPECT_TRUE(out[p] == eager[p] || out[p] == sdpa[p])
+        << "prompt " << p << " (" << ref.texts[p] << "): " << testing::PrintToString(out[p])
+        << " is neither transformers' bf16 eager " << testing::PrintToString(eager[p])
+        << " nor sdpa " << testing::PrintToString(sdpa[p]);
+  }
 }
 #endif
 
