@@ -416,6 +416,52 @@ def make_llama2(out, training, workdir):
                      add_eos_token=False)
 
 
+def make_llama2_gguf(out, training, workdir):
+    """The Llama-2 SentencePiece model as a GGUF file holds it (the keys and token types
+    llama.cpp's converter writes from a tokenizer.model), and the tokenizer.json transformers'
+    GGUF import builds from that file: its merges are recovered from the vocabulary and scores."""
+    import gguf
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    model = train_spm(training, "bpe", 1000, workdir, byte_fallback=True, character_coverage=0.9995,
+                      split_digits=True, allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+                      remove_extra_whitespaces=False)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    types = gguf.TokenType
+    tokens, scores, token_types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        token_types.append(types.UNKNOWN if sp.is_unknown(i) else types.CONTROL if sp.is_control(i)
+                           else types.UNUSED if sp.is_unused(i) else types.BYTE if sp.is_byte(i)
+                           else types.NORMAL)
+    tmp = workdir / "llama2_gguf"
+    tmp.mkdir(exist_ok=True)
+    w = gguf.GGUFWriter(str(tmp / "tokenizer.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(token_types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = AutoTokenizer.from_pretrained(str(tmp), gguf_file="tokenizer.gguf")
+    path = out / "llama2_gguf"
+    tok.save_pretrained(str(tmp / "saved"))
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp / "saved" / name, path / name)
+    shutil.copy(tmp / "tokenizer.gguf", path / "tokenizer.gguf")
+
+
 def make_t5(out, training, workdir):
     from transformers.convert_slow_tokenizer import T5Converter
     model = train_spm(training, "unigram", 1200, workdir, character_coverage=0.9995,
@@ -581,6 +627,8 @@ def main():
             make_qwen2(out, training)
         if missing("llama2_legacy", "llama2_metaspace"):
             make_llama2(out, training, workdir)
+        if missing("llama2_gguf"):
+            make_llama2_gguf(out, training, workdir)
         if missing("t5_unigram"):
             make_t5(out, training, workdir)
         if missing("bert_uncased"):

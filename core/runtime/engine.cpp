@@ -44,6 +44,13 @@ bool is_gguf_file(const std::filesystem::path& path) {
   return path.extension() == ".gguf" && !std::filesystem::is_directory(path);
 }
 
+// The special tokens a GGUF file names by id: their chat-template variables and the keys.
+constexpr std::pair<const char*, const char*> kGgufSpecials[] = {
+    {"bos_token", "tokenizer.ggml.bos_token_id"},
+    {"eos_token", "tokenizer.ggml.eos_token_id"},
+    {"unk_token", "tokenizer.ggml.unknown_token_id"},
+    {"pad_token", "tokenizer.ggml.padding_token_id"}};
+
 }  // namespace
 
 config::ModelConfig load_model_config(const std::filesystem::path& model_path) {
@@ -58,12 +65,16 @@ tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_path) {
   if (!is_gguf_file(model_path)) return tokenizer::Tokenizer::load(model_path);
   const auto file = io::GgufFile::open(model_path);
   tokenizer::GgufVocab vocab;
+  vocab.architecture = file->string("general.architecture");
   vocab.model = file->string("tokenizer.ggml.model");
   if (file->find_value("tokenizer.ggml.pre") != nullptr)
     vocab.pre = file->string("tokenizer.ggml.pre");
   vocab.tokens = file->array("tokenizer.ggml.tokens").strings;
   if (file->find_value("tokenizer.ggml.merges") != nullptr) {
     vocab.merges = file->array("tokenizer.ggml.merges").strings;
+  }
+  if (file->find_value("tokenizer.ggml.scores") != nullptr) {
+    vocab.scores = file->array("tokenizer.ggml.scores").floats;
   }
   if (file->find_value("tokenizer.ggml.token_type") != nullptr) {
     vocab.token_types = file->array("tokenizer.ggml.token_type").ints;
@@ -73,17 +84,16 @@ tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_path) {
     const io::GgufValue* value = file->find_value(key);
     if (value != nullptr && value->kind == io::GgufValue::Kind::kBool) *flag = value->b;
   }
+  for (const auto& [name, id_key] : kGgufSpecials) {
+    if (file->find_value(id_key) == nullptr) continue;
+    vocab.special_ids.push_back(file->integer(id_key));
+    if (std::string_view(name) == "bos_token") vocab.bos_id = vocab.special_ids.back();
+  }
   return tokenizer::Tokenizer::from_gguf(vocab, model_path.string());
 }
 
 ChatTemplate load_chat_template(const std::filesystem::path& model_path) {
   ChatTemplate t;
-  // A template's special-token variables, and the GGUF keys that hold their ids.
-  constexpr std::pair<const char*, const char*> kSpecials[] = {
-      {"bos_token", "tokenizer.ggml.bos_token_id"},
-      {"eos_token", "tokenizer.ggml.eos_token_id"},
-      {"unk_token", "tokenizer.ggml.unknown_token_id"},
-      {"pad_token", "tokenizer.ggml.padding_token_id"}};
   if (is_gguf_file(model_path)) {
     const auto file = io::GgufFile::open(model_path);
     t.source = model_path.string();
@@ -95,7 +105,7 @@ ChatTemplate load_chat_template(const std::filesystem::path& model_path) {
     }
     t.text = file->string("tokenizer.chat_template");
     const std::vector<std::string>& tokens = file->array("tokenizer.ggml.tokens").strings;
-    for (const auto& [name, id_key] : kSpecials) {
+    for (const auto& [name, id_key] : kGgufSpecials) {
       if (file->find_value(id_key) == nullptr) continue;
       const int64_t id = file->integer(id_key);
       if (id >= 0 && static_cast<size_t>(id) < tokens.size()) {
@@ -133,7 +143,7 @@ ChatTemplate load_chat_template(const std::filesystem::path& model_path) {
   } else {
     fail("{}: 'chat_template' must be a string or a list of named templates", printable(t.source));
   }
-  for (const auto& [name, gguf_key] : kSpecials) {
+  for (const auto& [name, gguf_key] : kGgufSpecials) {
     const auto v = config.find(name);
     if (v == config.end()) continue;
     if (v->is_string()) t.variables[name] = v->get<std::string>();

@@ -29,13 +29,17 @@ struct AddedToken {
 
 // A GGUF file's tokenizer: its tokenizer.ggml.* metadata (core/runtime reads the file).
 struct GgufVocab {
-  std::string model;  // tokenizer.ggml.model: "gpt2" (byte-level BPE) is the one read
+  std::string architecture;  // general.architecture (Gemma's and Phi-3's SentencePiece differ)
+  std::string model;  // tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
   std::string pre;    // tokenizer.ggml.pre: which split the merges were learned with
   std::vector<std::string> tokens;
-  std::vector<std::string> merges;   // "a b"
+  std::vector<std::string> merges;   // "a b"; SentencePiece files usually have none
+  std::vector<double> scores;        // per token (SentencePiece: the merges follow from them)
   std::vector<int64_t> token_types;  // per token; 3 control, 4 user-defined
-  bool add_bos = false;
-  bool add_eos = false;
+  std::vector<int64_t> special_ids;  // the bos, eos, unknown and padding ids the file names
+  std::optional<int64_t> bos_id;     // the bos among them
+  std::optional<bool> add_bos;       // absent: transformers' default for the model
+  std::optional<bool> add_eos;
 };
 
 class Tokenizer {
@@ -49,10 +53,13 @@ class Tokenizer {
   static Tokenizer from_file(const std::filesystem::path& tokenizer_json);
   // tokenizer.json's text; `source` names it in messages.
   static Tokenizer from_json(std::string_view json_text, const std::string& source);
-  // The tokenizer transformers' GGUF import builds from this metadata (byte-level BPE with
-  // GPT-2's split; control tokens special, user-defined ones added). Refuses, naming the key, what
-  // it does not read yet: SentencePiece vocabularies, the pre-tokenizers with their own split
-  // (llama-bpe, qwen2, ...), add_bos_token / add_eos_token.
+  // The tokenizer transformers' GGUF import builds from this metadata: byte-level BPE with
+  // GPT-2's split, or SentencePiece-style BPE with byte fallback (Llama, Mistral: merges
+  // recovered from the scores, BOS added unless the file says not to); control tokens and the
+  // named bos/eos/unknown/padding tokens special, user-defined ones added. Refuses, naming the
+  // key, what it does not read yet: the pre-tokenizers with their own split (llama-bpe, qwen2,
+  // ...), Gemma's and Phi-3's SentencePiece variants, add_eos_token, and add_bos_token on a
+  // byte-level vocabulary.
   static Tokenizer from_gguf(const GgufVocab& vocab, const std::string& source);
 
   Tokenizer(Tokenizer&&) noexcept;

