@@ -11,10 +11,12 @@ compared with it, so nothing here is computed by tpengine. The file holds:
   values gguf.quants.dequantize gives for those bytes.
 
 `--convert DIR...` writes DIR/model-f32.gguf for Hugging Face fixtures (single-file, F32) as
-llama.cpp's converter (convert_hf_to_gguf.py) would: the metadata keys its LlamaModel and
-Qwen2Model write from config.json, gguf-py's tensor name map, and for llama its `permute` of the
-q and k rows (taken from SRC's conversion/llama.py, so that the reordering tpengine undoes is
-llama.cpp's, not a copy of tpengine's idea of it). The weights stay F32, so the engine's output
+llama.cpp's converter (convert_hf_to_gguf.py) would: the metadata keys its LlamaModel,
+Qwen2Model and GPTNeoXModel write from config.json, gguf-py's tensor name map, for llama its
+`permute` of the q and k rows (taken from SRC's conversion/llama.py) and for gpt_neox its
+regrouping of query_key_value (GPTNeoXModel.modify_tensors, run from SRC's
+conversion/gptneox.py), so that the reordering tpengine undoes is llama.cpp's, not a copy of
+tpengine's idea of it. The weights stay F32, so the engine's output
 on the GGUF must match the fixture's transformers reference exactly as on the safetensors.
 
 `--tokenizer-from FILE.gguf --out DIR` writes DIR/tokenizer.gguf: FILE's general.architecture and
@@ -88,10 +90,65 @@ def llama_cpp_permute(src):
     sys.exit(f"no permute() in {path}")
 
 
+def llama_cpp_neox_reorder(src, config):
+    """GPTNeoXModel.modify_tensors from llama.cpp's converter (needs torch): name, array -> array."""
+    import torch
+    sys.path.insert(0, src)
+    from conversion.base import TextModel
+    from conversion.gptneox import GPTNeoXModel
+    model = object.__new__(GPTNeoXModel)
+    model.hparams = config
+    # Only its own step: the base class's renaming and type handling are gguf-py's name map here.
+    TextModel.modify_tensors = lambda self, data, name, bid: iter([(name, data)])
+
+    def reorder(name, data):
+        [(_, out)] = list(model.modify_tensors(torch.from_numpy(data.copy()), name, None))
+        return out.numpy()
+    return reorder
+
+
+def convert_neox(gguf, src, fixture, config, tensors):
+    arch = gguf.MODEL_ARCH.GPTNEOX
+    path = os.path.join(fixture, "model-f32.gguf")
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    heads = config["num_attention_heads"]
+    rotary_pct = config.get("rotary_pct", (config.get("rope_parameters") or {}).get("partial_rotary_factor"))
+    # GPTNeoXModel.set_gguf_parameters
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_rope_dimension_count(int(rotary_pct * (config["hidden_size"] // heads)))
+    w.add_head_count(heads)
+    w.add_parallel_residual(config.get("use_parallel_residual", True))
+    w.add_layer_norm_eps(config["layer_norm_eps"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key in ("bos_token_id", "eos_token_id"):
+        if isinstance(config.get(key), int):
+            getattr(w, f"add_{key}")(config[key])
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    reorder = llama_cpp_neox_reorder(src, config)
+    for name, data in tensors.items():
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert new is not None, name
+        w.add_tensor(new, np.ascontiguousarray(reorder(name, data)))
+    return w, path
+
+
 def convert(gguf, src, fixture):
     config = json.load(open(os.path.join(fixture, "config.json")))
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[config["model_type"]]
     tensors = read_safetensors(os.path.join(fixture, "model.safetensors"))
+    w, path = (convert_neox if config["model_type"] == "gpt_neox" else convert_llama)(
+        gguf, src, fixture, config, tensors)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"{path}: {os.path.getsize(path)} bytes")
+
+
+def convert_llama(gguf, src, fixture, config, tensors):
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[config["model_type"]]
     layers = config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
@@ -125,11 +182,7 @@ def convert(gguf, src, fixture):
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert new is not None, name
         w.add_tensor(new, np.ascontiguousarray(data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    print(f"{path}: {os.path.getsize(path)} bytes")
+    return w, path
 
 
 def copy_tokenizer(gguf, source, path):

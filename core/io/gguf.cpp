@@ -402,6 +402,12 @@ const std::string& GgufFile::string(std::string_view key) const {
       .s;
 }
 
+bool GgufFile::boolean(std::string_view key) const {
+  return typed(*this, key, "a BOOL",
+               [](const GgufValue& v) { return v.kind == GgufValue::Kind::kBool; })
+      .b;
+}
+
 const GgufValue& GgufFile::array(std::string_view key) const {
   return typed(*this, key, "an ARRAY",
                [](const GgufValue& v) { return v.kind == GgufValue::Kind::kArray; });

@@ -72,6 +72,7 @@ class GgufFile {
   int64_t integer(std::string_view key) const;
   double number(std::string_view key) const;  // a float, or an integer converted
   const std::string& string(std::string_view key) const;
+  bool boolean(std::string_view key) const;
   const GgufValue& array(std::string_view key) const;
 
   const std::vector<GgufTensor>& tensors() const { return tensors_; }

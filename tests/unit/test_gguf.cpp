@@ -371,7 +371,7 @@ TEST(GgufModel, OtherArchitecturesAreRefusedByName) {
   const std::vector<std::string> parts{
       kBlocks.string() +
       ": GGUF architecture 'tpengine-test' is not supported; tpengine reads "
-      "llama and qwen2 GGUF files"};
+      "llama, qwen2 and gptneox GGUF files"};
   expect_error([&] { (void)io::gguf_config_json(*file); }, parts);
   expect_error([&] { io::GgufWeights weights(*file); }, parts);
 }
