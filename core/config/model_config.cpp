@@ -1,7 +1,6 @@
 #include "core/config/model_config.hpp"
 
 #include <cmath>
-#include <fstream>
 #include <iterator>
 #include <limits>
 #include <string_view>
@@ -10,6 +9,7 @@
 
 #include "core/common/error.hpp"
 #include "core/common/json_error.hpp"
+#include "core/common/text_file.hpp"
 
 namespace tpe::config {
 namespace {
@@ -18,12 +18,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 json parse_json_file(const fs::path& file) {
-  std::error_code ec;
-  if (!fs::exists(file, ec)) fail("{}: not found", file.string());
-  std::ifstream in(file, std::ios::binary);
-  // A directory opens fine on Linux and reads as empty.
-  if (!in || fs::is_directory(file, ec)) fail("{}: cannot open", file.string());
-  const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  const std::string text = read_text_file(file, kConfigFileLimit);
   try {
     return json::parse(text);
   } catch (const json::exception& e) {

@@ -1,7 +1,6 @@
 #include "core/config/run_config.hpp"
 
 #include <cmath>
-#include <fstream>
 #include <functional>
 #include <initializer_list>
 #include <iterator>
@@ -14,6 +13,7 @@
 #include <toml++/toml.h>
 
 #include "core/common/error.hpp"
+#include "core/common/text_file.hpp"
 
 namespace tpe::config {
 namespace {
@@ -219,8 +219,12 @@ class Parser {
              [this, &config](const auto& node, const auto& key) {
                config.max_batch = integer(node, key, 1, int64_t{1} << 16);
              }},
-            {"cuda_graph", [this, &config](const auto& node, const auto& key) {
+            {"cuda_graph",
+             [this, &config](const auto& node, const auto& key) {
                config.cuda_graph = boolean(node, key);
+             }},
+            {"allow_long_context", [this, &config](const auto& node, const auto& key) {
+               config.allow_long_context = boolean(node, key);
              }}};
   }
 
@@ -298,11 +302,7 @@ RunConfig parse_run_config(std::string_view toml_text, const std::string& source
 }
 
 RunConfig load_run_config(const std::filesystem::path& toml_file) {
-  std::ifstream in(toml_file, std::ios::binary);
-  // A directory opens fine on Linux and reads as empty, which would pass for a default config.
-  std::error_code ec;
-  if (!in || fs::is_directory(toml_file, ec)) fail("{}: cannot open", toml_file.string());
-  const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  const std::string text = read_text_file(toml_file, kConfigFileLimit);
   return parse_run_config(text, toml_file.string(), toml_file.parent_path());
 }
 

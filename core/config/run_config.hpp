@@ -44,6 +44,8 @@ struct RunConfig {
   int64_t max_batch = 32;
   // cuda: record the decode step once per batch size and replay it (a CUDA graph).
   bool cuda_graph = true;
+  // Run sequences past the model's max_position_embeddings (refused by default).
+  bool allow_long_context = false;
   // [policy]
   std::optional<std::string> policy_name;  // force this plugin
   std::vector<std::filesystem::path> policy_search_paths;

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <iterator>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -16,6 +15,7 @@
 
 #include "core/common/error.hpp"
 #include "core/common/json_error.hpp"
+#include "core/common/text_file.hpp"
 #include "core/io/mapped_file.hpp"
 
 namespace tpe::io {
@@ -333,10 +333,7 @@ bool is_file(const fs::path& path) {
 
 // model.safetensors.index.json's weight_map: tensor name -> shard file name in the same dir.
 std::map<std::string, std::string> read_weight_map(const fs::path& index) {
-  std::ifstream in(index, std::ios::binary);
-  if (!in) fail_in(index, "cannot open: {}", std::strerror(errno));
-  const std::string content{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-  if (in.bad()) fail_in(index, "cannot read: {}", std::strerror(errno));
+  const std::string content = read_text_file(index, kConfigFileLimit);
   const json root = parse_json(index, content.data(), content.data() + content.size());
   if (!root.is_object() || !root.contains("weight_map") || !root["weight_map"].is_object()) {
     fail_in(index, "expected an object with \"weight_map\": {{tensor name: file name}}");

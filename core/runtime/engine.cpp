@@ -20,6 +20,8 @@
 #include "core/backend/cpu_backend.hpp"
 #include "core/comm/communicator.hpp"
 #include "core/common/error.hpp"
+#include "core/common/json_error.hpp"
+#include "core/common/text_file.hpp"
 #include "core/io/gguf_model.hpp"
 #include "core/io/safetensors.hpp"
 #include "core/program/report.hpp"
@@ -116,13 +118,14 @@ ChatTemplate load_chat_template(const std::filesystem::path& model_path) {
   }
   const std::filesystem::path config_path = model_path / "tokenizer_config.json";
   t.source = config_path.string();
-  std::ifstream in(config_path);
-  if (!in) fail("{}: cannot open, so the model has no chat template", printable(t.source));
+  if (!std::filesystem::exists(config_path)) {
+    fail("{}: not found, so the model has no chat template", printable(t.source));
+  }
   nlohmann::json config;
   try {
-    config = nlohmann::json::parse(in);
+    config = nlohmann::json::parse(read_text_file(config_path, kConfigFileLimit));
   } catch (const nlohmann::json::exception& e) {
-    fail("{}: not JSON: {}", printable(t.source), e.what());
+    fail("{}: not JSON: {}", printable(t.source), json_error_message(e));
   }
   const auto it = config.find("chat_template");
   if (it == config.end() || it->is_null()) {
@@ -204,6 +207,11 @@ Model prepare(const config::RunConfig& run) {
   limits.tokens = std::max(run.prefill_chunk, run.max_batch);
   limits.logit_rows = run.max_batch;
   limits.element_bytes = dtype == "float32" ? 4 : 2;
+  int64_t max_positions = 0;
+  if (run.allow_long_context || config.rope().type == TPE_ROPE_DYNAMIC ||
+      config.get_int("max_position_embeddings", max_positions) != TPE_FOUND) {
+    max_positions = 0;
+  }
   return Model{std::move(config),
                std::move(registry),
                choice,
@@ -214,7 +222,8 @@ Model prepare(const config::RunConfig& run) {
                std::move(launch),
                dtype,
                limits,
-               run.cuda_graph};
+               run.cuda_graph,
+               max_positions};
 }
 
 GenerationParams resolve_generation(const config::GenerationSettings& s,
@@ -302,14 +311,26 @@ void check_cache_fits(const std::vector<std::unique_ptr<Executor>>& ranks, int64
   }
 }
 
-void check_prompts(const std::vector<std::vector<int64_t>>& prompts, const program::Limits& l) {
+// Refuses an empty batch or prompt, a batch past max_batch, and a sequence (its prompt plus
+// `new_tokens`) past the model's positions.
+void check_prompts(const std::vector<std::vector<int64_t>>& prompts, const Model& model,
+                   int64_t new_tokens) {
   if (prompts.empty()) fail("no prompt given");
   for (size_t i = 0; i < prompts.size(); ++i) {
     if (prompts[i].empty()) fail("prompt {} is empty", i);
+    const int64_t positions = static_cast<int64_t>(prompts[i].size()) + new_tokens;
+    if (model.max_positions > 0 && positions > model.max_positions) {
+      fail(
+          "prompt {} of {} tokens and {} new tokens need {} positions, more than the model's "
+          "max_position_embeddings = {} ({}): shorten them, or --allow-long-context "
+          "(inference.allow_long_context) to run past it",
+          i, prompts[i].size(), new_tokens, positions, model.max_positions,
+          printable(model.config.path().string()));
+    }
   }
-  if (static_cast<int64_t>(prompts.size()) > l.logit_rows) {
+  if (static_cast<int64_t>(prompts.size()) > model.limits.logit_rows) {
     fail("{} prompts in one batch, more than inference.max_batch = {} (--max-batch)",
-         prompts.size(), l.logit_rows);
+         prompts.size(), model.limits.logit_rows);
   }
 }
 
@@ -495,7 +516,7 @@ std::vector<Tensor> Engine::prefill(Executor& executor,
 }
 
 std::vector<Tensor> Engine::prompt_logits(const std::vector<std::vector<int64_t>>& prompts) {
-  check_prompts(prompts, model_.limits);
+  check_prompts(prompts, model_, 0);
   int64_t max_len = 0;
   for (const auto& p : prompts) max_len = std::max(max_len, static_cast<int64_t>(p.size()));
   std::vector<Tensor> all;
@@ -511,7 +532,7 @@ std::vector<std::vector<int64_t>> Engine::generate(
     const std::vector<std::vector<int64_t>>& prompts, const GenerationParams& params,
     const std::function<void(size_t, int64_t)>& on_token, StepProfile* profile,
     std::vector<std::vector<TokenLogprob>>* logprobs) {
-  check_prompts(prompts, model_.limits);
+  check_prompts(prompts, model_, std::max<int64_t>(params.max_new_tokens, 0));
   const size_t n = prompts.size();
   std::vector<std::vector<int64_t>> generated(n);
   if (logprobs != nullptr) logprobs->assign(n, {});

@@ -42,6 +42,10 @@ struct Model {
   // The largest pass each rank's memory plan is sized for: a prompt chunk or a decode batch.
   program::Limits limits;
   bool replay = true;  // record decode steps and replay them where the backend can
+  // The most positions a sequence may reach (prompt + new tokens): config.json's
+  // max_position_embeddings; 0 when unchecked (inference.allow_long_context, dynamic NTK rope,
+  // which extends the context by design, or no such key).
+  int64_t max_positions = 0;
 };
 
 // The model's config: a directory's config.json (and generation_config.json), or a GGUF file's

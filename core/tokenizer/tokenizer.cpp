@@ -1,12 +1,11 @@
 #include "core/tokenizer/tokenizer.hpp"
 
 #include <array>
-#include <fstream>
-#include <sstream>
 #include <unordered_map>
 #include <unordered_set>
 
 #include "core/common/json_error.hpp"
+#include "core/common/text_file.hpp"
 #include "core/tokenizer/components.hpp"
 #include "core/tokenizer/unicode.hpp"
 
@@ -55,14 +54,6 @@ class Matcher {
   };
   std::array<std::vector<Entry>, 256> buckets_;
 };
-
-std::string read_file(const std::filesystem::path& path, const char* what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail("{}: cannot open {}", path.string(), what);
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
 
 json parse_json(std::string_view text, const std::string& source) {
   try {
@@ -270,7 +261,7 @@ Tokenizer Tokenizer::from_json(std::string_view json_text, const std::string& so
 }
 
 Tokenizer Tokenizer::from_file(const std::filesystem::path& tokenizer_json) {
-  return from_json(read_file(tokenizer_json, "tokenizer file"), tokenizer_json.string());
+  return from_json(read_text_file(tokenizer_json, kTokenizerFileLimit), tokenizer_json.string());
 }
 
 Tokenizer Tokenizer::load(const std::filesystem::path& model_dir) {
@@ -278,7 +269,7 @@ Tokenizer Tokenizer::load(const std::filesystem::path& model_dir) {
   const std::filesystem::path config_path = model_dir / "tokenizer_config.json";
   if (!std::filesystem::exists(config_path)) return tokenizer;
   const std::string source = config_path.string();
-  const json config = parse_json(read_file(config_path, "tokenizer config"), source);
+  const json config = parse_json(read_text_file(config_path, kConfigFileLimit), source);
   const Where where{source, ""};
   if (!config.is_object()) where.fail("expected a JSON object, got {}", config.type_name());
   Impl& impl = *tokenizer.impl_;

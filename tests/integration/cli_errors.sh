@@ -107,12 +107,31 @@ case $case in
     run=(generate --model "$model" --prompt-ids 1,2 -n 2 --quiet --tp 200)
     expect="tp_size 200 is more ranks than the vocabulary's 128 rows";;
   kv_cache_too_large)
-    run=(generate --model "$model" --prompt-ids 1,2 -n 100000000000 --quiet)
+    run=(generate --model "$model" --prompt-ids 1,2 -n 100000000000 --quiet --allow-long-context)
     expect="KV cache for 1 sequence\\(s\\) of up to 100000000002 tokens needs .* GiB, more than";;
+  config_fifo)
+    # A FIFO would block the reader for ever.
+    rm "$model/config.json" && mkfifo "$model/config.json"
+    expect="config.json: not a regular file \\(a FIFO, socket or device\\)";;
+  config_endless)
+    # /dev/zero never ends.
+    rm "$model/config.json" && ln -s /dev/zero "$model/config.json"
+    expect="config.json: not a regular file";;
+  toml_fifo)
+    mkfifo "$work/run.toml"
+    run=(generate --config "$work/run.toml" --model "$model" --prompt-ids 1,2 -n 2 --quiet)
+    expect="run.toml";;
+  prompt_past_positions)
+    # llama_mha has max_position_embeddings 64: a 60-token prompt and 8 new tokens need 68.
+    run=(generate --model "$model" --prompt-ids "$(seq -s, 1 60)" -n 8 --quiet)
+    expect="prompt 0 of 60 tokens and 8 new tokens need 68 positions, more than the model's max_position_embeddings = 64 \\(.*config.json\\).*--allow-long-context";;
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 
-"$tpengine" "${run[@]}" >"$stdout" 2>"$work/err"
+# Each case under a time limit (a hang fails: no line on stderr) and, where no sanitizer reserves
+# address space, a memory cap.
+if ! ldd "$tpengine" | grep -q libasan; then ulimit -v 8000000; fi
+timeout 60 "$tpengine" "${run[@]}" >"$stdout" 2>"$work/err"
 status=$?
 lines=$(wc -l <"$work/err")
 echo "exit $status; stderr:"; cat "$work/err"

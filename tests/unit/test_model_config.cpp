@@ -338,7 +338,7 @@ TEST(ModelConfig, LoadErrors) {
   fs::create_directory(dir.path() / "folder");
   fs::create_directory(dir.path() / "folder" / "config.json");
   expect_error([&] { (void)ModelConfig::load(dir.path() / "folder"); },
-               {(dir.path() / "folder" / "config.json").string() + ": cannot open"});
+               {(dir.path() / "folder" / "config.json").string() + ": is a directory, not a file"});
   dir.write("config.json", R"({"model_type": "llama",)");
   expect_error([&] { (void)ModelConfig::load(dir.path()); },
                {dir.file("config.json") + ": not valid JSON: ", "unexpected end of input"});

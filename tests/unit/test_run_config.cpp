@@ -282,12 +282,13 @@ TEST(RunConfig, LoadErrorsNameThePath) {
                                          ":2: key 'parallel.tp_size' must be in [1, "
                                          "1024], got 0");
   }
-  for (const fs::path& bad : {dir.path() / "absent.toml", dir.path()}) {
+  for (const auto& [bad, why] : {std::pair{dir.path() / "absent.toml", ": not found"},
+                                  std::pair{dir.path(), ": is a directory, not a file"}}) {
     try {
       (void)tpe::config::load_run_config(bad);
       ADD_FAILURE() << "no error for " << bad;
     } catch (const tpe::Error& e) {
-      EXPECT_EQ(std::string(e.what()), bad.string() + ": cannot open");
+      EXPECT_EQ(std::string(e.what()), bad.string() + why);
     }
   }
 }

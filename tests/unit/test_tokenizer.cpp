@@ -89,7 +89,7 @@ TEST(Tokenizer, MalformedFilesNameFileAndKey) {
   EXPECT_EQ(error_of([] { Tokenizer::from_json("{\"model\": ", "t.json"); }).substr(0, 23),
             "t.json: not valid JSON:");
   EXPECT_EQ(error_of([] { Tokenizer::from_file("/nonexistent/tokenizer.json"); }),
-            "/nonexistent/tokenizer.json: cannot open tokenizer file");
+            "/nonexistent/tokenizer.json: not found");
 }
 
 TEST(Tokenizer, InvalidUtf8InputIsAnError) {

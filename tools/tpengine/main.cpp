@@ -47,6 +47,7 @@ struct CommonFlags {
   std::optional<bool> kernel_inject;
   std::optional<int64_t> prefill_chunk, max_batch;
   bool no_cuda_graph = false;
+  bool allow_long_context = false;
   std::string policy;
   std::vector<std::string> policy_paths;
   bool quiet = false;
@@ -65,6 +66,8 @@ struct CommonFlags {
       app.add_flag("--no-cuda-graph", no_cuda_graph,
                    "run every decode step op by op instead of replaying a CUDA graph");
       app.add_flag("-q,--quiet", quiet, "no progress or log lines");
+      app.add_flag("--allow-long-context", allow_long_context,
+                   "run sequences past the model's max_position_embeddings");
       app.add_option("--prefill-chunk", prefill_chunk,
                      "most prompt tokens per forward pass (default 2048)")
           ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
@@ -84,6 +87,7 @@ struct CommonFlags {
     if (prefill_chunk) run.prefill_chunk = *prefill_chunk;
     if (max_batch) run.max_batch = *max_batch;
     if (no_cuda_graph) run.cuda_graph = false;
+    if (allow_long_context) run.allow_long_context = true;
     if (!policy.empty()) run.policy_name = policy;
     for (const std::string& p : policy_paths) run.policy_search_paths.emplace_back(p);
     return run;
@@ -371,8 +375,10 @@ int run_detokenize(const std::string& model, const std::vector<std::string>& ids
 int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
               const std::vector<int64_t>& batches, bool random_weights, bool json) {
   RunConfig run = common.resolve();
-  // Room for the largest batch measured.
+  // Room for the largest batch measured; any length may be timed (the speed of a step past
+  // max_position_embeddings is the speed of one before it).
   for (const int64_t b : batches) run.max_batch = std::max(run.max_batch, b);
+  run.allow_long_context = true;
   tpe::runtime::Model model = tpe::runtime::prepare(run);
   const std::string policy = model.choice.policy->name;
   const std::string dtype = model.dtype;
