@@ -567,6 +567,10 @@ std::vector<std::vector<int64_t>> Engine::generate(
           const size_t seq = static_cast<size_t>(live[j]);
           const std::span<float> row{logits.row(static_cast<int64_t>(j)),
                                      static_cast<size_t>(logits.cols())};
+          if (!all_finite(row)) {
+            next[j] = -1;  // every rank stops on it, below
+            continue;
+          }
           if (logprobs != nullptr) raw.assign(row.begin(), row.end());  // sample changes row
           next[j] = sampler.sample(row, history[seq], params.sampling);
           if (logprobs != nullptr) {
@@ -575,6 +579,14 @@ std::vector<std::vector<int64_t>> Engine::generate(
         }
       }
       executor.broadcast(next);
+      for (size_t j = 0; j < live.size(); ++j) {
+        if (next[j] >= 0) continue;
+        fail(
+            "generated token {} of sequence {}: its logits are not finite (NaN or Inf), so no "
+            "token can be chosen: the weights hold NaN/Inf (tpengine inspect --check finds them) "
+            "or the activations overflowed (a wider --dtype)",
+            step, live[j]);
+      }
       backend::Batch following;
       std::vector<int> still;
       for (size_t j = 0; j < live.size(); ++j) {

@@ -1,6 +1,7 @@
 #include "core/runtime/sampler.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <functional>
@@ -140,6 +141,14 @@ TokenLogprob token_logprob(std::span<const float> logits, int64_t id, int64_t k)
         static_cast<double>(logits[static_cast<size_t>(order[static_cast<size_t>(i)])]) - log_z);
   }
   return out;
+}
+
+bool all_finite(std::span<const float> logits) {
+  uint32_t special = 0;  // an exponent of all ones: Inf or NaN
+  for (const float x : logits) {
+    special |= static_cast<uint32_t>((std::bit_cast<uint32_t>(x) & 0x7f800000u) == 0x7f800000u);
+  }
+  return special == 0;
 }
 
 }  // namespace tpe

@@ -40,4 +40,7 @@ struct TokenLogprob {
 };
 TokenLogprob token_logprob(std::span<const float> logits, int64_t id, int64_t k);
 
+// Whether every logit is finite (no NaN, no Inf): one pass over the bits, which vectorizes.
+bool all_finite(std::span<const float> logits);
+
 }  // namespace tpe

@@ -125,6 +125,14 @@ case $case in
     # llama_mha has max_position_embeddings 64: a 60-token prompt and 8 new tokens need 68.
     run=(generate --model "$model" --prompt-ids "$(seq -s, 1 60)" -n 8 --quiet)
     expect="prompt 0 of 60 tokens and 8 new tokens need 68 positions, more than the model's max_position_embeddings = 64 \\(.*config.json\\).*--allow-long-context";;
+  nan_weight_generate)
+    # One NaN in the LM head: its logit is NaN, and no token can be chosen.
+    edit_header 'o = h["lm_head.weight"]["data_offsets"][0]; data = data[:o] + struct.pack("<f", float("nan")) + data[o + 4:]'
+    expect="generated token 0 of sequence 0: its logits are not finite \\(NaN or Inf\\)";;
+  inf_weight_inspect)
+    edit_header 'o = h["model.layers.1.mlp.up_proj.weight"]["data_offsets"][0] + 40; data = data[:o] + struct.pack("<f", float("inf")) + data[o + 4:]'
+    run=(inspect --check "$model")
+    expect="model: 1 of [0-9]+ tensors hold NaN or Inf: model.layers.1.mlp.up_proj.weight \\(1\\)";;
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 

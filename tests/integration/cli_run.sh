@@ -180,7 +180,10 @@ PY
     out=$("$tpengine" inspect "$fixtures/llama_sharded")
     echo "$out"
     grep -Eq "^model.layers.1.mlp.down_proj.weight +F32 +\[64, 96\] +24576  model-0000[1-4]-of-00004.safetensors" <<<"$out"
-    grep -Eq "^2[0-9] tensors" <<<"$out";;
+    grep -Eq "^2[0-9] tensors" <<<"$out"
+    # --check reads every value: a clean checkpoint (sharded, and a quantized GGUF) passes.
+    "$tpengine" inspect --check "$fixtures/llama_sharded" | grep -Eq "^checked 2[0-9] tensors: every value finite$"
+    "$tpengine" inspect --check "$fixtures/llama_gqa/model-f32.gguf" | grep -Eq "^checked [0-9]+ tensors: every value finite$";;
   inspect_gguf)
     out=$("$tpengine" inspect "$fixtures/gguf/blocks.gguf")
     echo "$out"

@@ -589,7 +589,36 @@ std::string gguf_value_text(const tpe::io::GgufValue& v) {
                      tpe::io::gguf_value_type_name(v.element_type));
 }
 
-int run_inspect_gguf(const fs::path& path) {
+// inspect --check: reads every tensor whole as fp32 (GGUF blocks dequantized), one at a time,
+// and names those holding NaN or Inf.
+class FiniteCheck {
+ public:
+  void add(const std::string& name, const std::vector<float>& values) {
+    const auto bad = static_cast<size_t>(
+        std::count_if(values.begin(), values.end(), [](float x) { return !std::isfinite(x); }));
+    ++checked_;
+    if (bad > 0) {
+      fmt::print("{}: {} of {} values are NaN or Inf\n", tpe::printable(name), bad, values.size());
+      bad_.push_back(fmt::format("{} ({})", tpe::printable(name), bad));
+    }
+  }
+  int finish(const std::string& source) const {
+    if (bad_.empty()) {
+      fmt::print("checked {} tensors: every value finite\n", checked_);
+      return 0;
+    }
+    const size_t shown = std::min<size_t>(bad_.size(), 3);
+    tpe::fail("{}: {} of {} tensors hold NaN or Inf: {}{}", tpe::printable(source), bad_.size(),
+              checked_, fmt::join(bad_.begin(), bad_.begin() + shown, ", "),
+              bad_.size() > shown ? ", ..." : "");
+  }
+
+ private:
+  size_t checked_ = 0;
+  std::vector<std::string> bad_;
+};
+
+int run_inspect_gguf(const fs::path& path, bool check) {
   const auto file = tpe::io::GgufFile::open(path);
   fmt::print("GGUF version {}, {} metadata keys, {} tensors\n", file->version(),
              file->metadata().size(), file->tensors().size());
@@ -605,11 +634,21 @@ int run_inspect_gguf(const fs::path& path) {
                fmt::format("[{}]", fmt::join(t.shape(), ", ")), t.bytes);
   }
   fmt::print("{} tensors, {} bytes\n", file->tensors().size(), total);
-  return 0;
+  if (!check) return 0;
+  FiniteCheck finite;
+  for (const tpe::io::GgufTensor& t : file->tensors()) {
+    const std::vector<int64_t> shape = t.shape();
+    int64_t n = 1;
+    for (const int64_t d : shape) n *= d;
+    std::vector<float> values(static_cast<size_t>(n));
+    file->read_f32(t, shape, {}, {}, values);
+    finite.add(t.name, values);
+  }
+  return finite.finish(path.string());
 }
 
-int run_inspect(const std::string& path) {
-  if (fs::path(path).extension() == ".gguf") return run_inspect_gguf(path);
+int run_inspect(const std::string& path, bool check) {
+  if (fs::path(path).extension() == ".gguf") return run_inspect_gguf(path, check);
   const fs::path dir = fs::is_directory(path) ? fs::path(path) : fs::path(path).parent_path();
   std::vector<const tpe::io::TensorInfo*> tensors;
   std::unique_ptr<tpe::io::SafetensorsFile> single;
@@ -629,7 +668,13 @@ int run_inspect(const std::string& path) {
                fmt::format("[{}]", fmt::join(t->shape, ", ")), bytes, t->file.filename().string());
   }
   fmt::print("{} tensors, {} bytes\n", tensors.size(), total);
-  return 0;
+  if (!check) return 0;
+  FiniteCheck finite;
+  for (const auto* t : tensors) {
+    finite.add(t->name, checkpoint ? checkpoint->read_f32(t->name, t->shape, {}, {})
+                                   : single->read_f32(*t, t->shape, {}, {}));
+  }
+  return finite.finish(path);
 }
 
 }  // namespace
@@ -745,6 +790,9 @@ int main(int argc, char** argv) {
   inspect->add_option("path", inspect_path, "model directory, .safetensors or .gguf file")
       ->required()
       ->check(CLI::ExistingPath);
+  bool inspect_check = false;
+  inspect->add_flag("--check", inspect_check,
+                    "also read every tensor and name those holding NaN or Inf (exit 1)");
 
   // Usage errors are one line too; --help and --version print as usual.
   app.failure_message([](const CLI::App*, const CLI::Error& e) {
@@ -770,7 +818,7 @@ int main(int argc, char** argv) {
       status = run_bench(bench_flags, bench_options, bench_batches, random_weights, bench_json);
     }
     if (*policies) status = run_policies(policies_flags);
-    if (*inspect) status = run_inspect(inspect_path);
+    if (*inspect) status = run_inspect(inspect_path, inspect_check);
   } catch (const tpe::Error& e) {
     std::fprintf(stderr, "tpengine: error: %s\n", e.what());
     return 1;
