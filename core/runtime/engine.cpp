@@ -561,14 +561,17 @@ std::vector<std::vector<int64_t>> Engine::generate(
     for (int64_t step = 0;; ++step) {
       // Rank 0 samples; every rank takes its choice so all caches stay identical.
       std::vector<int64_t> next(live.size());
-      if (executor.rank() == 0) {
+      constexpr int64_t kNotFinite = -1, kInterrupted = -2;  // rank 0's verdicts, broadcast
+      if (executor.rank() == 0 && params.interrupt != nullptr && params.interrupt->load() != 0) {
+        std::fill(next.begin(), next.end(), kInterrupted);
+      } else if (executor.rank() == 0) {
         std::vector<float> raw;
         for (size_t j = 0; j < live.size(); ++j) {
           const size_t seq = static_cast<size_t>(live[j]);
           const std::span<float> row{logits.row(static_cast<int64_t>(j)),
                                      static_cast<size_t>(logits.cols())};
           if (!all_finite(row)) {
-            next[j] = -1;  // every rank stops on it, below
+            next[j] = kNotFinite;
             continue;
           }
           if (logprobs != nullptr) raw.assign(row.begin(), row.end());  // sample changes row
@@ -579,8 +582,9 @@ std::vector<std::vector<int64_t>> Engine::generate(
         }
       }
       executor.broadcast(next);
+      if (!next.empty() && next[0] == kInterrupted) break;
       for (size_t j = 0; j < live.size(); ++j) {
-        if (next[j] >= 0) continue;
+        if (next[j] != kNotFinite) continue;
         fail(
             "generated token {} of sequence {}: its logits are not finite (NaN or Inf), so no "
             "token can be chosen: the weights hold NaN/Inf (tpengine inspect --check finds them) "

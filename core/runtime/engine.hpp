@@ -3,6 +3,7 @@
 // in-process communicator. Owns: orchestration of ranks. May not touch: kernels directly.
 #pragma once
 
+#include <atomic>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -77,6 +78,9 @@ struct GenerationParams {
   // With `logprobs` given to generate: each chosen token's log-probability and this many
   // alternatives (token_logprob).
   int64_t top_logprobs = 0;
+  // When set and nonzero (a signal handler's flag), generation stops before its next token and
+  // returns what it has; rank 0 reads it and tells the others, so all stop at the same step.
+  const std::atomic<int>* interrupt = nullptr;
 };
 
 // The user's settings over the model's generation_config.json defaults.

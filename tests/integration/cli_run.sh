@@ -215,6 +215,23 @@ PY
     out=$("$moved/bin/tpengine" generate --model "$fixtures/llama_gqa" --tp 2 --quiet -n 16 \
           --ignore-eos --prompt-ids "$(prompt llama_gqa 0)")
     check "the bundle's greedy tokens" "$out" "$(expected llama_gqa 0)";;
+  interrupt)
+    # SIGINT, then SIGTERM, in the middle of a long batch: each sequence's ids so far are
+    # printed, one line each, with the conventional status (128 + signal) and one line saying so.
+    for signal in INT TERM; do
+      "$tpengine" generate --model "$fixtures/llama_mha" --prompt-ids 1,2,3 --prompt-ids 4,5 \
+        -n 100000 --ignore-eos --allow-long-context --quiet >"$work/out" 2>"$work/err" &
+      pid=$!
+      sleep 3
+      kill -"$signal" "$pid"
+      status=0
+      wait "$pid" || status=$?
+      cat "$work/err"
+      check "status after SIG$signal" "$status" "$([ "$signal" = INT ] && echo 130 || echo 143)"
+      check "lines" "$(wc -l <"$work/out")" 2
+      grep -Eq "^[0-9]+( [0-9]+){9,}$" "$work/out"  # at least ten tokens each
+      grep -q "interrupted (SIG$signal): printed what was generated" "$work/err"
+    done;;
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 echo PASS

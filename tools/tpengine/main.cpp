@@ -2,12 +2,14 @@
 // (--config) with flags overriding it. Every error is one line on stderr and a non-zero exit.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -201,6 +203,32 @@ void print_json(const std::vector<std::vector<int64_t>>& prompts,
   }
 }
 
+// SIGINT / SIGTERM during a generation: the engine stops before its next token, what each
+// sequence has so far is printed, and the exit status is the conventional 128 + signal. The
+// handler is armed once (SA_RESETHAND): a second signal ends the process at once.
+std::atomic<int> g_interrupt{0};
+
+extern "C" void on_interrupt(int signal) { g_interrupt.store(signal); }
+
+void arm_interrupt() {
+  g_interrupt.store(0);
+  struct sigaction action = {};
+  action.sa_handler = on_interrupt;
+  action.sa_flags = SA_RESETHAND;  // no SA_RESTART: a read of stdin returns
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGINT, &action, nullptr);
+  sigaction(SIGTERM, &action, nullptr);
+}
+
+// 0, or the exit status of an interrupted run (after saying so on stderr).
+int interrupted_status() {
+  const int signal = g_interrupt.load();
+  if (signal == 0) return 0;
+  std::fprintf(stderr, "tpengine: interrupted (%s): printed what was generated\n",
+               signal == SIGINT ? "SIGINT" : "SIGTERM");
+  return 128 + signal;
+}
+
 int run_generate(const CommonFlags& common, const std::vector<std::string>& prompt_ids,
                  const std::vector<std::string>& prompt_texts,
                  const tpe::config::GenerationSettings& overrides, bool json,
@@ -262,6 +290,8 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
       tpe::runtime::resolve_generation(run.generation, model.config.generation());
   params.top_logprobs = top_logprobs.value_or(0);
   tpe::runtime::Engine engine(std::move(model), common.quiet);
+  arm_interrupt();
+  params.interrupt = &g_interrupt;
   // Launched as one process per rank, every process generates and rank 0 prints.
   if (json) {
     const auto start = std::chrono::steady_clock::now();
@@ -273,13 +303,13 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
     if (engine.is_rank0()) {
       print_json(prompts, outputs, params, tokenizer, seconds, top_logprobs ? &logprobs : nullptr);
     }
-    return 0;
+    return interrupted_status();
   }
   if (!tokenizer) {
     const auto outputs = engine.generate(prompts, params);
-    if (!engine.is_rank0()) return 0;
+    if (!engine.is_rank0()) return interrupted_status();
     for (const auto& out : outputs) fmt::print("{}\n", fmt::join(out, " "));
-    return 0;
+    return interrupted_status();
   }
   if (prompts.size() == 1) {  // one sequence: stream the text as it is generated
     auto decoder = tokenizer->incremental_decoder(/*skip_special_tokens=*/true);
@@ -288,15 +318,15 @@ int run_generate(const CommonFlags& common, const std::vector<std::string>& prom
       std::fflush(stdout);
     });
     if (engine.is_rank0()) fmt::print("{}\n", decoder.finish());
-    return 0;
+    return interrupted_status();
   }
   const auto outputs = engine.generate(prompts, params);
-  if (!engine.is_rank0()) return 0;
+  if (!engine.is_rank0()) return interrupted_status();
   for (size_t i = 0; i < outputs.size(); ++i) {
     const std::vector<uint32_t> ids(outputs[i].begin(), outputs[i].end());
     fmt::print("[{}] {}\n", i, tokenizer->decode(ids, /*skip_special_tokens=*/true));
   }
-  return 0;
+  return interrupted_status();
 }
 
 // chat: a conversation read from stdin, a line a user turn, each answer streamed to stdout; end
@@ -313,8 +343,9 @@ int run_chat(const CommonFlags& common, const std::string& system,
   int64_t vocab = 0;
   model.config.get_int("vocab_size", vocab);
   tokenizer.check_embedding_size(vocab);
-  const tpe::runtime::GenerationParams params =
+  tpe::runtime::GenerationParams params =
       tpe::runtime::resolve_generation(run.generation, model.config.generation());
+  params.interrupt = &g_interrupt;
   tpe::runtime::Engine engine(std::move(model), common.quiet);
   std::vector<tpe::tokenizer::ChatMessage> messages;
   if (!system.empty()) messages.push_back({"system", system});
@@ -325,7 +356,9 @@ int run_chat(const CommonFlags& common, const std::string& system,
       std::fprintf(stderr, "> ");
       std::fflush(stderr);
     }
-    if (!std::getline(std::cin, line)) break;
+    // Ctrl-C while an answer is generated ends that answer; while waiting for a line, the chat.
+    arm_interrupt();
+    if (!std::getline(std::cin, line)) return interrupted_status();
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     messages.push_back({"user", line});
     const std::string text = tpe::tokenizer::render_chat_template(
@@ -338,7 +371,7 @@ int run_chat(const CommonFlags& common, const std::string& system,
           fmt::print("{}", decoder.step(static_cast<uint32_t>(id)));
           std::fflush(stdout);
         })[0];
-    fmt::print("{}\n", decoder.finish());
+    fmt::print("{}{}\n", decoder.finish(), g_interrupt.load() != 0 ? " [interrupted]" : "");
     std::fflush(stdout);
     messages.push_back(
         {"assistant", tokenizer.decode(std::vector<uint32_t>(answer.begin(), answer.end()),
