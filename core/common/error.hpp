@@ -17,12 +17,21 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& message) : std::runtime_error(message) {}
 };
 
-// Text quoted from a file (names, keys, values) may hold control characters; escaping them keeps
-// every message on one line whatever the file contains.
+// Text quoted from a file or a plugin (names, keys, values, messages) may hold control
+// characters and be of any length: control characters are escaped, so every message stays one
+// line and no terminal sequence reaches the terminal, and text past kPrintableLimit bytes is cut
+// (at a character boundary) with its length said.
+inline constexpr size_t kPrintableLimit = 1024;
+
 inline std::string printable(std::string_view text) {
   std::string out;
-  out.reserve(text.size());
-  for (const char c : text) {
+  size_t keep = text.size();
+  if (keep > kPrintableLimit) {
+    keep = kPrintableLimit;
+    while (keep > 0 && (static_cast<unsigned char>(text[keep]) & 0xC0) == 0x80) --keep;
+  }
+  out.reserve(keep);
+  for (const char c : text.substr(0, keep)) {
     const auto byte = static_cast<unsigned char>(c);
     if (byte < 0x20 || byte == 0x7f) {
       out += fmt::format("\\x{:02x}", byte);
@@ -30,6 +39,7 @@ inline std::string printable(std::string_view text) {
       out += c;
     }
   }
+  if (keep < text.size()) out += fmt::format("... ({} bytes)", text.size());
   return out;
 }
 

@@ -206,17 +206,19 @@ const tpe_host_api kHostApi = {
 graph::Graph build_graph(const Policy& policy, const config::ModelConfig& config) {
   tpe_graph g;
   g.config = &config;
-  const std::string who = fmt::format("policy '{}' ({}) building {}", policy.name,
-                                      policy.file.string(), config.path().string());
+  // The plugin's strings are its own: escaped and capped like any text from a file.
+  const std::string who =
+      fmt::format("policy '{}' ({}) building {}", printable(policy.name),
+                  printable(policy.file.string()), printable(config.path().string()));
   tpe_status status = TPE_ERROR;
   try {
     status = policy.desc.build(&kHostApi, &g);
   } catch (const std::exception& e) {
-    fail("{}: build threw an exception across the ABI boundary: {}", who, e.what());
+    fail("{}: build threw an exception across the ABI boundary: {}", who, printable(e.what()));
   } catch (...) {
     fail("{}: build threw an exception across the ABI boundary", who);
   }
-  if (g.builder.error()) fail("{}: {}", who, *g.builder.error());
+  if (g.builder.error()) fail("{}: {}", who, printable(*g.builder.error()));
   if (status != TPE_OK) fail("{}: build failed without saying why", who);
   try {
     return g.builder.finish();
