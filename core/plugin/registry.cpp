@@ -62,9 +62,11 @@ bool has_elf_header(const fs::path& file) {
          magic[3] == 'F';
 }
 
+// A plugin's strings are kept escaped and capped (printable): they are printed in listings,
+// plans and messages.
 std::vector<std::string> string_list(const char* const* list) {
   std::vector<std::string> out;
-  for (; list != nullptr && *list != nullptr; ++list) out.emplace_back(*list);
+  for (; list != nullptr && *list != nullptr; ++list) out.push_back(printable(*list));
   return out;
 }
 
@@ -115,9 +117,9 @@ Policy Registry::load(const fs::path& file, Origin origin) {
   Policy policy;
   policy.file = file;
   policy.origin = origin;
-  policy.name = copy.name;
-  policy.version = copy.version != nullptr ? copy.version : "";
-  if (copy.description != nullptr) policy.description = copy.description;
+  policy.name = printable(copy.name);
+  policy.version = copy.version != nullptr ? printable(copy.version) : "";
+  if (copy.description != nullptr) policy.description = printable(copy.description);
   policy.abi_major = copy.abi_major;
   policy.abi_minor = copy.abi_minor;
   policy.model_types = string_list(copy.model_types);
@@ -156,37 +158,38 @@ Choice Registry::choose(const config::ModelConfig& config,
   auto found = [&] {
     std::vector<std::string> items;
     for (const Policy& p : policies_) {
-      items.push_back(
-          fmt::format("{} [{}] ({})", p.name, fmt::join(p.model_types, ", "), p.file.string()));
+      items.push_back(fmt::format("{} [{}] ({})", p.name, fmt::join(p.model_types, ", "),
+                                  printable(p.file.string())));
     }
     return items.empty() ? std::string("none") : fmt::format("{}", fmt::join(items, "; "));
   };
   if (forced) {
     for (const Policy& p : policies_) {
       if (p.name == *forced) {
-        return {&p, fmt::format("forced by policy.name = \"{}\"", *forced)};
+        return {&p, fmt::format("forced by policy.name = \"{}\"", printable(*forced))};
       }
     }
-    fail("policy '{}' was asked for but not found; policies found: {}", *forced, found());
+    fail("policy '{}' was asked for but not found; policies found: {}", printable(*forced),
+         found());
   }
   const std::string model_type = config.model_type();
   for (const Policy& p : policies_) {
     if (std::find(p.model_types.begin(), p.model_types.end(), model_type) != p.model_types.end()) {
-      return {&p, fmt::format("serves model_type '{}'; first in search order ({})", model_type,
-                              origin_name(p.origin))};
+      return {&p, fmt::format("serves model_type '{}'; first in search order ({})",
+                              printable(model_type), origin_name(p.origin))};
     }
   }
   for (const std::string& arch : config.architectures()) {
     for (const Policy& p : policies_) {
       if (std::find(p.architectures.begin(), p.architectures.end(), arch) !=
           p.architectures.end()) {
-        return {&p, fmt::format("serves architecture '{}'; first in search order ({})", arch,
-                                origin_name(p.origin))};
+        return {&p, fmt::format("serves architecture '{}'; first in search order ({})",
+                                printable(arch), origin_name(p.origin))};
       }
     }
   }
-  fail("{}: no policy serves model_type '{}'; policies found: {}", config.path().string(),
-       model_type, found());
+  fail("{}: no policy serves model_type '{}'; policies found: {}",
+       printable(config.path().string()), printable(model_type), found());
 }
 
 }  // namespace tpe::plugin

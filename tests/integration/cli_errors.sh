@@ -133,6 +133,11 @@ case $case in
     edit_header 'o = h["model.layers.1.mlp.up_proj.weight"]["data_offsets"][0] + 40; data = data[:o] + struct.pack("<f", float("inf")) + data[o + 4:]'
     run=(inspect --check "$model")
     expect="model: 1 of [0-9]+ tensors hold NaN or Inf: model.layers.1.mlp.up_proj.weight \\(1\\)";;
+  model_type_control_chars)
+    # A newline and an escape sequence in config.json's model_type stay on the one line, escaped
+    # (the fuzz target fuzz_model_plan found the raw newline).
+    python3 -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c['model_type']='lla\nma\x1b[2J'; c.pop('architectures', None); json.dump(c,open(p,'w'))" "$model/config.json"
+    expect="no policy serves model_type 'lla\\\\x0ama\\\\x1b\\[2J'";;
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 

@@ -583,9 +583,9 @@ int run_policies(const CommonFlags& common) {
   if (!run.model_path.empty()) {
     const auto config = tpe::runtime::load_model_config(run.model_path);
     const auto choice = registry.choose(config, run.policy_name);
-    fmt::print("for {} (model_type '{}'): {} from {}: {}\n", run.model_path.string(),
-               config.model_type(), choice.policy->name, choice.policy->file.string(),
-               choice.reason);
+    fmt::print("for {} (model_type '{}'): {} from {}: {}\n",
+               tpe::printable(run.model_path.string()), tpe::printable(config.model_type()),
+               choice.policy->name, tpe::printable(choice.policy->file.string()), choice.reason);
   }
   return 0;
 }
