@@ -18,6 +18,7 @@ packages=(
   zlib1g-dev            # the tokenizer tests' gzipped expected outputs
   libgtest-dev libgmock-dev
   patchelf              # tools/bundle.sh: RPATHs of the relocatable folder
+  clang libclang-rt-dev # the libFuzzer targets (tools/fuzz-smoke.sh)
 )
 
 missing=()
