@@ -451,6 +451,13 @@ Checkpoint Checkpoint::open(const fs::path& model_dir) {
       checkpoint.index_.emplace(info.name, std::pair{file, &info});
     }
   } else {
+    for (const fs::path& present : {index, single}) {
+      std::error_code ec;
+      if (fs::exists(present, ec)) {
+        fail("{}: not a regular file (a directory, FIFO, socket or device)",
+             printable(present.string()));
+      }
+    }
     fail_in(model_dir, "no {} or {}", kSingleName, kIndexName);
   }
   return checkpoint;

@@ -37,6 +37,8 @@ std::string pcre2_message(int code) {
 struct Regex::Impl {
   pcre2_code* code = nullptr;
   bool jit = false;
+  std::string where;  // for a failed match's message: the file and key, and the pattern
+  std::string pattern;
 };
 
 std::string translate_onig(std::string_view pattern) {
@@ -78,6 +80,8 @@ std::string translate_onig(std::string_view pattern) {
 
 Regex::Regex(const std::string& pattern, const std::string& where)
     : impl_(std::make_unique<Impl>()) {
+  impl_->where = where;
+  impl_->pattern = pattern;
   const std::string translated = translate_onig(pattern);
   int error = 0;
   PCRE2_SIZE offset = 0;
@@ -108,7 +112,10 @@ void Regex::find_all(std::string_view text, std::vector<std::pair<size_t, size_t
                               : pcre2_match(impl_->code, subject, text.size(), start,
                                             PCRE2_NO_UTF_CHECK, match_data.data, context);
     if (rc == PCRE2_ERROR_NOMATCH) break;
-    if (rc < 0) fail("regex match failed: {}", pcre2_message(rc));
+    if (rc < 0) {
+      fail("{}: regex '{}' failed on a text of {} bytes: {}", impl_->where,
+           printable(impl_->pattern), text.size(), pcre2_message(rc));
+    }
     const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match_data.data);
     const size_t begin = ovector[0];
     const size_t end = ovector[1];

@@ -138,6 +138,12 @@ case $case in
     # (the fuzz target fuzz_model_plan found the raw newline).
     python3 -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c['model_type']='lla\nma\x1b[2J'; c.pop('architectures', None); json.dump(c,open(p,'w'))" "$model/config.json"
     expect="no policy serves model_type 'lla\\\\x0ama\\\\x1b\\[2J'";;
+  weights_fifo)
+    rm "$st" && mkfifo "$st"
+    expect="model/model.safetensors: not a regular file \\(a directory, FIFO, socket or device\\)";;
+  weights_directory)
+    rm "$st" && mkdir "$st"
+    expect="model/model.safetensors: not a regular file";;
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 

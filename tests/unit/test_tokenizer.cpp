@@ -159,6 +159,19 @@ TEST(TokenizerUnicode, LossyConversionReplacesMaximalSubparts) {
   EXPECT_EQ(u::from_utf8_lossy("\xe0\x80"), "\xef\xbf\xbd\xef\xbf\xbd");  // overlong: each byte
 }
 
+// A pattern that backtracks past PCRE2's match limit is an error naming where it came from, the
+// pattern and the text's size, not a bare "match limit exceeded".
+TEST(TokenizerRegex, AFailedMatchNamesThePatternAndWhereItCameFrom) {
+  const tpe::tokenizer::Regex regex("(a+)+$", "t.json: pre_tokenizer.pattern");
+  std::vector<std::pair<size_t, size_t>> matches;
+  const std::string text = std::string(64, 'a') + "!";
+  const std::string message = error_of([&] { regex.find_all(text, matches); });
+  EXPECT_EQ(message.find("t.json: pre_tokenizer.pattern: regex '(a+)+$' failed on a text of 65 "
+                         "bytes: "),
+            0u)
+      << message;
+}
+
 TEST(TokenizerRegex, OnigurumaClassesKeepTheirMeaning) {
   using tpe::tokenizer::translate_onig;
   EXPECT_EQ(translate_onig(R"(\s+(?!\S))"), R"([\s\x{85}]+(?![^\s\x{85}]))");
