@@ -276,14 +276,25 @@ namespace {
 
 // Names the policy when the graph it built reads tensors the checkpoint lacks: the usual cause is
 // a policy written for another revision of the architecture. Rank 0 reads every tensor some rank
-// reads (a row-parallel bias is rank 0's alone).
-void check_tensors_present(const Model& model, const program::Program& rank0,
-                           const std::function<bool(const std::string&)>& has,
-                           const std::string& source) {
+// reads (a row-parallel bias is rank 0's alone). Then every shape against the graph's, before
+// anything is allocated (a config.json with a huge width would otherwise allocate it first).
+struct HeaderShape {
+  std::vector<int64_t> shape;
+  std::string file;
+};
+void check_tensors(const Model& model, const program::Program& rank0,
+                   const std::function<std::optional<HeaderShape>(const std::string&)>& header,
+                   const std::string& source) {
   std::vector<std::string> missing;
   for (const program::Weight& w : rank0.weights) {
-    if (!has(w.tensor) && std::find(missing.begin(), missing.end(), w.tensor) == missing.end()) {
-      missing.push_back(w.tensor);
+    const std::optional<HeaderShape> found = header(w.tensor);
+    if (!found) {
+      if (std::find(missing.begin(), missing.end(), w.tensor) == missing.end()) {
+        missing.push_back(w.tensor);
+      }
+    } else if (found->shape != w.shape) {
+      fail("tensor '{}' in {} has shape [{}], expected [{}]", printable(w.tensor),
+           printable(found->file), fmt::join(found->shape, ", "), fmt::join(w.shape, ", "));
     }
   }
   if (missing.empty()) return;
@@ -400,10 +411,8 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
     };
   } else {
     // A directory's safetensors or a GGUF file, both read by Hugging Face tensor names.
-    const auto read_from = [&](const auto& weights) {
-      check_tensors_present(
-          model_, program::lower(model_.graph, model_.plan, 0),
-          [&](const std::string& name) { return weights.find(name) != nullptr; }, source);
+    const auto read_from = [&](const auto& weights, const auto& header) {
+      check_tensors(model_, program::lower(model_.graph, model_.plan, 0), header, source);
       reader = [&weights](const std::string& name, std::span<const int64_t> shape,
                           const IndexSet& rows, const IndexSet& cols,
                           std::span<float> out) { weights.read_f32(name, shape, rows, cols, out); };
@@ -411,11 +420,20 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
     if (is_gguf_file(model_.config.path())) {
       gguf = io::GgufFile::open(model_.config.path());
       source = model_.config.path().string();
-      read_from(gguf_weights.emplace(*gguf));
+      const io::GgufWeights& weights = gguf_weights.emplace(*gguf);
+      read_from(weights, [&](const std::string& name) -> std::optional<HeaderShape> {
+        const io::GgufTensor* t = weights.find(name);
+        if (t == nullptr) return std::nullopt;
+        return HeaderShape{t->shape(), source};
+      });
     } else {
       checkpoint = io::Checkpoint::open(model_.config.path().parent_path());
       source = checkpoint->dir().string();
-      read_from(*checkpoint);
+      read_from(*checkpoint, [&](const std::string& name) -> std::optional<HeaderShape> {
+        const io::TensorInfo* t = checkpoint->find(name);
+        if (t == nullptr) return std::nullopt;
+        return HeaderShape{t->shape, t->file.string()};
+      });
     }
   }
   // One process drives every rank, or (launched) just its own.

@@ -144,6 +144,11 @@ case $case in
   weights_directory)
     rm "$st" && mkdir "$st"
     expect="model/model.safetensors: not a regular file";;
+  config_huge_width)
+    # 16 M intermediate features would be 12 GiB of MLP weights, over the 8 GB cap below: the
+    # checkpoint's shapes are compared before anything is allocated.
+    python3 -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c['intermediate_size']=16000000; json.dump(c,open(p,'w'))" "$model/config.json"
+    expect="tensor 'model.layers.0.mlp.gate_proj.weight' in .*model.safetensors has shape \\[[0-9]+, [0-9]+\\], expected \\[16000000, [0-9]+\\]";;
   *) echo "unknown case $case" >&2; exit 2;;
 esac
 
