@@ -18,6 +18,7 @@
 #include <cstring>
 #include <iostream>
 #include <map>
+#include <new>
 #include <optional>
 #include <string>
 #include <vector>
@@ -854,6 +855,11 @@ int main(int argc, char** argv) {
     if (*inspect) status = run_inspect(inspect_path, inspect_check);
   } catch (const tpe::Error& e) {
     std::fprintf(stderr, "tpengine: error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr,
+                 "tpengine: error: out of memory: the model, batch or sequence length is too "
+                 "large for this machine's memory (or its ulimit -v)\n");
     return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "tpengine: error: %s\n", e.what());
