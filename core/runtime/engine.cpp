@@ -87,9 +87,10 @@ tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_path) {
     if (value != nullptr && value->kind == io::GgufValue::Kind::kBool) *flag = value->b;
   }
   for (const auto& [name, id_key] : kGgufSpecials) {
-    if (file->find_value(id_key) == nullptr) continue;
-    vocab.special_ids.push_back(file->integer(id_key));
-    if (std::string_view(name) == "bos_token") vocab.bos_id = vocab.special_ids.back();
+    if (file->find_value(id_key) != nullptr) vocab.special_ids.push_back(file->integer(id_key));
+  }
+  if (file->find_value("tokenizer.ggml.bos_token_id") != nullptr) {
+    vocab.bos_id = file->integer("tokenizer.ggml.bos_token_id");
   }
   return tokenizer::Tokenizer::from_gguf(vocab, model_path.string());
 }
