@@ -11,8 +11,16 @@ bool Batch::is_decode() const {
   return true;
 }
 
-const std::vector<int64_t>& Batch::ids(Ids which) const {
+std::vector<int64_t> Batch::ids(Ids which) const {
   switch (which) {
+    case Ids::kPositions: {
+      std::vector<int64_t> positions;
+      positions.reserve(tokens.size());
+      for (const Segment& s : segments) {
+        for (int64_t i = 0; i < s.count; ++i) positions.push_back(s.start_pos + i);
+      }
+      return positions;
+    }
     case Ids::kTokens:
       return tokens;
     case Ids::kTokenTypes:

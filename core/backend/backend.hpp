@@ -19,8 +19,9 @@
 
 namespace tpe::backend {
 
-// Which of the pass's ids an embedding looks up.
-enum class Ids { kTokens, kTokenTypes, kSecondTokens, kSecondTokenTypes };
+// Which of the pass's ids an embedding looks up: kPositions are each token's position in its
+// sequence (learned position tables).
+enum class Ids { kTokens, kTokenTypes, kSecondTokens, kSecondTokenTypes, kPositions };
 
 // The inputs of one forward pass: its tokens grouped by sequence.
 struct Batch {
@@ -52,7 +53,7 @@ struct Batch {
   // instructions are the same for every step of the same batch size.
   bool is_decode() const;
   // The ids an embedding of kind `which` reads.
-  const std::vector<int64_t>& ids(Ids which) const;
+  std::vector<int64_t> ids(Ids which) const;
 };
 
 // One set of rotary parameters the program uses; Backend::rotary names it by index.
@@ -88,6 +89,11 @@ struct AttentionShape {
   int64_t first_kv = 0;
   float scale = 1;
   int64_t window = 0;
+  // ALiBi (0 = none): local q head h adds alibi_slope(first_q + h, alibi_heads, alibi_max_bias) *
+  // alibi_scale * (key_pos - query_pos) to its scaled score (kernels/alibi.hpp).
+  float alibi_max_bias = 0;
+  float alibi_scale = 1;
+  int64_t alibi_heads = 0;
   // Cross-attention: k and v are the second stream's rows, appended at its positions, and every
   // query sees all of its sequence's second-stream keys (Segment::second_len), unmasked.
   bool cross = false;

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/common/error.hpp"
+#include "kernels/alibi.hpp"
 #include "kernels/cpu/ops.hpp"
 
 namespace tpe::backend {
@@ -54,7 +55,7 @@ double CpuBackend::copy_bandwidth_gbs() {
 }
 
 void CpuBackend::embedding(const Buffer& table, Range vocab, Ids ids, Buffer& out) {
-  const std::vector<int64_t>& source = batch_->ids(ids);
+  const std::vector<int64_t> source = batch_->ids(ids);
   TPE_CHECK(static_cast<int64_t>(source.size()) == out.rows, "embedding: ids and rows differ");
   for (int64_t t = 0; t < out.rows; ++t) {
     const int64_t id = source[t];
@@ -137,13 +138,17 @@ void CpuBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, Kv
     }
     return;
   }
+  std::vector<float> slopes;
+  for (int64_t h = 0; a.alibi_max_bias > 0 && h < n_q; ++h) {
+    slopes.push_back(alibi_slope(a.first_q + h, a.alibi_heads, a.alibi_max_bias) * a.alibi_scale);
+  }
   int64_t row = 0;
   for (const Batch::Segment& s : batch_->segments) {
     append(row, s.count, s.slot, s.start_pos);
     cpu::attention(f32(q) + row * q.stride(), s.count, s.start_pos, n_q, a.head_dim, kv_of_q.data(),
                    f32(cache.k) + s.slot * cache.max_len * k.cols,
                    f32(cache.v) + s.slot * cache.max_len * v.cols, n_kv, a.scale, a.window,
-                   f32(out) + row * out.cols, q.stride());
+                   f32(out) + row * out.cols, q.stride(), slopes.empty() ? nullptr : slopes.data());
     row += s.count;
   }
 }

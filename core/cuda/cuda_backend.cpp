@@ -493,6 +493,7 @@ void CudaBackend::embedding(const Buffer& table, Range vocab, Ids ids, Buffer& o
   const int32_t* source = ids == Ids::kTokens         ? ids_
                           : ids == Ids::kTokenTypes   ? token_types_
                           : ids == Ids::kSecondTokens ? second_ids_
+                          : ids == Ids::kPositions    ? positions_
                                                       : second_types_;
   cuda::embedding(source, out.rows, table.data, vocab.begin, vocab.end, out.cols, dtype_, out.data,
                   stream_);
@@ -578,12 +579,15 @@ void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, K
                     cache.v.data, cache.max_len, n_kv, a.first_q, a.group, a.first_kv, a.scale,
                     a.window, dtype_,
                     static_cast<char*>(out.data) + static_cast<size_t>(first * out.cols) * e,
-                    stream_, q.stride(), splits, static_cast<float*>(attention_scratch_.data));
+                    stream_, q.stride(), splits, static_cast<float*>(attention_scratch_.data),
+                    {a.alibi_max_bias, a.alibi_scale, a.alibi_heads});
   };
   // Sequences with many new tokens (prompts, their chunks) go to the tensor-core prefill kernel
   // one by one, where it serves; runs of the others (decode steps, a few tokens) to split_kv.
   constexpr int64_t kPrefillMinTokens = 16;
-  const bool tensor_cores = cuda::prefill_attention_supported(dtype_, a.head_dim, q.stride());
+  // FlashInfer's Hopper kernel has no ALiBi: those prompts stay on the split-KV kernels.
+  const bool tensor_cores =
+      a.alibi_max_bias == 0 && cuda::prefill_attention_supported(dtype_, a.head_dim, q.stride());
   int64_t t = 0;
   int64_t short_from = 0;
   for (const Batch::Segment& seg : segments_) {

@@ -1,5 +1,7 @@
 #include "core/graph/graph.hpp"
 
+#include <cmath>
+
 #include <fmt/format.h>
 
 #include "core/common/error.hpp"
@@ -104,13 +106,28 @@ int GraphBuilder::input(InputKind kind, int stream) {
   return add_op(std::move(op), {1}, stream);
 }
 
+int GraphBuilder::position_ids(int64_t offset) {
+  if (!check(offset >= 0 && offset < (int64_t{1} << 24),
+             fmt::format("position_ids: offset {} must be in [0, 2^24)", offset))) {
+    return -1;
+  }
+  const int v = input(InputKind::kPositions, 0);
+  graph_.ops.back().offset = offset;
+  return v;
+}
+
 int GraphBuilder::embedding(int ids, const std::string& weight, int64_t vocab, int64_t width) {
   if (!valid(ids)) return -1;
-  if (!check(graph_.ops[graph_.values[ids].producer].kind == OpKind::kInputIds,
-             fmt::format("embedding '{}': its input must be token ids or token types", weight)) ||
+  const Op& input = graph_.ops[graph_.values[ids].producer];
+  if (!check(input.kind == OpKind::kInputIds,
+             fmt::format("embedding '{}': its input must be token ids, token types or positions",
+                         weight)) ||
       !check(vocab > 0 && width > 0,
              fmt::format("embedding '{}': vocab {} and width {} must be positive", weight, vocab,
-                         width))) {
+                         width)) ||
+      !check(input.offset < vocab,
+             fmt::format("embedding '{}': position offset {} leaves none of its {} rows", weight,
+                         input.offset, vocab))) {
     return -1;
   }
   Op op;
@@ -141,7 +158,7 @@ int GraphBuilder::norm(int x, tpe_norm_kind kind, const std::string& prefix, boo
 }
 
 int GraphBuilder::linear(int x, const std::string& prefix, int64_t in_features,
-                         int64_t out_features, bool has_bias) {
+                         int64_t out_features, bool has_bias, bool transposed) {
   if (!valid(x)) return -1;
   if (!check(in_features == graph_.values[x].width,
              fmt::format("linear '{}': in_features {} does not match its input's width {}", prefix,
@@ -157,6 +174,7 @@ int GraphBuilder::linear(int x, const std::string& prefix, int64_t in_features,
   op.in_features = in_features;
   op.out_features = out_features;
   op.has_bias = has_bias;
+  op.transposed = transposed;
   return add_op(std::move(op), {out_features});
 }
 
@@ -188,6 +206,23 @@ bool GraphBuilder::split(int x, tpe_split_layout layout, const std::vector<int64
       return false;
     }
     widths.assign(widths.size(), n_heads * head_dim);
+  } else if (layout == TPE_SPLIT_GROUPED) {
+    if (!check(n_heads > 0, what + ": the number of groups (n_heads) must be positive")) {
+      return false;
+    }
+    int64_t sum = 0;
+    for (int64_t w : widths) {
+      if (!check(w > 0 && w % n_heads == 0 && (head_dim <= 0 || (w / n_heads) % head_dim == 0),
+                 fmt::format("{}: part width {} is not {} groups of whole {}-wide heads", what, w,
+                             n_heads, head_dim))) {
+        return false;
+      }
+      sum += w;
+    }
+    if (!check(sum == width,
+               fmt::format("{}: parts add up to {}, the value is {} wide", what, sum, width))) {
+      return false;
+    }
   } else {
     return check(false, fmt::format("{}: unknown layout {}", what, static_cast<int>(layout)));
   }
@@ -240,6 +275,13 @@ int GraphBuilder::attention(int q, int k, int v, const tpe_attention_desc& desc)
                  graph_.values[v].width == desc.n_kv_heads * hd,
              fmt::format("{}: k and v must be {} kv heads x {} wide", what, desc.n_kv_heads, hd)) ||
       !check(desc.sliding_window >= 0, what + ": sliding_window must be >= 0") ||
+      !check(std::isfinite(desc.alibi_max_bias) && desc.alibi_max_bias >= 0 &&
+                 desc.alibi_max_bias <= 64 && std::isfinite(desc.alibi_slope_scale) &&
+                 desc.alibi_slope_scale >= 0,
+             fmt::format("{}: alibi_max_bias {} must be in [0, 64] and alibi_slope_scale {} >= 0",
+                         what, desc.alibi_max_bias, desc.alibi_slope_scale)) ||
+      !check(desc.alibi_max_bias == 0 || graph_.values[k].stream == graph_.values[q].stream,
+             what + ": cross-attention (k and v from another stream) has no ALiBi") ||
       !check(graph_.values[k].stream == graph_.values[v].stream,
              what + ": k and v must belong to one token stream") ||
       !check(graph_.values[k].stream == graph_.values[q].stream || desc.sliding_window == 0,

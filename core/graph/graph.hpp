@@ -13,8 +13,9 @@
 
 namespace tpe::graph {
 
-// What an input op reads from a pass's inputs (backend::Batch).
-enum class InputKind { kTokenIds, kTokenTypes };
+// What an input op reads from a pass's inputs (backend::Batch): token ids or types, or each
+// token's position in its sequence (plus the op's offset), for learned position tables.
+enum class InputKind { kTokenIds, kTokenTypes, kPositions };
 
 // Every value belongs to one token stream: 0, the tokens being generated (or scored), or 1, a
 // second stream that the first attends to (an encoder's tokens, for cross-attention).
@@ -47,6 +48,7 @@ struct Op {
   int64_t in_features = 0;   // kLinear; kEmbedding/kLmHead: width
   int64_t out_features = 0;  // kLinear; kEmbedding/kLmHead: vocab
   bool has_bias = false;     // kLinear, kNorm
+  bool transposed = false;   // kLinear: the weight is stored [in_features, out_features]
   tpe_norm_kind norm_kind = TPE_NORM_RMS;
   double eps = 0;
   tpe_activation activation = TPE_ACT_SILU;
@@ -57,6 +59,7 @@ struct Op {
   tpe_rope_desc rope{};                        // kRotary
   tpe_attention_desc attention{};              // kAttention
   InputKind input = InputKind::kTokenIds;      // kInputIds
+  int64_t offset = 0;                          // kInputIds of positions: added to each position
 };
 
 struct Value {
@@ -90,10 +93,12 @@ class GraphBuilder {
   int input_ids() { return input(InputKind::kTokenIds, 0); }
   // The token ids or token types of stream `stream` (0 or 1): one row per token of that stream.
   int input(InputKind kind, int stream);
+  // Each stream-0 token's position plus offset.
+  int position_ids(int64_t offset);
   int embedding(int ids, const std::string& weight, int64_t vocab, int64_t width);
   int norm(int x, tpe_norm_kind kind, const std::string& prefix, bool has_bias, double eps);
   int linear(int x, const std::string& prefix, int64_t in_features, int64_t out_features,
-             bool has_bias);
+             bool has_bias, bool transposed = false);
   // Returns false on error; parts receives n_parts values.
   bool split(int x, tpe_split_layout layout, const std::vector<int64_t>& part_widths,
              int64_t n_heads, int64_t head_dim, std::vector<int>& parts);

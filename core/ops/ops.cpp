@@ -55,6 +55,10 @@ const char* code_name(Code code) {
 
 int64_t Weight::local_rows() const { return rows.empty() ? shape[0] : index_count(rows); }
 
+std::vector<int64_t> Weight::stored_shape() const {
+  return transposed ? std::vector<int64_t>{shape[1], shape[0]} : shape;
+}
+
 int64_t Weight::local_cols() const {
   if (shape.size() < 2) return 1;
   return cols.empty() ? shape[1] : index_count(cols);
@@ -119,17 +123,24 @@ void shard_embedding(Sharding& s, int op) { s.produce(op, State::kPartial); }
 
 void lower_embedding(Lowering& l, int index) {
   const Op& op = op_of(l, index);
+  const Op& input = l.graph().ops[l.graph().values[op.inputs[0]].producer];
   // Each table is dealt out by its own rows (a token-type or encoder table is not the lm_head's
-  // vocabulary); the lm_head's table is dealt the same way, so a tied pair shares its slice.
-  const Range vocab = deal(op.out_features, l.world(), l.rank());
+  // vocabulary); the lm_head's table is dealt the same way, so a tied pair shares its slice. A
+  // position table with an offset holds position p in row p + offset: its rows [offset, vocab)
+  // are dealt, and the instruction's range is in positions.
+  const int64_t offset = input.offset;
+  const Range vocab = deal(op.out_features - offset, l.world(), l.rank());
   Instr i = make_instr(Code::kEmbedding, index, {op.inputs[0]}, op.outputs[0]);
   i.vocab = vocab;
-  const Op& input = l.graph().ops[l.graph().values[op.inputs[0]].producer];
   const bool types = input.input == graph::InputKind::kTokenTypes;
   const bool second = l.graph().values[op.inputs[0]].stream == 1;
-  i.ids = second ? (types ? backend::Ids::kSecondTokenTypes : backend::Ids::kSecondTokens)
-                 : (types ? backend::Ids::kTokenTypes : backend::Ids::kTokens);
-  i.weight = l.weight(op.name, {op.out_features, op.in_features}, {{vocab.begin, vocab.end}}, {});
+  i.ids = input.input == graph::InputKind::kPositions ? backend::Ids::kPositions
+          : second ? (types ? backend::Ids::kSecondTokenTypes : backend::Ids::kSecondTokens)
+                   : (types ? backend::Ids::kTokenTypes : backend::Ids::kTokens);
+  i.weight = l.weight({op.name,
+                       {op.out_features, op.in_features},
+                       {{vocab.begin + offset, vocab.end + offset}},
+                       {}});
   l.emit(std::move(i));
 }
 
@@ -143,30 +154,40 @@ void lower_norm(Lowering& l, int index) {
   const Op& op = op_of(l, index);
   const int64_t width = l.graph().values[op.inputs[0]].width;
   Instr i = make_instr(Code::kNorm, index, {op.inputs[0]}, op.outputs[0]);
-  i.weight = l.weight(op.name + ".weight", {width}, {}, {});
-  if (op.has_bias) i.bias = l.weight(op.name + ".bias", {width}, {}, {});
+  i.weight = l.weight({op.name + ".weight", {width}, {}, {}});
+  if (op.has_bias) i.bias = l.weight({op.name + ".bias", {width}, {}, {}});
   l.emit(std::move(i));
 }
 
 // ---- linear: column-parallel on a whole input (output split), row-parallel on a split one
 // (output partial) ------------------------------------------------------------------------------
 void shard_linear(Sharding& s, int op) {
-  s.produce(op, s.plan_linear(op) == LinearKind::kColumn ? State::kSplit : State::kPartial);
+  const LinearKind kind = s.plan_linear(op);
+  s.produce(op, kind == LinearKind::kColumn ? State::kSplit
+                : kind == LinearKind::kRow  ? State::kPartial
+                                            : State::kReplicated);
 }
 
 void lower_linear(Lowering& l, int index) {
   const Op& op = op_of(l, index);
   const std::vector<int64_t> shape = {op.out_features, op.in_features};
+  const std::string weight = op.name + ".weight", bias = op.name + ".bias";
   Instr i = make_instr(Code::kLinear, index, {op.inputs[0]}, op.outputs[0]);
-  if (l.linear_kind(index) == LinearKind::kColumn) {
-    const IndexSet rows = column_rows(l, index);
-    i.weight = l.weight(op.name + ".weight", shape, rows, {});
-    if (op.has_bias) i.bias = l.weight(op.name + ".bias", {op.out_features}, rows, {});
-  } else {
-    i.weight = l.weight(op.name + ".weight", shape, {}, l.held(op.inputs[0]));
-    // A row-parallel output is a sum over ranks: its bias is added once, by rank 0.
-    if (op.has_bias && l.rank() == 0)
-      i.bias = l.weight(op.name + ".bias", {op.out_features}, {}, {});
+  switch (l.linear_kind(index)) {
+    case LinearKind::kColumn: {
+      const IndexSet rows = column_rows(l, index);
+      i.weight = l.weight({weight, shape, rows, {}, op.transposed});
+      if (op.has_bias) i.bias = l.weight({bias, {op.out_features}, rows, {}});
+      break;
+    }
+    case LinearKind::kRow:
+      i.weight = l.weight({weight, shape, {}, l.held(op.inputs[0]), op.transposed});
+      // A row-parallel output is a sum over ranks: its bias is added once, by rank 0.
+      if (op.has_bias && l.rank() == 0) i.bias = l.weight({bias, {op.out_features}, {}, {}});
+      break;
+    default:  // replicated
+      i.weight = l.weight({weight, shape, {}, {}, op.transposed});
+      if (op.has_bias) i.bias = l.weight({bias, {op.out_features}, {}, {}});
   }
   l.emit(std::move(i));
 }
@@ -288,6 +309,10 @@ void lower_attention(Lowering& l, int index) {
   i.attention.scale =
       a.scale > 0 ? static_cast<float>(a.scale) : 1.0f / std::sqrt(static_cast<float>(a.head_dim));
   i.attention.window = a.sliding_window;
+  i.attention.alibi_max_bias = static_cast<float>(a.alibi_max_bias);
+  i.attention.alibi_scale =
+      a.alibi_slope_scale > 0 ? static_cast<float>(a.alibi_slope_scale) : 1.0f;
+  i.attention.alibi_heads = a.n_heads;
   i.attention.cross =
       l.graph().values[op.inputs[1]].stream != l.graph().values[op.inputs[0]].stream;
   i.cache = l.kv_layer(index_count(kv_set), i.attention.cross);
@@ -310,6 +335,7 @@ void shard_elementwise(Sharding& s, int op) {
     }
   }
   if (!partial(x) && !partial(y) && split(x) != split(y)) {
+    s.replicate_producer(split(x) ? x : y, op);
     fail("{}: one input is split across ranks and the other is not (producers {} and {})",
          s.graph().describe(op), s.graph().describe(s.graph().values[x].producer),
          s.graph().describe(s.graph().values[y].producer));
@@ -350,7 +376,7 @@ void lower_lm_head(Lowering& l, int index) {
   const int local = l.world() > 1 ? l.new_value(vocab.size(), Rows::kLogitRows) : out;
   Instr product = make_instr(Code::kLinear, index, {picked}, local);
   product.weight =
-      l.weight(op.name, {op.out_features, op.in_features}, {{vocab.begin, vocab.end}}, {});
+      l.weight({op.name, {op.out_features, op.in_features}, {{vocab.begin, vocab.end}}, {}});
   l.emit(std::move(product));
   if (local != out) l.emit(make_instr(Code::kGatherVocab, index, {local}, out));
 }

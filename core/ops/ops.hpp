@@ -22,7 +22,9 @@ namespace tpe::ops {
 // Every value is replicated (R), split (S: each rank holds an index set of its features) or
 // partial (P: each rank holds a summand).
 enum class State { kReplicated, kSplit, kPartial };
-enum class LinearKind { kNone, kColumn, kRow };
+// A replicated linear: every rank holds the whole weight and computes the whole output (a small
+// projection whose output is needed whole, where no split of it could be used).
+enum class LinearKind { kNone, kColumn, kRow, kReplicated };
 const char* state_name(State state);
 
 using Layout = std::vector<IndexSet>;  // per rank: the features it holds
@@ -41,8 +43,12 @@ class Sharding {
   // Two split values whose layouts must agree (elementwise ops, rotary).
   virtual void same_layout(int a, int b) = 0;
   // Column- or row-parallel for a linear, from its input's state or the injection policy (whose
-  // inconsistencies it reports); makes a partial input whole first.
+  // inconsistencies it reports), or replicated where the planner found that its output must be
+  // whole; makes a partial input whole first.
   virtual LinearKind plan_linear(int op) = 0;
+  // A split value that `op` needs whole: if a column-parallel linear made it, the planner plans
+  // again with that linear replicated (and does not return); otherwise it returns.
+  virtual void replicate_producer(int value, int op) = 0;
   // A replicated addend of a partial sum is added by rank 0 only: input `k` of `op`.
   virtual void add_once(int op, int k) = 0;
 
@@ -91,8 +97,11 @@ struct Value {
 // empty meaning all.
 struct Weight {
   std::string tensor;
-  std::vector<int64_t> shape;  // of the full tensor
+  std::vector<int64_t> shape;  // of the full tensor, as the kernels see it
   IndexSet rows, cols;
+  // Stored as [shape[1], shape[0]] (GPT-2's Conv1D): the loader transposes the slice.
+  bool transposed = false;
+  std::vector<int64_t> stored_shape() const;
   int64_t local_rows() const;
   int64_t local_cols() const;  // 1 for 1-D tensors
   int64_t elements() const { return local_rows() * local_cols(); }
@@ -134,8 +143,7 @@ class Lowering {
   virtual void view(int value, int of, int64_t col_offset) = 0;
 
   // The slice's index among the rank's weights (one per distinct slice).
-  virtual int weight(const std::string& tensor, std::vector<int64_t> shape, IndexSet rows,
-                     IndexSet cols) = 0;
+  virtual int weight(Weight slice) = 0;
   virtual int new_value(int64_t width, Rows rows) = 0;
   virtual Value& value(int v) = 0;
   virtual int rope(const tpe_rope_desc& desc, int64_t head_dim) = 0;

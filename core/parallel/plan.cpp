@@ -7,6 +7,7 @@
 #include <map>
 #include <numeric>
 #include <optional>
+#include <set>
 
 #include "core/common/error.hpp"
 
@@ -50,16 +51,18 @@ Layout grain_layout(int64_t width, int world) {
   return contiguous_units(width / grain, grain, world);
 }
 
-// Where feature i of part `part` sits in the fused value.
+// Where feature i of part `part` sits in the fused value. Every layout is groups holding, part
+// after part, their share of every part: concatenated parts are one group, interleaved heads one
+// group per head, Falcon's grouped qkv one group per kv head.
 int64_t fused_index(const Op& op, size_t part, int64_t i) {
-  if (op.layout == TPE_SPLIT_CONCAT) {
-    int64_t offset = 0;
-    for (size_t p = 0; p < part; ++p) offset += op.part_widths[p];
-    return offset + i;
+  const int64_t groups = op.layout == TPE_SPLIT_CONCAT ? 1 : op.n_heads;
+  int64_t group_width = 0, before = 0;
+  for (size_t p = 0; p < op.part_widths.size(); ++p) {
+    if (p < part) before += op.part_widths[p] / groups;
+    group_width += op.part_widths[p] / groups;
   }
-  const int64_t hd = op.head_dim;
-  const int64_t n_parts = static_cast<int64_t>(op.part_widths.size());
-  return (i / hd) * n_parts * hd + static_cast<int64_t>(part) * hd + i % hd;
+  const int64_t share = op.part_widths[part] / groups;
+  return (i / share) * group_width + before + i % share;
 }
 
 class Planner final : public ops::Sharding {
@@ -82,10 +85,19 @@ class Planner final : public ops::Sharding {
 
   Plan run() {
     if (injection_ != nullptr) check_injection_names();
-    current_ = plan_.state;
-    for (int i = 0; i < static_cast<int>(g_.ops.size()); ++i) {
-      ops::traits(g_.ops[i].kind).shard(*this, i);
-      plan_.steps.push_back({Step::Kind::kOp, i, g_.ops[i].block});
+    const Plan fresh = plan_;
+    for (;;) {
+      try {
+        current_ = plan_.state;
+        for (int i = 0; i < static_cast<int>(g_.ops.size()); ++i) {
+          ops::traits(g_.ops[i].kind).shard(*this, i);
+          plan_.steps.push_back({Step::Kind::kOp, i, g_.ops[i].block});
+        }
+        break;
+      } catch (const Replan&) {  // a linear joined replicated_: start over
+        plan_ = fresh;
+        classes_ = UnionFind(g_.values.size());
+      }
     }
     assign_layouts();
     return std::move(plan_);
@@ -105,6 +117,7 @@ class Planner final : public ops::Sharding {
       }
       current_[value] = State::kReplicated;
     } else if (current_[value] == State::kSplit) {
+      replicate_producer(value, consumer);
       fail(
           "{} needs the whole of a value that is split across ranks (produced by {}); "
           "gathering it is not supported",
@@ -133,6 +146,7 @@ class Planner final : public ops::Sharding {
     const std::vector<std::string>* rule = injection_rule(index);
     if (rule == nullptr) {
       if (current_[x] == State::kPartial) need_replicated(x, index);
+      if (replicated_.count(index) != 0) return plan_.linear_kind[index] = LinearKind::kReplicated;
       return plan_.linear_kind[index] =
                  current_[x] == State::kSplit ? LinearKind::kRow : LinearKind::kColumn;
     }
@@ -153,6 +167,19 @@ class Planner final : public ops::Sharding {
     }
     if (current_[x] == State::kPartial) need_replicated(x, index);
     return plan_.linear_kind[index] = row ? LinearKind::kRow : LinearKind::kColumn;
+  }
+
+  // A column-parallel linear (chosen by the automatic rule, on a whole input) whose output is
+  // needed whole runs replicated instead: OPT-350m's project_in / project_out. The states of
+  // everything after it may change, so planning starts over.
+  void replicate_producer(int value, int /*consumer*/) override {
+    const int producer = g_.values[value].producer;
+    if (g_.ops[producer].kind != OpKind::kLinear || injection_rule(producer) != nullptr ||
+        plan_.linear_kind[producer] != LinearKind::kColumn) {
+      return;
+    }
+    replicated_.insert(producer);
+    throw Replan{};
   }
 
   void check_injection_names() const {
@@ -274,6 +301,8 @@ class Planner final : public ops::Sharding {
   int world_;
   const config::InjectionPolicy* injection_;
   UnionFind classes_;
+  std::set<int> replicated_;  // linears that run replicated
+  struct Replan {};
   std::map<int, Layout> layouts_;  // by class root
   std::vector<State> current_;
   Plan plan_;

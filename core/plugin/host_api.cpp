@@ -109,6 +109,9 @@ void end_block(tpe_graph* g) {
 tpe_value input_ids(tpe_graph* g) {
   return guarded(g, TPE_INVALID_VALUE, [&] { return g->builder.input_ids(); });
 }
+tpe_value position_ids(tpe_graph* g, int64_t offset) {
+  return guarded(g, TPE_INVALID_VALUE, [&] { return g->builder.position_ids(offset); });
+}
 tpe_value embedding(tpe_graph* g, tpe_value ids, const char* weight, int64_t vocab, int64_t width) {
   return guarded(g, TPE_INVALID_VALUE,
                  [&] { return g->builder.embedding(ids, str(weight), vocab, width); });
@@ -123,14 +126,19 @@ tpe_value linear(tpe_graph* g, tpe_value x, const char* prefix, int64_t in, int6
   return guarded(g, TPE_INVALID_VALUE,
                  [&] { return g->builder.linear(x, str(prefix), in, out, has_bias != 0); });
 }
+tpe_value linear_transposed(tpe_graph* g, tpe_value x, const char* prefix, int64_t in, int64_t out,
+                            int has_bias) {
+  return guarded(g, TPE_INVALID_VALUE,
+                 [&] { return g->builder.linear(x, str(prefix), in, out, has_bias != 0, true); });
+}
 tpe_status split(tpe_graph* g, tpe_value x, tpe_split_layout layout, int32_t n_parts,
                  const int64_t* part_widths, int64_t n_heads, int64_t head_dim,
                  tpe_value* parts_out) {
   return guarded(g, TPE_ERROR, [&] {
     if (n_parts <= 0 || parts_out == nullptr ||
-        (layout == TPE_SPLIT_CONCAT && part_widths == nullptr)) {
+        (layout != TPE_SPLIT_INTERLEAVED_HEADS && part_widths == nullptr)) {
       g->builder.set_error(
-          "split: n_parts must be positive and parts_out (and, for concat, "
+          "split: n_parts must be positive and parts_out (and, for concat and grouped, "
           "part_widths) non-null");
       return TPE_ERROR;
     }
@@ -199,6 +207,8 @@ const tpe_host_api kHostApi = {
     /* .mul = */ mul,
     /* .add = */ add,
     /* .lm_head = */ lm_head,
+    /* .position_ids = */ position_ids,
+    /* .linear_transposed = */ linear_transposed,
 };
 
 }  // namespace

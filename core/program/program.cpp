@@ -97,20 +97,21 @@ class Lowering final : public ops::Lowering {
     v.ld = p_.values[of].width;
   }
 
-  int weight(const std::string& tensor, std::vector<int64_t> shape, IndexSet rows,
-             IndexSet cols) override {
-    for (const Range& r : rows) {
-      TPE_CHECK(r.begin >= 0 && r.end <= shape[0], "a weight slice's rows lie outside its tensor");
+  int weight(Weight slice) override {
+    for (const Range& r : slice.rows) {
+      TPE_CHECK(r.begin >= 0 && r.end <= slice.shape[0],
+                "a weight slice's rows lie outside its tensor");
     }
-    for (const Range& c : cols) {
-      TPE_CHECK(shape.size() > 1 && c.begin >= 0 && c.end <= shape[1],
+    for (const Range& c : slice.cols) {
+      TPE_CHECK(slice.shape.size() > 1 && c.begin >= 0 && c.end <= slice.shape[1],
                 "a weight slice's columns lie outside its tensor");
     }
-    const std::string key = slice_key(tensor, rows, cols);
+    TPE_CHECK(!slice.transposed || slice.shape.size() == 2, "a transposed weight is a matrix");
+    const std::string key = slice_key(slice.tensor, slice.rows, slice.cols);
     auto it = weight_index_.find(key);
     if (it != weight_index_.end()) return it->second;
     const int index = static_cast<int>(p_.weights.size());
-    p_.weights.push_back({tensor, std::move(shape), std::move(rows), std::move(cols)});
+    p_.weights.push_back(std::move(slice));
     weight_index_.emplace(key, index);
     return index;
   }

@@ -71,7 +71,8 @@ std::string format_plan(const graph::Graph& g, const parallel::Plan& plan, const
     const parallel::LinearKind linear = plan.linear_kind[op_index];
     const char* kind = linear == parallel::LinearKind::kNone     ? "vocab"
                        : linear == parallel::LinearKind::kColumn ? "column"
-                                                                 : "row";
+                       : linear == parallel::LinearKind::kRow    ? "row"
+                                                                 : "whole";
     std::vector<std::string> shapes;
     for (size_t r = 0; r < ranks.size(); ++r) {
       shapes.push_back(shape(ranks[r].weights[matrix[r].at(op_index)]));

@@ -213,6 +213,15 @@ Model prepare(const config::RunConfig& run) {
       config.get_int("max_position_embeddings", max_positions) != TPE_FOUND) {
     max_positions = 0;
   }
+  // A learned position table ends where its rows do, whatever allow_long_context says.
+  int64_t learned_positions = 0;
+  for (const graph::Op& op : graph.ops) {
+    if (op.kind != graph::OpKind::kEmbedding) continue;
+    const graph::Op& ids = graph.ops[graph.values[op.inputs[0]].producer];
+    if (ids.input != graph::InputKind::kPositions) continue;
+    const int64_t rows = op.out_features - ids.offset;
+    learned_positions = learned_positions > 0 ? std::min(learned_positions, rows) : rows;
+  }
   return Model{std::move(config),
                std::move(registry),
                choice,
@@ -224,7 +233,8 @@ Model prepare(const config::RunConfig& run) {
                dtype,
                limits,
                run.cuda_graph,
-               max_positions};
+               max_positions,
+               learned_positions};
 }
 
 GenerationParams resolve_generation(const config::GenerationSettings& s,
@@ -293,9 +303,10 @@ void check_tensors(const Model& model, const program::Program& rank0,
       if (std::find(missing.begin(), missing.end(), w.tensor) == missing.end()) {
         missing.push_back(w.tensor);
       }
-    } else if (found->shape != w.shape) {
+    } else if (found->shape != w.stored_shape()) {
       fail("tensor '{}' in {} has shape [{}], expected [{}]", printable(w.tensor),
-           printable(found->file), fmt::join(found->shape, ", "), fmt::join(w.shape, ", "));
+           printable(found->file), fmt::join(found->shape, ", "),
+           fmt::join(w.stored_shape(), ", "));
     }
   }
   if (missing.empty()) return;
@@ -331,6 +342,13 @@ void check_prompts(const std::vector<std::vector<int64_t>>& prompts, const Model
   for (size_t i = 0; i < prompts.size(); ++i) {
     if (prompts[i].empty()) fail("prompt {} is empty", i);
     const int64_t positions = static_cast<int64_t>(prompts[i].size()) + new_tokens;
+    if (model.learned_positions > 0 && positions > model.learned_positions) {
+      fail(
+          "prompt {} of {} tokens and {} new tokens need {} positions, more than the {} of the "
+          "model's learned position table ({}): shorten them",
+          i, prompts[i].size(), new_tokens, positions, model.learned_positions,
+          printable(model.config.path().string()));
+    }
     if (model.max_positions > 0 && positions > model.max_positions) {
       fail(
           "prompt {} of {} tokens and {} new tokens need {} positions, more than the model's "

@@ -47,6 +47,9 @@ struct Model {
   // max_position_embeddings; 0 when unchecked (inference.allow_long_context, dynamic NTK rope,
   // which extends the context by design, or no such key).
   int64_t max_positions = 0;
+  // The positions of the smallest learned position table (GPT-2's wpe), a limit no option lifts;
+  // 0: none.
+  int64_t learned_positions = 0;
 };
 
 // The model's config: a directory's config.json (and generation_config.json), or a GGUF file's

@@ -24,11 +24,23 @@ void Executor::load(const WeightReader& reader, const std::function<void()>& on_
   try {
     for (const program::Weight& w : program_.weights) {
       const IndexSet rows = w.rows.empty() ? IndexSet{{0, w.shape[0]}} : w.rows;
-      weights_.push_back(std::make_shared<const Buffer>(
-          backend_->load(w.local_rows(), w.local_cols(),
-                         [&reader, &w, rows](int64_t first, int64_t count, std::span<float> out) {
-                           reader(w.tensor, w.shape, index_slice(rows, first, count), w.cols, out);
-                         })));
+      weights_.push_back(std::make_shared<const Buffer>(backend_->load(
+          w.local_rows(), w.local_cols(),
+          [&reader, &w, rows](int64_t first, int64_t count, std::span<float> out) {
+            if (!w.transposed) {
+              reader(w.tensor, w.shape, index_slice(rows, first, count), w.cols, out);
+              return;
+            }
+            // Stored [in, out]: the piece's rows are stored columns; read them, then transpose.
+            const std::vector<int64_t> stored = w.stored_shape();
+            const int64_t in = w.local_cols();
+            std::vector<float> piece(out.size());
+            reader(w.tensor, stored, w.cols.empty() ? IndexSet{{0, stored[0]}} : w.cols,
+                   index_slice(rows, first, count), piece);
+            for (int64_t i = 0; i < in; ++i) {
+              for (int64_t o = 0; o < count; ++o) out[o * in + i] = piece[i * count + o];
+            }
+          })));
       on_tensor();
     }
   } catch (...) {
@@ -78,17 +90,23 @@ void Executor::check_ids(const Batch& batch) const {
   for (const Instr& instr : program_.instrs) {
     if (instr.code != Code::kEmbedding) continue;
     const bool second = instr.ids == Ids::kSecondTokens || instr.ids == Ids::kSecondTokenTypes;
-    const std::vector<int64_t>& ids = batch.ids(instr.ids);
+    const std::vector<int64_t> ids = batch.ids(instr.ids);
     const size_t rows = second ? batch.second.tokens.size() : batch.tokens.size();
     const program::Weight& table = program_.weights[instr.weight];
     if (ids.size() != rows) {
       fail("embedding '{}' reads {} ids of the pass, whose stream has {} tokens", table.tensor,
            ids.size(), rows);
     }
+    const graph::Op& embedding = graph_.ops[instr.op];
+    const int64_t offset = graph_.ops[graph_.values[embedding.inputs[0]].producer].offset;
     for (const int64_t id : ids) {
-      if (id >= 0 && id < table.shape[0]) continue;
+      if (id >= 0 && id + offset < table.shape[0]) continue;
       if (instr.ids == Ids::kTokens) {
         fail("token id {} is out of range for the vocabulary of {} tokens", id, table.shape[0]);
+      }
+      if (instr.ids == Ids::kPositions) {
+        fail("position {} is past the {} positions of the learned position table '{}'", id,
+             table.shape[0] - offset, table.tensor);
       }
       fail("id {} is out of range for '{}', which has {} rows", id, table.tensor, table.shape[0]);
     }

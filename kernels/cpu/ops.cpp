@@ -99,15 +99,16 @@ struct KvView {
   int64_t head_dim;
 };
 
-// out = softmax(scale * q . k_j) . v_j over cached positions j in [first, last] of one kv head.
+// out = softmax(scale * q . k_j + slope * (j - last)) . v_j over cached positions j in
+// [first, last] of one kv head.
 void attend_one(const float* q, const KvView& kv, int64_t head_offset, int64_t first, int64_t last,
-                float scale, float* probs, float* out) {
+                float scale, float slope, float* probs, float* out) {
   float max_score = -std::numeric_limits<float>::infinity();
   for (int64_t j = first; j <= last; ++j) {
     const float* k = kv.k + j * kv.stride + head_offset;
     float dot = 0.0f;
     for (int64_t d = 0; d < kv.head_dim; ++d) dot += q[d] * k[d];
-    probs[j] = dot * scale;
+    probs[j] = dot * scale + slope * static_cast<float>(j - last);
     max_score = std::max(max_score, probs[j]);
   }
   float sum = 0.0f;
@@ -254,7 +255,8 @@ void rotary(float* x, int64_t tokens, int64_t n_heads, int64_t head_dim, const i
 
 void attention(const float* q, int64_t n_new, int64_t start_pos, int64_t n_q_heads,
                int64_t head_dim, const int32_t* kv_of_q, const float* k_cache, const float* v_cache,
-               int64_t n_kv_heads, float scale, int64_t window, float* out, int64_t q_ld) {
+               int64_t n_kv_heads, float scale, int64_t window, float* out, int64_t q_ld,
+               const float* slopes) {
   const int64_t out_stride = n_q_heads * head_dim;
   const int64_t q_stride = q_ld > 0 ? q_ld : out_stride;
   const KvView kv{k_cache, v_cache, n_kv_heads * head_dim, head_dim};
@@ -265,7 +267,8 @@ void attention(const float* q, int64_t n_new, int64_t start_pos, int64_t n_q_hea
     const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
     for (int64_t h = 0; h < n_q_heads; ++h) {
       attend_one(q + n * q_stride + h * head_dim, kv, int64_t{kv_of_q[h]} * head_dim, first, pos,
-                 scale, probs.data(), out + n * out_stride + h * head_dim);
+                 scale, slopes != nullptr ? slopes[h] : 0.0f, probs.data(),
+                 out + n * out_stride + h * head_dim);
     }
   }
 }
@@ -280,7 +283,7 @@ void attention_all(const float* q, int64_t n_q_rows, int64_t n_q_heads, int64_t 
   for (int64_t n = 0; n < n_q_rows; ++n) {
     for (int64_t h = 0; h < n_q_heads; ++h) {
       attend_one(q + n * q_stride + h * head_dim, kv, int64_t{kv_of_q[h]} * head_dim, 0, kv_len - 1,
-                 scale, probs.data(), out + n * out_stride + h * head_dim);
+                 scale, 0.0f, probs.data(), out + n * out_stride + h * head_dim);
     }
   }
 }

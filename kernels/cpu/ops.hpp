@@ -50,10 +50,12 @@ void rotary(float* x, int64_t tokens, int64_t n_heads, int64_t head_dim, const i
 // positions start_pos .. start_pos + n_new - 1; k_cache, v_cache: [start_pos + n_new,
 // n_kv_heads * head_dim]; kv_of_q[h]: the kv head (local index) that q head h reads. A key at
 // position j is visible to a query at position p if j <= p and (window == 0 or p - j < window).
-// out: [n_new, n_q_heads * head_dim]. Softmax in fp32 with the max subtracted.
+// out: [n_new, n_q_heads * head_dim]. Softmax in fp32 with the max subtracted. slopes (ALiBi, or
+// null): q head h's score of key j at query position p gains slopes[h] * (j - p).
 void attention(const float* q, int64_t n_new, int64_t start_pos, int64_t n_q_heads,
                int64_t head_dim, const int32_t* kv_of_q, const float* k_cache, const float* v_cache,
-               int64_t n_kv_heads, float scale, int64_t window, float* out, int64_t q_ld = 0);
+               int64_t n_kv_heads, float scale, int64_t window, float* out, int64_t q_ld = 0,
+               const float* slopes = nullptr);
 
 // Attention without a mask: every query row attends to keys 0 .. kv_len - 1 of the cache
 // (cross-attention over another stream, bidirectional encoders). Shapes as attention above.

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "kernels/alibi.hpp"
 #include "kernels/cuda/device.hpp"
 
 namespace tpe::cuda {
@@ -58,7 +59,15 @@ struct Args {
   int head_blocks;  // blocks per kv head (its q heads in chunks of kHeads or kMmaRows)
   int lanes;        // split_kernel: lanes per key, a power of two, at least packs / kPacks
   int packs;        // split_kernel: head_dim / kW
+  Alibi alibi;      // its scale times log2(e), like the scores
 };
+
+// Local q head h's ALiBi slope in base-2 exponents per key of distance (0 without ALiBi).
+__device__ __forceinline__ float slope_log2(const Args& a, int64_t h) {
+  return a.alibi.max_bias > 0
+             ? alibi_slope(a.first_q + h, a.alibi.n_heads, a.alibi.max_bias) * a.alibi.scale
+             : 0.0f;
+}
 
 // Merges the softmax state (m2, l2, acc2) into (m, l, acc); kN accumulators.
 template <int kN>
@@ -152,10 +161,13 @@ __global__ void __launch_bounds__(kThreads)
   float m[kHeads];
   float l[kHeads];
   float acc[kHeads][kPacks * kW];  // pack i's element w at i * kW + w
+  float slope[kHeads];
+  const int64_t pos = positions[t];
 #pragma unroll
   for (int h = 0; h < kHeads; ++h) {
     m[h] = -INFINITY;
     l[h] = 0.0f;
+    slope[h] = h < nh ? slope_log2(a, h0 + h) : 0.0f;
 #pragma unroll
     for (int i = 0; i < kPacks * kW; ++i) acc[h][i] = 0.0f;
   }
@@ -197,7 +209,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         for (int offset = a.lanes / 2; offset > 0; offset /= 2)
           dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        s[u] = j0 + u < end ? dot : -INFINITY;
+        s[u] = j0 + u < end ? dot + slope[h] * static_cast<float>(j0 + u - pos) : -INFINITY;
       }
       float mx = m[h];
 #pragma unroll
@@ -388,6 +400,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < kTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY};  // rows r and r + 8, in base-2 exponents
   float l[2] = {0.0f, 0.0f};            // this lane's part of the row sums
+  const float slope[2] = {r < nh ? slope_log2(a, h0 + r) : 0.0f,
+                          r + 8 < nh ? slope_log2(a, h0 + r + 8) : 0.0f};
+  const int64_t pos = positions[t];
 
   for (int64_t k0 = begin + int64_t{warp} * kMmaKeys; k0 < end; k0 += kRound) {
     uint4 kw[2][kChunks];
@@ -423,8 +438,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool valid = k0 + 8 * nt + 2 * c + (e & 1) < end;
-        s[nt][e] = valid ? s[nt][e] * a.scale_log2 : -INFINITY;
+        const int64_t key = k0 + 8 * nt + 2 * c + (e & 1);
+        s[nt][e] = key < end
+                       ? s[nt][e] * a.scale_log2 + slope[e / 2] * static_cast<float>(key - pos)
+                       : -INFINITY;
         mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
       }
     }
@@ -623,7 +640,7 @@ void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, con
                const int32_t* positions, const void* k_cache, const void* v_cache, int64_t max_len,
                int64_t n_kv, int64_t first_q, int64_t group, int64_t first_kv, float scale,
                int64_t window, DType dtype, void* out, cudaStream_t stream, int64_t q_ld,
-               int splits, float* scratch) {
+               int splits, float* scratch, const Alibi& alibi) {
   TPE_CUDA_REQUIRE(tokens >= 0 && n_q >= 0 && max_len >= 0 && window >= 0, "attention",
                    "negative size");
   if (q_ld == 0) q_ld = n_q * head_dim;
@@ -642,9 +659,16 @@ void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, con
   const int64_t heads_per_kv = std::min(group, n_q);
   TPE_CUDA_REQUIRE(n_kv * heads_per_kv <= 65535, "attention", "too many heads for a grid");
 
-  Args args{tokens,          q_ld,    n_q,   head_dim, max_len,
-            n_kv * head_dim, first_q, group, first_kv, scale * kLog2e,
-            window,          splits,  1,     0,        0};
+  Args args{tokens,   q_ld,
+            n_q,      head_dim,
+            max_len,  n_kv * head_dim,
+            first_q,  group,
+            first_kv, scale * kLog2e,
+            window,   splits,
+            1,        0,
+            0,        {alibi.max_bias, alibi.scale * kLog2e, alibi.n_heads}};
+  TPE_CUDA_REQUIRE(alibi.max_bias == 0 || alibi.n_heads >= first_q + n_q, "attention",
+                   "ALiBi's head count is below the local q heads");
   detail::dispatch(dtype, "attention", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto* tq = static_cast<const T*>(q);

@@ -67,11 +67,18 @@ void kv_append(const void* k, const void* v, int64_t tokens, int64_t kv_width, c
 // `scratch` (attention_scratch_floats floats) and are merged by a second kernel; on tensor cores
 // for 16-bit q heads that share a kv head (head dims 64, 96, 128), else on CUDA cores. Reads
 // positions and slots on the device only, so a recorded call replays for any lengths.
+// ALiBi (max_bias 0: none): local q head h adds alibi_slope(first_q + h, n_heads, max_bias) *
+// scale * (j - positions[t]) to its scaled score of key j (kernels/alibi.hpp).
+struct Alibi {
+  float max_bias = 0;
+  float scale = 1;
+  int64_t n_heads = 0;
+};
 void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, const int32_t* slots,
                const int32_t* positions, const void* k_cache, const void* v_cache, int64_t max_len,
                int64_t n_kv, int64_t first_q, int64_t group, int64_t first_kv, float scale,
                int64_t window, DType dtype, void* out, cudaStream_t stream, int64_t q_ld = 0,
-               int splits = 1, float* scratch = nullptr);
+               int splits = 1, float* scratch = nullptr, const Alibi& alibi = {});
 // The split count attention uses best for these shapes on the current device, given a scratch of
 // scratch_floats floats: enough blocks to fill the device, never more partial results than fit.
 int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_len, int64_t n_kv,

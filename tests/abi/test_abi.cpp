@@ -191,9 +191,10 @@ std::string below_one_zero(const char* function, const char* name, size_t size, 
 TEST(Abi, AttentionDescBelowOneZeroIsRefused) {
   const std::string m = build_error("short_attention");
   expect_contains(m, "policy 'toy' (" + toy("short_attention").string());
-  expect_contains(
-      m, below_one_zero("attention", "tpe_attention_desc",
-                        offsetof(tpe_attention_desc, sliding_window), sizeof(tpe_attention_desc)));
+  expect_contains(m,
+                  below_one_zero("attention", "tpe_attention_desc",
+                                 offsetof(tpe_attention_desc, sliding_window),
+                                 offsetof(tpe_attention_desc, sliding_window) + sizeof(int64_t)));
 }
 
 TEST(Abi, RopeDescTheHostFillsBelowOneZeroIsRefused) {

@@ -31,7 +31,7 @@ static_assert(sizeof(void*) != 8 || (sizeof(tpe_policy_desc) == 56 && sizeof(tpe
 #elif TOY_VARIANT == TOY_ABI_1_9
 static_assert(TPE_ABI_MAJOR == 1 && TPE_ABI_MINOR == 9, "ABI_1_9 must see tests/abi/abi_1_9");
 static_assert(sizeof(void*) != 8 || (sizeof(tpe_policy_desc) == 72 && sizeof(tpe_rope_desc) == 64 &&
-                                     sizeof(tpe_attention_desc) == 56));
+                                     sizeof(tpe_attention_desc) == 72));
 #else
 static_assert(TPE_ABI_MAJOR == 1 && TPE_ABI_MINOR >= 1, "the SDK's header");
 #endif
@@ -106,7 +106,7 @@ tpe_status build_llama(const tpe_host_api* api, tpe_graph* g) {
   rope.s.struct_size = offsetof(tpe_rope_desc, original_max_position_embeddings);
 #endif
 #if TOY_VARIANT == TOY_ABI_1_9
-  rope.s.attention_factor = 1234.5;  // a 1.9 member: the 1.1 host neither knows nor writes it
+  rope.s.attention_factor = 1234.5;  // a 1.9 member: the 1.2 host neither knows nor writes it
 #endif
   if (api->rope_from_config(g, &rope.s) != TPE_OK) return TPE_ERROR;
   if (rope.s.struct_size != sizeof(tpe_rope_desc) || !fence_intact(rope)) {
@@ -133,7 +133,7 @@ tpe_status build_llama(const tpe_host_api* api, tpe_graph* g) {
   attention.s.head_dim = head_dim;
   attention.s.sliding_window = window;
 #if TOY_VARIANT == TOY_ABI_1_9
-  attention.s.logit_softcap = 30.0;  // a 1.9 member the 1.1 host must not read
+  attention.s.logit_softcap = 30.0;  // a 1.9 member the 1.2 host must not read
 #endif
 #if TOY_VARIANT == TOY_SHORT_ATTENTION
   attention.s.struct_size = offsetof(tpe_attention_desc, sliding_window);

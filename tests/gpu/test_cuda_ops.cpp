@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "core/common/error.hpp"
+#include "kernels/alibi.hpp"
 #include "kernels/cpu/ops.hpp"
 #include "kernels/cuda/ops.hpp"
 
@@ -696,6 +697,7 @@ struct AttentionCase {
   Heads heads;
   Cache cache;
   std::vector<Sequence> sequences;
+  Alibi alibi = {};  // ALiBi over alibi.n_heads heads (the split-KV kernels only)
 };
 
 // Which kernel a case runs on: the split-KV kernel with the splits it would choose, or with a
@@ -777,7 +779,7 @@ void run_attention_case(const AttentionCase& c, DType dtype, cudaStream_t stream
     attention(q_in, tokens, h.n_q, h.head_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
               d_k_cache.get(), d_v_cache.get(), c.cache.max_len, h.n_kv, h.first_q, h.group,
               h.first_kv, scale, c.cache.window, dtype, d_out.get(), stream, ld, splits,
-              scratch.as<float>());
+              scratch.as<float>(), c.alibi);
   }
   CK(cudaStreamSynchronize(stream));
 
@@ -790,13 +792,17 @@ void run_attention_case(const AttentionCase& c, DType dtype, cudaStream_t stream
   for (int64_t i = 0; i < h.n_q; ++i) {
     kv_of_q[i] = static_cast<int32_t>((h.first_q + i) / h.group - h.first_kv);
   }
+  std::vector<float> slopes;
+  for (int64_t i = 0; c.alibi.max_bias > 0 && i < h.n_q; ++i) {
+    slopes.push_back(alibi_slope(h.first_q + i, c.alibi.n_heads, c.alibi.max_bias) * c.alibi.scale);
+  }
   std::vector<float> ref(static_cast<size_t>(tokens * q_width));
   int64_t t0 = 0;
   for (const Sequence& s : c.sequences) {
     const int64_t base = int64_t{s.slot} * c.cache.max_len * kv_width;
     cpu::attention(q.data() + t0 * q_width, s.n_new, s.start, h.n_q, h.head_dim, kv_of_q.data(),
                    k_cache.data() + base, v_cache.data() + base, h.n_kv, scale, c.cache.window,
-                   ref.data() + t0 * q_width);
+                   ref.data() + t0 * q_width, 0, slopes.empty() ? nullptr : slopes.data());
     t0 += s.n_new;
   }
   expect_close(label, dtype, d_out.download(), ref);
@@ -916,6 +922,35 @@ const std::vector<AttentionCase>& family_attention_cases() {
        {{0, 1999, 1}, {1, 500, 3}}},
   };
   return cases;
+}
+
+// ALiBi as BLOOM (6 heads: both branches of the slope formula), Falcon-rw (slopes scaled by
+// 1/sqrt(head_dim)) and a grouped case on tensor cores run it: a rank's heads take their global
+// slopes, on long keys (a bias of -slope * 1000 must still leave the nearest keys their weight).
+TEST_P(CudaOpTest, AlibiAttention) {
+  Rng rng(14);
+  const std::vector<AttentionCase> cases = {
+      {"alibi mha hd16 (BLOOM: heads 2..5 of 6; 40 + decode at 1000)",
+       {4, 4, 16, 2, 1, 2},
+       {0, 1024, 2},
+       {{0, 0, 40}, {1, 1000, 1}},
+       {8.0f, 1.0f, 6}},
+      {"alibi mha hd64 falcon-rw scale (heads 0..3 of 8; 70 + 3 at 200)",
+       {4, 4, 64, 0, 1, 0},
+       {0, 256, 2},
+       {{0, 0, 70}, {1, 200, 3}},
+       {8.0f, 0.125f, 8}},
+      {"alibi gqa4 hd128 tensor cores (q heads 8..15 of 32; 90 + decode at 700)",
+       {8, 2, 128, 8, 4, 2},
+       {0, 800, 2},
+       {{0, 0, 90}, {1, 700, 1}},
+       {8.0f, 1.0f, 32}},
+  };
+  for (const AttentionCase& c : cases) {
+    run_attention_case(c, dtype(), stream_, rng, tag(c.name));
+    run_attention_case(c, dtype(), stream_, rng, tag(c.name + ", 7 splits"), false,
+                       {AttentionPath::kSplitKv, 7});
+  }
 }
 
 TEST_P(CudaOpTest, AttentionMasksGroupsAndHeadDims) {

@@ -174,13 +174,40 @@ TEST(Plan, PartialPlusReplicatedStaysPartialAndAddsTheReplicatedOnce) {
   EXPECT_EQ(p.add_replicated_input[g.values[sum].producer], 0);
 }
 
-TEST(Plan, RefusesMixingSplitAndReplicated) {
+// A column-parallel linear whose output meets a whole value runs replicated instead (OPT-350m's
+// project_in and project_out), and the ops after it are planned again with its output whole.
+TEST(Plan, ReplicatesALinearWhoseOutputIsNeededWhole) {
   GraphBuilder b;
   const int x = b.embedding(b.input_ids(), "emb", 10, 64);
   const int h = b.norm(x, TPE_NORM_RMS, "n", false, 1e-5);
   const int up = b.linear(h, "up", 64, 64, false);
-  const graph::Graph g = finish(b, b.add(b.mul(up, h), x), 64, 10);
-  EXPECT_THROW(parallel::make_plan(g, 2), Error);
+  const int product = b.mul(up, h);
+  const graph::Graph g = finish(b, b.add(product, x), 64, 10);
+  const parallel::Plan p = parallel::make_plan(g, 2);
+  EXPECT_EQ(p.linear_kind[g.values[up].producer], LinearKind::kReplicated);
+  EXPECT_EQ(p.state[up], State::kReplicated);
+  EXPECT_EQ(p.state[product], State::kReplicated);
+}
+
+// What no linear made cannot be replicated: an attention output added to a whole value.
+TEST(Plan, RefusesMixingSplitAndReplicated) {
+  GraphBuilder b;
+  const int x = b.embedding(b.input_ids(), "emb", 10, 64);
+  const int h = b.norm(x, TPE_NORM_RMS, "n", false, 1e-5);
+  tpe_attention_desc d{};
+  d.struct_size = sizeof(d);
+  d.n_heads = d.n_kv_heads = 4;
+  d.head_dim = 16;
+  const int attn = b.attention(b.linear(h, "q", 64, 64, false), b.linear(h, "k", 64, 64, false),
+                               b.linear(h, "v", 64, 64, false), d);
+  const graph::Graph g = finish(b, b.add(attn, h), 64, 10);
+  try {
+    parallel::make_plan(g, 2);
+    ADD_FAILURE() << "planned";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("one input is split across ranks"), std::string::npos)
+        << e.what();
+  }
 }
 
 // ---- every split value is dealt out exactly -------------------------------------------------

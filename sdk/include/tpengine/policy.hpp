@@ -3,6 +3,7 @@
 // crossing the ABI boundary. Everything here compiles into the plugin; nothing links the engine.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -78,6 +79,11 @@ class Builder {
   }
   void end_block() { api_->end_block(g_); }
   tpe_value input_ids() { return api_->input_ids(g_); }
+  // Each token's position plus offset (learned absolute positions); ABI 1.2.
+  tpe_value position_ids(int64_t offset = 0) {
+    require_host(offsetof(tpe_host_api, position_ids), "position_ids");
+    return api_->position_ids(g_, offset);
+  }
   tpe_value embedding(tpe_value ids, const std::string& weight, int64_t vocab, int64_t width) {
     return api_->embedding(g_, ids, weight.c_str(), vocab, width);
   }
@@ -87,6 +93,12 @@ class Builder {
   }
   tpe_value linear(tpe_value x, const std::string& prefix, int64_t in, int64_t out, bool bias) {
     return api_->linear(g_, x, prefix.c_str(), in, out, bias);
+  }
+  // A linear whose weight is stored [in, out] (GPT-2's Conv1D); ABI 1.2.
+  tpe_value linear_transposed(tpe_value x, const std::string& prefix, int64_t in, int64_t out,
+                              bool bias) {
+    require_host(offsetof(tpe_host_api, linear_transposed), "linear_transposed");
+    return api_->linear_transposed(g_, x, prefix.c_str(), in, out, bias);
   }
   std::vector<tpe_value> split_heads(tpe_value x, int32_t n_parts, int64_t n_heads,
                                      int64_t head_dim) {
@@ -101,6 +113,20 @@ class Builder {
                 parts.data());
     return parts;
   }
+  // n_groups groups, each holding its share of every part in turn (Falcon's grouped qkv); ABI 1.2.
+  std::vector<tpe_value> split_grouped(tpe_value x, int64_t n_groups,
+                                       const std::vector<int64_t>& widths, int64_t head_dim) {
+    std::vector<tpe_value> parts(widths.size(), TPE_INVALID_VALUE);
+    if (api_->abi_minor < 2) {
+      throw PolicyError(
+          "the split layout TPE_SPLIT_GROUPED needs policy ABI 1.2; this tpengine "
+          "speaks 1." +
+          std::to_string(api_->abi_minor));
+    }
+    api_->split(g_, x, TPE_SPLIT_GROUPED, static_cast<int32_t>(widths.size()), widths.data(),
+                n_groups, head_dim, parts.data());
+    return parts;
+  }
   tpe_value rotary(tpe_value x, int64_t n_heads, int64_t head_dim, const tpe_rope_desc& rope) {
     return api_->rotary(g_, x, n_heads, head_dim, &rope);
   }
@@ -112,6 +138,15 @@ class Builder {
     desc.n_kv_heads = n_kv_heads;
     desc.head_dim = head_dim;
     desc.sliding_window = sliding_window;
+    return attention(q, k, v, desc);
+  }
+  // Any attention the descriptor describes (ALiBi, a scale of its own); members past what the
+  // host knows would be ignored, so ALiBi on a host of minor < 2 is refused here.
+  tpe_value attention(tpe_value q, tpe_value k, tpe_value v, const tpe_attention_desc& desc) {
+    if (desc.alibi_max_bias != 0 && api_->abi_minor < 2) {
+      throw PolicyError("ALiBi attention needs policy ABI 1.2; this tpengine speaks 1." +
+                        std::to_string(api_->abi_minor));
+    }
     return api_->attention(g_, q, k, v, &desc);
   }
   tpe_value activation(tpe_value x, tpe_activation act) { return api_->activation(g_, x, act); }
@@ -134,6 +169,14 @@ class Builder {
                         std::to_string(max) + "], got " + std::to_string(v));
     }
     return v;
+  }
+  // A host function added after 1.0 is called only when the host's table reaches it.
+  void require_host(size_t offset, const char* function) const {
+    if (api_->struct_size < offset + sizeof(void*)) {
+      throw PolicyError(std::string("host function ") + function +
+                        " needs a newer tpengine: this one speaks policy ABI " +
+                        std::to_string(api_->abi_major) + "." + std::to_string(api_->abi_minor));
+    }
   }
   static bool optional(tpe_lookup r, const char* key, const char* type) {
     if (r == TPE_MISSING) return false;

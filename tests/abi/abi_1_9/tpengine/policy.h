@@ -1,6 +1,6 @@
 /*
  * TEST COPY, NOT THE SDK: the policy ABI as a hypothetical future minor 1.9 could define it, for
- * tests/abi (a plugin built against a newer minor than the host). It is the 1.1 header with one
+ * tests/abi (a plugin built against a newer minor than the host). It is the 1.2 header with one
  * member appended to tpe_rope_desc, tpe_attention_desc, tpe_host_api and tpe_policy_desc (each
  * marked "since 1.9") and TPE_ABI_MINOR 9. Nothing else may differ.
  *
@@ -83,7 +83,11 @@ typedef enum tpe_split_layout {
   TPE_SPLIT_CONCAT = 0,
   /* per head: [h0: part0 part1 ... | h1: part0 part1 ... ]; every part has n_heads heads of
    * head_dim (GPT-NeoX query_key_value, BLOOM). */
-  TPE_SPLIT_INTERLEAVED_HEADS = 1
+  TPE_SPLIT_INTERLEAVED_HEADS = 1,
+  /* since 1.2: n_heads groups, each holding part after part its share of every part
+   * (part_widths[p] / n_heads columns of part p): Falcon-40B's query_key_value, per kv group its
+   * q heads, then its k head, then its v head. A host of minor < 2 refuses it. */
+  TPE_SPLIT_GROUPED = 2
 } tpe_split_layout;
 
 typedef enum tpe_rope_type {
@@ -113,8 +117,8 @@ typedef struct tpe_rope_desc {
   double attention_factor; /* scales cos and sin (YaRN); absent: 1.0 */
 } tpe_rope_desc;
 
-/* Every member is a 1.0 member (48 bytes on LP64), present in every valid struct; a member a
- * later minor appends says here the default the host takes when a struct lacks it. */
+/* The 1.0 members (48 bytes on LP64) are present in every valid struct; each later member says
+ * the default the host takes when a struct lacks it. */
 typedef struct tpe_attention_desc {
   /* ---- since 1.0 ---- */
   uint32_t struct_size;
@@ -123,6 +127,15 @@ typedef struct tpe_attention_desc {
   int64_t head_dim;
   double scale;           /* softmax scale; 0 = 1/sqrt(head_dim) */
   int64_t sliding_window; /* 0 = none; else a key is visible if query_pos - key_pos < window */
+
+  /* ---- since 1.2 ---- */
+  /* ALiBi: 0 = none (absent: 0); else query head h (of all n_heads, whichever rank runs it) adds
+   * slope_h * alibi_slope_scale * (key_pos - query_pos) to its scaled score, with the ALiBi
+   * paper's slopes for n_heads whose largest bias is this (8 for BLOOM, Falcon and MPT):
+   * slope_h = 2^(-alibi_max_bias * (h + 1) / n) for n = n_heads a power of two; otherwise the
+   * slopes of the power of two below n_heads, then every other slope of the one above. */
+  double alibi_max_bias;
+  double alibi_slope_scale; /* 0 or absent: 1; Falcon: 1/sqrt(head_dim) */
 
   /* ---- since 1.9 ---- */
   double logit_softcap; /* tanh soft cap of the scores (Gemma 2); 0 = none; absent: 0 */
@@ -193,6 +206,16 @@ typedef struct tpe_host_api {
   tpe_value (*add)(tpe_graph* g, tpe_value a, tpe_value b);
   /* The output logits; weight: full tensor name, shape [vocab, width] (may be the embedding's). */
   tpe_value (*lm_head)(tpe_graph* g, tpe_value x, const char* weight, int64_t vocab, int64_t width);
+
+  /* ---- since 1.2 ------------------------------------------------------------------------- */
+  /* Each token's position in its sequence plus offset, as ids an embedding can look up: learned
+   * absolute positions (GPT-2: 0; OPT: 2, its table's first two rows unused). An embedding of
+   * these ids reads rows [offset, vocab) of its table, and a sequence may not outgrow them. */
+  tpe_value (*position_ids)(tpe_graph* g, int64_t offset);
+  /* As linear, but prefix.weight is stored transposed, [in_features, out_features] (GPT-2's
+   * Conv1D: y = x W + b). The host transposes it once, at load. */
+  tpe_value (*linear_transposed)(tpe_graph* g, tpe_value x, const char* prefix,
+                                 int64_t in_features, int64_t out_features, int has_bias);
 
   /* ---- since 1.9 ---- */
   tpe_value (*scale)(tpe_graph* g, tpe_value x, double factor);
