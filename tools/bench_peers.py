@@ -52,6 +52,15 @@ SHAPES = {
                        intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5,
                        rope_theta=10000.0, max_position_embeddings=4096),
+    # BLOOM-7B1 (the seeds' BELLE-7B): ALiBi, a 250880-row vocabulary.
+    "bloom-7b1": dict(model_type="bloom", architectures=["BloomForCausalLM"], hidden_size=4096,
+                      n_head=32, n_layer=30, vocab_size=250880, layer_norm_epsilon=1e-5),
+    # Falcon-7B: multi-query (71 q heads of 64, one kv head), parallel attention, no biases.
+    "falcon-7b": dict(model_type="falcon", architectures=["FalconForCausalLM"], hidden_size=4544,
+                      num_attention_heads=71, num_hidden_layers=32, vocab_size=65024,
+                      multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                      alibi=False, bias=False, layer_norm_epsilon=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=2048),
     "llama-2-13b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=5120,
                         intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                         num_key_value_heads=40, vocab_size=32000, rms_norm_eps=1e-5,

@@ -37,7 +37,7 @@ if ! cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTUR
   tail -50 "$out/configure.log"
   exit 1
 fi
-targets=(tpengine tpe_policy_llama tpe_policy_gpt_neox tpe_gpu_tests tpe_gpu_engine_tests
+targets=(tpengine tpe_policies tpe_gpu_tests tpe_gpu_engine_tests
          tpe_gpu_bench tpe_real_tests)
 if ! cmake --build build-gpu -j"$(nproc)" --target "${targets[@]}" >"$out/build.log" 2>&1; then
   grep -E -A8 "error|Error" "$out/build.log" | head -120

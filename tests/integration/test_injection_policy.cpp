@@ -28,14 +28,21 @@ int blocks_of(const runtime::Model& m) { return static_cast<int>(m.graph.blocks.
 const config::InjectionPolicy kLlama = {
     {"LlamaDecoderLayer", {"self_attn.o_proj", "mlp.down_proj"}}};
 const config::InjectionPolicy kNeox = {{"GPTNeoXLayer", {"attention.dense", "mlp.dense_4h_to_h"}}};
+const config::InjectionPolicy kBloom = {
+    {"BloomBlock", {"self_attention.dense", "mlp.dense_4h_to_h"}}};
+const config::InjectionPolicy kGpt2 = {{"GPT2Block", {"attn.c_proj", "mlp.c_proj"}}};
+const config::InjectionPolicy kBigCode = {{"GPTBigCodeBlock", {"attn.c_proj", "mlp.c_proj"}}};
+const config::InjectionPolicy kOpt = {{"OPTDecoderLayer", {"self_attn.out_proj", "fc2"}}};
+const config::InjectionPolicy kFalcon = {
+    {"FalconDecoderLayer", {"self_attention.dense", "mlp.dense_4h_to_h"}}};
 
 // The fixtures the explicit policies are run on: Llama (GQA, and 6 q / 2 kv heads uneven over
-// 4 ranks) and GPT-NeoX (parallel and sequential residual, biases everywhere).
+// 4 ranks), GPT-NeoX (parallel and sequential residual, biases everywhere), and one config of
+// each later family (DeepSpeed's AutoTP would name the same layers for them).
 const std::pair<const char*, const config::InjectionPolicy*> kCases[] = {
-    {"llama_gqa", &kLlama},
-    {"llama_6h2kv", &kLlama},
-    {"neox_parallel", &kNeox},
-    {"neox_sequential", &kNeox}};
+    {"llama_gqa", &kLlama},         {"llama_6h2kv", &kLlama}, {"neox_parallel", &kNeox},
+    {"neox_sequential", &kNeox},    {"bloom", &kBloom},       {"gpt2", &kGpt2},
+    {"gpt_bigcode_mqa", &kBigCode}, {"opt", &kOpt},           {"falcon_grouped", &kFalcon}};
 
 // An engine planned by the explicit policy computes transformers' logits (1e-4 x max |logit|,
 // as the fixture tests) at every TP size.
@@ -115,10 +122,13 @@ TEST(InjectionPolicy, RefusesInconsistentSplit) {
 
 TEST(Collectives, ParallelResidualHasOneAllReducePerLayer) {
   for (int tp = 2; tp <= 4; ++tp) {
-    const runtime::Model model = prepare("neox_parallel", tp);
-    const std::vector<int> per_block = parallel::all_reduces_per_block(model.graph, model.plan);
-    for (int b = 0; b < blocks_of(model); ++b) EXPECT_EQ(per_block[b], 1) << "block " << b;
-    EXPECT_EQ(per_block.back(), 1);  // the vocabulary-parallel embedding's sum
+    for (const char* fixture : {"neox_parallel", "falcon_mqa", "falcon_grouped"}) {
+      SCOPED_TRACE(testing::Message() << fixture << " at TP " << tp);
+      const runtime::Model model = prepare(fixture, tp);
+      const std::vector<int> per_block = parallel::all_reduces_per_block(model.graph, model.plan);
+      for (int b = 0; b < blocks_of(model); ++b) EXPECT_EQ(per_block[b], 1) << "block " << b;
+      EXPECT_EQ(per_block.back(), 1);  // the vocabulary-parallel embedding's sum
+    }
   }
 }
 
