@@ -51,6 +51,11 @@ NEW_TOKENS = 16
 # seeds (deterministically) until one satisfies it.
 GAP_THRESHOLD = 1e-2
 MAX_SEED_TRIES = 200
+# Tied random embeddings make a tiny model tend to repeat one token forever, which
+# leaves the KV-cache path barely tested; a fixture may ask (min_distinct) for at
+# least that many distinct tokens among each prompt's greedy tokens, and the seed
+# search then also requires that.
+MIN_DISTINCT = 4
 
 # Common tiny dimensions.
 VOCAB = 128
@@ -107,10 +112,81 @@ def neox_base(**over):
     return cfg
 
 
+def bloom_base(**over):
+    # BLOOM has no intermediate-size key: its MLP is always 4 * hidden_size.
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=96,
+        n_layer=LAYERS,
+        n_head=6,
+        layer_norm_epsilon=1e-5,
+        initializer_range=INIT_RANGE,
+        apply_residual_connection_post_layernorm=False,
+    )
+    cfg.update(over)
+    return cfg
+
+
+def gpt2_base(**over):
+    # GPT-2 / GPT-BigCode defaults bos = eos = 50256, outside vocab 128: use 1 / 2 as the others do.
+    cfg = dict(
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=4,
+        n_positions=64,
+        n_inner=128,
+        layer_norm_epsilon=1e-5,
+        initializer_range=INIT_RANGE,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(over)
+    return cfg
+
+
+def opt_base(**over):
+    # OPT's config calls its init std `init_std` (it has no initializer_range key);
+    # its own defaults pad 1, bos 2, eos 2 are kept.
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        ffn_dim=128,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=HIDDEN,
+        do_layer_norm_before=True,
+        activation_function="relu",
+        enable_bias=True,
+        init_std=INIT_RANGE,
+    )
+    cfg.update(over)
+    return cfg
+
+
+def falcon_base(**over):
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        max_position_embeddings=64,
+        layer_norm_epsilon=1e-5,
+        initializer_range=INIT_RANGE,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(over)
+    return cfg
+
+
 # Each fixture: model_type, generation (major version that must write it),
 # seed (first seed tried), rope (generation-neutral description, turned into
-# the right keys by rope_kwargs), config (other config kwargs), prompt_lens,
-# save (extra save options), description.
+# the right keys by rope_kwargs; absent for families without rotary
+# embeddings), config (other config kwargs), prompt_lens, save (extra save
+# options), attn_implementation (default "eager"), description.
 FIXTURES = {
     "llama_mha": dict(
         model_type="llama", tf="5.", seed=1000,
@@ -252,6 +328,114 @@ FIXTURES = {
             "reference.json adds the prompt texts and transformers' decoded greedy texts."
         ),
     ),
+    # ---- other families (no rope spec where the family has no rotary embeddings) ----
+    "bloom": dict(
+        model_type="bloom", tf="5.", seed=3000,
+        # BLOOM's word_embeddings_layernorm scales the tied random embedding up to unit variance, so the
+        # current token dominates its own logit: in 150 seeds none gave 3 distinct greedy tokens for both prompts.
+        min_distinct=2,
+        config=bloom_base(),
+        description=(
+            "BLOOM: hidden 96, 6 heads (head_dim 16; 6 is not a power of two, so both branches of the ALiBi "
+            "slope formula are used), ALiBi (no position embeddings), fused query_key_value laid out per head "
+            "[q k v], word_embeddings_layernorm, tanh gelu MLP of 4*hidden, "
+            "apply_residual_connection_post_layernorm=false, tied embeddings."
+        ),
+    ),
+    "bloom_post_ln_residual": dict(
+        model_type="bloom", tf="5.", seed=3100,
+        min_distinct=3,
+        config=bloom_base(hidden_size=64, n_head=4, apply_residual_connection_post_layernorm=True),
+        description=(
+            "BLOOM with apply_residual_connection_post_layernorm=true: the residual added after attention "
+            "(and after the MLP) is the layer norm's output, not its input. hidden 64, 4 heads."
+        ),
+    ),
+    "gpt2": dict(
+        model_type="gpt2", tf="5.", seed=3200,
+        min_distinct=MIN_DISTINCT,
+        config=gpt2_base(activation_function="gelu_new"),
+        description=(
+            "GPT-2: learned position embeddings wpe, Conv1D weights stored [in, out] (y = x W + b), fused "
+            "c_attn [all q | all k | all v], gelu_new (tanh) MLP of 128, LayerNorm ln_1/ln_2/ln_f, tied."
+        ),
+    ),
+    "gpt_bigcode_mqa": dict(
+        model_type="gpt_bigcode", tf="5.", seed=3300,
+        min_distinct=MIN_DISTINCT,
+        config=gpt2_base(multi_query=True, activation_function="gelu_pytorch_tanh"),
+        description=(
+            "GPT-BigCode (SantaCoder/StarCoder style) multi_query=true: one kv head, nn.Linear weights "
+            "[out, in], c_attn [all q (64) | k (16) | v (16)], learned positions, tanh gelu, tied."
+        ),
+    ),
+    "gpt_bigcode_mha": dict(
+        model_type="gpt_bigcode", tf="5.", seed=3400,
+        min_distinct=MIN_DISTINCT,
+        config=gpt2_base(multi_query=False, activation_function="gelu_pytorch_tanh"),
+        description=(
+            "GPT-BigCode multi_query=false: 4 kv heads and c_attn laid out per head [q k v] "
+            "(not [all q | all k | all v] as in GPT-2), nn.Linear weights, tied."
+        ),
+    ),
+    "opt": dict(
+        model_type="opt", tf="5.", seed=3500,
+        min_distinct=MIN_DISTINCT,
+        config=opt_base(),
+        description=(
+            "OPT (125m style): do_layer_norm_before=true (pre-LN, with a final_layer_norm), learned positions "
+            "with offset 2 (table of 64+2 rows), q scaled by head_dim^-0.5 after its bias, relu MLP of 128, "
+            "biases everywhere, tied."
+        ),
+    ),
+    "opt_post_ln_proj": dict(
+        model_type="opt", tf="5.", seed=3600,
+        min_distinct=MIN_DISTINCT,
+        config=opt_base(do_layer_norm_before=False, word_embed_proj_dim=32),
+        description=(
+            "OPT (350m style): do_layer_norm_before=false (post-LN, no final_layer_norm), word_embed_proj_dim 32 "
+            "< hidden 64: embeddings [128, 32] go through project_in to 64, the last hidden state through "
+            "project_out to 32 before the tied head."
+        ),
+    ),
+    "falcon_mqa": dict(
+        model_type="falcon", tf="5.", seed=3700,
+        min_distinct=MIN_DISTINCT,
+        config=falcon_base(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False,
+                           bias=False),
+        rope=dict(theta=10000.0),
+        description=(
+            "Falcon-7B style: multi_query=true (1 kv head; query_key_value [all q | k | v]), parallel_attn "
+            "(x + attn(ln(x)) + mlp(ln(x)) with one input_layernorm), no biases, rotary (half-split, theta "
+            "10000), exact gelu MLP of 128, tied."
+        ),
+    ),
+    "falcon_grouped": dict(
+        model_type="falcon", tf="5.", seed=3800,
+        min_distinct=MIN_DISTINCT,
+        config=falcon_base(new_decoder_architecture=True, num_attention_heads=8, num_kv_heads=2,
+                           parallel_attn=True, num_ln_in_parallel_attn=2, alibi=False, bias=False),
+        rope=dict(theta=10000.0),
+        description=(
+            "Falcon-40B style: new_decoder_architecture=true, 8 heads / 2 kv heads (head_dim 8), "
+            "query_key_value grouped per kv head [4 q | k | v], ln_attn and ln_mlp "
+            "(num_ln_in_parallel_attn 2), parallel residual, no biases, rotary, tied."
+        ),
+    ),
+    "falcon_rw_alibi": dict(
+        model_type="falcon", tf="5.", seed=3900,
+        min_distinct=MIN_DISTINCT,
+        config=falcon_base(new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True,
+                           bias=True),
+        # transformers' eager Falcon path adds the ALiBi bias twice (see tests/fixtures/README.md); its
+        # sdpa path (Falcon's default) matches the original Falcon-RW code, so that is the reference here.
+        attn_implementation="sdpa",
+        description=(
+            "falcon-rw-1b style: ALiBi (no rotary), multi_query=false (query_key_value per head [q k v]), "
+            "sequential residual with input_layernorm and post_attention_layernorm, biases, tied. "
+            "Reference computed with attn_implementation=\"sdpa\": score = (q.k + slope*j) / sqrt(head_dim)."
+        ),
+    ),
     # ---- written by transformers 4.x (old config keys) ----
     "llama3_rope_v4": dict(
         twin="llama3_rope",
@@ -284,6 +468,18 @@ FIXTURES = {
             "Same spec as llama_linear_rope, written by transformers 4.x, given the old "
             "rope_scaling {\"type\": \"linear\", \"factor\": 2.0} form."
         ),
+    ),
+    "falcon_mqa_v4": dict(
+        twin="falcon_mqa",
+        # 4.57 draws one normal per FalconLinear weight, 5.x two (its generic init, then Falcon's
+        # own), so the same seed gives other weights: this twin copies falcon_mqa's tensors (and seed).
+        weights="twin",
+        model_type="falcon", tf="4.57.", seed=3700,
+        min_distinct=MIN_DISTINCT,
+        config=falcon_base(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False,
+                           bias=False),
+        rope=dict(theta=10000.0),
+        description="Same spec as falcon_mqa, written by transformers 4.x (rope_theta, rope_scaling keys).",
     ),
     # ---- written by transformers 4.55 (the last 4.x that writes `torch_dtype`) ----
     "llama_bf16_v455": dict(
@@ -333,29 +529,52 @@ def rope_kwargs(model_type, rope, major):
     return kw
 
 
+def is_dynamic_rope(spec):
+    return (spec.get("rope", {}).get("scaling") or {}).get("rope_type") == "dynamic"
+
+
 def fixture_prompts(name, vocab, lens):
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
 
 
+def is_norm(module):
+    """LayerNorm / RMSNorm modules, told by type (as transformers' own _init_weights does),
+    not by name: GPT-2's ln_1, BLOOM's word_embeddings_layernorm, Falcon's ln_attn, ..."""
+    cls = type(module).__name__
+    return isinstance(module, torch.nn.LayerNorm) or "LayerNorm" in cls or "RMSNorm" in cls
+
+
+def norm_weight_names(model):
+    return {f"{mn}.{pn}" if mn else pn
+            for mn, mod in model.named_modules() if is_norm(mod)
+            for pn, _ in mod.named_parameters(recurse=False) if pn == "weight"}
+
+
 def perturb(model, seed, init_range):
     """transformers initialises norm weights to 1 and biases to 0; make them random
     so that a missing norm weight or bias shows up in the comparison."""
+    norms = norm_weight_names(model)
+    # The Llama / GPT-NeoX fixtures were made with the rule `"norm" in name`; for
+    # them the module-type rule selects exactly the same parameters (checked), so
+    # their weights are unchanged. Anything the old rule picks must still be picked.
+    legacy = {n for n, _ in model.named_parameters() if "norm" in n and n.endswith(".weight")}
+    assert legacy <= norms, f"name rule picks non-norm parameters {sorted(legacy - norms)}"
     g = torch.Generator().manual_seed(seed + 7919)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             if name.endswith(".bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * init_range)
-            elif "norm" in name and name.endswith(".weight"):
+            elif name in norms:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
 
 
-def load_fp32(path):
+def load_fp32(path, attn="eager"):
     if (TF_MAJOR, TF_MINOR) >= (4, 56):
         kw = dict(dtype=torch.float32)
     else:
         kw = dict(torch_dtype=torch.float32)
-    m = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **kw)
+    m = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **kw)
     m.eval()
     return m
 
@@ -403,13 +622,36 @@ def greedy_nocache(model, prompt):
     return toks, step_logits
 
 
-def build_and_save(name, spec, seed, path):
+def load_weights(folder):
+    w = {}
+    for fn in sorted(os.listdir(folder)):
+        if fn.endswith(".safetensors") and fn != "reference.safetensors":
+            with safe_open(os.path.join(folder, fn), "pt") as f:
+                for k in f.keys():
+                    w[k] = f.get_tensor(k)
+    return w
+
+
+def build_and_save(name, spec, seed, path, copy_from=None):
     cfg_kwargs = dict(spec["config"])
-    cfg_kwargs.update(rope_kwargs(spec["model_type"], spec["rope"], TF_MAJOR))
+    if "rope" in spec:
+        cfg_kwargs.update(rope_kwargs(spec["model_type"], spec["rope"], TF_MAJOR))
     config = AutoConfig.for_model(spec["model_type"], **cfg_kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    perturb(model, seed, config.initializer_range)
+    # OPT calls it init_std.
+    init_range = getattr(config, "initializer_range", None) or config.init_std
+    perturb(model, seed, init_range)
+    if copy_from is not None:
+        # A twin whose transformers initialises this family differently: take the
+        # twin's weights, so that both fixtures hold the same model.
+        w = load_weights(copy_from)
+        params = dict(model.named_parameters())  # tied weights appear once
+        assert set(w) == set(params), f"{name}: twin tensors {sorted(set(w) ^ set(params))}"
+        with torch.no_grad():
+            for k, p in params.items():
+                assert w[k].shape == p.shape and w[k].dtype == p.dtype, k
+                p.copy_(w[k])
     model.eval()
     save = spec.get("save", {})
     if "dtype" in save:
@@ -427,7 +669,12 @@ def compute_reference(name, spec, path):
     # A freshly loaded model for every run: dynamic NTK rope keeps state between
     # calls (its inv_freq only grows, or resets below max_position_embeddings),
     # so each prompt / generate / argmax loop starts from the state on disk.
-    vocab = load_fp32(path).config.vocab_size
+    attn = spec.get("attn_implementation", "eager")
+
+    def load():
+        return load_fp32(path, attn)
+
+    vocab = load().config.vocab_size
     # A *_v4 / *_v455 fixture uses its twin's prompts (and, the init being the same
     # across versions, ends up with its twin's seed and weights).
     if "prompt_texts" in spec:
@@ -438,18 +685,18 @@ def compute_reference(name, spec, path):
     logits = {}
     with torch.no_grad():
         for i, p in enumerate(prompts):
-            out = load_fp32(path)(torch.tensor([p]), use_cache=False).logits[0].float().contiguous()
+            out = load()(torch.tensor([p]), use_cache=False).logits[0].float().contiguous()
             assert out.shape == (len(p), vocab)
             logits[f"logits.{i}"] = out
     greedy, greedy_nc, gaps = [], [], []
     mismatch = False
     for i, p in enumerate(prompts):
-        g_toks, g_logits = greedy_generate(load_fp32(path), p)
-        n_toks, n_logits = greedy_nocache(load_fp32(path), p)
+        g_toks, g_logits = greedy_generate(load(), p)
+        n_toks, n_logits = greedy_nocache(load(), p)
         for step0 in (g_logits[0], n_logits[0]):
             assert torch.allclose(step0, logits[f"logits.{i}"][-1], rtol=1e-4, atol=1e-5), name
         if g_toks != n_toks:
-            if spec["rope"].get("scaling", {}).get("rope_type") == "dynamic":
+            if is_dynamic_rope(spec):
                 mismatch = True
             else:
                 raise AssertionError(f"{name}: generate {g_toks} != argmax loop {n_toks}")
@@ -469,8 +716,9 @@ def check_config_generation(name, spec, path):
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     problems = []
+    rope = spec.get("rope")  # None: a family without rotary embeddings, nothing to check
     if TF_MAJOR >= 5:
-        if "rope_parameters" not in cfg:
+        if rope is not None and "rope_parameters" not in cfg:
             problems.append("no rope_parameters")
         for k in ("rope_theta", "rope_scaling", "torch_dtype", "rotary_pct", "rotary_emb_base"):
             if k in cfg:
@@ -485,14 +733,16 @@ def check_config_generation(name, spec, path):
         other = "dtype" if dtype_key == "torch_dtype" else "torch_dtype"
         if dtype_key not in cfg or other in cfg:
             problems.append(f"transformers {TF_VERSION} should write {dtype_key} only")
-        if spec["model_type"] == "gpt_neox":
+        if rope is None:
+            pass
+        elif spec["model_type"] == "gpt_neox":
             for k in ("rotary_pct", "rotary_emb_base"):
                 if k not in cfg:
                     problems.append(f"no {k}")
         else:
             if "rope_theta" not in cfg:
                 problems.append("no rope_theta")
-            if spec["rope"].get("scaling") and "rope_scaling" not in cfg:
+            if rope.get("scaling") and "rope_scaling" not in cfg:
                 problems.append("no rope_scaling")
     want_dtype = spec.get("save", {}).get("dtype", "float32")
     got_dtype = cfg.get("dtype", cfg.get("torch_dtype"))
@@ -513,12 +763,21 @@ def check_weights(name, spec, path, cfg):
     want = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[spec.get("save", {}).get("dtype", "float32")]
     bad = {k: v[1] for k, v in names.items() if v[1] != want}
     assert not bad, f"{name}: unexpected tensor dtypes {bad}"
-    if spec["model_type"] != "gpt_neox":
-        has_head = "lm_head.weight" in names
-        if cfg.get("tie_word_embeddings"):
-            assert not has_head, f"{name}: tied model saved lm_head.weight"
-        else:
-            assert has_head, f"{name}: untied model lacks lm_head.weight"
+    head = OUTPUT_HEAD.get(spec["model_type"], "lm_head.weight")
+    has_head = head in names
+    # 4.x leaves tie_word_embeddings out of config.json when it is the default (true),
+    # so ask the config class rather than the json.
+    if AutoConfig.from_pretrained(path).tie_word_embeddings:
+        assert not has_head, f"{name}: tied model saved {head}"
+    else:
+        assert has_head, f"{name}: untied model lacks {head}"
+    # No tensor may be constant: a norm weight left at 1, a bias left at 0 or a
+    # position table left at zeros would hide a missing tensor in the comparison.
+    for fn in files:
+        with safe_open(os.path.join(path, fn), "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                assert t.numel() > 1 and not bool((t == t.flatten()[0]).all()), f"{name}: {k} is constant"
     if "max_shard_size" in spec.get("save", {}):
         assert len(files) >= 3, f"{name}: only {len(files)} shards"
         assert os.path.exists(os.path.join(path, "model.safetensors.index.json")), name
@@ -529,6 +788,10 @@ def check_weights(name, spec, path, cfg):
     else:
         assert files == ["model.safetensors"], f"{name}: {files}"
     return files
+
+
+# The output projection's tensor name when it is not tied (GPT-NeoX is never tied).
+OUTPUT_HEAD = {"gpt_neox": "embed_out.weight"}
 
 
 def to_json(obj):
@@ -547,21 +810,30 @@ def to_json(obj):
 
 def make_fixture(name, spec, out_dir):
     target = os.path.join(out_dir, name)
-    for attempt in range(MAX_SEED_TRIES):
-        seed = spec["seed"] + attempt
+    copy_from, first_seed, tries = None, spec["seed"], MAX_SEED_TRIES
+    if spec.get("weights") == "twin":
+        copy_from = os.path.join(out_dir, spec["twin"])
+        if not os.path.exists(os.path.join(copy_from, "reference.json")):
+            sys.exit(f"make_fixtures: {name} copies the weights of {spec['twin']}: make that first")
+        with open(os.path.join(copy_from, "reference.json")) as f:
+            first_seed, tries = json.load(f)["seed"], 1
+    for attempt in range(tries):
+        seed = first_seed + attempt
         tmp = tempfile.mkdtemp(prefix=f"fx_{name}_")
         try:
-            build_and_save(name, spec, seed, tmp)
+            build_and_save(name, spec, seed, tmp, copy_from)
             res = compute_reference(name, spec, tmp)
         except Exception:
             shutil.rmtree(tmp)
             raise
-        if res["min_rel"] > spec.get("min_gap", GAP_THRESHOLD):
+        distinct = min(len(set(g)) for g in res["greedy"])
+        if res["min_rel"] > spec.get("min_gap", GAP_THRESHOLD) and distinct >= spec.get("min_distinct", 1):
             break
         shutil.rmtree(tmp)
     else:
-        raise RuntimeError(f"{name}: no seed in {MAX_SEED_TRIES} tries gives a top-2 gap > "
-                           f"{spec.get('min_gap', GAP_THRESHOLD)}")
+        raise RuntimeError(f"{name}: no seed in {tries} tries gives a top-2 gap > "
+                           f"{spec.get('min_gap', GAP_THRESHOLD)} and >= {spec.get('min_distinct', 1)} "
+                           f"distinct greedy tokens per prompt")
 
     greedy, greedy_nc, mismatch = res["greedy"], res["greedy_nocache"], res["cache_mismatch"]
     min_rel, min_abs = res["min_rel"], res["min_abs"]
@@ -578,6 +850,8 @@ def make_fixture(name, spec, out_dir):
         "model_type": spec["model_type"],
         "seed": seed,
         **({"twin": spec["twin"]} if "twin" in spec else {}),
+        **({"attn_implementation": spec["attn_implementation"]} if "attn_implementation" in spec else {}),
+        **({"weights_from_twin": True} if spec.get("weights") == "twin" else {}),
         "prompts": res["prompts"],
         "greedy": greedy,
         "min_top2_gap": min_rel,
@@ -588,7 +862,7 @@ def make_fixture(name, spec, out_dir):
         tok = AutoTokenizer.from_pretrained(tmp)
         ref["prompt_texts"] = spec["prompt_texts"]
         ref["greedy_texts"] = [tok.decode(g, skip_special_tokens=True) for g in greedy]
-    if spec["rope"].get("scaling", {}).get("rope_type") == "dynamic":
+    if is_dynamic_rope(spec):
         ref["greedy_nocache"] = greedy_nc
         ref["greedy_matches_nocache"] = not mismatch
     with open(os.path.join(tmp, "reference.json"), "w") as f:
