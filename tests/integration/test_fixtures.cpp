@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/common/error.hpp"
 #include "core/io/safetensors.hpp"
 #include "core/program/report.hpp"
 #include "core/runtime/engine.hpp"
@@ -242,7 +243,8 @@ float relative_difference(const std::vector<Tensor>& a, const std::vector<Tensor
 // A random-weight model at TP 1, 2 and 3 computes what the checkpoint of its random tensors,
 // loaded as any checkpoint, computes: the same logits (1e-4 x max |logit|) and greedy tokens.
 TEST(RandomWeights, EveryTpSizeRunsTheCheckpointOfTheRandomTensors) {
-  for (const char* fixture : {"llama_6h2kv", "neox_parallel"}) {
+  // GPT-2's Conv1D weights are generated as stored ([in, out]) and transposed at load, as read.
+  for (const char* fixture : {"llama_6h2kv", "neox_parallel", "gpt2"}) {
     SCOPED_TRACE(fixture);
     const Reference ref = load_reference(fixture);
     const auto dir = std::filesystem::temp_directory_path() /
@@ -267,6 +269,34 @@ TEST(RandomWeights, EveryTpSizeRunsTheCheckpointOfTheRandomTensors) {
       EXPECT_EQ(engine.generate(ref.prompts, params), expected_tokens) << "tp " << tp;
     }
     std::filesystem::remove_all(dir);
+  }
+}
+
+// A learned position table ends the context: a sequence past its rows is refused, named, even
+// with allow_long_context (which lifts max_position_embeddings for rotary models); one that
+// fits is not. GPT-2's table has n_positions = 64 rows; OPT's 66, from row 2.
+TEST(LearnedPositions, ASequencePastTheTableIsRefusedWhateverTheOptions) {
+  for (const char* fixture : {"gpt2", "opt"}) {
+    SCOPED_TRACE(fixture);
+    config::RunConfig run;
+    run.model_path = fixture_dir(fixture);
+    run.allow_long_context = true;
+    runtime::Engine engine(runtime::prepare(run), /*quiet=*/true);
+    EXPECT_EQ(engine.model().learned_positions, 64);
+    runtime::GenerationParams params;
+    params.max_new_tokens = 4;
+    const std::vector<std::vector<int64_t>> fits = {std::vector<int64_t>(60, 5)};
+    EXPECT_EQ(engine.generate(fits, params)[0].size(), 4u);
+    const std::vector<std::vector<int64_t>> too_long = {std::vector<int64_t>(61, 5)};
+    try {
+      engine.generate(too_long, params);
+      ADD_FAILURE() << "65 positions accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(
+          std::string(e.what()).find("more than the 64 of the model's learned position table"),
+          std::string::npos)
+          << e.what();
+    }
   }
 }
 

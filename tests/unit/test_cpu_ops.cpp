@@ -25,6 +25,7 @@
 #include <random>
 #include <vector>
 
+#include "kernels/alibi.hpp"
 #include "kernels/cpu/ops.hpp"
 
 namespace {
@@ -227,6 +228,16 @@ Vec RunAttention(const AttnShape& s, const Vec& q, const Vec& k, const Vec& v,
 
 // x = pat(15, 1).view(3, 5); w = pat(20, 2).view(4, 5); b = pat(4, 3)
 // show(torch.nn.functional.linear(x, w, b))
+// transformers' BLOOM build_alibi_tensor slopes: for 6 heads, the 4 of the power of two below
+// (2^-2, 2^-4, 2^-6, 2^-8), then every other one of 8's (2^-1, 2^-3); for 8 heads 2^-(h+1).
+TEST(CpuOps, AlibiSlopesAreBloomsBothBranches) {
+  const float six[] = {0.25f, 0.0625f, 0.015625f, 0.00390625f, 0.5f, 0.125f};
+  for (int h = 0; h < 6; ++h) EXPECT_FLOAT_EQ(tpe::alibi_slope(h, 6, 8.0f), six[h]) << h;
+  for (int h = 0; h < 8; ++h) {
+    EXPECT_FLOAT_EQ(tpe::alibi_slope(h, 8, 8.0f), std::ldexp(1.0f, -(h + 1))) << h;
+  }
+}
+
 TEST(CpuOps, LinearMatchesTorch) {
   const Vec x = Pattern(15, 1), w = Pattern(20, 2), b = Pattern(4, 3);
   Vec y(12);
