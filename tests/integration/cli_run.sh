@@ -68,6 +68,10 @@ PY
     echo "$out"
     grep -Eq "^  llama .* ABI 1\.[0-9]+ .*model_types \[llama, mistral, qwen2\]" <<<"$out"
     grep -Eq "^  gpt_neox .* model_types \[gpt_neox\]" <<<"$out"
+    grep -Eq "^  bloom .* model_types \[bloom\]" <<<"$out"
+    grep -Eq "^  falcon .* model_types \[falcon\]" <<<"$out"
+    grep -Eq "^  gpt2 .* model_types \[gpt2, gpt_bigcode\]" <<<"$out"
+    grep -Eq "^  opt .* model_types \[opt\]" <<<"$out"
     grep -Eq "model_type 'qwen2'\): llama from .*libtpengine_policy_llama.so: serves model_type 'qwen2'" <<<"$out";;
   policies_contested)
     # A user folder's plugin claiming llama wins over the built-in one, and the listing says so.
