@@ -30,11 +30,7 @@ void build(tpengine::Builder& b) {
   const bool residual_post_ln = b.bool_or("apply_residual_connection_post_layernorm", false);
   const bool tied = b.bool_or("tie_word_embeddings", true);
 
-  tpe_attention_desc attention{};
-  attention.struct_size = sizeof(attention);
-  attention.n_heads = n_heads;
-  attention.n_kv_heads = n_heads;
-  attention.head_dim = head_dim;
+  tpe_attention_desc attention = tpengine::Builder::attention_desc(n_heads, n_heads, head_dim);
   attention.alibi_max_bias = 8;  // added after the 1/sqrt(head_dim) scaling (baddbmm's beta = 1)
 
   tpe_value x = b.embedding(b.input_ids(), "transformer.word_embeddings.weight", vocab, hidden);

@@ -44,11 +44,7 @@ void build(tpengine::Builder& b) {
     throw tpengine::PolicyError(
         "config.json: apply_residual_connection_post_layernorm = true is not supported yet");
   }
-  tpe_attention_desc attention{};
-  attention.struct_size = sizeof(attention);
-  attention.n_heads = n_heads;
-  attention.n_kv_heads = n_kv;
-  attention.head_dim = head_dim;
+  tpe_attention_desc attention = tpengine::Builder::attention_desc(n_heads, n_kv, head_dim);
   if (alibi) {
     attention.alibi_max_bias = 8;
     // Falcon adds the bias before multiplying by 1/sqrt(head_dim): its slopes are scaled too.

@@ -47,11 +47,7 @@ void build(tpengine::Builder& b) {
     throw tpengine::PolicyError(
         "config.json: scale_attn_by_inverse_layer_idx = true is not supported yet");
   }
-  tpe_attention_desc attention{};
-  attention.struct_size = sizeof(attention);
-  attention.n_heads = n_heads;
-  attention.n_kv_heads = n_kv;
-  attention.head_dim = head_dim;
+  tpe_attention_desc attention = tpengine::Builder::attention_desc(n_heads, n_kv, head_dim);
   attention.scale = b.bool_or("scale_attn_weights", true) ? 0.0 : 1.0;
 
   const auto linear = [&](tpe_value x, const std::string& prefix, int64_t in, int64_t out) {

@@ -132,13 +132,19 @@ class Builder {
   }
   tpe_value attention(tpe_value q, tpe_value k, tpe_value v, int64_t n_heads, int64_t n_kv_heads,
                       int64_t head_dim, int64_t sliding_window = 0) {
+    tpe_attention_desc desc = attention_desc(n_heads, n_kv_heads, head_dim);
+    desc.sliding_window = sliding_window;
+    return attention(q, k, v, desc);
+  }
+  // A descriptor of this SDK's size for causal attention over these heads; set the rest (scale,
+  // ALiBi, window) on it.
+  static tpe_attention_desc attention_desc(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim) {
     tpe_attention_desc desc{};
     desc.struct_size = sizeof(desc);
     desc.n_heads = n_heads;
     desc.n_kv_heads = n_kv_heads;
     desc.head_dim = head_dim;
-    desc.sliding_window = sliding_window;
-    return attention(q, k, v, desc);
+    return desc;
   }
   // Any attention the descriptor describes (ALiBi, a scale of its own); members past what the
   // host knows would be ignored, so ALiBi on a host of minor < 2 is refused here.
