@@ -5,11 +5,14 @@
 // work on the real structs through plugins built against the 1.0 and 1.9 headers.
 #include <gtest/gtest.h>
 
+#include <cstddef>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/common/error.hpp"
 #include "core/plugin/abi_struct.hpp"
+#include "tpengine/policy.hpp"
 
 namespace tpe::plugin {
 namespace {
@@ -113,3 +116,49 @@ TEST(AbiStruct, OneZeroSizesAreThoseOfTheOneZeroHeader) {
 
 }  // namespace
 }  // namespace tpe::plugin
+
+// A plugin built against SDK 1.2 meeting a 1.1 host: the Builder refuses the host functions and
+// features 1.2 added, naming them and the host's version, instead of calling past the host's
+// table (or having ALiBi silently ignored by a host that does not read the member).
+namespace {
+tpe_host_api host_of_minor_1() {
+  tpe_host_api api{};
+  api.struct_size = static_cast<uint32_t>(offsetof(tpe_host_api, position_ids));
+  api.abi_major = 1;
+  api.abi_minor = 1;
+  return api;
+}
+
+template <typename F>
+std::string policy_error(F&& f) {
+  try {
+    f();
+  } catch (const tpengine::PolicyError& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST(AbiStruct, SdkOneTwoRefusesWhatAnOneOneHostLacks) {
+  const tpe_host_api api = host_of_minor_1();
+  tpengine::Builder b(&api, nullptr);
+  EXPECT_NE(policy_error([&] { b.position_ids(2); })
+                .find("position_ids needs a newer tpengine: "
+                      "this one speaks policy ABI 1.1"),
+            std::string::npos);
+  EXPECT_NE(policy_error([&] {
+              b.linear_transposed(0, "c_attn", 4, 12, true);
+            }).find("linear_transposed needs a newer tpengine"),
+            std::string::npos);
+  EXPECT_NE(policy_error([&] {
+              b.split_grouped(0, 2, {8, 2, 2}, 2);
+            }).find("needs policy ABI 1.2"),
+            std::string::npos);
+  tpe_attention_desc alibi = tpengine::Builder::attention_desc(4, 4, 16);
+  alibi.alibi_max_bias = 8;
+  EXPECT_NE(policy_error([&] {
+              b.attention(0, 1, 2, alibi);
+            }).find("ALiBi attention needs policy ABI 1.2"),
+            std::string::npos);
+}
