@@ -268,8 +268,12 @@ class Parser {
                    node, key,
                    [this](const auto& item, const auto& name) { return path(item, name); });
              }},
-            {"injection_policy", [this, &config](const auto& node, const auto& key) {
+            {"injection_policy",
+             [this, &config](const auto& node, const auto& key) {
                config.injection_policy = injection_policy(node, key);
+             }},
+            {"isolate", [this, &config](const auto& node, const auto& key) {
+               config.isolate_policies = boolean(node, key);
              }}};
   }
 

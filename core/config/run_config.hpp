@@ -50,6 +50,9 @@ struct RunConfig {
   std::optional<std::string> policy_name;  // force this plugin
   std::vector<std::filesystem::path> policy_search_paths;
   std::optional<InjectionPolicy> injection_policy;
+  // Plugins are loaded and built in child processes, so that a crash in their code is an error
+  // naming them (false: in this process, e.g. to debug a plugin).
+  bool isolate_policies = true;
   // [generation]
   GenerationSettings generation;
 };

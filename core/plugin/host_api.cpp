@@ -7,6 +7,7 @@
 
 #include "core/common/error.hpp"
 #include "core/plugin/abi_struct.hpp"
+#include "core/plugin/isolate.hpp"
 #include "core/plugin/registry.hpp"
 
 struct tpe_graph {
@@ -214,6 +215,18 @@ const tpe_host_api kHostApi = {
 }  // namespace
 
 graph::Graph build_graph(const Policy& policy, const config::ModelConfig& config) {
+  if (policy.library == nullptr) {  // discovered isolated: load and build it in a child
+    const std::string who =
+        fmt::format("policy '{}' ({}) building {}", policy.name, printable(policy.file.string()),
+                    printable(config.path().string()));
+    const std::string graph = run_in_child(
+        who, "building its graph",
+        [&] {
+          return graph_to_json(build_graph(Registry::load(policy.file, policy.origin), config));
+        },
+        policy_timeout_seconds());
+    return graph_from_json(graph, who);
+  }
   tpe_graph g;
   g.config = &config;
   // The plugin's strings are its own: escaped and capped like any text from a file.

@@ -7,9 +7,12 @@
 #include <cstdlib>
 #include <fstream>
 
+#include <nlohmann/json.hpp>
+
 #include "core/common/error.hpp"
 #include "core/plugin/abi_struct.hpp"
 #include "core/plugin/boost_dll.hpp"
+#include "core/plugin/isolate.hpp"
 
 namespace tpe::plugin {
 namespace fs = std::filesystem;
@@ -133,7 +136,49 @@ Policy Registry::load(const fs::path& file, Origin origin) {
   return policy;
 }
 
-Registry Registry::discover(const std::vector<SearchDir>& dirs) {
+namespace {
+
+// What the parent keeps of a plugin a child loaded: its descriptor's data (strings already
+// escaped by load), not its library.
+std::string metadata_json(const Policy& p) {
+  nlohmann::json rules = nlohmann::json::array();
+  for (const auto& [cls, linears] : p.injection_policy) rules.push_back({cls, linears});
+  return nlohmann::json{{"name", p.name},
+                        {"version", p.version},
+                        {"description", p.description},
+                        {"abi", {p.abi_major, p.abi_minor}},
+                        {"model_types", p.model_types},
+                        {"architectures", p.architectures},
+                        {"injection_policy", rules}}
+      .dump();
+}
+
+Policy from_metadata(const std::string& text, const fs::path& file, Origin origin) {
+  Policy p;
+  p.file = file;
+  p.origin = origin;
+  try {
+    const nlohmann::json j = nlohmann::json::parse(text);
+    p.name = j.at("name").get<std::string>();
+    p.version = j.at("version").get<std::string>();
+    p.description = j.at("description").get<std::string>();
+    p.abi_major = j.at("abi").at(0).get<uint16_t>();
+    p.abi_minor = j.at("abi").at(1).get<uint16_t>();
+    p.model_types = j.at("model_types").get<std::vector<std::string>>();
+    p.architectures = j.at("architectures").get<std::vector<std::string>>();
+    for (const auto& rule : j.at("injection_policy")) {
+      p.injection_policy.emplace_back(rule.at(0).get<std::string>(),
+                                      rule.at(1).get<std::vector<std::string>>());
+    }
+  } catch (const nlohmann::json::exception& e) {
+    fail("plugin {}: its descriptor did not come back whole: {}", file.string(), e.what());
+  }
+  return p;
+}
+
+}  // namespace
+
+Registry Registry::discover(const std::vector<SearchDir>& dirs, bool isolate, bool keep_broken) {
   Registry registry;
   registry.dirs_ = dirs;
   for (const SearchDir& dir : dirs) {
@@ -148,13 +193,32 @@ Registry Registry::discover(const std::vector<SearchDir>& dirs) {
       if (entry.is_regular_file() && entry.path().extension() == ".so") files.push_back(entry);
     }
     std::sort(files.begin(), files.end());
-    for (const fs::path& file : files) registry.policies_.push_back(load(file, dir.origin));
+    for (const fs::path& file : files) {
+      try {
+        if (!isolate) {
+          registry.policies_.push_back(load(file, dir.origin));
+          continue;
+        }
+        const std::string metadata = run_in_child(
+            fmt::format("plugin {}", file.string()), "loading",
+            [&] { return metadata_json(load(file, dir.origin)); }, policy_timeout_seconds());
+        registry.policies_.push_back(from_metadata(metadata, file, dir.origin));
+      } catch (const Error& e) {
+        if (!keep_broken) throw;
+        registry.broken_.push_back({file, dir.origin, e.what()});
+      }
+    }
   }
   return registry;
 }
 
 Choice Registry::choose(const config::ModelConfig& config,
                         const std::optional<std::string>& forced) const {
+  return candidates(config, forced).front();
+}
+
+std::vector<Choice> Registry::candidates(const config::ModelConfig& config,
+                                         const std::optional<std::string>& forced) const {
   auto found = [&] {
     std::vector<std::string> items;
     for (const Policy& p : policies_) {
@@ -166,30 +230,38 @@ Choice Registry::choose(const config::ModelConfig& config,
   if (forced) {
     for (const Policy& p : policies_) {
       if (p.name == *forced) {
-        return {&p, fmt::format("forced by policy.name = \"{}\"", printable(*forced))};
+        return {{&p, fmt::format("forced by policy.name = \"{}\"", printable(*forced))}};
       }
     }
     fail("policy '{}' was asked for but not found; policies found: {}", printable(*forced),
          found());
   }
+  std::vector<Choice> out;
   const std::string model_type = config.model_type();
   for (const Policy& p : policies_) {
     if (std::find(p.model_types.begin(), p.model_types.end(), model_type) != p.model_types.end()) {
-      return {&p, fmt::format("serves model_type '{}'; first in search order ({})",
-                              printable(model_type), origin_name(p.origin))};
+      out.push_back(
+          {&p, fmt::format("serves model_type '{}'; {} in search order ({})", printable(model_type),
+                           out.empty() ? "first" : "next", origin_name(p.origin))});
     }
   }
   for (const std::string& arch : config.architectures()) {
     for (const Policy& p : policies_) {
-      if (std::find(p.architectures.begin(), p.architectures.end(), arch) !=
-          p.architectures.end()) {
-        return {&p, fmt::format("serves architecture '{}'; first in search order ({})",
-                                printable(arch), origin_name(p.origin))};
+      const bool listed =
+          std::any_of(out.begin(), out.end(), [&](const Choice& c) { return c.policy == &p; });
+      if (!listed && std::find(p.architectures.begin(), p.architectures.end(), arch) !=
+                         p.architectures.end()) {
+        out.push_back(
+            {&p, fmt::format("serves architecture '{}'; {} in search order ({})", printable(arch),
+                             out.empty() ? "first" : "next", origin_name(p.origin))});
       }
     }
   }
-  fail("{}: no policy serves model_type '{}'; policies found: {}",
-       printable(config.path().string()), printable(model_type), found());
+  if (out.empty()) {
+    fail("{}: no policy serves model_type '{}'; policies found: {}",
+         printable(config.path().string()), printable(model_type), found());
+  }
+  return out;
 }
 
 }  // namespace tpe::plugin

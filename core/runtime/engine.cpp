@@ -24,6 +24,7 @@
 #include "core/common/text_file.hpp"
 #include "core/io/gguf_model.hpp"
 #include "core/io/safetensors.hpp"
+#include "core/plugin/isolate.hpp"
 #include "core/program/report.hpp"
 #include "core/runtime/executor.hpp"
 #include "core/runtime/random_weights.hpp"
@@ -177,10 +178,28 @@ Model prepare(const config::RunConfig& run) {
         "or device = \"cuda\"; `plan --device cuda` plans for GPUs without one)",
         dtype);
   }
-  plugin::Registry registry =
-      plugin::Registry::discover(plugin::Registry::default_search_path(run.policy_search_paths));
-  plugin::Choice choice = registry.choose(config, run.policy_name);
-  graph::Graph graph = plugin::build_graph(*choice.policy, config);
+  plugin::Registry registry = plugin::Registry::discover(
+      plugin::Registry::default_search_path(run.policy_search_paths), run.isolate_policies);
+  // The first plugin serving the model builds its graph; one that crashes or hangs doing so
+  // (isolated, that is an error naming it) gives way to the next, if there is one.
+  plugin::Choice choice;
+  graph::Graph graph;
+  std::optional<plugin::ChildFailure> first_failure;
+  for (const plugin::Choice& candidate : registry.candidates(config, run.policy_name)) {
+    try {
+      graph = plugin::build_graph(*candidate.policy, config);
+    } catch (const plugin::ChildFailure& e) {
+      if (!first_failure) first_failure.emplace(e);
+      continue;
+    }
+    choice = candidate;
+    if (first_failure) {
+      spdlog::warn("{}; using policy '{}' ({}) instead", first_failure->what(),
+                   candidate.policy->name, printable(candidate.policy->file.string()));
+    }
+    break;
+  }
+  if (choice.policy == nullptr) throw *first_failure;
   std::optional<config::InjectionPolicy> injection = run.injection_policy;
   if (!injection && !choice.policy->injection_policy.empty()) {
     injection.emplace(choice.policy->injection_policy.begin(),

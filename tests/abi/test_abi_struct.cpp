@@ -5,6 +5,8 @@
 // work on the real structs through plugins built against the 1.0 and 1.9 headers.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <cstddef>
 #include <cstring>
 #include <string>
@@ -12,6 +14,7 @@
 
 #include "core/common/error.hpp"
 #include "core/plugin/abi_struct.hpp"
+#include "core/plugin/isolate.hpp"
 #include "tpengine/policy.hpp"
 
 namespace tpe::plugin {
@@ -161,4 +164,52 @@ TEST(AbiStruct, SdkOneTwoRefusesWhatAnOneOneHostLacks) {
               b.attention(0, 1, 2, alibi);
             }).find("ALiBi attention needs policy ABI 1.2"),
             std::string::npos);
+}
+
+// What a child sends back is replayed through a GraphBuilder: every op kind and parameter
+// survives the trip, and a graph whose op reads a value not made yet is refused, named.
+TEST(PluginIsolation, AGraphSurvivesTheTripAndATamperedOneIsRefused) {
+  tpe::graph::GraphBuilder b;
+  const int pos = b.position_ids(2);
+  int x = b.add(b.embedding(b.input_ids(), "wte", 16, 32), b.embedding(pos, "wpe", 10, 32));
+  b.begin_block("Block", "h.0");
+  const int h = b.norm(x, TPE_NORM_LAYER, "h.0.ln", true, 1e-5);
+  const int qkv = b.linear(h, "h.0.qkv", 32, 64, true, /*transposed=*/true);
+  std::vector<int> parts;
+  ASSERT_TRUE(b.split(qkv, TPE_SPLIT_GROUPED, {32, 16, 16}, 2, 8, parts));
+  tpe_rope_desc rope{};
+  rope.struct_size = sizeof(rope);
+  rope.theta = 10000;
+  rope.partial_rotary_factor = 0.5;
+  tpe_attention_desc a = tpengine::Builder::attention_desc(4, 2, 8);
+  a.alibi_max_bias = 8;
+  a.alibi_slope_scale = 0.25;
+  const int att = b.attention(b.rotary(parts[0], 4, 8, rope), parts[1], parts[2], a);
+  x = b.add(x, b.mul(b.activation(att, TPE_ACT_GELU_TANH), att));
+  b.end_block();
+  b.lm_head(x, "wte", 16, 32);
+  const tpe::graph::Graph g = b.finish();
+
+  const std::string json = tpe::plugin::graph_to_json(g);
+  const tpe::graph::Graph back = tpe::plugin::graph_from_json(json, "toy");
+  EXPECT_EQ(tpe::plugin::graph_to_json(back), json);
+  ASSERT_EQ(back.ops.size(), g.ops.size());
+  EXPECT_TRUE(back.ops[g.values[qkv].producer].transposed);
+  EXPECT_EQ(back.ops[g.values[pos].producer].offset, 2);
+  EXPECT_EQ(back.blocks.size(), 1u);
+  EXPECT_EQ(back.ops[g.values[att].producer].attention.alibi_slope_scale, 0.25);
+  EXPECT_EQ(back.ops[g.values[parts[0]].producer].layout, TPE_SPLIT_GROUPED);
+
+  nlohmann::json tampered = nlohmann::json::parse(json);
+  tampered["ops"][3]["in"][0] = 40;  // a value no op has made yet
+  try {
+    tpe::plugin::graph_from_json(tampered.dump(), "policy 'toy'");
+    ADD_FAILURE() << "a graph reading an unmade value replayed";
+  } catch (const tpe::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("policy 'toy': its build sent back a graph that does not "
+                                         "replay"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(tpe::plugin::graph_from_json("{\"ops\": 3}", "toy"), tpe::Error);
 }

@@ -3,6 +3,7 @@
 // and working Llama variants meet the host across ABI versions. The ABI_1_0 and ABI_1_9 variants
 // are compiled against header copies in tests/abi/abi_1_0 and abi_1_9 instead of the SDK's, so
 // their structs really have those versions' sizes; the others against the SDK.
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -22,6 +23,11 @@
 #define TOY_SHORT_ROPE_OUT 10    /* the same for the tpe_rope_desc rope_from_config fills */
 #define TOY_SHORT_ROPE_IN 11     /* the same for the tpe_rope_desc passed to rotary */
 #define TOY_SHORT_POLICY_DESC 12 /* the same for the tpe_policy_desc */
+#define TOY_SEGV_BUILD 13        /* build() dereferences a null pointer */
+#define TOY_DATA_ENTRY 14        /* tpe_policy_entry is data, not a function */
+#define TOY_ABORT_CTOR 15        /* a constructor aborts as the library loads */
+#define TOY_SHORT_SPLIT 16       /* split() given part arrays far shorter than n_parts */
+#define TOY_HANG_BUILD 17        /* build() never returns */
 
 // Each variant sees the header it claims to, with that version's struct sizes (LP64).
 #if TOY_VARIANT == TOY_ABI_1_0
@@ -171,8 +177,33 @@ tpe_status build_llama(const tpe_host_api* api, tpe_graph* g) {
 }
 #endif
 
+#if TOY_VARIANT == TOY_ABORT_CTOR
+[[gnu::constructor]] void abort_on_load() { std::abort(); }
+#endif
+
 tpe_status build(const tpe_host_api* api, tpe_graph* g) {
-#if TOY_VARIANT == TOY_THROWING_BUILD
+#if TOY_VARIANT == TOY_SEGV_BUILD
+  (void)api;
+  (void)g;
+  volatile int* null = nullptr;
+  *null = 1;
+  return TPE_ERROR;
+#elif TOY_VARIANT == TOY_SHORT_SPLIT
+  // One part's room, 2^24 parts claimed: the host reads and writes far past both arrays.
+  const tpe_value x =
+      api->linear(g, api->embedding(g, api->input_ids(g), "model.embed_tokens.weight", 128, 64),
+                  "model.layers.0.self_attn.q_proj", 64, 64, 0);
+  int64_t width = 64;
+  tpe_value part = TPE_INVALID_VALUE;
+  api->split(g, x, TPE_SPLIT_CONCAT, 1 << 24, &width, 0, 0, &part);
+  return TPE_ERROR;
+#elif TOY_VARIANT == TOY_HANG_BUILD
+  (void)api;
+  (void)g;
+  for (volatile bool forever = true; forever;) {
+  }
+  return TPE_ERROR;
+#elif TOY_VARIANT == TOY_THROWING_BUILD
   (void)api;
   (void)g;
   throw std::runtime_error("toy exception from build");
@@ -236,7 +267,11 @@ const tpe_policy_desc* descriptor() {
 
 }  // namespace
 
-#if TOY_VARIANT == TOY_NO_ENTRY
+#if TOY_VARIANT == TOY_DATA_ENTRY
+// The entry's name on an object: calling it executes data.
+extern "C" TPE_POLICY_EXPORT const unsigned char tpe_policy_entry[16] = {0};
+const tpe_policy_desc* (*const kKeep)() = &descriptor;
+#elif TOY_VARIANT == TOY_NO_ENTRY
 extern "C" TPE_POLICY_EXPORT const tpe_policy_desc* tpe_policy_entry_misspelled(uint16_t,
                                                                                 uint16_t) {
   return descriptor();

@@ -47,6 +47,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   tpe::config::RunConfig run;
   run.model_path = scratch().dir();
   run.tp_size = 1 + data[0] % 4;
+  run.isolate_policies = false;  // the policies' crashes are findings: keep them in this process
   try {
     const tpe::runtime::Model model = tpe::runtime::prepare(run);
     if (model.plan.world != run.tp_size) abort();

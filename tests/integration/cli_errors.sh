@@ -79,6 +79,24 @@ case $case in
   plugin_other_abi_major)
     run+=(--policy-path "$toys/next_major")
     expect="libtoy.so: built for policy ABI 2\.[0-9]+, this tpengine speaks 1\.[0-9]+; rebuild";;
+  # Plugins whose code crashes or hangs: loaded and built in a child process, so each is one
+  # line naming the plugin (--policy toy: no other plugin may stand in for it).
+  plugin_segv_build)
+    run+=(--policy-path "$toys/segv_build" --policy toy)
+    expect="policy 'toy' \(.*segv_build/libtoy.so\) building .*config.json crashed while building its graph: SIGSEGV \(Segmentation fault\)";;
+  plugin_short_split)
+    run+=(--policy-path "$toys/short_split" --policy toy)
+    expect="policy 'toy' \(.*short_split/libtoy.so\) building .* crashed while building its graph: SIGSEGV";;
+  plugin_hang_build)
+    export TPENGINE_POLICY_TIMEOUT=2
+    run+=(--policy-path "$toys/hang_build" --policy toy)
+    expect="policy 'toy' \(.*hang_build/libtoy.so\) building .* did not finish building its graph within 2 s \(TPENGINE_POLICY_TIMEOUT\)";;
+  plugin_data_entry)
+    run+=(--policy-path "$toys/data_entry")
+    expect="plugin .*data_entry/libtoy.so crashed while loading: SIGSEGV \(Segmentation fault\)$";;
+  plugin_abort_ctor)
+    run+=(--policy-path "$toys/abort_ctor")
+    expect="plugin .*abort_ctor/libtoy.so crashed while loading: SIGABRT \(Aborted\)$";;
   bad_flag_value)
     run+=(--top-p abc)
     expect="--top-p: top_p must be a number in \\(0, 1\\], got 'abc'";;

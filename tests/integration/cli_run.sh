@@ -73,6 +73,24 @@ PY
     grep -Eq "^  gpt2 .* model_types \[gpt2, gpt_bigcode\]" <<<"$out"
     grep -Eq "^  opt .* model_types \[opt\]" <<<"$out"
     grep -Eq "model_type 'qwen2'\): llama from .*libtpengine_policy_llama.so: serves model_type 'qwen2'" <<<"$out";;
+  plugin_fallback)
+    # A user plugin claiming llama crashes in its build (in a child process): the built-in llama
+    # policy stands in, the output is transformers', and the crash is one warning naming it.
+    out=$("$tpengine" generate --model "$fixtures/llama_mha" --policy-path "$toys/segv_build" \
+          --prompt-ids "$(prompt llama_mha 0)" -n 16 --ignore-eos 2>"$work/err")
+    cat "$work/err"
+    check "tokens" "$out" "$(expected llama_mha 0)"
+    check "one warning" "$(grep -c "warning" "$work/err")" 1
+    grep -Eq "policy 'toy' \(.*segv_build/libtoy.so\) building .* crashed while building its graph: SIGSEGV \(Segmentation fault\); using policy 'llama' \(.*libtpengine_policy_llama.so\) instead" "$work/err";;
+  policies_broken)
+    # Plugins that crash as they load are listed as broken, each with its one line; the rest are
+    # listed as usual.
+    out=$("$tpengine" policies --policy-path "$toys/abort_ctor" --policy-path "$toys/data_entry")
+    echo "$out"
+    grep -Eq "^broken \(not used\):$" <<<"$out"
+    grep -Eq "^    plugin .*abort_ctor/libtoy.so crashed while loading: SIGABRT \(Aborted\)$" <<<"$out"
+    grep -Eq "^    plugin .*data_entry/libtoy.so crashed while loading: SIGSEGV" <<<"$out"
+    grep -Eq "^  llama .* model_types \[llama, mistral, qwen2\]" <<<"$out";;
   policies_contested)
     # A user folder's plugin claiming llama wins over the built-in one, and the listing says so.
     out=$("$tpengine" policies --policy-path "$toys/failing_build" --model "$fixtures/llama_mha")

@@ -108,9 +108,15 @@ TEST(RunConfig, EmptyFileGivesDefaults) {
   EXPECT_FALSE(config.policy_name.has_value());
   EXPECT_TRUE(config.policy_search_paths.empty());
   EXPECT_FALSE(config.injection_policy.has_value());
+  EXPECT_TRUE(config.isolate_policies);
   EXPECT_FALSE(config.generation.max_new_tokens.has_value());
   EXPECT_FALSE(config.generation.temperature.has_value());
   EXPECT_FALSE(config.generation.stop_token_ids.has_value());
+}
+
+TEST(RunConfig, PluginsRunInProcessOnlyWhenAsked) {
+  EXPECT_FALSE(parse("[policy]\nisolate = false\n").isolate_policies);
+  expect_error("[policy]\nisolate = 0\n", {"cfg.toml:2: key 'policy.isolate' must be a boolean"});
 }
 
 TEST(RunConfig, PolicyShorthandForcesAPlugin) {
@@ -283,7 +289,7 @@ TEST(RunConfig, LoadErrorsNameThePath) {
                                          "1024], got 0");
   }
   for (const auto& [bad, why] : {std::pair{dir.path() / "absent.toml", ": not found"},
-                                  std::pair{dir.path(), ": is a directory, not a file"}}) {
+                                 std::pair{dir.path(), ": is a directory, not a file"}}) {
     try {
       (void)tpe::config::load_run_config(bad);
       ADD_FAILURE() << "no error for " << bad;

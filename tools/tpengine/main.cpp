@@ -552,7 +552,8 @@ int run_plan(const CommonFlags& common, int64_t batch, int64_t seq_len) {
 int run_policies(const CommonFlags& common) {
   const RunConfig run = common.resolve();
   const auto dirs = tpe::plugin::Registry::default_search_path(run.policy_search_paths);
-  const tpe::plugin::Registry registry = tpe::plugin::Registry::discover(dirs);
+  const tpe::plugin::Registry registry =
+      tpe::plugin::Registry::discover(dirs, run.isolate_policies, /*keep_broken=*/true);
   fmt::print("search path (earlier wins):\n");
   for (const auto& d : dirs) {
     fmt::print("  {} ({})\n", d.path.string(), tpe::plugin::origin_name(d.origin));
@@ -564,6 +565,13 @@ int run_policies(const CommonFlags& common) {
                fmt::join(p.architectures, ", "));
     if (!p.description.empty()) fmt::print("    {}\n", p.description);
     fmt::print("    {} ({})\n", p.file.string(), tpe::plugin::origin_name(p.origin));
+  }
+  if (!registry.broken().empty()) {
+    fmt::print("broken (not used):\n");
+    for (const auto& b : registry.broken()) {
+      fmt::print("  {} ({})\n    {}\n", tpe::printable(b.file.string()),
+                 tpe::plugin::origin_name(b.origin), b.reason);
+    }
   }
   // Where several plugins claim one model_type, say which wins: the first in search order.
   std::map<std::string, std::vector<const tpe::plugin::Policy*>> claims;
