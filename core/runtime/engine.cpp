@@ -449,11 +449,24 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
     };
   } else {
     // A directory's safetensors or a GGUF file, both read by Hugging Face tensor names.
+    // A checkpoint saved from the base model rather than the LM (GPT-2's, BLOOM's and OPT's
+    // originals on the hub) names its tensors without the base model's prefix: "h.0.ln_1.weight"
+    // for the policy's "transformer.h.0.ln_1.weight". A name the checkpoint lacks is looked up
+    // once more without its first component, as transformers' base_model_prefix does.
     const auto read_from = [&](const auto& weights, const auto& header) {
-      check_tensors(model_, program::lower(model_.graph, model_.plan, 0), header, source);
-      reader = [&weights](const std::string& name, std::span<const int64_t> shape,
-                          const IndexSet& rows, const IndexSet& cols,
-                          std::span<float> out) { weights.read_f32(name, shape, rows, cols, out); };
+      const auto stored = [header](const std::string& name) {
+        const size_t dot = name.find('.');
+        if (header(name) || dot == std::string::npos || !header(name.substr(dot + 1))) return name;
+        return name.substr(dot + 1);
+      };
+      check_tensors(
+          model_, program::lower(model_.graph, model_.plan, 0),
+          [&](const std::string& name) { return header(stored(name)); }, source);
+      reader = [&weights, stored](const std::string& name, std::span<const int64_t> shape,
+                                  const IndexSet& rows, const IndexSet& cols,
+                                  std::span<float> out) {
+        weights.read_f32(stored(name), shape, rows, cols, out);
+      };
     };
     if (is_gguf_file(model_.config.path())) {
       gguf = io::GgufFile::open(model_.config.path());

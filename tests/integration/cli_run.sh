@@ -73,6 +73,27 @@ PY
     grep -Eq "^  gpt2 .* model_types \[gpt2, gpt_bigcode\]" <<<"$out"
     grep -Eq "^  opt .* model_types \[opt\]" <<<"$out"
     grep -Eq "model_type 'qwen2'\): llama from .*libtpengine_policy_llama.so: serves model_type 'qwen2'" <<<"$out";;
+  base_model_checkpoint)
+    # GPT-2, BLOOM and OPT as the hub has them: saved from the base model, so every tensor's name
+    # lacks the LM's prefix (h.0.attn.c_attn.weight, word_embeddings.weight, decoder.layers.0...).
+    for fixture in gpt2 bloom opt; do
+      cp -r "$fixtures/$fixture" "$work/$fixture"
+      python3 - "$work/$fixture/model.safetensors" <<'PY'
+import json, struct, sys
+path = sys.argv[1]
+raw = open(path, "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+header = json.loads(raw[8:8 + n])
+renamed = {(k.split(".", 1)[1] if k != "__metadata__" and not k.startswith("lm_head.") else k): v
+           for k, v in header.items()}
+assert len(renamed) == len(header) and not any(k.startswith(("transformer.", "model.")) for k in renamed)
+blob = json.dumps(renamed).encode()
+open(path, "wb").write(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+PY
+      out=$("$tpengine" generate --model "$work/$fixture" --tp 2 --quiet --ignore-eos -n 16 \
+            --prompt-ids "$(prompt $fixture 0)")
+      check "$fixture saved from the base model" "$out" "$(expected $fixture 0)"
+    done;;
   plugin_fallback)
     # A user plugin claiming llama crashes in its build (in a child process): the built-in llama
     # policy stands in, the output is transformers', and the crash is one warning naming it.
