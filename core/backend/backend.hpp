@@ -171,6 +171,9 @@ class Backend {
   virtual void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                          const AttentionShape& shape, Buffer& out) = 0;
   virtual void activation(tpe_activation act, Buffer& x) = 0;
+  // out = act(gate) * up; gate and up may be views (columns of one merged projection).
+  virtual void gated_activation(tpe_activation act, const Buffer& gate, const Buffer& up,
+                                Buffer& out) = 0;
   virtual void add(const Buffer& a, const Buffer& b, Buffer& out) = 0;
   virtual void mul(const Buffer& a, const Buffer& b, Buffer& out) = 0;
   virtual void copy(const Buffer& src, Buffer& dst) = 0;

@@ -157,6 +157,17 @@ void CpuBackend::activation(tpe_activation act, Buffer& x) {
   cpu::activation(act, f32(x), x.rows * x.cols);
 }
 
+void CpuBackend::gated_activation(tpe_activation act, const Buffer& gate, const Buffer& up,
+                                  Buffer& out) {
+  for (int64_t t = 0; t < out.rows; ++t) {
+    float* row = f32(out) + t * out.cols;
+    std::copy_n(f32(gate) + t * gate.stride(), out.cols, row);
+    cpu::activation(act, row, out.cols);
+    const float* u = f32(up) + t * up.stride();
+    for (int64_t j = 0; j < out.cols; ++j) row[j] *= u[j];
+  }
+}
+
 void CpuBackend::add(const Buffer& a, const Buffer& b, Buffer& out) {
   for (int64_t i = 0; i < a.rows * a.cols; ++i) f32(out)[i] = f32(a)[i] + f32(b)[i];
 }

@@ -209,7 +209,13 @@ class Parser {
              }},
             {"kernel_inject",
              [this, &config](const auto& node, const auto& key) {
-               config.kernel_inject = boolean(node, key);
+               if (node.is_string() && node.as_string()->get() == "auto") {
+                 config.kernel_inject.reset();
+               } else if (node.is_boolean()) {
+                 config.kernel_inject = node.as_boolean()->get();
+               } else {
+                 fail_type(node, key, "true, false or \"auto\"");
+               }
              }},
             {"prefill_chunk",
              [this, &config](const auto& node, const auto& key) {

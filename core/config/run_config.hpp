@@ -36,7 +36,9 @@ struct RunConfig {
   int tp_size = 1;
   // [inference]
   std::string device = "cpu";
-  bool kernel_inject = false;
+  // Fused kernels (rewrite passes over each rank's program) or plain ones; unset: "auto", fused
+  // on CUDA and plain on the CPU.
+  std::optional<bool> kernel_inject;
   // Prompts run in passes of at most this many tokens, so activation memory does not grow with
   // the prompt.
   int64_t prefill_chunk = 2048;

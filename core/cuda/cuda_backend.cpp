@@ -609,6 +609,12 @@ void CudaBackend::activation(tpe_activation act, Buffer& x) {
   cuda::activation(act, x.data, x.rows * x.cols, dtype_, stream_);
 }
 
+void CudaBackend::gated_activation(tpe_activation act, const Buffer& gate, const Buffer& up,
+                                   Buffer& out) {
+  cuda::gated_activation(act, gate.data, gate.stride(), up.data, up.stride(), out.data, out.rows,
+                         out.cols, dtype_, stream_);
+}
+
 void CudaBackend::add(const Buffer& a, const Buffer& b, Buffer& out) {
   cuda::add(a.data, b.data, out.data, a.rows * a.cols, dtype_, stream_);
 }

@@ -72,6 +72,8 @@ class CudaBackend final : public Backend {
   void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                  const AttentionShape& shape, Buffer& out) override;
   void activation(tpe_activation act, Buffer& x) override;
+  void gated_activation(tpe_activation act, const Buffer& gate, const Buffer& up,
+                        Buffer& out) override;
   void add(const Buffer& a, const Buffer& b, Buffer& out) override;
   void mul(const Buffer& a, const Buffer& b, Buffer& out) override;
   void copy(const Buffer& src, Buffer& dst) override;

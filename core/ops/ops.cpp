@@ -49,17 +49,27 @@ const char* code_name(Code code) {
       return "gather_vocab";
     case Code::kAllReduce:
       return "all_reduce";
+    case Code::kGatedActivation:
+      return "gated_activation";
   }
   return "?";
 }
 
-int64_t Weight::local_rows() const { return rows.empty() ? shape[0] : index_count(rows); }
+int64_t Weight::local_rows() const {
+  if (!concat.empty()) {
+    int64_t n = 0;
+    for (const Weight& part : concat) n += part.local_rows();
+    return n;
+  }
+  return rows.empty() ? shape[0] : index_count(rows);
+}
 
 std::vector<int64_t> Weight::stored_shape() const {
   return transposed ? std::vector<int64_t>{shape[1], shape[0]} : shape;
 }
 
 int64_t Weight::local_cols() const {
+  if (!concat.empty()) return concat[0].local_cols();
   if (shape.size() < 2) return 1;
   return cols.empty() ? shape[1] : index_count(cols);
 }

@@ -74,6 +74,8 @@ enum class Code {
   kSelectRows,   // out = the pass's logit rows of in[0]
   kGatherVocab,  // out = every rank's vocabulary slice in[0], side by side
   kAllReduce,    // in[0] summed over ranks, in place (out == in[0])
+  // Fused path only (program rewrite passes):
+  kGatedActivation,  // out = act(in[0]) * in[1], both views of one fused projection
 };
 const char* code_name(Code code);
 
@@ -101,6 +103,9 @@ struct Weight {
   IndexSet rows, cols;
   // Stored as [shape[1], shape[0]] (GPT-2's Conv1D): the loader transposes the slice.
   bool transposed = false;
+  // Fused path: the weight is these slices' rows one after another (merged projections), and
+  // tensor, shape, rows and cols above are unused.
+  std::vector<Weight> concat = {};
   std::vector<int64_t> stored_shape() const;
   int64_t local_rows() const;
   int64_t local_cols() const;  // 1 for 1-D tensors

@@ -45,8 +45,8 @@ bool same_rope(const tpe_rope_desc& a, const tpe_rope_desc& b) {
 
 class Lowering final : public ops::Lowering {
  public:
-  Lowering(const graph::Graph& g, const parallel::Plan& plan, int rank)
-      : g_(g), plan_(plan), rank_(rank) {
+  Lowering(const graph::Graph& g, const parallel::Plan& plan, int rank, bool fuse)
+      : g_(g), plan_(plan), rank_(rank), fuse_(fuse) {
     p_.rank = rank;
     p_.world = plan.world;
     p_.vocab = plan.vocab;
@@ -70,6 +70,11 @@ class Lowering final : public ops::Lowering {
       } else {
         ops::traits(g_.ops[step.index].kind).lower(*this, step.index);
       }
+    }
+    if (fuse_) {
+      merge_linears();
+      gate_activations();
+      drop_unused_weights();
     }
     compact_views();
     alias_in_place();
@@ -147,13 +152,125 @@ class Lowering final : public ops::Lowering {
   void emit(Instr instr) override { p_.instrs.push_back(std::move(instr)); }
 
  private:
+  // ---- rewrite passes of the fused path ----------------------------------------------------
+  // Linears that read one value become one matrix product over their weights' rows in turn
+  // (q/k/v, gate/up, Falcon's parallel qkv and MLP up): one GEMM reading the input once, whose
+  // output the linears' outputs are views of. A linear whose output others already view (a
+  // fused projection a split reads) stays as it is, as do linears of differing bias.
+  void merge_linears() {
+    std::vector<std::vector<size_t>> by_input(p_.values.size());
+    std::vector<bool> viewed(p_.values.size(), false);
+    for (const Value& v : p_.values) {
+      if (v.alias >= 0) viewed[v.alias] = true;
+    }
+    for (size_t i = 0; i < p_.instrs.size(); ++i) {
+      const Instr& instr = p_.instrs[i];
+      if (instr.code == Code::kLinear && g_.ops[instr.op].kind == graph::OpKind::kLinear &&
+          !viewed[instr.out] && p_.values[instr.in[0]].ld == 0) {
+        by_input[instr.in[0]].push_back(i);
+      }
+    }
+    std::vector<bool> gone(p_.instrs.size(), false);
+    for (const std::vector<size_t>& group : by_input) {
+      if (group.size() < 2) continue;
+      const bool bias = p_.instrs[group[0]].bias >= 0;
+      if (std::any_of(group.begin(), group.end(),
+                      [&](size_t i) { return (p_.instrs[i].bias >= 0) != bias; })) {
+        continue;
+      }
+      Weight weight, biases;
+      int64_t width = 0;
+      for (size_t i : group) {
+        weight.concat.push_back(p_.weights[p_.instrs[i].weight]);
+        if (bias) biases.concat.push_back(p_.weights[p_.instrs[i].bias]);
+        width += p_.values[p_.instrs[i].out].width;
+      }
+      Instr& first = p_.instrs[group[0]];
+      const int fused = new_value(width, p_.values[first.out].rows);
+      int64_t offset = 0;
+      for (size_t i : group) {
+        const int out = p_.instrs[i].out;
+        view(out, fused, offset);
+        offset += p_.values[out].width;
+        if (i != group[0]) gone[i] = true;
+      }
+      first.out = fused;
+      first.weight = add_weight(std::move(weight));
+      if (bias) first.bias = add_weight(std::move(biases));
+    }
+    std::vector<Instr> kept;
+    for (size_t i = 0; i < p_.instrs.size(); ++i) {
+      if (!gone[i]) kept.push_back(std::move(p_.instrs[i]));
+    }
+    p_.instrs = std::move(kept);
+  }
+
+  // act(gate) * up, where gate and up are views of one merged projection and each is read only
+  // there, becomes one instruction reading both views: no copies of the views, no activation
+  // buffer (Llama's and Qwen2's gated MLP).
+  void gate_activations() {
+    std::vector<int> reads(p_.values.size(), 0);
+    for (const Instr& instr : p_.instrs) {
+      for (int v : instr.in) ++reads[v];
+    }
+    std::vector<int> producer(p_.values.size(), -1);
+    for (size_t i = 0; i < p_.instrs.size(); ++i) producer[p_.instrs[i].out] = static_cast<int>(i);
+    std::vector<bool> gone(p_.instrs.size(), false);
+    for (Instr& mul : p_.instrs) {
+      if (mul.code != Code::kMul) continue;
+      for (int k = 0; k < 2; ++k) {
+        const int act_out = mul.in[k], up = mul.in[1 - k];
+        const int a = producer[act_out];
+        if (a < 0 || p_.instrs[a].code != Code::kActivation || reads[act_out] != 1) continue;
+        const int gate = p_.instrs[a].in[0];
+        const Value& g = p_.values[gate];
+        const Value& u = p_.values[up];
+        if (g.ld == 0 || u.ld == 0 || g.alias != u.alias || reads[gate] != 1 || reads[up] != 1) {
+          continue;
+        }
+        mul.code = Code::kGatedActivation;
+        mul.op = p_.instrs[a].op;  // the activation's kind
+        mul.in = {gate, up};
+        gone[a] = true;
+        break;
+      }
+    }
+    std::vector<Instr> kept;
+    for (size_t i = 0; i < p_.instrs.size(); ++i) {
+      if (!gone[i]) kept.push_back(std::move(p_.instrs[i]));
+    }
+    p_.instrs = std::move(kept);
+  }
+
+  // The merged linears' own slices are no longer read: the rank does not load them.
+  void drop_unused_weights() {
+    std::vector<int> remap(p_.weights.size(), -1);
+    std::vector<Weight> kept;
+    for (Instr& instr : p_.instrs) {
+      for (int* w : {&instr.weight, &instr.bias}) {
+        if (*w < 0) continue;
+        if (remap[*w] < 0) {
+          remap[*w] = static_cast<int>(kept.size());
+          kept.push_back(std::move(p_.weights[*w]));
+        }
+        *w = remap[*w];
+      }
+    }
+    p_.weights = std::move(kept);
+  }
+
+  int add_weight(Weight w) {
+    p_.weights.push_back(std::move(w));
+    return static_cast<int>(p_.weights.size()) - 1;
+  }
+
   // Views reach only the instructions that read them in place of a whole buffer (rotary,
-  // attention, copy); any other reader gets a copy made just before it.
+  // attention, copy, gated activation); any other reader gets a copy made just before it.
   void compact_views() {
     std::vector<Instr> out;
     for (Instr& instr : p_.instrs) {
       const bool reads_views = instr.code == Code::kRotary || instr.code == Code::kAttention ||
-                               instr.code == Code::kCopy;
+                               instr.code == Code::kCopy || instr.code == Code::kGatedActivation;
       for (size_t k = 0; k < instr.in.size() && !reads_views; ++k) {
         const int v = instr.in[k];
         if (p_.values[v].ld == 0) continue;
@@ -214,6 +331,7 @@ class Lowering final : public ops::Lowering {
   const graph::Graph& g_;
   const parallel::Plan& plan_;
   int rank_;
+  bool fuse_;
   std::vector<IndexSet> held_;             // per graph value
   std::vector<std::vector<int>> readers_;  // per graph value: the ops that read it
   Program p_;
@@ -222,9 +340,9 @@ class Lowering final : public ops::Lowering {
 
 }  // namespace
 
-Program lower(const graph::Graph& graph, const parallel::Plan& plan, int rank) {
+Program lower(const graph::Graph& graph, const parallel::Plan& plan, int rank, bool fuse) {
   TPE_CHECK(rank >= 0 && rank < plan.world, "rank out of range");
-  return Lowering(graph, plan, rank).run();
+  return Lowering(graph, plan, rank, fuse).run();
 }
 
 void plan_memory(Program& p, const Limits& limits) {

@@ -61,8 +61,10 @@ struct Program {
   int storage(int v) const;
 };
 
-// Lowers the plan for one rank.
-Program lower(const graph::Graph& graph, const parallel::Plan& plan, int rank);
+// Lowers the plan for one rank. fuse: the fused path (kernel_inject), the program as lowered
+// rewritten by its passes: linears reading one input merged into one matrix product (q/k/v,
+// gate/up; their outputs become views of it), and act(gate) * up as one instruction.
+Program lower(const graph::Graph& graph, const parallel::Plan& plan, int rank, bool fuse = false);
 
 // Places every stored value in one arena by liveness (first fit, 256-byte aligned) for passes up
 // to `limits`; sets each value's offset and the program's arena_bytes.

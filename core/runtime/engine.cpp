@@ -166,9 +166,6 @@ Model prepare(const config::RunConfig& run) {
   if (run.device != "cpu" && run.device != "cuda") {
     fail("device '{}' is not one of cpu, cuda", run.device);
   }
-  if (run.kernel_inject) {
-    fail("kernel_inject = true: fused kernels are not built yet; set kernel_inject = false");
-  }
   config::ModelConfig config = load_model_config(run.model_path);
   const std::string dtype =
       run.dtype == "auto" ? (run.device == "cpu" ? "float32" : config.dtype()) : run.dtype;
@@ -252,6 +249,7 @@ Model prepare(const config::RunConfig& run) {
                dtype,
                limits,
                run.cuda_graph,
+               run.kernel_inject.value_or(run.device == "cuda"),
                max_positions,
                learned_positions};
 }
@@ -497,7 +495,8 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
   ranks_ = std::make_unique<Ranks>(static_cast<int>(local_ranks.size()));
   int64_t total = 0;
   for (size_t i = 0; i < local_ranks.size(); ++i) {
-    program::Program program = program::lower(model_.graph, model_.plan, local_ranks[i]);
+    program::Program program =
+        program::lower(model_.graph, model_.plan, local_ranks[i], model_.fused);
     program::plan_memory(program, model_.limits);
     total += static_cast<int64_t>(program.weights.size());
     ranks_->executors.push_back(std::make_unique<Executor>(

@@ -22,23 +22,41 @@ Executor::Executor(const graph::Graph& graph, program::Program program,
 void Executor::load(const WeightReader& reader, const std::function<void()>& on_tensor) {
   backend_->bind_thread();
   try {
-    for (const program::Weight& w : program_.weights) {
+    // Rows [first, first + count) of one slice.
+    const auto read_slice = [&reader](const program::Weight& w, int64_t first, int64_t count,
+                                      std::span<float> out) {
       const IndexSet rows = w.rows.empty() ? IndexSet{{0, w.shape[0]}} : w.rows;
+      if (!w.transposed) {
+        reader(w.tensor, w.shape, index_slice(rows, first, count), w.cols, out);
+        return;
+      }
+      // Stored [in, out]: the piece's rows are stored columns; read them, then transpose.
+      const std::vector<int64_t> stored = w.stored_shape();
+      const int64_t in = w.local_cols();
+      std::vector<float> piece(out.size());
+      reader(w.tensor, stored, w.cols.empty() ? IndexSet{{0, stored[0]}} : w.cols,
+             index_slice(rows, first, count), piece);
+      for (int64_t i = 0; i < in; ++i) {
+        for (int64_t o = 0; o < count; ++o) out[o * in + i] = piece[i * count + o];
+      }
+    };
+    for (const program::Weight& w : program_.weights) {
       weights_.push_back(std::make_shared<const Buffer>(backend_->load(
           w.local_rows(), w.local_cols(),
-          [&reader, &w, rows](int64_t first, int64_t count, std::span<float> out) {
-            if (!w.transposed) {
-              reader(w.tensor, w.shape, index_slice(rows, first, count), w.cols, out);
-              return;
-            }
-            // Stored [in, out]: the piece's rows are stored columns; read them, then transpose.
-            const std::vector<int64_t> stored = w.stored_shape();
-            const int64_t in = w.local_cols();
-            std::vector<float> piece(out.size());
-            reader(w.tensor, stored, w.cols.empty() ? IndexSet{{0, stored[0]}} : w.cols,
-                   index_slice(rows, first, count), piece);
-            for (int64_t i = 0; i < in; ++i) {
-              for (int64_t o = 0; o < count; ++o) out[o * in + i] = piece[i * count + o];
+          [&read_slice, &w](int64_t first, int64_t count, std::span<float> out) {
+            if (w.concat.empty()) return read_slice(w, first, count, out);
+            // A merged projection: each part's rows that fall in the piece, in turn.
+            int64_t at = 0;
+            const int64_t cols = w.local_cols();
+            for (const program::Weight& part : w.concat) {
+              const int64_t n = part.local_rows();
+              const int64_t lo = std::max(first, at), hi = std::min(first + count, at + n);
+              if (lo < hi) {
+                read_slice(part, lo - at, hi - lo,
+                           out.subspan(static_cast<size_t>((lo - first) * cols),
+                                       static_cast<size_t>((hi - lo) * cols)));
+              }
+              at += n;
             }
           })));
       on_tensor();
@@ -221,6 +239,9 @@ void Executor::run_instr(const Instr& instr) {
       break;
     case Code::kAdd:
       backend_->add(in(0), in(1), out);
+      break;
+    case Code::kGatedActivation:
+      backend_->gated_activation(graph_.ops[instr.op].activation, in(0), in(1), out);
       break;
     case Code::kMul:
       backend_->mul(in(0), in(1), out);

@@ -99,7 +99,36 @@ void launch_map(const char* name, const void* a, const void* b, void* out, int64
   });
 }
 
+// out = act(gate) * up per element, rounded as the plain path rounds (the activation to T, then
+// the product); gate and up with their own row strides.
+template <class T>
+__global__ void gated_kernel(tpe_activation act, const T* gate, int64_t ld_gate, const T* up,
+                             int64_t ld_up, T* out, int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const int64_t r = i / cols, c = i % cols;
+    const float a = to_float(from_float<T>(activate(act, to_float(gate[r * ld_gate + c]))));
+    out[i] = from_float<T>(a * to_float(up[r * ld_up + c]));
+  }
+}
+
 }  // namespace
+
+void gated_activation(tpe_activation act, const void* gate, int64_t ld_gate, const void* up,
+                      int64_t ld_up, void* out, int64_t rows, int64_t cols, DType dtype,
+                      cudaStream_t stream) {
+  TPE_CUDA_REQUIRE(rows >= 0 && cols >= 0 && ld_gate >= cols && ld_up >= cols, "gated_activation",
+                   "bad shape or strides");
+  if (rows * cols == 0) return;
+  detail::dispatch(dtype, "gated_activation", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    gated_kernel<T><<<detail::grid_for(rows * cols, kThreads), kThreads, 0, stream>>>(
+        act, static_cast<const T*>(gate), ld_gate, static_cast<const T*>(up), ld_up,
+        static_cast<T*>(out), rows, cols);
+    TPE_CUDA_CHECK_LAUNCH();
+  });
+}
 
 size_t dtype_size(DType dtype) {
   switch (dtype) {

@@ -35,6 +35,11 @@ void layer_norm(const void* x, int64_t tokens, int64_t width, const void* w, con
 
 // In place, elementwise.
 void activation(tpe_activation act, void* x, int64_t n, DType dtype, cudaStream_t stream);
+// out[rows, cols] = act(gate) * up, gate and up with row strides ld_gate and ld_up (columns of
+// one merged projection); the activation computed as `activation` computes it.
+void gated_activation(tpe_activation act, const void* gate, int64_t ld_gate, const void* up,
+                      int64_t ld_up, void* out, int64_t rows, int64_t cols, DType dtype,
+                      cudaStream_t stream);
 // out = a + b, out = a * b; out may alias a or b.
 void add(const void* a, const void* b, void* out, int64_t n, DType dtype, cudaStream_t stream);
 void mul(const void* a, const void* b, void* out, int64_t n, DType dtype, cudaStream_t stream);

@@ -28,16 +28,17 @@ constexpr const char* kGguf = "model-f32.gguf";
 struct Case {
   std::string fixture;
   int tp;
-  bool gguf = false;  // from the fixture's model-f32.gguf instead of its safetensors
+  bool gguf = false;   // from the fixture's model-f32.gguf instead of its safetensors
+  bool fused = false;  // kernel_inject = true: the fused path's program (on the CPU backend)
 };
 
 void PrintTo(const Case& c, std::ostream* os) {
-  *os << c.fixture << (c.gguf ? " (GGUF)" : "") << " at TP " << c.tp;
+  *os << c.fixture << (c.gguf ? " (GGUF)" : "") << (c.fused ? " fused" : "") << " at TP " << c.tp;
 }
 
 std::string case_name(const testing::TestParamInfo<Case>& info) {
-  return info.param.fixture + (info.param.gguf ? "_gguf" : "") + "_tp" +
-         std::to_string(info.param.tp);
+  return info.param.fixture + (info.param.gguf ? "_gguf" : "") +
+         (info.param.fused ? "_fused" : "") + "_tp" + std::to_string(info.param.tp);
 }
 
 std::vector<Case> all_cases() {
@@ -46,6 +47,7 @@ std::vector<Case> all_cases() {
     const bool gguf = std::filesystem::exists(fixture_dir(name) / kGguf);
     for (int tp = 1; tp <= 4; ++tp) {
       cases.push_back({name, tp});
+      cases.push_back({name, tp, false, true});
       if (gguf) cases.push_back({name, tp, true});
     }
   }
@@ -56,6 +58,7 @@ runtime::Engine make_engine(const Case& c) {
   config::RunConfig run;
   run.model_path = c.gguf ? fixture_dir(c.fixture) / kGguf : fixture_dir(c.fixture);
   run.tp_size = c.tp;
+  run.kernel_inject = c.fused;
   return runtime::Engine(runtime::prepare(run), /*quiet=*/true);
 }
 

@@ -3,6 +3,8 @@
 // plan` predicts is what a run holds, and the KV cache refuses passes that do not continue it.
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
+
 #include <algorithm>
 
 #include "core/common/error.hpp"
@@ -23,44 +25,99 @@ config::RunConfig cpu_run(const std::string& fixture, int tp) {
 
 // Liveness recomputed here from the instructions alone: a value's memory is in use from the
 // first instruction that touches any value sharing it to the last (the logits: to the end).
+void expect_live_values_disjoint(program::Program& p, const program::Limits& limits,
+                                 const std::string& label) {
+  program::plan_memory(p, limits);
+  const int n = static_cast<int>(p.instrs.size());
+  std::vector<int> first(p.values.size(), n + 1), last(p.values.size(), -1);
+  for (int i = 0; i < n; ++i) {
+    std::vector<int> touched = p.instrs[i].in;
+    touched.push_back(p.instrs[i].out);
+    for (int v : touched) {
+      const int root = p.storage(v);
+      first[root] = std::min(first[root], i);
+      last[root] = std::max(last[root], i);
+    }
+  }
+  last[p.storage(p.logits)] = n;
+  std::vector<int> roots;
+  for (size_t v = 0; v < p.values.size(); ++v) {
+    if (p.values[v].stored && p.storage(static_cast<int>(v)) == static_cast<int>(v) &&
+        last[v] >= 0) {
+      roots.push_back(static_cast<int>(v));
+    }
+  }
+  for (int a : roots) {
+    const int64_t a_end = p.values[a].offset + p.bytes(a, limits);
+    ASSERT_LE(a_end, p.arena_bytes) << label << " value " << a;
+    for (int b : roots) {
+      if (b <= a || last[a] < first[b] || last[b] < first[a]) continue;  // not live together
+      const int64_t b_end = p.values[b].offset + p.bytes(b, limits);
+      const bool disjoint = a_end <= p.values[b].offset || b_end <= p.values[a].offset;
+      ASSERT_TRUE(disjoint) << label << ": values " << a << " and " << b
+                            << " overlap while both are live";
+    }
+  }
+}
+
 TEST(MemoryPlan, LiveValuesNeverShareBytes) {
   const program::Limits limits{7, 3, 4};
   for (const std::string& fixture : fixture_names()) {
     for (int tp = 1; tp <= 4; ++tp) {
       const runtime::Model model = runtime::prepare(cpu_run(fixture, tp));
       for (int rank = 0; rank < tp; ++rank) {
-        program::Program p = program::lower(model.graph, model.plan, rank);
-        program::plan_memory(p, limits);
-        const int n = static_cast<int>(p.instrs.size());
-        std::vector<int> first(p.values.size(), n + 1), last(p.values.size(), -1);
-        for (int i = 0; i < n; ++i) {
-          std::vector<int> touched = p.instrs[i].in;
-          touched.push_back(p.instrs[i].out);
-          for (int v : touched) {
-            const int root = p.storage(v);
-            first[root] = std::min(first[root], i);
-            last[root] = std::max(last[root], i);
-          }
+        for (const bool fuse : {false, true}) {
+          program::Program p = program::lower(model.graph, model.plan, rank, fuse);
+          expect_live_values_disjoint(
+              p, limits,
+              fmt::format("{} tp {} rank {}{}", fixture, tp, rank, fuse ? " fused" : ""));
         }
-        last[p.storage(p.logits)] = n;
-        std::vector<int> roots;
-        for (size_t v = 0; v < p.values.size(); ++v) {
-          if (p.values[v].stored && p.storage(static_cast<int>(v)) == static_cast<int>(v) &&
-              last[v] >= 0) {
-            roots.push_back(static_cast<int>(v));
+      }
+    }
+  }
+}
+
+// The fused path's passes do fire: per Llama layer one merged q/k/v product, one merged gate/up
+// product feeding one gated activation, and no activation of its own; the rank loads exactly
+// the plain program's weight elements (the merged slices replace their parts, nothing twice).
+// A fused projection whose parts are already views (Falcon's, NeoX's query_key_value) is left
+// as it is, so Falcon's parallel block keeps its qkv and MLP products apart.
+TEST(FusedProgram, MergesProjectionsAndGatesTheMlp) {
+  struct Expect {
+    const char* fixture;
+    int linears_per_layer;  // plain's count in parentheses below
+    int gated_per_layer;
+  };
+  for (const Expect& e : {Expect{"llama_gqa", 4, 1},         // (7: q k v o gate up down)
+                          Expect{"qwen2_bias", 4, 1},        // (7, q/k/v biases merged too)
+                          Expect{"falcon_mqa", 4, 0},        // (4: qkv dense h_to_4h 4h_to_h)
+                          Expect{"neox_parallel", 4, 0}}) {  // nothing shares an input
+    for (int tp = 1; tp <= 4; ++tp) {
+      const runtime::Model model = runtime::prepare(cpu_run(e.fixture, tp));
+      const int layers = static_cast<int>(model.graph.blocks.size());
+      for (int rank = 0; rank < tp; ++rank) {
+        SCOPED_TRACE(testing::Message() << e.fixture << " tp " << tp << " rank " << rank);
+        const program::Program plain = program::lower(model.graph, model.plan, rank);
+        const program::Program fused = program::lower(model.graph, model.plan, rank, true);
+        const auto count = [&](const program::Program& p, program::Code code) {
+          int n = 0;
+          for (const auto& i : p.instrs) {
+            n += i.code == code && (code != program::Code::kLinear ||
+                                    model.graph.ops[i.op].kind == graph::OpKind::kLinear);
           }
+          return n;
+        };
+        const auto elements = [](const program::Program& p) {
+          int64_t n = 0;
+          for (const auto& w : p.weights) n += w.elements();
+          return n;
+        };
+        EXPECT_EQ(count(fused, program::Code::kLinear), e.linears_per_layer * layers);
+        EXPECT_EQ(count(fused, program::Code::kGatedActivation), e.gated_per_layer * layers);
+        if (e.gated_per_layer > 0) {
+          EXPECT_EQ(count(fused, program::Code::kActivation), 0);
         }
-        for (int a : roots) {
-          const int64_t a_end = p.values[a].offset + p.bytes(a, limits);
-          ASSERT_LE(a_end, p.arena_bytes) << fixture << " tp " << tp << " value " << a;
-          for (int b : roots) {
-            if (b <= a || last[a] < first[b] || last[b] < first[a]) continue;  // not live together
-            const int64_t b_end = p.values[b].offset + p.bytes(b, limits);
-            const bool disjoint = a_end <= p.values[b].offset || b_end <= p.values[a].offset;
-            ASSERT_TRUE(disjoint) << fixture << " tp " << tp << " rank " << rank << ": values " << a
-                                  << " and " << b << " overlap while both are live";
-          }
-        }
+        EXPECT_EQ(elements(fused), elements(plain));
       }
     }
   }

@@ -72,7 +72,7 @@ TEST(RunConfig, ReadsEveryKey) {
   EXPECT_EQ(config.dtype, "bfloat16");
   EXPECT_EQ(config.tp_size, 2);
   EXPECT_EQ(config.device, "cpu");
-  EXPECT_TRUE(config.kernel_inject);
+  EXPECT_EQ(config.kernel_inject, std::optional<bool>(true));
   EXPECT_EQ(config.prefill_chunk, 512);
   EXPECT_EQ(config.max_batch, 4);
   EXPECT_FALSE(config.cuda_graph);
@@ -101,7 +101,7 @@ TEST(RunConfig, EmptyFileGivesDefaults) {
   EXPECT_EQ(config.dtype, "auto");
   EXPECT_EQ(config.tp_size, 1);
   EXPECT_EQ(config.device, "cpu");
-  EXPECT_FALSE(config.kernel_inject);
+  EXPECT_FALSE(config.kernel_inject.has_value());  // auto
   EXPECT_EQ(config.prefill_chunk, 2048);
   EXPECT_EQ(config.max_batch, 32);
   EXPECT_TRUE(config.cuda_graph);
@@ -164,7 +164,10 @@ TEST(RunConfig, WrongTypes) {
   expect_error("[model]\npath = [\"a\"]\n",
                {"cfg.toml:2: key 'model.path' must be a string, not an array"});
   expect_error("[inference]\nkernel_inject = \"yes\"\n",
-               {"cfg.toml:2: key 'inference.kernel_inject' must be a boolean, not a string"});
+               {"cfg.toml:2: key 'inference.kernel_inject' must be true, false or \"auto\", not a "
+                "string"});
+  EXPECT_FALSE(parse("[inference]\nkernel_inject = \"auto\"\n").kernel_inject.has_value());
+  EXPECT_EQ(parse("[inference]\nkernel_inject = false\n").kernel_inject, std::optional<bool>(false));
   expect_error("[generation]\ntemperature = \"hot\"\n",
                {"cfg.toml:2: key 'generation.temperature' must be a number, not a string"});
   expect_error("[generation]\ndo_sample = 1979-05-27\n",

@@ -47,7 +47,7 @@ struct CommonFlags {
   std::optional<int> tp;
   std::string dtype;
   std::string device;
-  std::optional<bool> kernel_inject;
+  std::optional<std::string> kernel_inject;
   std::optional<int64_t> prefill_chunk, max_batch;
   bool no_cuda_graph = false;
   bool allow_long_context = false;
@@ -65,7 +65,9 @@ struct CommonFlags {
     if (with_runtime) {
       app.add_option("--dtype", dtype, "auto | float32 | float16 | bfloat16");
       app.add_option("--device", device, "cpu | cuda");
-      app.add_option("--kernel-inject", kernel_inject, "fused kernels (true) or plain (false)");
+      app.add_option("--kernel-inject", kernel_inject,
+                     "fused kernels (true), plain (false), or auto: fused on cuda (default)")
+          ->check(CLI::IsMember({"true", "false", "auto"}));
       app.add_flag("--no-cuda-graph", no_cuda_graph,
                    "run every decode step op by op instead of replaying a CUDA graph");
       app.add_flag("-q,--quiet", quiet, "no progress or log lines");
@@ -86,7 +88,10 @@ struct CommonFlags {
     if (tp) run.tp_size = *tp;
     if (!dtype.empty()) run.dtype = dtype;
     if (!device.empty()) run.device = device;
-    if (kernel_inject) run.kernel_inject = *kernel_inject;
+    if (kernel_inject) {
+      run.kernel_inject =
+          *kernel_inject == "auto" ? std::nullopt : std::optional<bool>(*kernel_inject == "true");
+    }
     if (prefill_chunk) run.prefill_chunk = *prefill_chunk;
     if (max_batch) run.max_batch = *max_batch;
     if (no_cuda_graph) run.cuda_graph = false;
