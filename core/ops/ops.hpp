@@ -124,6 +124,7 @@ struct Instr {
   backend::AttentionShape attention;         // kAttention
   backend::Ids ids = backend::Ids::kTokens;  // kEmbedding: which ids it looks up
   Range vocab;                               // kEmbedding: the table rows this rank holds
+  std::string label;                         // set by a rewrite pass: what the instruction does
 };
 Instr make_instr(Code code, int op, std::vector<int> in, int out);
 

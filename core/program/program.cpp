@@ -1,5 +1,8 @@
 #include "core/program/program.hpp"
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -194,6 +197,9 @@ class Lowering final : public ops::Lowering {
         offset += p_.values[out].width;
         if (i != group[0]) gone[i] = true;
       }
+      std::vector<std::string> names;
+      for (size_t i : group) names.push_back(g_.relative_name(p_.instrs[i].op));
+      first.label = fmt::format("linear {}", fmt::join(names, "+"));
       first.out = fused;
       first.weight = add_weight(std::move(weight));
       if (bias) first.bias = add_weight(std::move(biases));
@@ -230,6 +236,7 @@ class Lowering final : public ops::Lowering {
         }
         mul.code = Code::kGatedActivation;
         mul.op = p_.instrs[a].op;  // the activation's kind
+        mul.label = "gated_activation";
         mul.in = {gate, up};
         gone[a] = true;
         break;
@@ -403,6 +410,7 @@ void plan_memory(Program& p, const Limits& limits) {
 }
 
 std::string instr_label(const graph::Graph& graph, const Instr& instr) {
+  if (!instr.label.empty()) return instr.label;
   if (instr.op < 0) return code_name(instr.code);
   const std::string name = graph.relative_name(instr.op);
   const std::string kind = graph::op_kind_name(graph.ops[instr.op].kind);

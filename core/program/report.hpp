@@ -19,13 +19,15 @@ struct RankMemory {
   int64_t arena_bytes = 0;            // activations of one pass at the limits asked for
 };
 
+// fuse: of the fused path's programs (kernel_inject), whose arena differs.
 std::vector<RankMemory> rank_memory(const graph::Graph& graph, const parallel::Plan& plan,
-                                    const Limits& limits = {});
+                                    const Limits& limits = {}, bool fuse = false);
 
 struct ReportOptions {
   int64_t batch = 1;
   int64_t seq_len = 2048;
-  Limits limits;  // the largest pass; its element_bytes is the model dtype's
+  Limits limits;      // the largest pass; its element_bytes is the model dtype's
+  bool fuse = false;  // the fused path's programs
 };
 
 std::string format_plan(const graph::Graph& graph, const parallel::Plan& plan,

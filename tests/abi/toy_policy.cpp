@@ -3,10 +3,14 @@
 // and working Llama variants meet the host across ABI versions. The ABI_1_0 and ABI_1_9 variants
 // are compiled against header copies in tests/abi/abi_1_0 and abi_1_9 instead of the SDK's, so
 // their structs really have those versions' sizes; the others against the SDK.
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <tpengine/policy.h>
 
@@ -185,17 +189,24 @@ tpe_status build(const tpe_host_api* api, tpe_graph* g) {
 #if TOY_VARIANT == TOY_SEGV_BUILD
   (void)api;
   (void)g;
-  volatile int* null = nullptr;
-  *null = 1;
+  // An address no mapping holds (not null: UBSan would report a null store first).
+  volatile uintptr_t address = 16;
+  *reinterpret_cast<volatile int*>(address) = 1;
   return TPE_ERROR;
 #elif TOY_VARIANT == TOY_SHORT_SPLIT
-  // One part's room, 2^24 parts claimed: the host reads and writes far past both arrays.
+  // One part's room at the end of a page, 2^24 parts claimed: the host reads past both arrays
+  // into unmapped memory (mmap'd, so no sanitizer's redzone reports it first).
   const tpe_value x =
       api->linear(g, api->embedding(g, api->input_ids(g), "model.embed_tokens.weight", 128, 64),
                   "model.layers.0.self_attn.q_proj", 64, 64, 0);
-  int64_t width = 64;
-  tpe_value part = TPE_INVALID_VALUE;
-  api->split(g, x, TPE_SPLIT_CONCAT, 1 << 24, &width, 0, 0, &part);
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  auto* base = static_cast<char*>(
+      mmap(nullptr, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  munmap(base + page, page);  // the page after is no memory at all
+  auto* width = reinterpret_cast<int64_t*>(base + page - sizeof(int64_t));
+  auto* part = reinterpret_cast<tpe_value*>(base + page - 2 * sizeof(int64_t));
+  *width = 64;
+  api->split(g, x, TPE_SPLIT_CONCAT, 1 << 24, width, 0, 0, part);
   return TPE_ERROR;
 #elif TOY_VARIANT == TOY_HANG_BUILD
   (void)api;

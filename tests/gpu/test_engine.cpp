@@ -243,7 +243,7 @@ TEST(GpuBench, MemorySplitAndStepProfile) {
   EXPECT_GE(memory[0].workspace, memory[0].planned_arena);
   EXPECT_LE(memory[0].workspace, memory[0].planned_arena * 11 / 10);
   EXPECT_EQ(memory[0].planned_arena,
-            program::rank_memory(m.graph, m.plan, m.limits)[0].arena_bytes);
+            program::rank_memory(m.graph, m.plan, m.limits, m.fused)[0].arena_bytes);
   EXPECT_GT(memory[0].device_in_use, memory[0].weights + memory[0].kv_cache);
   ASSERT_EQ(profile.times.size(), program::lower(m.graph, m.plan, 0, m.fused).instrs.size());
   double total = 0;

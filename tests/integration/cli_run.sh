@@ -15,6 +15,8 @@ prompt() {
 check() {  # check NAME ACTUAL EXPECTED
   if [ "$2" != "$3" ]; then printf 'FAIL %s\n  got:      %s\n  expected: %s\n' "$1" "$2" "$3"; exit 1; fi
 }
+# Toy plugins that crash must die by their signals in a sanitizer build too.
+export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}handle_segv=0:handle_abort=0"
 case $case in
   generate_toml)
     cat >"$work/run.toml" <<TOML

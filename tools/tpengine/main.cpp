@@ -550,6 +550,7 @@ int run_plan(const CommonFlags& common, int64_t batch, int64_t seq_len) {
   options.batch = batch;
   options.seq_len = seq_len;
   options.limits = model.limits;
+  options.fuse = model.fused;
   fmt::print("{}", tpe::program::format_plan(model.graph, model.plan, options));
   return 0;
 }
