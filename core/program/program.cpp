@@ -204,11 +204,7 @@ class Lowering final : public ops::Lowering {
       first.weight = add_weight(std::move(weight));
       if (bias) first.bias = add_weight(std::move(biases));
     }
-    std::vector<Instr> kept;
-    for (size_t i = 0; i < p_.instrs.size(); ++i) {
-      if (!gone[i]) kept.push_back(std::move(p_.instrs[i]));
-    }
-    p_.instrs = std::move(kept);
+    erase_instrs(gone);
   }
 
   // act(gate) * up, where gate and up are views of one merged projection and each is read only
@@ -242,6 +238,10 @@ class Lowering final : public ops::Lowering {
         break;
       }
     }
+    erase_instrs(gone);
+  }
+
+  void erase_instrs(const std::vector<bool>& gone) {
     std::vector<Instr> kept;
     for (size_t i = 0; i < p_.instrs.size(); ++i) {
       if (!gone[i]) kept.push_back(std::move(p_.instrs[i]));

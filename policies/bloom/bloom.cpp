@@ -19,11 +19,7 @@ int64_t size_either(tpengine::Builder& b, const char* key, const char* other, in
 void build(tpengine::Builder& b) {
   const int64_t hidden = size_either(b, "n_embed", "hidden_size", tpengine::Builder::kMaxSize);
   const int64_t n_heads = size_either(b, "num_attention_heads", "n_head", 4096);
-  if (hidden % n_heads != 0) {
-    throw tpengine::PolicyError("config.json: hidden_size " + std::to_string(hidden) +
-                                " is not a multiple of n_head " + std::to_string(n_heads));
-  }
-  const int64_t head_dim = hidden / n_heads;
+  const int64_t head_dim = tpengine::Builder::divide("hidden_size", hidden, "n_head", n_heads);
   const int64_t layers = size_either(b, "num_hidden_layers", "n_layer", 4096);
   const int64_t vocab = b.require_size("vocab_size");
   const double eps = b.require_float("layer_norm_epsilon");

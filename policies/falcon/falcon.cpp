@@ -17,12 +17,8 @@ namespace {
 void build(tpengine::Builder& b) {
   const int64_t hidden = b.require_size("hidden_size");
   const int64_t n_heads = b.require_size("num_attention_heads");
-  if (hidden % n_heads != 0) {
-    throw tpengine::PolicyError("config.json: hidden_size " + std::to_string(hidden) +
-                                " is not a multiple of num_attention_heads " +
-                                std::to_string(n_heads));
-  }
-  const int64_t head_dim = hidden / n_heads;
+  const int64_t head_dim =
+      tpengine::Builder::divide("hidden_size", hidden, "num_attention_heads", n_heads);
   const int64_t layers = b.require_size("num_hidden_layers", 4096);
   const int64_t vocab = b.require_size("vocab_size");
   const int64_t ffn = b.size_or("ffn_hidden_size", 4 * hidden);
@@ -35,10 +31,7 @@ void build(tpengine::Builder& b) {
   const bool tied = b.bool_or("tie_word_embeddings", true);
   const tpe_activation act = tpengine::Builder::activation_named(b.string_or("activation", "gelu"));
   const int64_t n_kv = new_arch ? b.size_or("num_kv_heads", n_heads) : multi_query ? 1 : n_heads;
-  if (n_heads % n_kv != 0) {
-    throw tpengine::PolicyError("config.json: num_attention_heads " + std::to_string(n_heads) +
-                                " is not a multiple of num_kv_heads " + std::to_string(n_kv));
-  }
+  tpengine::Builder::divide("num_attention_heads", n_heads, "num_kv_heads", n_kv);
   const bool two_norms = new_arch && b.size_or("num_ln_in_parallel_attn", 2, 2) == 2;
   if (b.bool_or("apply_residual_connection_post_layernorm", false)) {
     throw tpengine::PolicyError(

@@ -28,11 +28,7 @@ void build(tpengine::Builder& b) {
   }
   const int64_t hidden = b.require_size("n_embd");
   const int64_t n_heads = b.require_size("n_head");
-  if (hidden % n_heads != 0) {
-    throw tpengine::PolicyError("config.json: n_embd " + std::to_string(hidden) +
-                                " is not a multiple of n_head " + std::to_string(n_heads));
-  }
-  const int64_t head_dim = hidden / n_heads;
+  const int64_t head_dim = tpengine::Builder::divide("n_embd", hidden, "n_head", n_heads);
   const int64_t ffn = b.size_or("n_inner", 4 * hidden);
   const int64_t layers = b.require_size("n_layer", 4096);
   const int64_t vocab = b.require_size("vocab_size");

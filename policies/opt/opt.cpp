@@ -13,12 +13,8 @@ constexpr int64_t kPositionOffset = 2;  // OPTLearnedPositionalEmbedding's offse
 void build(tpengine::Builder& b) {
   const int64_t hidden = b.require_size("hidden_size");
   const int64_t n_heads = b.require_size("num_attention_heads");
-  if (hidden % n_heads != 0) {
-    throw tpengine::PolicyError("config.json: hidden_size " + std::to_string(hidden) +
-                                " is not a multiple of num_attention_heads " +
-                                std::to_string(n_heads));
-  }
-  const int64_t head_dim = hidden / n_heads;
+  const int64_t head_dim =
+      tpengine::Builder::divide("hidden_size", hidden, "num_attention_heads", n_heads);
   const int64_t ffn = b.require_size("ffn_dim");
   const int64_t layers = b.require_size("num_hidden_layers", 4096);
   const int64_t vocab = b.require_size("vocab_size");

@@ -44,6 +44,15 @@ class Builder {
     return optional(api_->config_int(g_, key, &v), key, "an integer") ? checked_size(key, v, max)
                                                                       : fallback;
   }
+  // a / b for two sizes read from config.json (a width per head, heads per kv head), else an
+  // error naming both keys and values.
+  static int64_t divide(const char* a_key, int64_t a, const char* b_key, int64_t b) {
+    if (a % b != 0) {
+      throw PolicyError(std::string("config.json: ") + a_key + " " + std::to_string(a) +
+                        " is not a multiple of " + b_key + " " + std::to_string(b));
+    }
+    return a / b;
+  }
   double require_float(const char* key) const {
     double v = 0;
     check(api_->config_float(g_, key, &v), key, "a number");
