@@ -1,5 +1,7 @@
 #include "core/backend/backend.hpp"
 
+#include <cmath>
+
 namespace tpe::backend {
 
 bool Batch::is_decode() const {
@@ -31,6 +33,22 @@ std::vector<int64_t> Batch::ids(Ids which) const {
       return second.token_types;
   }
   return tokens;
+}
+
+std::vector<int64_t> Backend::argmax_rows(const Buffer& x) {
+  const Tensor host = to_host(x);
+  std::vector<int64_t> best(static_cast<size_t>(host.rows()), -1);
+  for (int64_t r = 0; r < host.rows(); ++r) {
+    const float* row = host.row(r);
+    int64_t arg = 0;
+    bool finite = true;
+    for (int64_t c = 0; c < host.cols(); ++c) {
+      finite = finite && std::isfinite(row[c]);
+      if (row[c] > row[arg]) arg = c;
+    }
+    if (finite) best[static_cast<size_t>(r)] = arg;
+  }
+  return best;
 }
 
 }  // namespace tpe::backend

@@ -170,6 +170,20 @@ class Backend {
   // Appends the batch's keys and values at their positions, then attends causally.
   virtual void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                          const AttentionShape& shape, Buffer& out) = 0;
+  // The fused path's two of these in one: rotates q and k in place (rotary parameter set
+  // `rope`), then attention; and sum = a + b (rounded to the dtype), then y = norm(sum). Devices
+  // that fuse them override these; the results are those of the separate ops.
+  virtual void rotary_attention(Buffer& q, Buffer& k, const Buffer& v, KvLayer& cache,
+                                const AttentionShape& shape, int rope, Buffer& out) {
+    rotary(q, rope);
+    rotary(k, rope);
+    attention(q, k, v, cache, shape, out);
+  }
+  virtual void add_norm(tpe_norm_kind kind, const Buffer& a, const Buffer& b, const Buffer& w,
+                        const Buffer* bias, float eps, Buffer& sum, Buffer& y) {
+    add(a, b, sum);
+    norm(kind, sum, w, bias, eps, y);
+  }
   virtual void activation(tpe_activation act, Buffer& x) = 0;
   // out = act(gate) * up; gate and up may be views (columns of one merged projection).
   virtual void gated_activation(tpe_activation act, const Buffer& gate, const Buffer& up,
@@ -179,6 +193,9 @@ class Backend {
   virtual void copy(const Buffer& src, Buffer& dst) = 0;
   // The batch's logit rows of x.
   virtual void select_rows(const Buffer& x, Buffer& out) = 0;
+  // Per row of x, the index of its largest value (the first among equals), or -1 where the row
+  // holds a NaN or an infinity: greedy decoding's choice without the logits leaving the device.
+  virtual std::vector<int64_t> argmax_rows(const Buffer& x);
 
   // ---- collectives over the tensor-parallel group ----
   virtual void all_reduce(Buffer& x) = 0;

@@ -557,18 +557,43 @@ int CudaBackend::attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim,
   return splits;
 }
 
-void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
-                            const AttentionShape& a, Buffer& out) {
+namespace {
+
+void refuse_cross(const AttentionShape& a, int device) {
   if (a.cross) {
     fail(
         "GPU {}: cross-attention (over a second token stream) is not built for the CUDA backend "
         "yet; run this model with device = \"cpu\"",
-        device_);
+        device);
   }
+}
+
+}  // namespace
+
+void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
+                            const AttentionShape& a, Buffer& out) {
+  refuse_cross(a, device_);
   cuda::kv_append(k.data, v.data, k.rows, k.cols, slots_, positions_, cache.k.data, cache.v.data,
                   cache.max_len, dtype_, stream_, k.stride(), v.stride());
-  const int64_t n_q = q.cols / a.head_dim;
+  attend(q, k.cols / a.head_dim, cache, a, out);
+}
+
+void CudaBackend::rotary_attention(Buffer& q, Buffer& k, const Buffer& v, KvLayer& cache,
+                                   const AttentionShape& a, int rope, Buffer& out) {
+  refuse_cross(a, device_);
+  const RopeSpec& spec = ropes_.at(static_cast<size_t>(rope));
+  TPE_CHECK(spec.head_dim == a.head_dim, "rotary_attention: the rope's head_dim is not attention's");
   const int64_t n_kv = k.cols / a.head_dim;
+  cuda::rope_kv_append(q.data, q.stride(), q.cols / a.head_dim, k.data, k.stride(), v.data,
+                       v.stride(), n_kv, k.rows, a.head_dim, 2 * rotary_half(spec), slots_,
+                       positions_, segment_of_, rope_tables_[static_cast<size_t>(rope)],
+                       cache.k.data, cache.v.data, cache.max_len, dtype_, stream_);
+  attend(q, n_kv, cache, a, out);
+}
+
+void CudaBackend::attend(const Buffer& q, int64_t n_kv, KvLayer& cache, const AttentionShape& a,
+                         Buffer& out) {
+  const int64_t n_q = q.cols / a.head_dim;
   const size_t e = cuda::dtype_size(dtype_);
   // Tokens [first, first + count) on the split-KV kernels.
   const auto split_kv = [&](int64_t first, int64_t count) {
@@ -603,6 +628,16 @@ void CudaBackend::attention(const Buffer& q, const Buffer& k, const Buffer& v, K
     t += seg.count;
   }
   split_kv(short_from, t - short_from);
+}
+
+void CudaBackend::add_norm(tpe_norm_kind kind, const Buffer& a, const Buffer& b, const Buffer& w,
+                           const Buffer* bias, float eps, Buffer& sum, Buffer& y) {
+  if (kind == TPE_NORM_RMS) {
+    cuda::rms_norm(a.data, a.rows, a.cols, w.data, eps, dtype_, y.data, stream_, b.data, sum.data);
+  } else {
+    cuda::layer_norm(a.data, a.rows, a.cols, w.data, bias != nullptr ? bias->data : nullptr, eps,
+                     dtype_, y.data, stream_, b.data, sum.data);
+  }
 }
 
 void CudaBackend::activation(tpe_activation act, Buffer& x) {
@@ -641,6 +676,16 @@ void CudaBackend::select_rows(const Buffer& x, Buffer& out) {
   // A row gather is an embedding lookup whose table is x.
   TPE_CHECK(out.rows == logit_row_count_, "select_rows: not the batch's logit rows");
   cuda::embedding(logit_rows_, out.rows, x.data, 0, x.rows, x.cols, dtype_, out.data, stream_);
+}
+
+std::vector<int64_t> CudaBackend::argmax_rows(const Buffer& x) {
+  std::vector<int64_t> best(static_cast<size_t>(x.rows));
+  auto picked = pool_->get(std::max<size_t>(best.size(), 1) * sizeof(int64_t), pool_);
+  cuda::argmax_rows(x.data, x.rows, x.cols, dtype_, static_cast<int64_t*>(picked.get()), stream_);
+  TPE_CUDA_CHECK(cudaMemcpyAsync(best.data(), picked.get(), best.size() * sizeof(int64_t),
+                                 cudaMemcpyDeviceToHost, stream_));
+  sync("the greedy choice of tokens");
+  return best;
 }
 
 namespace {

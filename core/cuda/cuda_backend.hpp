@@ -71,6 +71,10 @@ class CudaBackend final : public Backend {
   void rotary(Buffer& x, int rope) override;
   void attention(const Buffer& q, const Buffer& k, const Buffer& v, KvLayer& cache,
                  const AttentionShape& shape, Buffer& out) override;
+  void rotary_attention(Buffer& q, Buffer& k, const Buffer& v, KvLayer& cache,
+                        const AttentionShape& shape, int rope, Buffer& out) override;
+  void add_norm(tpe_norm_kind kind, const Buffer& a, const Buffer& b, const Buffer& w,
+                const Buffer* bias, float eps, Buffer& sum, Buffer& y) override;
   void activation(tpe_activation act, Buffer& x) override;
   void gated_activation(tpe_activation act, const Buffer& gate, const Buffer& up,
                         Buffer& out) override;
@@ -78,6 +82,7 @@ class CudaBackend final : public Backend {
   void mul(const Buffer& a, const Buffer& b, Buffer& out) override;
   void copy(const Buffer& src, Buffer& dst) override;
   void select_rows(const Buffer& x, Buffer& out) override;
+  std::vector<int64_t> argmax_rows(const Buffer& x) override;
   void all_reduce(Buffer& x) override;
   void broadcast(std::vector<int64_t>& values) override;
   void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;
@@ -102,6 +107,9 @@ class CudaBackend final : public Backend {
   void record_mark();
   // The split count for an attention call of these shapes, growing the scratch for its partial
   // results when not recording (recorded steps are forgotten: they refer to the old scratch).
+  // Attention over the cache (the pass's keys and values already appended); n_kv local heads.
+  void attend(const Buffer& q, int64_t n_kv, KvLayer& cache, const AttentionShape& shape,
+              Buffer& out);
   int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_len, int64_t n_kv,
                        int64_t group);
 

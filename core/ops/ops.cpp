@@ -49,6 +49,8 @@ const char* code_name(Code code) {
       return "gather_vocab";
     case Code::kAllReduce:
       return "all_reduce";
+    case Code::kAddNorm:
+      return "add_norm";
     case Code::kGatedActivation:
       return "gated_activation";
   }

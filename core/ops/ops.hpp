@@ -66,7 +66,8 @@ enum class Code {
   kLinear,       // out = in[0] · weight^T (+ bias)
   kGather,       // out = columns `cols` of in[0] (a part of a fused projection)
   kRotary,       // out = in[0] rotated by position (in place when out aliases in[0])
-  kAttention,    // appends in[1], in[2] to KV layer `cache`, then out = attention of in[0]
+  kAttention,    // appends in[1], in[2] to KV layer `cache`, then out = attention of in[0];
+                 // with `rope` (fused path), in[0] and in[1] are rotated in place first
   kActivation,   // out = act(in[0]) (in place when out aliases in[0])
   kAdd,          // out = in[0] + in[1]
   kMul,          // out = in[0] * in[1]
@@ -76,6 +77,7 @@ enum class Code {
   kAllReduce,    // in[0] summed over ranks, in place (out == in[0])
   // Fused path only (program rewrite passes):
   kGatedActivation,  // out = act(in[0]) * in[1], both views of one fused projection
+  kAddNorm,          // sum = in[0] + in[1] (rounded), then out = norm(sum) * weight (+ bias)
 };
 const char* code_name(Code code);
 
@@ -119,7 +121,8 @@ struct Instr {
   int out = -1;
   int weight = -1, bias = -1;                // Program::weights
   int cache = -1;                            // Program::cache_layers
-  int rope = -1;                             // Program::ropes
+  int rope = -1;                             // Program::ropes (kAttention: fused path's rotary)
+  int sum = -1;                              // kAddNorm: the value the sum is written to
   IndexSet cols;                             // kGather
   backend::AttentionShape attention;         // kAttention
   backend::Ids ids = backend::Ids::kTokens;  // kEmbedding: which ids it looks up

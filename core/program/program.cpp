@@ -77,6 +77,8 @@ class Lowering final : public ops::Lowering {
     if (fuse_) {
       merge_linears();
       gate_activations();
+      add_norms();
+      rotary_into_attention();
       drop_unused_weights();
     }
     compact_views();
@@ -211,12 +213,8 @@ class Lowering final : public ops::Lowering {
   // there, becomes one instruction reading both views: no copies of the views, no activation
   // buffer (Llama's and Qwen2's gated MLP).
   void gate_activations() {
-    std::vector<int> reads(p_.values.size(), 0);
-    for (const Instr& instr : p_.instrs) {
-      for (int v : instr.in) ++reads[v];
-    }
-    std::vector<int> producer(p_.values.size(), -1);
-    for (size_t i = 0; i < p_.instrs.size(); ++i) producer[p_.instrs[i].out] = static_cast<int>(i);
+    const std::vector<int> reads = read_counts();
+    const std::vector<int> producer = producers();
     std::vector<bool> gone(p_.instrs.size(), false);
     for (Instr& mul : p_.instrs) {
       if (mul.code != Code::kMul) continue;
@@ -237,6 +235,70 @@ class Lowering final : public ops::Lowering {
         gone[a] = true;
         break;
       }
+    }
+    erase_instrs(gone);
+  }
+
+  // The instruction that last writes each value (-1: none), and how many instructions read it.
+  std::vector<int> producers() const {
+    std::vector<int> producer(p_.values.size(), -1);
+    for (size_t i = 0; i < p_.instrs.size(); ++i) producer[p_.instrs[i].out] = static_cast<int>(i);
+    return producer;
+  }
+  std::vector<int> read_counts() const {
+    std::vector<int> reads(p_.values.size(), 0);
+    for (const Instr& instr : p_.instrs) {
+      for (int v : instr.in) ++reads[v];
+    }
+    return reads;
+  }
+
+  // A residual add whose sum a norm reads (the next sublayer's input norm) becomes one
+  // instruction at the add's place writing both the sum (still read by the next residual add)
+  // and the norm: the sum is not read back from memory, and one kernel instead of two.
+  void add_norms() {
+    const std::vector<int> producer = producers();
+    std::vector<bool> gone(p_.instrs.size(), false);
+    for (size_t n = 0; n < p_.instrs.size(); ++n) {
+      const Instr& norm = p_.instrs[n];
+      if (norm.code != Code::kNorm) continue;
+      const int a = producer[norm.in[0]];
+      if (a < 0 || p_.instrs[a].code != Code::kAdd || p_.values[norm.in[0]].ld != 0) continue;
+      Instr& add = p_.instrs[a];
+      add.code = Code::kAddNorm;
+      add.sum = add.out;
+      add.out = norm.out;
+      add.op = norm.op;  // the norm's kind and eps
+      add.weight = norm.weight;
+      add.bias = norm.bias;
+      add.label = "add+" + instr_label(g_, norm);
+      gone[n] = true;
+    }
+    erase_instrs(gone);
+  }
+
+  // Rotary of q and k that only attention reads moves into the attention instruction, which
+  // rotates them in place (their unrotated values have no other reader) as it appends k and v to
+  // the cache: one kernel for rotary and the KV append instead of three.
+  void rotary_into_attention() {
+    const std::vector<int> producer = producers();
+    const std::vector<int> reads = read_counts();
+    std::vector<bool> gone(p_.instrs.size(), false);
+    for (Instr& att : p_.instrs) {
+      if (att.code != Code::kAttention || att.attention.cross) continue;
+      const int rq = producer[att.in[0]], rk = producer[att.in[1]];
+      if (rq < 0 || rk < 0 || rq == rk) continue;
+      const Instr& q = p_.instrs[rq];
+      const Instr& k = p_.instrs[rk];
+      if (q.code != Code::kRotary || k.code != Code::kRotary || q.rope != k.rope ||
+          reads[att.in[0]] != 1 || reads[att.in[1]] != 1 || reads[q.in[0]] != 1 ||
+          reads[k.in[0]] != 1 || q.in[0] == k.in[0]) {
+        continue;
+      }
+      att.in[0] = q.in[0];
+      att.in[1] = k.in[0];
+      att.rope = q.rope;
+      gone[rq] = gone[rk] = true;
     }
     erase_instrs(gone);
   }
@@ -310,20 +372,22 @@ class Lowering final : public ops::Lowering {
       Instr& instr = p_.instrs[i];
       const bool elementwise = instr.code == Code::kRotary || instr.code == Code::kActivation ||
                                instr.code == Code::kCopy || instr.code == Code::kAdd ||
-                               instr.code == Code::kMul;
-      if (elementwise && instr.out != p_.logits) {
+                               instr.code == Code::kMul || instr.code == Code::kAddNorm;
+      // The output written element by element from its inputs' same elements (an add-norm's sum).
+      const int written = instr.code == Code::kAddNorm ? instr.sum : instr.out;
+      if (elementwise && written != p_.logits) {
         for (int v : instr.in) {
           const int r = region[v];
           const Value& in = p_.values[v];
           if (!in.stored || region_last[r] != i || (in.ld != 0 && instr.code != Code::kRotary)) {
             continue;
           }
-          Value& out = p_.values[instr.out];
+          Value& out = p_.values[written];
           out.alias = p_.storage(v);
           out.col_offset = in.col_offset;
           out.ld = in.ld;
-          region[instr.out] = r;
-          region_last[r] = std::max(region_last[r], last[instr.out]);
+          region[written] = r;
+          region_last[r] = std::max(region_last[r], last[written]);
           break;
         }
       }
@@ -366,6 +430,7 @@ void plan_memory(Program& p, const Limits& limits) {
     };
     for (int v : instr.in) touch(v);
     touch(instr.out);
+    if (instr.sum >= 0) touch(instr.sum);
   }
   last[p.storage(p.logits)] = n;  // read after the pass
   struct Block {

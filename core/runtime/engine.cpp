@@ -612,6 +612,10 @@ std::vector<std::vector<int64_t>> Engine::generate(
                      max_prompt + params.max_new_tokens);
   }
   Sampler sampler(params.seed);
+  // Plain greedy decoding needs only each row's largest logit: the backend picks it where the
+  // logits are (Backend::argmax_rows), and only the chosen ids reach the host.
+  const bool pick_on_device = !params.sampling.do_sample &&
+                              params.sampling.repetition_penalty == 1.0 && logprobs == nullptr;
   ranks_->run([&](int r) {
     Executor& executor = *ranks_->executors[r];
     executor.reset_cache(static_cast<int>(n), max_prompt + params.max_new_tokens);
@@ -626,12 +630,15 @@ std::vector<std::vector<int64_t>> Engine::generate(
     for (size_t i = 0; i < n; ++i)
       std::copy(last[i].data.begin(), last[i].data.end(), logits.row(i));
     if (profile_prompt && executor.rank() == 0) profile->times = std::move(times);
+    std::vector<int64_t> picked;  // the device's choices for the rows (pick_on_device, step > 0)
     for (int64_t step = 0;; ++step) {
       // Rank 0 samples; every rank takes its choice so all caches stay identical.
       std::vector<int64_t> next(live.size());
       constexpr int64_t kNotFinite = -1, kInterrupted = -2;  // rank 0's verdicts, broadcast
       if (executor.rank() == 0 && params.interrupt != nullptr && params.interrupt->load() != 0) {
         std::fill(next.begin(), next.end(), kInterrupted);
+      } else if (executor.rank() == 0 && step > 0 && pick_on_device) {
+        for (size_t j = 0; j < live.size(); ++j) next[j] = picked[j] < 0 ? kNotFinite : picked[j];
       } else if (executor.rank() == 0) {
         std::vector<float> raw;
         for (size_t j = 0; j < live.size(); ++j) {
@@ -677,7 +684,11 @@ std::vector<std::vector<int64_t>> Engine::generate(
       if (following.segments.empty() || step + 1 == params.max_new_tokens) break;
       live = std::move(still);
       const bool timed = profile != nullptr && profile->step == step + 1;
-      logits = executor.forward(following, timed ? &times : nullptr);
+      if (pick_on_device) {
+        picked = executor.forward_greedy(following, timed ? &times : nullptr);
+      } else {
+        logits = executor.forward(following, timed ? &times : nullptr);
+      }
       if (timed && executor.rank() == 0) profile->times = std::move(times);
     }
   });

@@ -132,6 +132,18 @@ void Executor::check_ids(const Batch& batch) const {
 }
 
 Tensor Executor::forward(const Batch& batch, std::vector<StepTime>* profile) {
+  pass(batch, profile);
+  if (batch.logit_rows.empty()) return Tensor({0, program_.vocab_size});
+  return backend_->to_host(views_[program_.logits]);
+}
+
+std::vector<int64_t> Executor::forward_greedy(const Batch& batch, std::vector<StepTime>* profile) {
+  pass(batch, profile);
+  if (batch.logit_rows.empty()) return {};
+  return backend_->argmax_rows(views_[program_.logits]);
+}
+
+void Executor::pass(const Batch& batch, std::vector<StepTime>* profile) {
   const int64_t tokens = static_cast<int64_t>(batch.tokens.size());
   const int64_t logit_rows = static_cast<int64_t>(batch.logit_rows.size());
   const int64_t second = static_cast<int64_t>(batch.second.tokens.size());
@@ -188,8 +200,6 @@ Tensor Executor::forward(const Batch& batch, std::vector<StepTime>* profile) {
       profile->push_back({program::instr_label(graph_, program_.instrs[i]), ms.at(i)});
     }
   }
-  if (logit_rows == 0) return Tensor({0, program_.vocab_size});
-  return backend_->to_host(views_[program_.logits]);
 }
 
 void Executor::run(const Batch& batch, bool profile) {
@@ -231,8 +241,19 @@ void Executor::run_instr(const Instr& instr) {
       backend_->rotary(out, instr.rope);
       break;
     case Code::kAttention:
-      backend_->attention(in(0), in(1), in(2), cache_.layer(instr.cache), instr.attention, out);
+      if (instr.rope >= 0) {
+        backend_->rotary_attention(views_[instr.in[0]], views_[instr.in[1]], in(2),
+                                   cache_.layer(instr.cache), instr.attention, instr.rope, out);
+      } else {
+        backend_->attention(in(0), in(1), in(2), cache_.layer(instr.cache), instr.attention, out);
+      }
       break;
+    case Code::kAddNorm: {
+      const graph::Op& op = graph_.ops[instr.op];
+      backend_->add_norm(op.norm_kind, in(0), in(1), *weights_[instr.weight], bias,
+                         static_cast<float>(op.eps), views_[instr.sum], out);
+      break;
+    }
     case Code::kActivation:
       if (!in_place) backend_->copy(in(0), out);
       backend_->activation(graph_.ops[instr.op].activation, out);

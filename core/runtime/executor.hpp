@@ -46,6 +46,11 @@ class Executor {
   // Runs one pass and returns the full logits [batch.logit_rows.size(), vocab] (gathered over
   // ranks) on the host; with `profile`, also the time of each instruction.
   Tensor forward(const backend::Batch& batch, std::vector<StepTime>* profile = nullptr);
+  // Runs one pass and returns, per logit row, the index of its largest logit (the first among
+  // equals; -1 for a row with a NaN or an infinity), chosen where the logits are: greedy
+  // decoding without copying them to the host.
+  std::vector<int64_t> forward_greedy(const backend::Batch& batch,
+                                      std::vector<StepTime>* profile = nullptr);
 
   const program::Program& program() const { return program_; }
   int64_t weight_bytes() const;
@@ -59,6 +64,7 @@ class Executor {
   double copy_bandwidth_gbs();
 
  private:
+  void pass(const backend::Batch& batch, std::vector<StepTime>* profile);
   void run(const backend::Batch& batch, bool profile);
   // Fails, naming the embedding, when ids of the pass are missing or out of its table's range.
   void check_ids(const backend::Batch& batch) const;

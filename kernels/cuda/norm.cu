@@ -1,5 +1,7 @@
 // RMSNorm and LayerNorm: one block per row, fp32 block reductions, 16-byte packs when the row
 // width and the pointers allow. The row is read again for the output pass; it is still in L1/L2.
+// With a residual, the row normalised is x + residual rounded to the dtype, which is also
+// written out (the fused path's add + norm): each thread reads back only the packs it wrote.
 #include "kernels/cuda/device.hpp"
 
 namespace tpe::cuda {
@@ -11,24 +13,52 @@ using detail::Pack;
 using detail::SumOp;
 using detail::to_float;
 
+// One row of a norm's input: x, or x + r (rounded) kept in sum.
 template <class T, int kW>
-__global__ void rms_norm_kernel(const T* x, int64_t width, const T* w, float eps, T* y) {
+struct RowInput {
+  using P = Pack<T, kW>;
+  const P* x;
+  const P* r;  // null: no residual
+  P* sum;
+
+  __device__ RowInput(const T* x_, const T* r_, T* sum_, int64_t width) {
+    const int64_t row = int64_t{blockIdx.x} * width;
+    x = reinterpret_cast<const P*>(x_ + row);
+    r = r_ != nullptr ? reinterpret_cast<const P*>(r_ + row) : nullptr;
+    sum = r_ != nullptr ? reinterpret_cast<P*>(sum_ + row) : nullptr;
+  }
+  // The first read of pack i (the sum made and stored), then later ones by the same thread.
+  __device__ P first(int64_t i) const {
+    P p = x[i];
+    if (r == nullptr) return p;
+    const P q = r[i];
+#pragma unroll
+    for (int k = 0; k < kW; ++k) p.v[k] = from_float<T>(to_float(p.v[k]) + to_float(q.v[k]));
+    sum[i] = p;
+    return p;
+  }
+  __device__ P again(int64_t i) const { return r == nullptr ? x[i] : sum[i]; }
+};
+
+template <class T, int kW>
+__global__ void rms_norm_kernel(const T* x, const T* residual, T* sum, int64_t width, const T* w,
+                                float eps, T* y) {
   using P = Pack<T, kW>;
   __shared__ float scratch[32];
   const int64_t packs = width / kW;
-  const auto* xr = reinterpret_cast<const P*>(x + int64_t{blockIdx.x} * width);
+  const RowInput<T, kW> xr(x, residual, sum, width);
   const auto* wp = reinterpret_cast<const P*>(w);
   auto* yr = reinterpret_cast<P*>(y + int64_t{blockIdx.x} * width);
   float sum_sq = 0.0f;
   for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-    const P p = xr[i];
+    const P p = xr.first(i);
 #pragma unroll
     for (int k = 0; k < kW; ++k) sum_sq += to_float(p.v[k]) * to_float(p.v[k]);
   }
   sum_sq = block_reduce(sum_sq, scratch, SumOp{}, 0.0f);
   const float rstd = 1.0f / sqrtf(sum_sq / static_cast<float>(width) + eps);
   for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-    const P px = xr[i];
+    const P px = xr.again(i);
     const P pw = wp[i];
     P py;
     // Llama multiplies the weight last: w * (x * rstd).
@@ -42,25 +72,25 @@ __global__ void rms_norm_kernel(const T* x, int64_t width, const T* w, float eps
 // Two passes over the row (mean, then the centred sum of squares) rather than one pass of sum
 // and sum of squares: no cancellation when the mean is large against the spread.
 template <class T, int kW>
-__global__ void layer_norm_kernel(const T* x, int64_t width, const T* w, const T* b, float eps,
-                                  T* y) {
+__global__ void layer_norm_kernel(const T* x, const T* residual, T* sum, int64_t width, const T* w,
+                                  const T* b, float eps, T* y) {
   using P = Pack<T, kW>;
   __shared__ float scratch[32];
   const int64_t packs = width / kW;
-  const auto* xr = reinterpret_cast<const P*>(x + int64_t{blockIdx.x} * width);
+  const RowInput<T, kW> xr(x, residual, sum, width);
   const auto* wp = reinterpret_cast<const P*>(w);
   const auto* bp = reinterpret_cast<const P*>(b);
   auto* yr = reinterpret_cast<P*>(y + int64_t{blockIdx.x} * width);
-  float sum = 0.0f;
+  float total = 0.0f;
   for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-    const P p = xr[i];
+    const P p = xr.first(i);
 #pragma unroll
-    for (int k = 0; k < kW; ++k) sum += to_float(p.v[k]);
+    for (int k = 0; k < kW; ++k) total += to_float(p.v[k]);
   }
-  const float mean = block_reduce(sum, scratch, SumOp{}, 0.0f) / static_cast<float>(width);
+  const float mean = block_reduce(total, scratch, SumOp{}, 0.0f) / static_cast<float>(width);
   float sum_sq = 0.0f;
   for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-    const P p = xr[i];
+    const P p = xr.again(i);
 #pragma unroll
     for (int k = 0; k < kW; ++k) {
       const float d = to_float(p.v[k]) - mean;
@@ -70,7 +100,7 @@ __global__ void layer_norm_kernel(const T* x, int64_t width, const T* w, const T
   sum_sq = block_reduce(sum_sq, scratch, SumOp{}, 0.0f);
   const float rstd = 1.0f / sqrtf(sum_sq / static_cast<float>(width) + eps);
   for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-    const P px = xr[i];
+    const P px = xr.again(i);
     const P pw = wp[i];
     P pb{};
     if (bp != nullptr) pb = bp[i];
@@ -89,20 +119,25 @@ int norm_threads(int64_t packs) {
   return static_cast<int>(std::clamp<int64_t>((packs + 31) / 32 * 32, 32, 256));
 }
 
-void check_norm_args(const char* op, int64_t tokens, int64_t width) {
+void check_norm_args(const char* op, int64_t tokens, int64_t width, const void* residual,
+                     const void* sum) {
   TPE_CUDA_REQUIRE(tokens >= 0 && width >= 0, op, "negative size");
+  TPE_CUDA_REQUIRE((residual == nullptr) == (sum == nullptr), op,
+                   "a residual needs a buffer for the sum, and only a residual does");
   TPE_CUDA_REQUIRE(tokens <= int64_t{0x7fffffff}, op, "more rows than one grid can hold");
 }
 
 }  // namespace
 
 void rms_norm(const void* x, int64_t tokens, int64_t width, const void* w, float eps, DType dtype,
-              void* y, cudaStream_t stream) {
-  check_norm_args("rms_norm", tokens, width);
+              void* y, cudaStream_t stream, const void* residual, void* sum) {
+  check_norm_args("rms_norm", tokens, width, residual, sum);
   if (tokens == 0 || width == 0) return;
   detail::dispatch(dtype, "rms_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto* tx = static_cast<const T*>(x);
+    const auto* tr = static_cast<const T*>(residual);
+    auto* ts = static_cast<T*>(sum);
     const auto* tw = static_cast<const T*>(w);
     auto* ty = static_cast<T*>(y);
     detail::dispatch_width<T>(
@@ -110,21 +145,24 @@ void rms_norm(const void* x, int64_t tokens, int64_t width, const void* w, float
         [&](auto vec) {
           constexpr int kW = decltype(vec)::value;
           rms_norm_kernel<T, kW>
-              <<<static_cast<unsigned>(tokens), norm_threads(width / kW), 0, stream>>>(tx, width,
-                                                                                       tw, eps, ty);
+              <<<static_cast<unsigned>(tokens), norm_threads(width / kW), 0, stream>>>(
+                  tx, tr, ts, width, tw, eps, ty);
           TPE_CUDA_CHECK_LAUNCH();
         },
-        tx, tw, ty);
+        tx, tr, ts, tw, ty);
   });
 }
 
 void layer_norm(const void* x, int64_t tokens, int64_t width, const void* w, const void* b,
-                float eps, DType dtype, void* y, cudaStream_t stream) {
-  check_norm_args("layer_norm", tokens, width);
+                float eps, DType dtype, void* y, cudaStream_t stream, const void* residual,
+                void* sum) {
+  check_norm_args("layer_norm", tokens, width, residual, sum);
   if (tokens == 0 || width == 0) return;
   detail::dispatch(dtype, "layer_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto* tx = static_cast<const T*>(x);
+    const auto* tr = static_cast<const T*>(residual);
+    auto* ts = static_cast<T*>(sum);
     const auto* tw = static_cast<const T*>(w);
     const auto* tb = static_cast<const T*>(b);
     auto* ty = static_cast<T*>(y);
@@ -134,10 +172,10 @@ void layer_norm(const void* x, int64_t tokens, int64_t width, const void* w, con
           constexpr int kW = decltype(vec)::value;
           layer_norm_kernel<T, kW>
               <<<static_cast<unsigned>(tokens), norm_threads(width / kW), 0, stream>>>(
-                  tx, width, tw, tb, eps, ty);
+                  tx, tr, ts, width, tw, tb, eps, ty);
           TPE_CUDA_CHECK_LAUNCH();
         },
-        tx, tw, tb, ty);
+        tx, tr, ts, tw, tb, ty);
   });
 }
 

@@ -27,11 +27,14 @@ void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64
 void embedding(const int32_t* ids, int64_t tokens, const void* table, int64_t vocab_begin,
                int64_t vocab_end, int64_t width, DType dtype, void* out, cudaStream_t stream);
 
-// As kernels/cpu: RMSNorm and LayerNorm (biased variance) per row; b may be null.
+// As kernels/cpu: RMSNorm and LayerNorm (biased variance) per row; b may be null. With a
+// residual [tokens, width] (the fused path's add + norm), the rows normalised are x + residual,
+// rounded to the dtype as `add` rounds, and written to sum (which may alias x or residual).
 void rms_norm(const void* x, int64_t tokens, int64_t width, const void* w, float eps, DType dtype,
-              void* y, cudaStream_t stream);
+              void* y, cudaStream_t stream, const void* residual = nullptr, void* sum = nullptr);
 void layer_norm(const void* x, int64_t tokens, int64_t width, const void* w, const void* b,
-                float eps, DType dtype, void* y, cudaStream_t stream);
+                float eps, DType dtype, void* y, cudaStream_t stream,
+                const void* residual = nullptr, void* sum = nullptr);
 
 // In place, elementwise.
 void activation(tpe_activation act, void* x, int64_t n, DType dtype, cudaStream_t stream);
@@ -56,6 +59,20 @@ void gather_columns(const void* x, int64_t tokens, int64_t in_width, const int32
 void rotary(void* x, int64_t tokens, int64_t n_heads, int64_t head_dim, int64_t rotary_dim,
             const int32_t* positions, const int32_t* table, const float* inv_freq, DType dtype,
             cudaStream_t stream, int64_t ld = 0);
+
+// The fused path's rotary + KV append: rotates q in place as `rotary` does, and writes token t's
+// k rotated the same way (k itself is left as it is) and its v at (slots[t], positions[t]) of the
+// caches, as `kv_append` does. q_ld, k_ld, v_ld: row strides of the q, k and v views.
+void rope_kv_append(void* q, int64_t q_ld, int64_t n_q, const void* k, int64_t k_ld,
+                    const void* v, int64_t v_ld, int64_t n_kv, int64_t tokens, int64_t head_dim,
+                    int64_t rotary_dim, const int32_t* slots, const int32_t* positions,
+                    const int32_t* table, const float* inv_freq, void* k_cache, void* v_cache,
+                    int64_t max_len, DType dtype, cudaStream_t stream);
+
+// out[r] = the index of the largest of x's row r [rows, cols] (the first among equals), or -1 if
+// the row holds a NaN or an infinity: greedy decoding's choice, on the device.
+void argmax_rows(const void* x, int64_t rows, int64_t cols, DType dtype, int64_t* out,
+                 cudaStream_t stream);
 
 // KV cache: k_cache, v_cache are [slots, max_len, kv_width]. Writes token t's k and v rows at
 // (slots[t], positions[t]); k_ld, v_ld: elements between the inputs' rows (0: kv_width).

@@ -1,5 +1,6 @@
 // Rotate-half rotary embedding, in place: a row of blocks per token, one thread per (head, pair),
-// so that a single decode token still spreads over many SMs.
+// so that a single decode token still spreads over many SMs. The fused path's variant also writes
+// the rotated keys and the values into the KV cache (rotary + KV append in one kernel).
 #include "kernels/cuda/device.hpp"
 
 namespace tpe::cuda {
@@ -10,6 +11,22 @@ using detail::to_float;
 
 constexpr int kThreads = 128;
 
+// Rotates the pair (i, i + half) of `head` by position pos (inv_freq: the token's frequencies)
+// into out, which may be head itself. transformers: freqs = position.float() * inv_freq, then cos
+// and sin, all fp32. The precise sincosf: positions reach the thousands of radians, where
+// __sinf/__cosf lose all accuracy.
+template <class T>
+__device__ __forceinline__ void rotate_pair(const T* head, T* out, int64_t i, int64_t half,
+                                            float pos, const float* inv_freq) {
+  float sin_v;
+  float cos_v;
+  sincosf(pos * inv_freq[i], &sin_v, &cos_v);
+  const float x1 = to_float(head[i]);
+  const float x2 = to_float(head[i + half]);
+  out[i] = from_float<T>(x1 * cos_v - x2 * sin_v);
+  out[i + half] = from_float<T>(x2 * cos_v + x1 * sin_v);
+}
+
 template <class T>
 __global__ void rotary_kernel(T* x, int64_t ld, int64_t n_heads, int64_t head_dim, int64_t half,
                               const int32_t* positions, const int32_t* table,
@@ -17,22 +34,75 @@ __global__ void rotary_kernel(T* x, int64_t ld, int64_t n_heads, int64_t head_di
   const int64_t t = blockIdx.x;
   const int64_t p = int64_t{blockIdx.y} * blockDim.x + threadIdx.x;
   if (p >= n_heads * half) return;
-  // transformers: freqs = position.float() * inv_freq, then cos and sin, all fp32. The precise
-  // sincosf: positions reach the thousands of radians, where __sinf/__cosf lose all accuracy.
+  const float* freq = inv_freq + (table != nullptr ? int64_t{table[t]} * half : 0);
+  T* head = x + t * ld + (p / half) * head_dim;
+  rotate_pair(head, head, p % half, half, static_cast<float>(positions[t]), freq);
+}
+
+// Per token, items in turn: q's rotary pairs (rotated in place); each key element (the first of
+// a pair rotates the pair into the cache, the ones past rotary_dim are copied; the second of a
+// pair has nothing to do); each value element (copied).
+template <class T>
+__global__ void rope_kv_append_kernel(T* q, int64_t q_ld, int64_t n_q, const T* k, int64_t k_ld,
+                                      const T* v, int64_t v_ld, int64_t n_kv, int64_t head_dim,
+                                      int64_t half, const int32_t* slots,
+                                      const int32_t* positions, const int32_t* table,
+                                      const float* inv_freq, T* k_cache, T* v_cache,
+                                      int64_t max_len) {
+  const int64_t t = blockIdx.x;
+  int64_t item = int64_t{blockIdx.y} * blockDim.x + threadIdx.x;
   const auto pos = static_cast<float>(positions[t]);
   const float* freq = inv_freq + (table != nullptr ? int64_t{table[t]} * half : 0);
-  const int64_t i = p % half;
-  T* head = x + t * ld + (p / half) * head_dim;
-  float sin_v;
-  float cos_v;
-  sincosf(pos * freq[i], &sin_v, &cos_v);
-  const float x1 = to_float(head[i]);
-  const float x2 = to_float(head[i + half]);
-  head[i] = from_float<T>(x1 * cos_v - x2 * sin_v);
-  head[i + half] = from_float<T>(x2 * cos_v + x1 * sin_v);
+  if (item < n_q * half) {
+    T* head = q + t * q_ld + (item / half) * head_dim;
+    rotate_pair(head, head, item % half, half, pos, freq);
+    return;
+  }
+  item -= n_q * half;
+  const int64_t width = n_kv * head_dim;
+  const int64_t row = (int64_t{slots[t]} * max_len + positions[t]) * width;
+  if (item < width) {
+    const int64_t j = item % head_dim;
+    const int64_t head = item - j;
+    if (j < half) {
+      rotate_pair(k + t * k_ld + head, k_cache + row + head, j, half, pos, freq);
+    } else if (j >= 2 * half) {
+      k_cache[row + item] = k[t * k_ld + item];
+    }
+    return;
+  }
+  item -= width;
+  if (item < width) v_cache[row + item] = v[t * v_ld + item];
 }
 
 }  // namespace
+
+void rope_kv_append(void* q, int64_t q_ld, int64_t n_q, const void* k, int64_t k_ld,
+                    const void* v, int64_t v_ld, int64_t n_kv, int64_t tokens, int64_t head_dim,
+                    int64_t rotary_dim, const int32_t* slots, const int32_t* positions,
+                    const int32_t* table, const float* inv_freq, void* k_cache, void* v_cache,
+                    int64_t max_len, DType dtype, cudaStream_t stream) {
+  TPE_CUDA_REQUIRE(tokens >= 0 && n_q >= 0 && n_kv >= 0 && head_dim >= 0 && max_len >= 0,
+                   "rope_kv_append", "negative size");
+  TPE_CUDA_REQUIRE(q_ld >= n_q * head_dim && k_ld >= n_kv * head_dim && v_ld >= n_kv * head_dim,
+                   "rope_kv_append", "row stride below the row's width");
+  TPE_CUDA_REQUIRE(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
+                   "rope_kv_append", "rotary_dim must be even and at most head_dim");
+  const int64_t items = n_q * (rotary_dim / 2) + 2 * n_kv * head_dim;
+  const int64_t blocks_per_token = (items + kThreads - 1) / kThreads;
+  TPE_CUDA_REQUIRE(tokens <= int64_t{0x7fffffff} && blocks_per_token <= 65535, "rope_kv_append",
+                   "more tokens or heads than one grid can hold");
+  if (tokens == 0 || items == 0) return;
+  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(blocks_per_token));
+  detail::dispatch(dtype, "rope_kv_append", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    rope_kv_append_kernel<<<grid, kThreads, 0, stream>>>(
+        static_cast<T*>(q), q_ld, n_q, static_cast<const T*>(k), k_ld, static_cast<const T*>(v),
+        v_ld, n_kv, head_dim, rotary_dim / 2, slots, positions, table, inv_freq,
+        static_cast<T*>(k_cache), static_cast<T*>(v_cache), max_len);
+    TPE_CUDA_CHECK_LAUNCH();
+  });
+}
 
 void rotary(void* x, int64_t tokens, int64_t n_heads, int64_t head_dim, int64_t rotary_dim,
             const int32_t* positions, const int32_t* table, const float* inv_freq, DType dtype,

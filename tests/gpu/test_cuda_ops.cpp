@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <ostream>
 #include <random>
 #include <stdexcept>
@@ -423,6 +424,51 @@ TEST_P(CudaOpTest, LayerNormWithAndWithoutBias) {
   }
 }
 
+// The fused path's add + norm: the sum is written rounded as `add` rounds it (bit for bit), and
+// the norm is the plain norm kernel's output on that sum (bit for bit), also with the sum written
+// over an addend, as the program's in-place aliasing has it.
+TEST_P(CudaOpTest, AddNormIsAddThenNormBitForBit) {
+  Rng rng(41);
+  for (const int64_t tokens : {int64_t{1}, int64_t{37}}) {
+    for (const int64_t width : {int64_t{67}, int64_t{4096}}) {
+      for (const bool rms : {true, false}) {
+        for (const bool over_a : {false, true}) {
+          const auto n = static_cast<size_t>(tokens * width);
+          const std::vector<float> a = rng.values(n, dtype(), -2, 2);
+          const std::vector<float> b = rng.values(n, dtype(), 1, 3);
+          const std::vector<float> w = rng.values(static_cast<size_t>(width), dtype(), 0.5f, 1.5f);
+          const std::vector<float> bias = rng.values(static_cast<size_t>(width), dtype(), -1, 1);
+          DeviceTensor d_a(a, dtype());
+          const DeviceTensor d_b(b, dtype()), d_w(w, dtype()), d_bias(bias, dtype());
+          DeviceTensor d_sum(n, dtype()), d_y(n, dtype()), d_plain_sum(n, dtype()),
+              d_plain_y(n, dtype());
+          void* sum = over_a ? d_a.get() : d_sum.get();
+          add(d_a.get(), d_b.get(), d_plain_sum.get(), static_cast<int64_t>(n), dtype(), stream_);
+          if (rms) {
+            rms_norm(d_plain_sum.get(), tokens, width, d_w.get(), 1e-6f, dtype(), d_plain_y.get(),
+                     stream_);
+            rms_norm(d_a.get(), tokens, width, d_w.get(), 1e-6f, dtype(), d_y.get(), stream_,
+                     d_b.get(), sum);
+          } else {
+            layer_norm(d_plain_sum.get(), tokens, width, d_w.get(), d_bias.get(), 1e-5f, dtype(),
+                       d_plain_y.get(), stream_);
+            layer_norm(d_a.get(), tokens, width, d_w.get(), d_bias.get(), 1e-5f, dtype(),
+                       d_y.get(), stream_, d_b.get(), sum);
+          }
+          sync();
+          const std::string what = std::string(rms ? "rms" : "layer") + "_norm with residual" +
+                                   (over_a ? " over a" : "") + " tokens " +
+                                   std::to_string(tokens) + " width " + std::to_string(width);
+          std::vector<float> expected_sum(n);
+          for (size_t i = 0; i < n; ++i) expected_sum[i] = round_to(a[i] + b[i], dtype());
+          expect_exact(tag(what + ": sum"), dtype(), d_sum.download(sum), expected_sum);
+          expect_exact(tag(what + ": norm"), dtype(), d_y.download(), d_plain_y.download());
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // elementwise
 
@@ -611,6 +657,109 @@ TEST_P(CudaOpTest, RotaryTwoTablesAndPartial) {
       }
       EXPECT_EQ(touched, 0u) << "rotary changed features past rotary_dim";
     }
+  }
+}
+
+// The fused path's rotary + KV append equals rotary of q and of k, then kv_append, bit for bit:
+// q rotated in place, the cache rows of the pass's tokens holding rotated k and v (and nothing
+// else written), k itself as it was. q, k and v are views of one fused qkv buffer, as the program
+// hands them; MHA, GQA, MQA, a partial rotary and two rotary tables.
+TEST_P(CudaOpTest, RopeKvAppendIsRotaryThenAppendBitForBit) {
+  Rng rng(42);
+  struct Case {
+    int64_t n_q, n_kv, head_dim, rotary_dim;
+  };
+  const int64_t slots = 3, max_len = 40;
+  const std::vector<std::pair<int32_t, int32_t>> at = {{0, 0}, {0, 1}, {2, 39}, {1, 17}, {2, 0}};
+  const auto tokens = static_cast<int64_t>(at.size());
+  std::vector<int32_t> slot_of(tokens), pos_of(tokens), which(tokens);
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::tie(slot_of[t], pos_of[t]) = at[t];
+    which[t] = static_cast<int32_t>(t % 2);
+  }
+  const DeviceBuffer d_slots = upload_raw(slot_of), d_pos = upload_raw(pos_of),
+                     d_which = upload_raw(which);
+  for (const Case c : {Case{4, 4, 128, 128}, Case{8, 2, 64, 64}, Case{6, 1, 64, 64},
+                       Case{5, 5, 80, 32}}) {
+    std::vector<float> freq = inv_freq_table(10000.0, c.rotary_dim, 1.0);
+    const std::vector<float> table1 = inv_freq_table(1e6, c.rotary_dim, 4.0);
+    freq.insert(freq.end(), table1.begin(), table1.end());
+    const DeviceBuffer d_freq = upload_raw(freq);
+    const int64_t qw = c.n_q * c.head_dim, kw = c.n_kv * c.head_dim, ld = qw + 2 * kw;
+    const std::vector<float> qkv = rng.values(static_cast<size_t>(tokens * ld), dtype(), -2, 2);
+    DeviceTensor plain(qkv, dtype()), fused(qkv, dtype());
+    const auto cache_size = static_cast<size_t>(slots * max_len * kw);
+    DeviceTensor plain_k(cache_size, dtype()), plain_v(cache_size, dtype()),
+        fused_k(cache_size, dtype()), fused_v(cache_size, dtype());
+    const size_t e = dtype_size(dtype());
+    const auto col = [&](const DeviceTensor& t, int64_t c0) {
+      return static_cast<char*>(t.get()) + c0 * static_cast<int64_t>(e);
+    };
+    rotary(col(plain, 0), tokens, c.n_q, c.head_dim, c.rotary_dim, d_pos.as<int32_t>(),
+           d_which.as<int32_t>(), d_freq.as<float>(), dtype(), stream_, ld);
+    rotary(col(plain, qw), tokens, c.n_kv, c.head_dim, c.rotary_dim, d_pos.as<int32_t>(),
+           d_which.as<int32_t>(), d_freq.as<float>(), dtype(), stream_, ld);
+    kv_append(col(plain, qw), col(plain, qw + kw), tokens, kw, d_slots.as<int32_t>(),
+              d_pos.as<int32_t>(), plain_k.get(), plain_v.get(), max_len, dtype(), stream_, ld,
+              ld);
+    rope_kv_append(col(fused, 0), ld, c.n_q, col(fused, qw), ld, col(fused, qw + kw), ld, c.n_kv,
+                   tokens, c.head_dim, c.rotary_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
+                   d_which.as<int32_t>(), d_freq.as<float>(), fused_k.get(), fused_v.get(),
+                   max_len, dtype(), stream_);
+    sync();
+    const std::string what = "rope_kv_append q " + std::to_string(c.n_q) + " kv " +
+                             std::to_string(c.n_kv) + " head_dim " + std::to_string(c.head_dim) +
+                             " rotary_dim " + std::to_string(c.rotary_dim);
+    const std::vector<float> p = plain.download(), f = fused.download();
+    std::vector<float> p_q, f_q, f_k, k_in;
+    for (int64_t t = 0; t < tokens; ++t) {
+      p_q.insert(p_q.end(), p.begin() + t * ld, p.begin() + t * ld + qw);
+      f_q.insert(f_q.end(), f.begin() + t * ld, f.begin() + t * ld + qw);
+      f_k.insert(f_k.end(), f.begin() + t * ld + qw, f.begin() + t * ld + qw + kw);
+      k_in.insert(k_in.end(), qkv.begin() + t * ld + qw, qkv.begin() + t * ld + qw + kw);
+    }
+    expect_exact(tag(what + ": q"), dtype(), f_q, p_q);
+    expect_exact(tag(what + ": k left as it was"), dtype(), f_k, k_in);
+    // Unwritten rows stay NaN in both, and NaN never compares equal: compare the bytes.
+    EXPECT_EQ(fused_k.bytes(), plain_k.bytes()) << what << ": k cache";
+    EXPECT_EQ(fused_v.bytes(), plain_v.bytes()) << what << ": v cache";
+  }
+}
+
+// Greedy decoding's choice on the device: the first index of each row's maximum (ties placed
+// across threads' strides and in one thread's), -1 for a row with a NaN, +Inf or -Inf, over a
+// vocabulary of BLOOM's size and a tiny one.
+TEST_P(CudaOpTest, ArgmaxRowsFirstOfEqualsAndNonFinite) {
+  Rng rng(43);
+  for (const int64_t cols : {int64_t{7}, int64_t{250880}}) {
+    const int64_t rows = 9;
+    std::vector<float> x = rng.values(static_cast<size_t>(rows * cols), dtype(), -4, 4);
+    std::vector<int64_t> expected(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = x.data() + r * cols;
+      const float top = round_to(8.0f + static_cast<float>(r), dtype());
+      const int64_t first = rng.below(cols);
+      row[first] = top;
+      // Equal maxima after the first: one a thread's stride (1024) later, one far, one adjacent.
+      for (const int64_t later : {first + 1024, cols - 1, first + 1}) {
+        if (later < cols && later != first) row[later] = top;
+      }
+      expected[r] = first;
+    }
+    const float nan = std::nanf(""), inf = std::numeric_limits<float>::infinity();
+    if (cols > 1) {
+      x[1 * cols + cols - 1] = nan;
+      x[2 * cols] = inf;
+      x[3 * cols + cols / 2] = -inf;
+      expected[1] = expected[2] = expected[3] = -1;
+    }
+    const DeviceTensor d_x(x, dtype());
+    DeviceBuffer d_out(static_cast<size_t>(rows) * sizeof(int64_t));
+    argmax_rows(d_x.get(), rows, cols, dtype(), d_out.as<int64_t>(), stream_);
+    sync();
+    std::vector<int64_t> out(rows);
+    CK(cudaMemcpy(out.data(), d_out.get(), out.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
+    EXPECT_EQ(out, expected) << tag("argmax_rows cols " + std::to_string(cols));
   }
 }
 

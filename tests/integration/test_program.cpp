@@ -81,17 +81,22 @@ TEST(MemoryPlan, LiveValuesNeverShareBytes) {
 // product feeding one gated activation, and no activation of its own; the rank loads exactly
 // the plain program's weight elements (the merged slices replace their parts, nothing twice).
 // A fused projection whose parts are already views (Falcon's, NeoX's query_key_value) is left
-// as it is, so Falcon's parallel block keeps its qkv and MLP products apart.
+// as it is, so Falcon's parallel block keeps its qkv and MLP products apart. Every norm that
+// reads a residual sum is one instruction with its add at TP 1 (Llama: both norms of every layer
+// but the first's input norm, plus the final norm); at TP > 1 the sum is made on the partial
+// values and all-reduced, so the norm reads the all-reduce and stays. No rotary is left outside
+// attention.
 TEST(FusedProgram, MergesProjectionsAndGatesTheMlp) {
   struct Expect {
     const char* fixture;
     int linears_per_layer;  // plain's count in parentheses below
     int gated_per_layer;
+    int add_norms_per_layer;  // the layers' norms and the final one, less those of no sum
   };
-  for (const Expect& e : {Expect{"llama_gqa", 4, 1},         // (7: q k v o gate up down)
-                          Expect{"qwen2_bias", 4, 1},        // (7, q/k/v biases merged too)
-                          Expect{"falcon_mqa", 4, 0},        // (4: qkv dense h_to_4h 4h_to_h)
-                          Expect{"neox_parallel", 4, 0}}) {  // nothing shares an input
+  for (const Expect& e : {Expect{"llama_gqa", 4, 1, 2},         // (7: q k v o gate up down)
+                          Expect{"qwen2_bias", 4, 1, 2},        // (7, q/k/v biases merged too)
+                          Expect{"falcon_mqa", 4, 0, 1},        // (4: qkv dense h_to_4h 4h_to_h)
+                          Expect{"neox_parallel", 4, 0, 1}}) {  // nothing shares an input
     for (int tp = 1; tp <= 4; ++tp) {
       const runtime::Model model = runtime::prepare(cpu_run(e.fixture, tp));
       const int layers = static_cast<int>(model.graph.blocks.size());
@@ -118,6 +123,13 @@ TEST(FusedProgram, MergesProjectionsAndGatesTheMlp) {
           EXPECT_EQ(count(fused, program::Code::kActivation), 0);
         }
         EXPECT_EQ(elements(fused), elements(plain));
+        // The first layer's input norm reads the embedding, no sum.
+        const int add_norms = tp == 1 ? e.add_norms_per_layer * layers : 0;
+        EXPECT_EQ(count(fused, program::Code::kAddNorm), add_norms);
+        EXPECT_EQ(count(fused, program::Code::kNorm) + add_norms,
+                  count(plain, program::Code::kNorm));
+        EXPECT_EQ(count(fused, program::Code::kRotary), 0);
+        EXPECT_GT(count(plain, program::Code::kRotary), 0);
       }
     }
   }

@@ -10,6 +10,7 @@
 #include <set>
 #include <vector>
 
+#include "core/backend/cpu_backend.hpp"
 #include "core/runtime/sampler.hpp"
 
 namespace {
@@ -200,6 +201,36 @@ TEST(Sampler, RejectsInvalidSettings) {
   SamplingParams params;
   params.repetition_penalty = 0.0;
   EXPECT_THROW(Sample(sampler, {1.0f}, params), std::invalid_argument);
+}
+
+// Greedy decoding picks on the backend (Backend::argmax_rows) rather than through the sampler:
+// both choose the same token, the first of equal maxima, and a row with a NaN or an infinity is
+// refused (-1) as the sampler's caller refuses it (all_finite).
+TEST(ArgmaxRows, TheSamplersGreedyChoiceAndNonFiniteRowsRefused) {
+  tpe::comm::ThreadGroup group(1);
+  tpe::backend::CpuBackend cpu(0, group);
+  const int64_t rows = 6, cols = 50;
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> level(-3, 3);  // few levels: many equal maxima
+  std::vector<float> values(rows * cols);
+  for (float& v : values) v = static_cast<float>(level(rng));
+  values[1 * cols + 10] = std::nanf("");
+  values[2 * cols + 49] = INFINITY;
+  values[3 * cols] = -INFINITY;
+  tpe::backend::Buffer x = cpu.alloc(rows, cols);
+  std::copy(values.begin(), values.end(), static_cast<float*>(x.data));
+  const std::vector<int64_t> picked = cpu.argmax_rows(x);
+  ASSERT_EQ(picked.size(), static_cast<size_t>(rows));
+  Sampler sampler(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::vector<float> row(values.begin() + r * cols, values.begin() + (r + 1) * cols);
+    if (!tpe::all_finite(row)) {
+      EXPECT_EQ(picked[r], -1) << "row " << r;
+      continue;
+    }
+    EXPECT_EQ(picked[r], Sample(sampler, row, SamplingParams{})) << "row " << r;
+    EXPECT_EQ(picked[r], std::find(row.begin(), row.end(), 3.0f) - row.begin()) << "row " << r;
+  }
 }
 
 }  // namespace
