@@ -11,7 +11,8 @@ length and number of new tokens, greedy, never stopping early:
     (random init) is saved into --workdir first; tpengine then loads that checkpoint too, for a
     real load time (from the page cache: the file was just written);
   - `tpengine bench --random-weights --json` at every TP size, first (and, with --no-graph-too,
-    again with --no-cuda-graph: every decode step op by op, to show what the CUDA graph buys);
+    again with --no-cuda-graph: every decode step op by op, to show what the CUDA graph buys;
+    with --plain-too, again with --kernel-inject false: the plain kernels beside the fused);
   - llama.cpp's llama-bench (--peers llamacpp --llama-cpp SRC), built from SRC (a llama.cpp
     source folder, or the archive `tools/llama_cpp_peer.py pack` makes) with CUDA, or an existing
     build given by --llama-bench (SRC still gives gguf-py, which writes the model), on an F16 GGUF
@@ -23,7 +24,8 @@ TTFT) / (N - 1). Needs torch and transformers (tpengine itself does not).
 
 usage: tools/bench_peers.py --shape llama-2-7b --tpengine build/tools/tpengine --device cuda
                             --dtype bfloat16 [--tp 1 2 4] [--batch 1 8] [--peers eager tp llamacpp]
-                            [--profile] [--no-graph-too] [--workdir DIR] [--json-out FILE]
+                            [--profile] [--no-graph-too] [--plain-too] [--workdir DIR]
+                            [--json-out FILE]
 """
 import argparse
 import datetime
@@ -61,6 +63,13 @@ SHAPES = {
                       multi_query=True, parallel_attn=True, new_decoder_architecture=False,
                       alibi=False, bias=False, layer_norm_epsilon=1e-5, rope_theta=10000.0,
                       max_position_embeddings=2048),
+    # GPT-NeoX-20B: parallel residual, rotary over a quarter of each head. Its own hidden_act is
+    # gelu_fast, which tpengine does not take yet; exact gelu costs the same per step.
+    "neox-20b": dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"],
+                     hidden_size=6144, intermediate_size=24576, num_hidden_layers=44,
+                     num_attention_heads=64, vocab_size=50432, rotary_pct=0.25,
+                     rotary_emb_base=10000, max_position_embeddings=2048, layer_norm_eps=1e-5,
+                     use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False),
     "llama-2-13b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=5120,
                         intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                         num_key_value_heads=40, vocab_size=32000, rms_norm_eps=1e-5,
@@ -89,12 +98,15 @@ def run_logged(cmd, what, timeout):
     return done
 
 
-def run_tpengine(args, model_dir, tp, checkpoint, load_only=False, graph=True):
-    """tpengine bench's JSON; load_only: the shortest run, for its load figures."""
+def run_tpengine(args, model_dir, tp, checkpoint, load_only=False, graph=True, fused=None):
+    """tpengine bench's JSON; load_only: the shortest run, for its load figures; fused: the
+    kernel_inject setting (None: tpengine's default, fused on GPUs)."""
     cmd = [args.tpengine, "bench", "--model", model_dir, "--json", "--tp", str(tp),
            "--device", "cuda" if args.device.startswith("cuda") else "cpu", "--dtype", args.dtype]
     if not graph:
         cmd.append("--no-cuda-graph")
+    if fused is not None:
+        cmd += ["--kernel-inject", "true" if fused else "false"]
     if load_only:
         cmd += ["--batch", "1", "--prompt-len", "1", "--new-tokens", "2", "--repeat", "1",
                 "--warmup", "0"]
@@ -231,6 +243,8 @@ def main():
     parser.add_argument("--profile", action="store_true", help="tpengine's op-by-op decode step")
     parser.add_argument("--no-graph-too", action="store_true",
                         help="also run tpengine with every decode step op by op (no CUDA graph)")
+    parser.add_argument("--plain-too", action="store_true",
+                        help="also run tpengine with kernel_inject = false (the plain kernels)")
     parser.add_argument("--workdir", help="where config.json and the checkpoint go (default: a "
                         "temporary directory, removed afterwards)")
     parser.add_argument("--json-out", help="also write every figure here, as it is measured")
@@ -249,14 +263,15 @@ def main():
             json.dump(SHAPES[args.shape], f)
         hf_tp_sizes = [tp for tp in args.tp if tp > 1] if "tp" in args.peers else []
         save = bool(hf_tp_sizes)
-        ours, no_graph, single, hf_tp, llama = {}, {}, {}, {}, {}
+        ours, no_graph, plain, single, hf_tp, llama = {}, {}, {}, {}, {}, {}
 
         def record():
             if args.json_out:
                 with open(args.json_out, "w") as f:
                     json.dump({"shape": args.shape, "tpengine": ours,
-                               "tpengine_no_cuda_graph": no_graph, "transformers": single,
-                               "hf_tp": hf_tp, "llama_cpp": llama}, f, indent=1)
+                               "tpengine_no_cuda_graph": no_graph, "tpengine_plain": plain,
+                               "transformers": single, "hf_tp": hf_tp, "llama_cpp": llama},
+                              f, indent=1)
 
         # tpengine first: its figures matter most when a run is cut short.
         for tp in args.tp:
@@ -264,6 +279,9 @@ def main():
             record()
             if args.no_graph_too:
                 no_graph[tp] = run_tpengine(args, model_dir, tp, checkpoint=False, graph=False)
+                record()
+            if args.plain_too:
+                plain[tp] = run_tpengine(args, model_dir, tp, checkpoint=False, fused=False)
                 record()
         if "eager" in args.peers or "sdpa" in args.peers or save:
             single = run_single(args, model_dir, save)
@@ -354,6 +372,8 @@ def print_tables(args, ours, no_graph, single, hf_tp, llama):
                 variants = [("tpengine", r)]
                 if no_graph.get(tp):
                     variants.append(("tpengine, no CUDA graph", no_graph[tp]))
+                if plain.get(tp):
+                    variants.append(("tpengine, kernel_inject = false", plain[tp]))
                 for name, v in variants:
                     run = v["runs"][i]
                     print(f"| {name} | {tp} | {batch} | {run['ttft_ms']:.1f} | "
@@ -396,6 +416,19 @@ def print_tables(args, ours, no_graph, single, hf_tp, llama):
                    for k in ("weights", "kv_cache", "workspace", "planned_arena", "device_in_use")]
             print(f"| {tp} | {r['load_s']:.2f} ({r['load_gbs']:.1f}) | {ckpt} | {run['batch']} | "
                   + " | ".join(f"{g:.2f}" for g in gib) + " |")
+    if plain:
+        print()
+        print("fused (tpengine's default on GPUs) / plain (kernel_inject = false), TPOT and TTFT:")
+        print()
+        print("| TP | batch | TPOT fused / plain | TTFT fused / plain |")
+        print("| --- | --- | --- | --- |")
+        for tp in args.tp:
+            f, p = ours.get(tp), plain.get(tp)
+            if not (f and p):
+                continue
+            for a, b in zip(f["runs"], p["runs"]):
+                print(f"| {tp} | {a['batch']} | {a['tpot_ms']['mean'] / b['tpot_ms']['mean']:.3f} "
+                      f"| {a['ttft_ms'] / b['ttft_ms']:.3f} |")
     if args.profile:
         for tp in args.tp:
             for run in (ours.get(tp) or {}).get("runs", []):

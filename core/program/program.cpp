@@ -298,6 +298,7 @@ class Lowering final : public ops::Lowering {
       att.in[0] = q.in[0];
       att.in[1] = k.in[0];
       att.rope = q.rope;
+      att.label = "rotary+" + instr_label(g_, att);
       gone[rq] = gone[rk] = true;
     }
     erase_instrs(gone);
