@@ -303,7 +303,7 @@ def main():
     finally:
         if not args.workdir:
             shutil.rmtree(model_dir, ignore_errors=True)
-    print_tables(args, ours, no_graph, single, hf_tp, llama)
+    print_tables(args, ours, no_graph, plain, single, hf_tp, llama)
 
 
 def run_llama_cpp(args, model_dir):
@@ -337,7 +337,7 @@ def run_llama_cpp(args, model_dir):
         lambda cmd, what: run_logged(cmd, what, args.timeout))
 
 
-def print_tables(args, ours, no_graph, single, hf_tp, llama):
+def print_tables(args, ours, no_graph, plain, single, hf_tp, llama):
     try:  # only the transformers peers need them
         import torch
         import transformers

@@ -251,7 +251,7 @@ TEST(GpuBench, MemorySplitAndStepProfile) {
   for (const runtime::StepTime& t : profile.times) {
     EXPECT_GE(t.ms, 0.0) << t.label;
     total += t.ms;
-    attention += t.label == "attention";
+    attention += t.label == "attention" || t.label == "rotary+attention";
   }
   EXPECT_GT(total, 0.0);
   EXPECT_EQ(attention, m.graph.num_attention_ops());
