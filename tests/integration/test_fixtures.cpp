@@ -18,6 +18,7 @@
 #include "core/program/report.hpp"
 #include "core/runtime/engine.hpp"
 #include "core/runtime/random_weights.hpp"
+#include "core/runtime/sampler.hpp"
 #include "tests/integration/fixture.hpp"
 
 namespace tpe::test {
@@ -139,6 +140,37 @@ TEST(Generation, StopTokenEndsTheSequenceAndIsKept) {
   const auto hit = std::find(g1.begin(), g1.end(), g0[3]);
   const size_t stop1 = hit == g1.end() ? g1.size() : hit - g1.begin() + 1;
   EXPECT_EQ(out[1], std::vector<int64_t>(g1.begin(), g1.begin() + stop1));
+}
+
+// Plain greedy decoding picks its tokens where the logits are (Backend::argmax_rows); with a
+// repetition penalty it must not: each token is the sampler's greedy choice over the penalised
+// logits of the whole sequence so far, recomputed here from scratch by prompt_logits (fused
+// program, TP 1 and 2). The penalty must change the tokens, or the test would show nothing.
+TEST(Generation, GreedyWithARepetitionPenaltyUsesTheSampler) {
+  const Reference ref = load_reference("llama_gqa");
+  runtime::GenerationParams params;
+  params.max_new_tokens = 8;
+  params.sampling.repetition_penalty = 3.0;
+  for (int tp : {1, 2}) {
+    runtime::Engine engine = make_engine({"llama_gqa", tp, false, true});
+    const auto out = engine.generate(ref.prompts, params);
+    ASSERT_EQ(out.size(), ref.prompts.size());
+    Sampler sampler(0);
+    bool changed = false;
+    for (size_t p = 0; p < ref.prompts.size(); ++p) {
+      std::vector<int64_t> sequence = ref.prompts[p];
+      for (int64_t step = 0; step < params.max_new_tokens; ++step) {
+        const Tensor logits = engine.prompt_logits({sequence})[0];
+        std::vector<float> last(logits.row(logits.rows() - 1),
+                                logits.row(logits.rows() - 1) + logits.cols());
+        sequence.push_back(sampler.sample(last, sequence, params.sampling));
+      }
+      const std::vector<int64_t> expected(sequence.end() - params.max_new_tokens, sequence.end());
+      EXPECT_EQ(out[p], expected) << "prompt " << p << " tp " << tp;
+      changed = changed || !std::equal(expected.begin(), expected.end(), ref.greedy[p].begin());
+    }
+    EXPECT_TRUE(changed) << "the penalty changed no token: a weaker test than it claims";
+  }
 }
 
 TEST(Generation, SampledTokensDependOnlyOnTheSeed) {
