@@ -582,7 +582,8 @@ void CudaBackend::rotary_attention(Buffer& q, Buffer& k, const Buffer& v, KvLaye
                                    const AttentionShape& a, int rope, Buffer& out) {
   refuse_cross(a, device_);
   const RopeSpec& spec = ropes_.at(static_cast<size_t>(rope));
-  TPE_CHECK(spec.head_dim == a.head_dim, "rotary_attention: the rope's head_dim is not attention's");
+  TPE_CHECK(spec.head_dim == a.head_dim,
+            "rotary_attention: the rope's head_dim is not attention's");
   const int64_t n_kv = k.cols / a.head_dim;
   cuda::rope_kv_append(q.data, q.stride(), q.cols / a.head_dim, k.data, k.stride(), v.data,
                        v.stride(), n_kv, k.rows, a.head_dim, 2 * rotary_half(spec), slots_,

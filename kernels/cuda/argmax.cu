@@ -65,8 +65,8 @@ void argmax_rows(const void* x, int64_t rows, int64_t cols, DType dtype, int64_t
   if (rows == 0) return;
   detail::dispatch(dtype, "argmax_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    argmax_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(static_cast<const T*>(x),
-                                                                              cols, out);
+    argmax_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        static_cast<const T*>(x), cols, out);
     TPE_CUDA_CHECK_LAUNCH();
   });
 }

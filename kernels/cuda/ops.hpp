@@ -63,8 +63,8 @@ void rotary(void* x, int64_t tokens, int64_t n_heads, int64_t head_dim, int64_t 
 // The fused path's rotary + KV append: rotates q in place as `rotary` does, and writes token t's
 // k rotated the same way (k itself is left as it is) and its v at (slots[t], positions[t]) of the
 // caches, as `kv_append` does. q_ld, k_ld, v_ld: row strides of the q, k and v views.
-void rope_kv_append(void* q, int64_t q_ld, int64_t n_q, const void* k, int64_t k_ld,
-                    const void* v, int64_t v_ld, int64_t n_kv, int64_t tokens, int64_t head_dim,
+void rope_kv_append(void* q, int64_t q_ld, int64_t n_q, const void* k, int64_t k_ld, const void* v,
+                    int64_t v_ld, int64_t n_kv, int64_t tokens, int64_t head_dim,
                     int64_t rotary_dim, const int32_t* slots, const int32_t* positions,
                     const int32_t* table, const float* inv_freq, void* k_cache, void* v_cache,
                     int64_t max_len, DType dtype, cudaStream_t stream);

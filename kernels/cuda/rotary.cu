@@ -45,10 +45,9 @@ __global__ void rotary_kernel(T* x, int64_t ld, int64_t n_heads, int64_t head_di
 template <class T>
 __global__ void rope_kv_append_kernel(T* q, int64_t q_ld, int64_t n_q, const T* k, int64_t k_ld,
                                       const T* v, int64_t v_ld, int64_t n_kv, int64_t head_dim,
-                                      int64_t half, const int32_t* slots,
-                                      const int32_t* positions, const int32_t* table,
-                                      const float* inv_freq, T* k_cache, T* v_cache,
-                                      int64_t max_len) {
+                                      int64_t half, const int32_t* slots, const int32_t* positions,
+                                      const int32_t* table, const float* inv_freq, T* k_cache,
+                                      T* v_cache, int64_t max_len) {
   const int64_t t = blockIdx.x;
   int64_t item = int64_t{blockIdx.y} * blockDim.x + threadIdx.x;
   const auto pos = static_cast<float>(positions[t]);
@@ -77,8 +76,8 @@ __global__ void rope_kv_append_kernel(T* q, int64_t q_ld, int64_t n_q, const T* 
 
 }  // namespace
 
-void rope_kv_append(void* q, int64_t q_ld, int64_t n_q, const void* k, int64_t k_ld,
-                    const void* v, int64_t v_ld, int64_t n_kv, int64_t tokens, int64_t head_dim,
+void rope_kv_append(void* q, int64_t q_ld, int64_t n_q, const void* k, int64_t k_ld, const void* v,
+                    int64_t v_ld, int64_t n_kv, int64_t tokens, int64_t head_dim,
                     int64_t rotary_dim, const int32_t* slots, const int32_t* positions,
                     const int32_t* table, const float* inv_freq, void* k_cache, void* v_cache,
                     int64_t max_len, DType dtype, cudaStream_t stream) {

@@ -452,13 +452,13 @@ TEST_P(CudaOpTest, AddNormIsAddThenNormBitForBit) {
           } else {
             layer_norm(d_plain_sum.get(), tokens, width, d_w.get(), d_bias.get(), 1e-5f, dtype(),
                        d_plain_y.get(), stream_);
-            layer_norm(d_a.get(), tokens, width, d_w.get(), d_bias.get(), 1e-5f, dtype(),
-                       d_y.get(), stream_, d_b.get(), sum);
+            layer_norm(d_a.get(), tokens, width, d_w.get(), d_bias.get(), 1e-5f, dtype(), d_y.get(),
+                       stream_, d_b.get(), sum);
           }
           sync();
           const std::string what = std::string(rms ? "rms" : "layer") + "_norm with residual" +
-                                   (over_a ? " over a" : "") + " tokens " +
-                                   std::to_string(tokens) + " width " + std::to_string(width);
+                                   (over_a ? " over a" : "") + " tokens " + std::to_string(tokens) +
+                                   " width " + std::to_string(width);
           std::vector<float> expected_sum(n);
           for (size_t i = 0; i < n; ++i) expected_sum[i] = round_to(a[i] + b[i], dtype());
           expect_exact(tag(what + ": sum"), dtype(), d_sum.download(sum), expected_sum);
@@ -679,8 +679,8 @@ TEST_P(CudaOpTest, RopeKvAppendIsRotaryThenAppendBitForBit) {
   }
   const DeviceBuffer d_slots = upload_raw(slot_of), d_pos = upload_raw(pos_of),
                      d_which = upload_raw(which);
-  for (const Case c : {Case{4, 4, 128, 128}, Case{8, 2, 64, 64}, Case{6, 1, 64, 64},
-                       Case{5, 5, 80, 32}}) {
+  for (const Case c :
+       {Case{4, 4, 128, 128}, Case{8, 2, 64, 64}, Case{6, 1, 64, 64}, Case{5, 5, 80, 32}}) {
     std::vector<float> freq = inv_freq_table(10000.0, c.rotary_dim, 1.0);
     const std::vector<float> table1 = inv_freq_table(1e6, c.rotary_dim, 4.0);
     freq.insert(freq.end(), table1.begin(), table1.end());
@@ -700,12 +700,11 @@ TEST_P(CudaOpTest, RopeKvAppendIsRotaryThenAppendBitForBit) {
     rotary(col(plain, qw), tokens, c.n_kv, c.head_dim, c.rotary_dim, d_pos.as<int32_t>(),
            d_which.as<int32_t>(), d_freq.as<float>(), dtype(), stream_, ld);
     kv_append(col(plain, qw), col(plain, qw + kw), tokens, kw, d_slots.as<int32_t>(),
-              d_pos.as<int32_t>(), plain_k.get(), plain_v.get(), max_len, dtype(), stream_, ld,
-              ld);
+              d_pos.as<int32_t>(), plain_k.get(), plain_v.get(), max_len, dtype(), stream_, ld, ld);
     rope_kv_append(col(fused, 0), ld, c.n_q, col(fused, qw), ld, col(fused, qw + kw), ld, c.n_kv,
                    tokens, c.head_dim, c.rotary_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
-                   d_which.as<int32_t>(), d_freq.as<float>(), fused_k.get(), fused_v.get(),
-                   max_len, dtype(), stream_);
+                   d_which.as<int32_t>(), d_freq.as<float>(), fused_k.get(), fused_v.get(), max_len,
+                   dtype(), stream_);
     sync();
     const std::string what = "rope_kv_append q " + std::to_string(c.n_q) + " kv " +
                              std::to_string(c.n_kv) + " head_dim " + std::to_string(c.head_dim) +
