@@ -100,16 +100,24 @@ void launch_map(const char* name, const void* a, const void* b, void* out, int64
 }
 
 // out = act(gate) * up per element, rounded as the plain path rounds (the activation to T, then
-// the product); gate and up with their own row strides.
-template <class T>
+// the product); gate and up with their own row strides, out packed. Rows over blockIdx.y, a row's
+// packs of kW elements over x: no division per element.
+template <class T, int kW>
 __global__ void gated_kernel(tpe_activation act, const T* gate, int64_t ld_gate, const T* up,
                              int64_t ld_up, T* out, int64_t rows, int64_t cols) {
-  const int64_t n = rows * cols;
-  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
-  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const int64_t r = i / cols, c = i % cols;
-    const float a = to_float(from_float<T>(activate(act, to_float(gate[r * ld_gate + c]))));
-    out[i] = from_float<T>(a * to_float(up[r * ld_up + c]));
+  using P = Pack<T, kW>;
+  const int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (c >= cols / kW) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const P g = reinterpret_cast<const P*>(gate + r * ld_gate)[c];
+    const P u = reinterpret_cast<const P*>(up + r * ld_up)[c];
+    P o;
+#pragma unroll
+    for (int k = 0; k < kW; ++k) {
+      const float a = to_float(from_float<T>(activate(act, to_float(g.v[k]))));
+      o.v[k] = from_float<T>(a * to_float(u.v[k]));
+    }
+    reinterpret_cast<P*>(out + r * cols)[c] = o;
   }
 }
 
@@ -123,10 +131,22 @@ void gated_activation(tpe_activation act, const void* gate, int64_t ld_gate, con
   if (rows * cols == 0) return;
   detail::dispatch(dtype, "gated_activation", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    gated_kernel<T><<<detail::grid_for(rows * cols, kThreads), kThreads, 0, stream>>>(
-        act, static_cast<const T*>(gate), ld_gate, static_cast<const T*>(up), ld_up,
-        static_cast<T*>(out), rows, cols);
-    TPE_CUDA_CHECK_LAUNCH();
+    const auto* g = static_cast<const T*>(gate);
+    const auto* u = static_cast<const T*>(up);
+    auto* o = static_cast<T*>(out);
+    // Packs when every row of all three starts 16-byte aligned: the strides as well as the width.
+    const bool strides = ld_gate % detail::kVecWidth<T> == 0 && ld_up % detail::kVecWidth<T> == 0;
+    detail::dispatch_width<T>(
+        strides ? cols : 1,
+        [&](auto width) {
+          constexpr int kW = decltype(width)::value;
+          const dim3 grid(static_cast<unsigned>((cols / kW + kThreads - 1) / kThreads),
+                          static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+          gated_kernel<T, kW>
+              <<<grid, kThreads, 0, stream>>>(act, g, ld_gate, u, ld_up, o, rows, cols);
+          TPE_CUDA_CHECK_LAUNCH();
+        },
+        g, u, o);
   });
 }
 

@@ -39,17 +39,17 @@ __global__ void rotary_kernel(T* x, int64_t ld, int64_t n_heads, int64_t head_di
   rotate_pair(head, head, p % half, half, static_cast<float>(positions[t]), freq);
 }
 
-// Per token, items in turn: q's rotary pairs (rotated in place); each key element (the first of
-// a pair rotates the pair into the cache, the ones past rotary_dim are copied; the second of a
-// pair has nothing to do); each value element (copied).
-template <class T>
-__global__ void rope_kv_append_kernel(T* q, int64_t q_ld, int64_t n_q, const T* k, int64_t k_ld,
-                                      const T* v, int64_t v_ld, int64_t n_kv, int64_t head_dim,
-                                      int64_t half, const int32_t* slots, const int32_t* positions,
+// Per token, items in turn: q's rotary pairs (rotated in place); per key head, its rotary pairs
+// (rotated into the cache) then its features past rotary_dim (copied); the values, copied in
+// units of kV elements. Indices within a token fit in int (the grid's y extent bounds them).
+template <class T, int kV>
+__global__ void rope_kv_append_kernel(T* q, int64_t q_ld, int n_q, const T* k, int64_t k_ld,
+                                      const T* v, int64_t v_ld, int n_kv, int head_dim, int half,
+                                      const int32_t* slots, const int32_t* positions,
                                       const int32_t* table, const float* inv_freq, T* k_cache,
                                       T* v_cache, int64_t max_len) {
   const int64_t t = blockIdx.x;
-  int64_t item = int64_t{blockIdx.y} * blockDim.x + threadIdx.x;
+  int item = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
   const auto pos = static_cast<float>(positions[t]);
   const float* freq = inv_freq + (table != nullptr ? int64_t{table[t]} * half : 0);
   if (item < n_q * half) {
@@ -58,20 +58,24 @@ __global__ void rope_kv_append_kernel(T* q, int64_t q_ld, int64_t n_q, const T* 
     return;
   }
   item -= n_q * half;
-  const int64_t width = n_kv * head_dim;
+  const int width = n_kv * head_dim;
   const int64_t row = (int64_t{slots[t]} * max_len + positions[t]) * width;
-  if (item < width) {
-    const int64_t j = item % head_dim;
-    const int64_t head = item - j;
+  const int per_head = head_dim - half;  // a head's pairs and the features past rotary_dim
+  if (item < n_kv * per_head) {
+    const int head = item / per_head * head_dim;
+    const int j = item % per_head;
     if (j < half) {
       rotate_pair(k + t * k_ld + head, k_cache + row + head, j, half, pos, freq);
-    } else if (j >= 2 * half) {
-      k_cache[row + item] = k[t * k_ld + item];
+    } else {
+      k_cache[row + head + half + j] = k[t * k_ld + head + half + j];
     }
     return;
   }
-  item -= width;
-  if (item < width) v_cache[row + item] = v[t * v_ld + item];
+  item -= n_kv * per_head;
+  using P = detail::Pack<T, kV>;
+  if (item < width / kV) {
+    reinterpret_cast<P*>(v_cache + row)[item] = reinterpret_cast<const P*>(v + t * v_ld)[item];
+  }
 }
 
 }  // namespace
@@ -87,19 +91,28 @@ void rope_kv_append(void* q, int64_t q_ld, int64_t n_q, const void* k, int64_t k
                    "rope_kv_append", "row stride below the row's width");
   TPE_CUDA_REQUIRE(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
                    "rope_kv_append", "rotary_dim must be even and at most head_dim");
-  const int64_t items = n_q * (rotary_dim / 2) + 2 * n_kv * head_dim;
-  const int64_t blocks_per_token = (items + kThreads - 1) / kThreads;
-  TPE_CUDA_REQUIRE(tokens <= int64_t{0x7fffffff} && blocks_per_token <= 65535, "rope_kv_append",
-                   "more tokens or heads than one grid can hold");
-  if (tokens == 0 || items == 0) return;
-  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(blocks_per_token));
+  const int64_t half = rotary_dim / 2, width = n_kv * head_dim;
   detail::dispatch(dtype, "rope_kv_append", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    rope_kv_append_kernel<<<grid, kThreads, 0, stream>>>(
-        static_cast<T*>(q), q_ld, n_q, static_cast<const T*>(k), k_ld, static_cast<const T*>(v),
-        v_ld, n_kv, head_dim, rotary_dim / 2, slots, positions, table, inv_freq,
-        static_cast<T*>(k_cache), static_cast<T*>(v_cache), max_len);
-    TPE_CUDA_CHECK_LAUNCH();
+    const auto* tv = static_cast<const T*>(v);
+    auto* tv_cache = static_cast<T*>(v_cache);
+    detail::dispatch_width<T>(
+        v_ld % detail::kVecWidth<T> == 0 ? width : 1,
+        [&](auto unit) {
+          constexpr int kV = decltype(unit)::value;
+          const int64_t items = n_q * half + n_kv * (head_dim - half) + width / kV;
+          const int64_t blocks_per_token = (items + kThreads - 1) / kThreads;
+          TPE_CUDA_REQUIRE(tokens <= int64_t{0x7fffffff} && blocks_per_token <= 65535,
+                           "rope_kv_append", "more tokens or heads than one grid can hold");
+          if (tokens == 0 || items == 0) return;
+          const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(blocks_per_token));
+          rope_kv_append_kernel<T, kV><<<grid, kThreads, 0, stream>>>(
+              static_cast<T*>(q), q_ld, static_cast<int>(n_q), static_cast<const T*>(k), k_ld, tv,
+              v_ld, static_cast<int>(n_kv), static_cast<int>(head_dim), static_cast<int>(half),
+              slots, positions, table, inv_freq, static_cast<T*>(k_cache), tv_cache, max_len);
+          TPE_CUDA_CHECK_LAUNCH();
+        },
+        tv, tv_cache);
   });
 }
 

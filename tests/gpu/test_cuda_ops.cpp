@@ -541,6 +541,52 @@ TEST_P(CudaOpTest, AddMulAlignedUnalignedAndAliased) {
   }
 }
 
+// The fused path's gated activation equals the plain pair (the activation in place on gate, then
+// mul by up) bit for bit: gate and up as the two halves of one merged gate_up buffer (the pack
+// path), with an odd row stride (the scalar path), a width that is no whole pack, and more rows
+// than one grid's y extent; nothing past the output written.
+TEST_P(CudaOpTest, GatedActivationIsActivationThenMulBitForBit) {
+  Rng rng(44);
+  struct Case {
+    int64_t rows, cols, pad;  // pad: extra columns per row of the merged buffer
+  };
+  for (const tpe_activation act : {TPE_ACT_SILU, TPE_ACT_GELU_TANH}) {
+    for (const Case c :
+         {Case{3, 64, 0}, Case{5, 344, 8}, Case{4, 56, 1}, Case{6, 13, 0}, Case{70001, 16, 0}}) {
+      const int64_t ld = 2 * c.cols + c.pad;
+      const std::vector<float> merged =
+          rng.values(static_cast<size_t>(c.rows * ld), dtype(), -6.0f, 6.0f);
+      std::vector<float> gate, up;
+      for (int64_t r = 0; r < c.rows; ++r) {
+        gate.insert(gate.end(), merged.begin() + r * ld, merged.begin() + r * ld + c.cols);
+        up.insert(up.end(), merged.begin() + r * ld + c.cols, merged.begin() + r * ld + 2 * c.cols);
+      }
+      const auto n = static_cast<int64_t>(gate.size());
+      DeviceTensor d_gate(gate, dtype());
+      const DeviceTensor d_up(up, dtype());
+      DeviceTensor d_plain(gate.size(), dtype());
+      activation(act, d_gate.get(), n, dtype(), stream_);
+      mul(d_gate.get(), d_up.get(), d_plain.get(), n, dtype(), stream_);
+      const DeviceTensor d_merged(merged, dtype());
+      DeviceTensor d_fused(gate.size() + 1, dtype());  // one element more, left NaN
+      const auto* base = static_cast<const char*>(d_merged.get());
+      gated_activation(act, base, ld, base + c.cols * static_cast<int64_t>(dtype_size(dtype())), ld,
+                       d_fused.get(), c.rows, c.cols, dtype(), stream_);
+      sync();
+      const std::string what = std::string("gated_activation ") +
+                               (act == TPE_ACT_SILU ? "silu" : "gelu_tanh") + " rows " +
+                               std::to_string(c.rows) + " cols " + std::to_string(c.cols) + " ld " +
+                               std::to_string(ld);
+      std::vector<uint8_t> fused = d_fused.bytes();
+      const std::vector<uint8_t> past(fused.end() - static_cast<int64_t>(dtype_size(dtype())),
+                                      fused.end());
+      fused.resize(fused.size() - past.size());
+      EXPECT_EQ(fused, d_plain.bytes()) << what;
+      EXPECT_EQ(past, std::vector<uint8_t>(past.size(), 0xff)) << what << ": wrote past its rows";
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // gather_columns
 
@@ -679,8 +725,8 @@ TEST_P(CudaOpTest, RopeKvAppendIsRotaryThenAppendBitForBit) {
   }
   const DeviceBuffer d_slots = upload_raw(slot_of), d_pos = upload_raw(pos_of),
                      d_which = upload_raw(which);
-  for (const Case c :
-       {Case{4, 4, 128, 128}, Case{8, 2, 64, 64}, Case{6, 1, 64, 64}, Case{5, 5, 80, 32}}) {
+  for (const Case c : {Case{4, 4, 128, 128}, Case{8, 2, 64, 64}, Case{6, 1, 64, 64},
+                       Case{5, 5, 80, 32}, Case{4, 2, 96, 96}, Case{2, 1, 66, 34}}) {
     std::vector<float> freq = inv_freq_table(10000.0, c.rotary_dim, 1.0);
     const std::vector<float> table1 = inv_freq_table(1e6, c.rotary_dim, 4.0);
     freq.insert(freq.end(), table1.begin(), table1.end());
