@@ -240,7 +240,8 @@ def main():
                         "`tools/llama_cpp_peer.py pack` writes (--peers llamacpp)")
     parser.add_argument("--llama-bench", help="a llama-bench built before (from the same "
                         "source, with CUDA): used instead of building one from --llama-cpp")
-    parser.add_argument("--profile", action="store_true", help="tpengine's op-by-op decode step")
+    parser.add_argument("--profile", action="store_true",
+                        help="tpengine's prompt pass and a decode step, op by op")
     parser.add_argument("--no-graph-too", action="store_true",
                         help="also run tpengine with every decode step op by op (no CUDA graph)")
     parser.add_argument("--plain-too", action="store_true",
@@ -430,18 +431,25 @@ def print_tables(args, ours, no_graph, plain, single, hf_tp, llama):
                 print(f"| {tp} | {a['batch']} | {a['tpot_ms']['mean'] / b['tpot_ms']['mean']:.3f} "
                       f"| {a['ttft_ms'] / b['ttft_ms']:.3f} |")
     if args.profile:
-        for tp in args.tp:
-            for run in (ours.get(tp) or {}).get("runs", []):
-                print()
-                print(f"tpengine TP {tp}, batch {run['batch']}: one decode step op by op (rank 0, "
-                      f"ops queued ahead of the device): {run['profile_total_ms']:.3f} ms of "
-                      f"device work, TPOT {run['tpot_ms']['mean']:.3f} ms")
-                print()
-                print("| op | calls | ms | share |")
-                print("| --- | --- | --- | --- |")
-                for op in run["profile"][:12]:
-                    print(f"| {op['op']} | {op['calls']} | {op['ms']:.3f} | "
-                          f"{100 * op['ms'] / run['profile_total_ms']:.1f} % |")
+        for name, results in (("tpengine", ours), ("tpengine plain", plain)):
+            for tp in args.tp:
+                for run in (results.get(tp) or {}).get("runs", []):
+                    for kind, what, whole in (
+                            ("prompt", f"the prompt's first pass ({run['prompt_profile_tokens']} "
+                                       "tokens)", f"TTFT {run['ttft_ms']:.2f} ms"),
+                            ("decode", "one decode step",
+                             f"TPOT {run['tpot_ms']['mean']:.3f} ms")):
+                        total = run[f"{kind}_profile_total_ms"]
+                        print()
+                        print(f"{name} TP {tp}, batch {run['batch']}: {what} op by op (rank 0, "
+                              f"ops queued ahead of the device): {total:.3f} ms of device work, "
+                              f"{whole}")
+                        print()
+                        print("| op | calls | ms | share |")
+                        print("| --- | --- | --- | --- |")
+                        for op in run[f"{kind}_profile"][:12]:
+                            print(f"| {op['op']} | {op['calls']} | {op['ms']:.3f} | "
+                                  f"{100 * op['ms'] / total:.1f} % |")
 
 
 def commit():

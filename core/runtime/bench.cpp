@@ -46,18 +46,22 @@ Run run_once(Engine& engine, const std::vector<std::vector<int64_t>>& prompts,
   return run;
 }
 
-std::vector<OpTotal> sum_by_label(const std::vector<StepTime>& steps) {
-  std::vector<OpTotal> totals;
+PassProfile sum_by_label(const Engine::StepProfile& pass) {
+  const std::vector<StepTime>& steps = pass.times;
+  PassProfile p;
+  p.tokens = pass.tokens;
+  std::vector<OpTotal>& totals = p.ops;
   for (const StepTime& s : steps) {
     auto it = std::find_if(totals.begin(), totals.end(),
                            [&](const OpTotal& t) { return t.label == s.label; });
     if (it == totals.end()) it = totals.insert(totals.end(), {s.label, 0, 0.0});
     it->calls += 1;
     it->ms += s.ms;
+    p.total_ms += s.ms;
   }
   std::stable_sort(totals.begin(), totals.end(),
                    [](const OpTotal& a, const OpTotal& b) { return a.ms > b.ms; });
-  return totals;
+  return p;
 }
 
 }  // namespace
@@ -98,12 +102,14 @@ BenchResult run_bench(Engine& engine, const BenchOptions& o) {
   r.prefill_tokens_per_s = static_cast<double>(o.batch * o.prompt_len) / (r.ttft_ms / 1e3);
   r.weight_bytes = engine.weight_bytes();
   r.memory = engine.memory();
-  if (o.profile) {  // the middle decode step, after the timed runs so that they are not disturbed
-    Engine::StepProfile profile;
-    profile.step = o.new_tokens / 2;
-    run_once(engine, prompts, params, &profile);
-    r.profile = sum_by_label(profile.times);
-    for (const OpTotal& t : r.profile) r.profile_total_ms += t.ms;
+  if (o.profile) {  // after the timed runs, so that they are not disturbed
+    Engine::StepProfile prompt, decode;
+    prompt.step = 0;
+    decode.step = o.new_tokens / 2;
+    run_once(engine, prompts, params, &prompt);
+    run_once(engine, prompts, params, &decode);
+    r.prompt_profile = sum_by_label(prompt);
+    r.decode_profile = sum_by_label(decode);
   }
   const int64_t largest = *std::max_element(r.weight_bytes.begin(), r.weight_bytes.end());
   r.achieved_bandwidth_gbs = static_cast<double>(largest) / (r.tpot_mean_ms / 1e3) / 1e9;

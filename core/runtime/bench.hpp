@@ -1,7 +1,7 @@
 // What `tpengine bench` measures (shared/design/BENCHMARKS.md): time to first token, time per
 // output token, decode and prefill throughput, device memory per rank split into weights, KV
 // cache and workspace, achieved bandwidth (weight bytes read per decode step / step time), and
-// optionally one decode step's time op by op. Only generated tokens count.
+// optionally the prompt's first pass and one decode step op by op. Only generated tokens count.
 #pragma once
 
 #include <cstdint>
@@ -19,14 +19,21 @@ struct BenchOptions {
   int warmup = 1;
   int repeat = 3;
   uint64_t seed = 0;     // of the random prompts
-  bool profile = false;  // also time the middle decode step op by op
+  bool profile = false;  // also time the prompt's first pass and the middle decode step op by op
 };
 
-// The steps of a profiled decode step with the same label (the same op in every layer), summed.
+// The steps of a profiled forward pass with the same label (the same op in every layer), summed.
 struct OpTotal {
   std::string label;
   int calls = 0;
   double ms = 0;
+};
+
+// One forward pass op by op (rank 0's): its ops largest first, and their sum (run back to back).
+struct PassProfile {
+  std::vector<OpTotal> ops;
+  double total_ms = 0;
+  int64_t tokens = 0;  // token rows of the pass
 };
 
 struct BenchResult {
@@ -39,9 +46,10 @@ struct BenchResult {
   // Per rank of this process, after the runs: KV cache for batch x (prompt_len + new_tokens).
   std::vector<Engine::RankMemory> memory;
   double achieved_bandwidth_gbs = 0;  // largest rank's weight bytes / mean TPOT
-  std::vector<OpTotal> profile;       // rank 0's, largest first; empty unless asked for
-  double profile_total_ms = 0;        // the profiled step's ops, back to back
-  int64_t replays = 0;                // decode steps of the timed runs replayed from a recording
+  // Empty unless asked for: the prompt's first pass (one chunk of up to the prefill chunk's
+  // tokens per sequence) and the middle decode step.
+  PassProfile prompt_profile, decode_profile;
+  int64_t replays = 0;  // decode steps of the timed runs replayed from a recording
 };
 
 // Runs warmup + repeat greedy generations of random prompts (never stopping early).

@@ -563,7 +563,7 @@ std::unique_ptr<backend::Backend> Engine::make_backend(int local, [[maybe_unused
 
 std::vector<Tensor> Engine::prefill(Executor& executor,
                                     const std::vector<std::vector<int64_t>>& prompts, bool all_rows,
-                                    std::vector<StepTime>* profile) {
+                                    StepProfile* profile) {
   const program::Limits& l = model_.limits;
   std::vector<Tensor> out;
   for (const auto& p : prompts) {
@@ -572,7 +572,9 @@ std::vector<Tensor> Engine::prefill(Executor& executor,
   }
   bool first = true;
   for (const Chunk& chunk : chunk_prompts(prompts, l.tokens, l.logit_rows, all_rows)) {
-    const Tensor logits = executor.forward(chunk.batch, first ? profile : nullptr);
+    const bool timed = first && profile != nullptr;
+    if (timed) profile->tokens = static_cast<int64_t>(chunk.batch.tokens.size());
+    const Tensor logits = executor.forward(chunk.batch, timed ? &profile->times : nullptr);
     first = false;
     for (size_t r = 0; r < chunk.rows.size(); ++r) {
       const auto [prompt, position] = chunk.rows[r];
@@ -622,14 +624,19 @@ std::vector<std::vector<int64_t>> Engine::generate(
     std::vector<std::vector<int64_t>> history = prompts;
     std::vector<int> live(n);  // the sequences still generating, in the order of their rows
     for (size_t i = 0; i < n; ++i) live[i] = static_cast<int>(i);
-    std::vector<StepTime> times;
+    StepProfile timing;  // this rank's, of the pass that profile->step names
     const bool profile_prompt = profile != nullptr && profile->step == 0;
     const std::vector<Tensor> last =
-        prefill(executor, prompts, false, profile_prompt ? &times : nullptr);
+        prefill(executor, prompts, false, profile_prompt ? &timing : nullptr);
     Tensor logits({static_cast<int64_t>(n), executor.program().vocab_size});
     for (size_t i = 0; i < n; ++i)
       std::copy(last[i].data.begin(), last[i].data.end(), logits.row(i));
-    if (profile_prompt && executor.rank() == 0) profile->times = std::move(times);
+    const auto keep_timing = [&] {
+      if (executor.rank() != 0) return;
+      profile->times = std::move(timing.times);
+      profile->tokens = timing.tokens;
+    };
+    if (profile_prompt) keep_timing();
     std::vector<int64_t> picked;  // the device's choices for the rows (pick_on_device, step > 0)
     for (int64_t step = 0;; ++step) {
       // Rank 0 samples; every rank takes its choice so all caches stay identical.
@@ -684,12 +691,13 @@ std::vector<std::vector<int64_t>> Engine::generate(
       if (following.segments.empty() || step + 1 == params.max_new_tokens) break;
       live = std::move(still);
       const bool timed = profile != nullptr && profile->step == step + 1;
+      timing.tokens = static_cast<int64_t>(following.tokens.size());
       if (pick_on_device) {
-        picked = executor.forward_greedy(following, timed ? &times : nullptr);
+        picked = executor.forward_greedy(following, timed ? &timing.times : nullptr);
       } else {
-        logits = executor.forward(following, timed ? &times : nullptr);
+        logits = executor.forward(following, timed ? &timing.times : nullptr);
       }
-      if (timed && executor.rank() == 0) profile->times = std::move(times);
+      if (timed) keep_timing();
     }
   });
   return generated;

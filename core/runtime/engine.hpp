@@ -112,10 +112,12 @@ class Engine {
   // Generates up to max_new_tokens per prompt (batched); a sequence ends after emitting a stop
   // token (which is kept). on_token(sequence, token) is called as tokens are chosen. With
   // `profile`, the forward pass that makes token profile->step + 1 (0: the prompt pass) is timed
-  // op by op and rank 0's times are left in profile->times.
+  // op by op and rank 0's times are left in profile->times (a prompt longer than one pass: its
+  // first pass), with the token rows that pass ran.
   struct StepProfile {
     int64_t step = 1;
     std::vector<StepTime> times;
+    int64_t tokens = 0;
   };
   // `logprobs`, when given, gets each sequence's tokens' token_logprob (rank 0's process).
   std::vector<std::vector<int64_t>> generate(
@@ -148,9 +150,10 @@ class Engine {
   // The backend of this process's local-th rank, global rank `rank`.
   std::unique_ptr<backend::Backend> make_backend(int local, int rank);
   // Runs the prompts' tokens in passes within the memory plan's limits; every token's logits
-  // (all_rows) or each prompt's last, [rows, vocab] per prompt, on every rank's thread.
+  // (all_rows) or each prompt's last, [rows, vocab] per prompt, on every rank's thread; with
+  // `profile`, the first pass is timed op by op into it.
   std::vector<Tensor> prefill(Executor& executor, const std::vector<std::vector<int64_t>>& prompts,
-                              bool all_rows, std::vector<StepTime>* profile);
+                              bool all_rows, StepProfile* profile);
   Model model_;
   std::unique_ptr<Ranks> ranks_;
   double load_seconds_ = 0;

@@ -152,11 +152,15 @@ for run in r["runs"]:
     assert [m["weights"] for m in memory] == weights, memory
     assert all(m["kv_cache"] == run["batch"] * 24 * 2 * 32 * 2 * 4 for m in memory), memory
     assert all(m["workspace"] > 0 for m in memory), memory
-    # Every step of the decode step is timed: 2 layers' ops and all-reduces, summed by label.
-    ops = {p["op"]: p for p in run["profile"]}
-    assert ops["all_reduce"]["calls"] == 2 + 1, ops  # one per layer (parallel residual) + embedding
-    assert ops["attention"]["calls"] == 2, ops
-    assert abs(sum(p["ms"] for p in run["profile"]) - run["profile_total_ms"]) < 1e-6
+    # Every step of the prompt's pass (all its tokens: 16 fit one pass) and of a decode step (a
+    # token per sequence) is timed: 2 layers' ops and all-reduces, summed by label.
+    for kind, tokens in (("prompt", run["batch"] * 16), ("decode", run["batch"])):
+        assert run[f"{kind}_profile_tokens"] == tokens, (kind, run)
+        ops = {p["op"]: p for p in run[f"{kind}_profile"]}
+        assert ops["all_reduce"]["calls"] == 2 + 1, ops  # a layer's (parallel residual) + embedding
+        assert ops["attention"]["calls"] == 2, ops
+        total = sum(p["ms"] for p in run[f"{kind}_profile"])
+        assert abs(total - run[f"{kind}_profile_total_ms"]) < 1e-6
 PY
     ;;
   generate_text)

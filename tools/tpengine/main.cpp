@@ -444,7 +444,7 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
   if (json) {
     nlohmann::json runs = nlohmann::json::array();
     for (const tpe::runtime::BenchResult& r : results) {
-      nlohmann::json memory = nlohmann::json::array(), profile = nlohmann::json::array();
+      nlohmann::json memory = nlohmann::json::array();
       for (const auto& m : r.memory) {
         memory.push_back({{"weights", m.weights},
                           {"kv_cache", m.kv_cache},
@@ -452,9 +452,12 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
                           {"planned_arena", m.planned_arena},
                           {"device_in_use", m.device_in_use}});
       }
-      for (const auto& op : r.profile) {
-        profile.push_back({{"op", op.label}, {"calls", op.calls}, {"ms", op.ms}});
-      }
+      const auto profile_json = [](const tpe::runtime::PassProfile& p) {
+        nlohmann::json ops = nlohmann::json::array();
+        for (const auto& op : p.ops)
+          ops.push_back({{"op", op.label}, {"calls", op.calls}, {"ms", op.ms}});
+        return ops;
+      };
       runs.push_back(
           {{"batch", r.batch},
            {"ttft_ms", r.ttft_ms},
@@ -464,8 +467,12 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
            {"achieved_bandwidth_gbs", r.achieved_bandwidth_gbs},
            {"achieved_bandwidth_fraction", r.achieved_bandwidth_gbs / copy_gbs},
            {"memory_bytes_per_rank", memory},
-           {"profile", profile},
-           {"profile_total_ms", r.profile_total_ms},
+           {"prompt_profile", profile_json(r.prompt_profile)},
+           {"prompt_profile_total_ms", r.prompt_profile.total_ms},
+           {"prompt_profile_tokens", r.prompt_profile.tokens},
+           {"decode_profile", profile_json(r.decode_profile)},
+           {"decode_profile_total_ms", r.decode_profile.total_ms},
+           {"decode_profile_tokens", r.decode_profile.tokens},
            {"decode_steps_replayed", r.replays}});
     }
     const nlohmann::json out = {{"model", run.model_path.string()},
@@ -517,13 +524,24 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
       if (m.device_in_use > 0) fmt::print(", device in use {:.1f} MiB", mib(m.device_in_use));
       fmt::print("\n");
     }
-    if (r.profile.empty()) continue;
-    fmt::print(
-        "  decode step {} op by op (rank 0, ops queued ahead): {:.3f} ms in all, TPOT {:.3f}\n",
-        options.new_tokens / 2, r.profile_total_ms, r.tpot_mean_ms);
-    for (const auto& op : r.profile) {
-      fmt::print("    {:<36} {:>4} x  {:8.3f} ms  {:5.1f}%\n", op.label, op.calls, op.ms,
-                 100 * op.ms / r.profile_total_ms);
+    const auto print_profile = [](const tpe::runtime::PassProfile& p) {
+      for (const auto& op : p.ops) {
+        fmt::print("    {:<36} {:>4} x  {:8.3f} ms  {:5.1f}%\n", op.label, op.calls, op.ms,
+                   100 * op.ms / p.total_ms);
+      }
+    };
+    if (!r.prompt_profile.ops.empty()) {
+      fmt::print(
+          "  prompt's first pass ({} tokens) op by op (rank 0, ops queued ahead): {:.3f} ms in "
+          "all, TTFT {:.2f}\n",
+          r.prompt_profile.tokens, r.prompt_profile.total_ms, r.ttft_ms);
+      print_profile(r.prompt_profile);
+    }
+    if (!r.decode_profile.ops.empty()) {
+      fmt::print(
+          "  decode step {} op by op (rank 0, ops queued ahead): {:.3f} ms in all, TPOT {:.3f}\n",
+          options.new_tokens / 2, r.decode_profile.total_ms, r.tpot_mean_ms);
+      print_profile(r.decode_profile);
     }
   }
   return 0;
