@@ -63,13 +63,13 @@ SHAPES = {
                       multi_query=True, parallel_attn=True, new_decoder_architecture=False,
                       alibi=False, bias=False, layer_norm_epsilon=1e-5, rope_theta=10000.0,
                       max_position_embeddings=2048),
-    # GPT-NeoX-20B: parallel residual, rotary over a quarter of each head. Its own hidden_act is
-    # gelu_fast, which tpengine does not take yet; exact gelu costs the same per step.
+    # GPT-NeoX-20B: parallel residual, rotary over a quarter of each head, gelu_fast.
     "neox-20b": dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"],
                      hidden_size=6144, intermediate_size=24576, num_hidden_layers=44,
                      num_attention_heads=64, vocab_size=50432, rotary_pct=0.25,
                      rotary_emb_base=10000, max_position_embeddings=2048, layer_norm_eps=1e-5,
-                     use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False),
+                     use_parallel_residual=True, hidden_act="gelu_fast",
+                     tie_word_embeddings=False),
     "llama-2-13b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=5120,
                         intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                         num_key_value_heads=40, vocab_size=32000, rms_norm_eps=1e-5,

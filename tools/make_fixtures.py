@@ -277,11 +277,12 @@ FIXTURES = {
     ),
     "neox_sequential": dict(
         model_type="gpt_neox", tf="5.", seed=2000,
-        config=neox_base(use_parallel_residual=False),
+        config=neox_base(use_parallel_residual=False, hidden_act="gelu_fast"),
         rope=dict(theta=10000.0, partial=0.5),
         description=(
             "GPT-NeoX, use_parallel_residual=false (h = x + attn(ln1(x)); out = h + mlp(ln2(h))), "
-            "partial rotary 0.5 (8 of 16 head dims rotated), attention bias."
+            "partial rotary 0.5 (8 of 16 head dims rotated), attention bias, gelu_fast MLP "
+            "(GPT-NeoX-20B's activation)."
         ),
     ),
     "llama_sharded": dict(

@@ -62,6 +62,10 @@ case $case in
     # Checked on read, before the policy divides by it (it was a SIGFPE).
     python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); c['num_attention_heads']=0; json.dump(c, open(p,'w'))"
     expect="policy 'llama'.*config.json: key 'num_attention_heads' must be in \[1, 16777216\], got 0";;
+  config_unknown_activation)
+    # quick_gelu (x * sigmoid(1.702 x)) is no tanh GELU: refused by name, with the ones taken.
+    python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); c['hidden_act']='quick_gelu'; json.dump(c, open(p,'w'))"
+    expect="policy 'llama'.*config.json: hidden_act 'quick_gelu' is not supported \\(silu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu\\)";;
   config_huge_layers)
     python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); c['num_hidden_layers']=10**9; json.dump(c, open(p,'w'))"
     expect="policy 'llama'.*config.json: key 'num_hidden_layers' must be in \[1, 4096\], got 1000000000";;

@@ -68,7 +68,7 @@ typedef enum tpe_norm_kind { TPE_NORM_RMS = 0, TPE_NORM_LAYER = 1 } tpe_norm_kin
 typedef enum tpe_activation {
   TPE_ACT_SILU = 0,
   TPE_ACT_GELU = 1,      /* exact, erf-based */
-  TPE_ACT_GELU_TANH = 2, /* tanh approximation (gelu_new, gelu_pytorch_tanh) */
+  TPE_ACT_GELU_TANH = 2, /* tanh approximation (gelu_new, gelu_pytorch_tanh, gelu_fast) */
   TPE_ACT_RELU = 3
 } tpe_activation;
 

@@ -72,14 +72,18 @@ class Builder {
     if (api_->rope_from_config(g_, &rope) != TPE_OK) throw PolicyError("");  // host has the error
     return rope;
   }
-  // transformers' hidden_act names.
+  // transformers' hidden_act names. gelu_new, gelu_pytorch_tanh and gelu_fast are the same tanh
+  // approximation, written three ways (fp32 results a few ulps apart).
   static tpe_activation activation_named(const std::string& name) {
     if (name == "silu" || name == "swish") return TPE_ACT_SILU;
     if (name == "gelu") return TPE_ACT_GELU;
-    if (name == "gelu_new" || name == "gelu_pytorch_tanh") return TPE_ACT_GELU_TANH;
+    if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast") {
+      return TPE_ACT_GELU_TANH;
+    }
     if (name == "relu") return TPE_ACT_RELU;
-    throw PolicyError("config.json: hidden_act '" + name +
-                      "' is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, relu)");
+    throw PolicyError(
+        "config.json: hidden_act '" + name +
+        "' is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu)");
   }
 
   // ---- graph ----
