@@ -11,6 +11,9 @@ shape with random weights (gguf-py from the same source; needs numpy) and runs
 
   tools/llama_cpp_peer.py pack OUT.tar.xz          # here: download, check, trim, pack
   tools/bench_peers.py ... --peers llamacpp --llama-cpp OUT.tar.xz   # there
+  tools/llama_cpp_peer.py build OUT.tar.xz DIR     # there, ahead of time (ggml's CUDA kernels
+                                                   # take minutes on many cores): prints the
+                                                   # llama-bench path for --llama-bench
 """
 import json
 import os
@@ -170,6 +173,18 @@ def run_llama_bench(binary, gguf_path, prompt_len, new_tokens, repeat, run):
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "pack":
         return pack(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "build":
+        if not os.path.exists(sys.argv[2]):
+            sys.exit(f"llama_cpp_peer: {sys.argv[2]}: no such source folder or archive")
+        os.makedirs(sys.argv[3], exist_ok=True)
+        src = source_tree(sys.argv[2], sys.argv[3])
+        cuda = shutil.which("nvcc") is not None
+        try:
+            print(build_llama_bench(src, os.path.join(sys.argv[3], "llama-build"), cuda, 3600))
+        except subprocess.CalledProcessError as e:
+            sys.exit(f"llama_cpp_peer: building llama-bench failed:\n"
+                     f"{(e.stderr or e.stdout or b'')[-3000:].decode(errors='replace')}")
+        return 0
     sys.exit(__doc__)
 
 
