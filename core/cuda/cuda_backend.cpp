@@ -557,6 +557,21 @@ int CudaBackend::attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim,
   return splits;
 }
 
+bool CudaBackend::prefill_scratch_fits(size_t bytes) {
+  const size_t have =
+      static_cast<size_t>(prefill_scratch_.rows * prefill_scratch_.cols) * cuda::dtype_size(dtype_);
+  if (bytes <= have) return true;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TPE_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return false;  // recording: the split-KV kernels
+  forget_recordings();
+  prefill_scratch_ = Buffer{};  // the old one goes first
+  // A longer prompt's chunks need more as they go: doubling keeps the reallocations few.
+  const size_t grown = std::max(bytes, 2 * have);
+  prefill_scratch_ = alloc(1, static_cast<int64_t>(grown / cuda::dtype_size(dtype_)) + 1);
+  return true;
+}
+
 namespace {
 
 void refuse_cross(const AttentionShape& a, int device) {
@@ -613,17 +628,20 @@ void CudaBackend::attend(const Buffer& q, int64_t n_kv, KvLayer& cache, const At
   constexpr int64_t kPrefillMinTokens = 16;
   // FlashInfer's Hopper kernel has no ALiBi: those prompts stay on the split-KV kernels.
   const bool tensor_cores =
-      a.alibi_max_bias == 0 && cuda::prefill_attention_supported(dtype_, a.head_dim, q.stride());
+      a.alibi_max_bias == 0 && cuda::prefill_attention_supported(dtype_, a.head_dim);
   int64_t t = 0;
   int64_t short_from = 0;
   for (const Batch::Segment& seg : segments_) {
-    if (tensor_cores && seg.count >= kPrefillMinTokens) {
+    if (tensor_cores && seg.count >= kPrefillMinTokens &&
+        prefill_scratch_fits(cuda::prefill_attention_scratch_bytes(
+            q.stride(), seg.count, n_q, a.head_dim, seg.start_pos, n_kv, dtype_))) {
       split_kv(short_from, t - short_from);
       cuda::prefill_attention(
           static_cast<const char*>(q.data) + static_cast<size_t>(t * q.stride()) * e, q.stride(),
           seg.count, n_q, a.head_dim, seg.slot, seg.start_pos, cache.k.data, cache.v.data,
           cache.max_len, n_kv, a.first_q, a.group, a.first_kv, a.scale, a.window, dtype_,
-          static_cast<char*>(out.data) + static_cast<size_t>(t * out.cols) * e, stream_);
+          static_cast<char*>(out.data) + static_cast<size_t>(t * out.cols) * e, stream_,
+          prefill_scratch_.data);
       short_from = t + seg.count;
     }
     t += seg.count;

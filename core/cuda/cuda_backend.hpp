@@ -112,6 +112,8 @@ class CudaBackend final : public Backend {
               Buffer& out);
   int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_len, int64_t n_kv,
                        int64_t group);
+  // Whether prefill_scratch_ holds `bytes`, grown (at least doubled) when not recording.
+  bool prefill_scratch_fits(size_t bytes);
 
   int rank_;
   int device_;
@@ -141,6 +143,7 @@ class CudaBackend final : public Backend {
   std::vector<const float*> rope_tables_;      // per rotary parameter set
   Buffer gather_scratch_;                      // the logits' all-gather
   Buffer attention_scratch_;                   // split-KV attention's partial results (fp32)
+  Buffer prefill_scratch_;                     // padded heads of tensor-core prefill, if any
   std::vector<Batch::Segment> segments_;       // the pass's, for prefill attention per sequence
   std::map<const IndexSet*, Buffer> columns_;  // gather lists, by the program's sets
   std::map<int, cudaGraphExec_t> recordings_;  // decode steps, by batch size

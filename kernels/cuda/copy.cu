@@ -1,4 +1,5 @@
-// Kernels that only move rows or elements: embedding lookup, column gather, KV cache append.
+// Kernels that only move rows or elements: embedding lookup, column gather, KV cache append,
+// heads copied to and from a wider head width.
 // They never look at values, so they are templated on the width of the copied unit (2 to 16
 // bytes), not on the dtype.
 #include "kernels/cuda/device.hpp"
@@ -75,6 +76,20 @@ unsigned token_grid(int64_t tokens, const char* op) {
   return static_cast<unsigned>(tokens);
 }
 
+// Row r's heads from src to dst, units [0, head) of each copied and the rest of a dst head zeroed:
+// a thread per unit of a dst row (i = h * dst_head + j), rows over y.
+template <class U>
+__global__ void copy_heads_kernel(const U* src, int64_t src_ld, int src_head, U* dst,
+                                  int64_t dst_ld, int dst_head, int head, int heads, int64_t rows) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i >= heads * dst_head) return;
+  const int h = i / dst_head;
+  const int j = i % dst_head;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    dst[r * dst_ld + i] = j < head ? src[r * src_ld + int64_t{h} * src_head + j] : U{};
+  }
+}
+
 }  // namespace
 
 void embedding(const int32_t* ids, int64_t tokens, const void* table, int64_t vocab_begin,
@@ -139,6 +154,33 @@ void kv_append(const void* k, const void* v, int64_t tokens, int64_t kv_width, c
         TPE_CUDA_CHECK_LAUNCH();
       },
       k, v, k_cache, v_cache);
+}
+
+void copy_heads(const void* src, int64_t src_ld, int64_t src_head, void* dst, int64_t dst_ld,
+                int64_t dst_head, int64_t rows, int64_t heads, int64_t head_dim, DType dtype,
+                cudaStream_t stream) {
+  TPE_CUDA_REQUIRE(rows >= 0 && heads >= 0 && head_dim >= 0, "copy_heads", "negative size");
+  TPE_CUDA_REQUIRE(src_head >= head_dim && dst_head >= head_dim && src_ld >= heads * src_head &&
+                       dst_ld >= heads * dst_head,
+                   "copy_heads", "a head or row stride below its width");
+  TPE_CUDA_REQUIRE(heads * dst_head <= int64_t{0x7fffffff}, "copy_heads", "rows too wide");
+  if (rows == 0 || heads == 0 || dst_head == 0) return;
+  const auto esize = static_cast<int64_t>(dtype_size(dtype));
+  dispatch_unit(
+      esize * (src_ld | src_head | dst_ld | dst_head | head_dim),
+      [&](auto tag) {
+        using U = typename decltype(tag)::type;
+        const auto unit = static_cast<int64_t>(sizeof(U)) / esize;  // elements per unit
+        const int64_t row_units = heads * dst_head / unit;
+        const dim3 grid(static_cast<unsigned>((row_units + 255) / 256),
+                        static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+        copy_heads_kernel<<<grid, 256, 0, stream>>>(
+            static_cast<const U*>(src), src_ld / unit, static_cast<int>(src_head / unit),
+            static_cast<U*>(dst), dst_ld / unit, static_cast<int>(dst_head / unit),
+            static_cast<int>(head_dim / unit), static_cast<int>(heads), rows);
+        TPE_CUDA_CHECK_LAUNCH();
+      },
+      src, dst);
 }
 
 }  // namespace tpe::cuda

@@ -110,14 +110,27 @@ int64_t attention_scratch_floats(int64_t tokens, int64_t n_q, int64_t head_dim, 
 // Causal attention of one sequence's `count` new tokens, at positions start_pos.. of cache slot
 // `slot` (already appended), on tensor cores: FlashInfer's Hopper prefill kernel (a TMA and
 // warp-specialised FlashAttention-3 design). Shapes as attention. Only where
-// prefill_attention_supported says so: a Hopper device in a build for sm_90a, f16 or bf16,
-// head_dim 64, 128 or 256, 16-byte aligned rows.
-bool prefill_attention_supported(DType dtype, int64_t head_dim, int64_t q_ld);
+// prefill_attention_supported says so: a Hopper device in a build for sm_90a, f16 or bf16, heads
+// up to 256 wide. The kernel's widths are 64, 128 and 256: other heads (80, 96, ...) and q rows off
+// the 16-byte grid run padded with zeros to the next width, in `scratch` (of
+// prefill_attention_scratch_bytes; none needed, and null allowed, where that is 0): q, this
+// slot's keys and values up to the chunk's end, and the output. Zero features add nothing to a
+// score, and the output's padding is dropped, so the result is the unpadded attention's.
+bool prefill_attention_supported(DType dtype, int64_t head_dim);
+size_t prefill_attention_scratch_bytes(int64_t q_ld, int64_t count, int64_t n_q, int64_t head_dim,
+                                       int64_t start_pos, int64_t n_kv, DType dtype);
 void prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, int64_t head_dim,
                        int64_t slot, int64_t start_pos, const void* k_cache, const void* v_cache,
                        int64_t max_len, int64_t n_kv, int64_t first_q, int64_t group,
                        int64_t first_kv, float scale, int64_t window, DType dtype, void* out,
-                       cudaStream_t stream);
+                       cudaStream_t stream, void* scratch);
+
+// For every row and head: the head's first head_dim elements from src (row stride src_ld, head
+// stride src_head, in elements) to dst (dst_ld, dst_head), the rest of each dst head zeroed.
+// Heads padded to a wider kernel's width and back.
+void copy_heads(const void* src, int64_t src_ld, int64_t src_head, void* dst, int64_t dst_ld,
+                int64_t dst_head, int64_t rows, int64_t heads, int64_t head_dim, DType dtype,
+                cudaStream_t stream);
 
 // Holds the stream until the host sets *flag, host memory mapped into the device
 // (cudaHostAllocMapped), to non-zero: what the host queues meanwhile then runs back to back.
