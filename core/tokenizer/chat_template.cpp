@@ -2,8 +2,10 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -199,8 +201,9 @@ class Failer {
   [[noreturn]] void at(size_t offset, fmt::format_string<Args...> format, Args&&... args) const {
     size_t line = 1;
     for (size_t k = 0; k < offset && k < tmpl_.size(); ++k) line += tmpl_[k] == '\n';
+    // The detail quotes the template (a token, a raise_exception message): one line, escaped.
     fail("{}: chat template, line {}: {}", printable(source_), line,
-         fmt::format(format, std::forward<Args>(args)...));
+         printable(fmt::format(format, std::forward<Args>(args)...)));
   }
 
  private:
@@ -626,12 +629,23 @@ class ExprParser {
       }
       case Token::Type::kInt: {
         ExprPtr e = node(Expr::Type::kLiteral, tok.at);
-        e->literal = Value::integer(std::stoll(tok.text));
+        int64_t v = 0;
+        const char* end = tok.text.data() + tok.text.size();
+        const auto [stop, error] = std::from_chars(tok.text.data(), end, v);
+        if (error != std::errc() || stop != end) {
+          failer_.at(tok.at, "integer '{}' is out of range (64-bit)", tok.text);
+        }
+        e->literal = Value::integer(v);
         return e;
       }
       case Token::Type::kFloat: {
         ExprPtr e = node(Expr::Type::kLiteral, tok.at);
-        e->literal = Value::real(std::stod(tok.text));
+        char* end = nullptr;
+        const double v = std::strtod(tok.text.c_str(), &end);  // too large: inf, as in Python
+        if (end != tok.text.c_str() + tok.text.size()) {
+          failer_.at(tok.at, "'{}' is not a number", tok.text);
+        }
+        e->literal = Value::real(v);
         return e;
       }
       case Token::Type::kName: {

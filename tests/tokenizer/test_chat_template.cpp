@@ -89,6 +89,13 @@ TEST(ChatTemplate, RefusesWhatItDoesNotSupportByName) {
             "t.json: chat template, line 1: method 'frobnicate' of a string is not supported");
   EXPECT_EQ(error_of("{% endfor %}"),
             "t.json: chat template, line 1: 'endfor' without its opening tag");
+  // Found by fuzz_chat_template: numbers past int64 or with two points (they threw
+  // std::out_of_range or were read in part), and quoted template text kept on one line.
+  EXPECT_EQ(error_of("{{ 99999999999999999999 }}"),
+            "t.json: chat template, line 1: integer '99999999999999999999' is out of range "
+            "(64-bit)");
+  EXPECT_EQ(error_of("{{ 1.2.3 }}"), "t.json: chat template, line 1: '1.2.3' is not a number");
+  EXPECT_EQ(error_of("{{ 1 'a\nb' }}"), "t.json: chat template, line 1: unexpected 'a\\x0ab'");
 }
 
 }  // namespace
