@@ -691,7 +691,7 @@ std::vector<std::vector<int64_t>> Engine::generate(
       if (following.segments.empty() || step + 1 == params.max_new_tokens) break;
       live = std::move(still);
       const bool timed = profile != nullptr && profile->step == step + 1;
-      timing.tokens = static_cast<int64_t>(following.tokens.size());
+      if (timed) timing.tokens = static_cast<int64_t>(following.tokens.size());
       if (pick_on_device) {
         picked = executor.forward_greedy(following, timed ? &timing.times : nullptr);
       } else {

@@ -99,8 +99,7 @@ void prefill_attention(const void* q, int64_t q_ld, int64_t count, int64_t n_q, 
   int64_t o_row = n_q * head_dim;
   int64_t kv_row = kv_width;
   if (pad) {
-    char* at = static_cast<char*>(scratch);
-    char* q_pad = at;
+    char* q_pad = static_cast<char*>(scratch);
     char* o_pad = q_pad + count * n_q * w * e;
     char* k_pad = o_pad + count * n_q * w * e;
     char* v_pad = k_pad + kv_len * n_kv * w * e;
