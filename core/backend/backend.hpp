@@ -185,6 +185,13 @@ class Backend {
     norm(kind, sum, w, bias, eps, y);
   }
   virtual void activation(tpe_activation act, Buffer& x) = 0;
+  // y = act(x · w^T (+ bias)): a device whose matrix products apply the activation in their
+  // epilogue (on the fp32 sum, rounded once) overrides this; here it acts on the rounded y.
+  virtual void linear_activation(tpe_activation act, const Buffer& x, const Buffer& w,
+                                 const Buffer* bias, Buffer& y) {
+    linear(x, w, bias, y);
+    activation(act, y);
+  }
   // out = act(gate) * up; gate and up may be views (columns of one merged projection).
   virtual void gated_activation(tpe_activation act, const Buffer& gate, const Buffer& up,
                                 Buffer& out) = 0;

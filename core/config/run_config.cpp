@@ -217,6 +217,10 @@ class Parser {
                  fail_type(node, key, "true, false or \"auto\"");
                }
              }},
+            {"fused_passes",
+             [this, &config](const auto& node, const auto& key) {
+               config.fused_passes = strings(node, key);
+             }},
             {"prefill_chunk",
              [this, &config](const auto& node, const auto& key) {
                config.prefill_chunk = integer(node, key, 1, int64_t{1} << 20);

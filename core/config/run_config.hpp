@@ -39,6 +39,9 @@ struct RunConfig {
   // Fused kernels (rewrite passes over each rank's program) or plain ones; unset: "auto", fused
   // on CUDA and plain on the CPU.
   std::optional<bool> kernel_inject;
+  // The fused path's rewrite passes, by name (program::kPassNames); unset: all of them. For
+  // measuring what each pass brings.
+  std::optional<std::vector<std::string>> fused_passes;
   // Prompts run in passes of at most this many tokens, so activation memory does not grow with
   // the prompt.
   int64_t prefill_chunk = 2048;

@@ -514,6 +514,12 @@ void CudaBackend::linear(const Buffer& x, const Buffer& w, const Buffer* bias, B
                 dtype_, y.data, stream_);
 }
 
+void CudaBackend::linear_activation(tpe_activation act, const Buffer& x, const Buffer& w,
+                                    const Buffer* bias, Buffer& y) {
+  gemm_->linear(x.data, x.rows, x.cols, w.data, y.cols, bias != nullptr ? bias->data : nullptr,
+                dtype_, y.data, stream_, act);
+}
+
 void CudaBackend::gather_columns(const Buffer& x, const IndexSet& cols, Buffer& out) {
   auto it = columns_.find(&cols);
   if (it == columns_.end()) {

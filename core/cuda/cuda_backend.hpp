@@ -76,6 +76,8 @@ class CudaBackend final : public Backend {
   void add_norm(tpe_norm_kind kind, const Buffer& a, const Buffer& b, const Buffer& w,
                 const Buffer* bias, float eps, Buffer& sum, Buffer& y) override;
   void activation(tpe_activation act, Buffer& x) override;
+  void linear_activation(tpe_activation act, const Buffer& x, const Buffer& w, const Buffer* bias,
+                         Buffer& y) override;
   void gated_activation(tpe_activation act, const Buffer& gate, const Buffer& up,
                         Buffer& out) override;
   void add(const Buffer& a, const Buffer& b, Buffer& out) override;

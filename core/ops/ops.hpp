@@ -76,8 +76,9 @@ enum class Code {
   kGatherVocab,  // out = every rank's vocabulary slice in[0], side by side
   kAllReduce,    // in[0] summed over ranks, in place (out == in[0])
   // Fused path only (program rewrite passes):
-  kGatedActivation,  // out = act(in[0]) * in[1], both views of one fused projection
-  kAddNorm,          // sum = in[0] + in[1] (rounded), then out = norm(sum) * weight (+ bias)
+  kLinearActivation,  // out = act(in[0] · weight^T (+ bias)); `op` is the activation
+  kGatedActivation,   // out = act(in[0]) * in[1], both views of one fused projection
+  kAddNorm,           // sum = in[0] + in[1] (rounded), then out = norm(sum) * weight (+ bias)
 };
 const char* code_name(Code code);
 

@@ -48,8 +48,8 @@ bool same_rope(const tpe_rope_desc& a, const tpe_rope_desc& b) {
 
 class Lowering final : public ops::Lowering {
  public:
-  Lowering(const graph::Graph& g, const parallel::Plan& plan, int rank, bool fuse)
-      : g_(g), plan_(plan), rank_(rank), fuse_(fuse) {
+  Lowering(const graph::Graph& g, const parallel::Plan& plan, int rank, Passes passes)
+      : g_(g), plan_(plan), rank_(rank), passes_(passes) {
     p_.rank = rank;
     p_.world = plan.world;
     p_.vocab = plan.vocab;
@@ -74,13 +74,12 @@ class Lowering final : public ops::Lowering {
         ops::traits(g_.ops[step.index].kind).lower(*this, step.index);
       }
     }
-    if (fuse_) {
-      merge_linears();
-      gate_activations();
-      add_norms();
-      rotary_into_attention();
-      drop_unused_weights();
-    }
+    if (on(Pass::kMergeLinears)) merge_linears();
+    if (on(Pass::kLinearActivation)) linear_activations();
+    if (on(Pass::kGatedActivation)) gate_activations();
+    if (on(Pass::kAddNorm)) add_norms();
+    if (on(Pass::kRotaryAttention)) rotary_into_attention();
+    if (passes_.any()) drop_unused_weights();
     compact_views();
     alias_in_place();
     return std::move(p_);
@@ -164,10 +163,7 @@ class Lowering final : public ops::Lowering {
   // fused projection a split reads) stays as it is, as do linears of differing bias.
   void merge_linears() {
     std::vector<std::vector<size_t>> by_input(p_.values.size());
-    std::vector<bool> viewed(p_.values.size(), false);
-    for (const Value& v : p_.values) {
-      if (v.alias >= 0) viewed[v.alias] = true;
-    }
+    const std::vector<bool> viewed = viewed_values();
     for (size_t i = 0; i < p_.instrs.size(); ++i) {
       const Instr& instr = p_.instrs[i];
       if (instr.code == Code::kLinear && g_.ops[instr.op].kind == graph::OpKind::kLinear &&
@@ -209,6 +205,33 @@ class Lowering final : public ops::Lowering {
     erase_instrs(gone);
   }
 
+  // A linear whose output only an activation reads applies it in its epilogue, on the fp32
+  // product and bias before the one rounding (GPT-2's, BLOOM's, OPT's and GPT-NeoX's MLP up
+  // projection): no pass over the activation's buffer. A merged projection's outputs are views,
+  // which this leaves to gated_activation.
+  void linear_activations() {
+    const std::vector<int> reads = read_counts();
+    const std::vector<int> producer = producers();
+    const std::vector<bool> viewed = viewed_values();
+    std::vector<bool> gone(p_.instrs.size(), false);
+    for (size_t a = 0; a < p_.instrs.size(); ++a) {
+      const Instr& act = p_.instrs[a];
+      if (act.code != Code::kActivation) continue;
+      const int l = producer[act.in[0]];
+      if (l < 0 || p_.instrs[l].code != Code::kLinear || reads[act.in[0]] != 1 ||
+          viewed[act.in[0]] || p_.values[act.in[0]].ld != 0 || p_.values[act.out].ld != 0) {
+        continue;
+      }
+      Instr& linear = p_.instrs[l];
+      linear.code = Code::kLinearActivation;
+      linear.label = instr_label(g_, linear) + "+" + instr_label(g_, act);
+      linear.op = act.op;  // the activation's kind
+      linear.out = act.out;
+      gone[a] = true;
+    }
+    erase_instrs(gone);
+  }
+
   // act(gate) * up, where gate and up are views of one merged projection and each is read only
   // there, becomes one instruction reading both views: no copies of the views, no activation
   // buffer (Llama's and Qwen2's gated MLP).
@@ -239,7 +262,8 @@ class Lowering final : public ops::Lowering {
     erase_instrs(gone);
   }
 
-  // The instruction that last writes each value (-1: none), and how many instructions read it.
+  // The instruction that last writes each value (-1: none), how many instructions read it, and
+  // whether a view or an in-place value shares its memory.
   std::vector<int> producers() const {
     std::vector<int> producer(p_.values.size(), -1);
     for (size_t i = 0; i < p_.instrs.size(); ++i) producer[p_.instrs[i].out] = static_cast<int>(i);
@@ -251,6 +275,13 @@ class Lowering final : public ops::Lowering {
       for (int v : instr.in) ++reads[v];
     }
     return reads;
+  }
+  std::vector<bool> viewed_values() const {
+    std::vector<bool> viewed(p_.values.size(), false);
+    for (const Value& v : p_.values) {
+      if (v.alias >= 0) viewed[v.alias] = true;
+    }
+    return viewed;
   }
 
   // A residual add whose sum a norm reads (the next sublayer's input norm) becomes one
@@ -403,7 +434,9 @@ class Lowering final : public ops::Lowering {
   const graph::Graph& g_;
   const parallel::Plan& plan_;
   int rank_;
-  bool fuse_;
+  bool on(Pass pass) const { return passes_.test(static_cast<size_t>(pass)); }
+
+  Passes passes_;
   std::vector<IndexSet> held_;             // per graph value
   std::vector<std::vector<int>> readers_;  // per graph value: the ops that read it
   Program p_;
@@ -412,9 +445,21 @@ class Lowering final : public ops::Lowering {
 
 }  // namespace
 
-Program lower(const graph::Graph& graph, const parallel::Plan& plan, int rank, bool fuse) {
+Passes passes_named(const std::vector<std::string>& names) {
+  Passes passes;
+  for (const std::string& name : names) {
+    const auto* it = std::find(kPassNames.begin(), kPassNames.end(), name);
+    if (it == kPassNames.end()) {
+      fail("no pass named '{}' (the passes: {})", name, fmt::join(kPassNames, ", "));
+    }
+    passes.set(static_cast<size_t>(it - kPassNames.begin()));
+  }
+  return passes;
+}
+
+Program lower(const graph::Graph& graph, const parallel::Plan& plan, int rank, Passes passes) {
   TPE_CHECK(rank >= 0 && rank < plan.world, "rank out of range");
-  return Lowering(graph, plan, rank, fuse).run();
+  return Lowering(graph, plan, rank, passes).run();
 }
 
 void plan_memory(Program& p, const Limits& limits) {

@@ -5,6 +5,8 @@
 // touch: weights' bytes, devices, plugins; backends run instructions.
 #pragma once
 
+#include <array>
+#include <bitset>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -61,10 +63,24 @@ struct Program {
   int storage(int v) const;
 };
 
-// Lowers the plan for one rank. fuse: the fused path (kernel_inject), the program as lowered
-// rewritten by its passes: linears reading one input merged into one matrix product (q/k/v,
-// gate/up; their outputs become views of it), and act(gate) * up as one instruction.
-Program lower(const graph::Graph& graph, const parallel::Plan& plan, int rank, bool fuse = false);
+// The fused path's rewrite passes (kernel_inject), in the order they run:
+//   merge_linears      linears reading one input as one matrix product (q/k/v, gate/up; their
+//                      outputs become views of it);
+//   linear_activation  a linear's bias and activation applied in its epilogue;
+//   gated_activation   act(gate) * up of one merged projection as one instruction;
+//   add_norm           a residual add and the norm reading its sum as one instruction;
+//   rotary_attention   rotary of q and k moved into attention (with the KV append).
+enum class Pass { kMergeLinears, kLinearActivation, kGatedActivation, kAddNorm, kRotaryAttention };
+inline constexpr std::array<const char*, 5> kPassNames = {
+    "merge_linears", "linear_activation", "gated_activation", "add_norm", "rotary_attention"};
+// Which passes run, indexed by Pass; none is the plain path.
+using Passes = std::bitset<kPassNames.size()>;
+inline Passes all_passes() { return Passes().set(); }
+// The passes of these names (a run config's fused_passes); tpe::Error naming an unknown one.
+Passes passes_named(const std::vector<std::string>& names);
+
+// Lowers the plan for one rank, then rewrites the program with `passes` (none: as lowered).
+Program lower(const graph::Graph& graph, const parallel::Plan& plan, int rank, Passes passes = {});
 
 // Places every stored value in one arena by liveness (first fit, 256-byte aligned) for passes up
 // to `limits`; sets each value's offset and the program's arena_bytes.

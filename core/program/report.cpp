@@ -22,10 +22,10 @@ std::string bytes(int64_t n) {
 }
 
 std::vector<Program> programs(const graph::Graph& g, const parallel::Plan& plan,
-                              const Limits& limits, bool fuse) {
+                              const Limits& limits, Passes passes) {
   std::vector<Program> out;
   for (int r = 0; r < plan.world; ++r) {
-    out.push_back(lower(g, plan, r, fuse));
+    out.push_back(lower(g, plan, r, passes));
     plan_memory(out.back(), limits);
   }
   return out;
@@ -44,14 +44,14 @@ RankMemory memory_of(const Program& p) {
 }  // namespace
 
 std::vector<RankMemory> rank_memory(const graph::Graph& g, const parallel::Plan& plan,
-                                    const Limits& limits, bool fuse) {
+                                    const Limits& limits, Passes passes) {
   std::vector<RankMemory> memory;
-  for (const Program& p : programs(g, plan, limits, fuse)) memory.push_back(memory_of(p));
+  for (const Program& p : programs(g, plan, limits, passes)) memory.push_back(memory_of(p));
   return memory;
 }
 
 std::string format_plan(const graph::Graph& g, const parallel::Plan& plan, const ReportOptions& o) {
-  const std::vector<Program> ranks = programs(g, plan, o.limits, o.fuse);
+  const std::vector<Program> ranks = programs(g, plan, o.limits, o.passes);
   std::string out;
   auto line = [&out](const std::string& s) { out += s + "\n"; };
   line(fmt::format("tensor parallelism over {} rank(s)", plan.world));

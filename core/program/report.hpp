@@ -19,15 +19,15 @@ struct RankMemory {
   int64_t arena_bytes = 0;            // activations of one pass at the limits asked for
 };
 
-// fuse: of the fused path's programs (kernel_inject), whose arena differs.
+// passes: of the fused path's programs (kernel_inject), whose arena differs.
 std::vector<RankMemory> rank_memory(const graph::Graph& graph, const parallel::Plan& plan,
-                                    const Limits& limits = {}, bool fuse = false);
+                                    const Limits& limits = {}, Passes passes = {});
 
 struct ReportOptions {
   int64_t batch = 1;
   int64_t seq_len = 2048;
-  Limits limits;      // the largest pass; its element_bytes is the model dtype's
-  bool fuse = false;  // the fused path's programs
+  Limits limits;  // the largest pass; its element_bytes is the model dtype's
+  Passes passes;  // the fused path's passes the programs get (none: plain)
 };
 
 std::string format_plan(const graph::Graph& graph, const parallel::Plan& plan,

@@ -54,6 +54,26 @@ constexpr std::pair<const char*, const char*> kGgufSpecials[] = {
     {"unk_token", "tokenizer.ggml.unknown_token_id"},
     {"pad_token", "tokenizer.ggml.padding_token_id"}};
 
+// The fused path's passes the run asks for: none when kernel_inject is off (or "auto" on the
+// CPU), else inference.fused_passes (default: all of them).
+program::Passes fused_passes(const config::RunConfig& run) {
+  if (!run.kernel_inject.value_or(run.device == "cuda")) {
+    if (run.fused_passes) {
+      fail(
+          "inference.fused_passes chooses passes of the fused path, which kernel_inject = {} "
+          "turns off",
+          run.kernel_inject ? "false" : "\"auto\" (on the cpu)");
+    }
+    return {};
+  }
+  if (!run.fused_passes) return program::all_passes();
+  try {
+    return program::passes_named(*run.fused_passes);
+  } catch (const Error& e) {
+    fail("inference.fused_passes: {}", e.what());
+  }
+}
+
 }  // namespace
 
 config::ModelConfig load_model_config(const std::filesystem::path& model_path) {
@@ -249,7 +269,7 @@ Model prepare(const config::RunConfig& run) {
                dtype,
                limits,
                run.cuda_graph,
-               run.kernel_inject.value_or(run.device == "cuda"),
+               fused_passes(run),
                max_positions,
                learned_positions};
 }
@@ -496,7 +516,7 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
   int64_t total = 0;
   for (size_t i = 0; i < local_ranks.size(); ++i) {
     program::Program program =
-        program::lower(model_.graph, model_.plan, local_ranks[i], model_.fused);
+        program::lower(model_.graph, model_.plan, local_ranks[i], model_.passes);
     program::plan_memory(program, model_.limits);
     total += static_cast<int64_t>(program.weights.size());
     ranks_->executors.push_back(std::make_unique<Executor>(

@@ -43,9 +43,9 @@ struct Model {
   // The largest pass each rank's memory plan is sized for: a prompt chunk or a decode batch.
   program::Limits limits;
   bool replay = true;  // record decode steps and replay them where the backend can
-  // The fused path (kernel_inject; "auto": on CUDA): each rank's program rewritten by the
-  // passes program::lower runs with fuse.
-  bool fused = false;
+  // The fused path's rewrite passes each rank's program gets (kernel_inject, "auto": on CUDA;
+  // inference.fused_passes, default all); none: the plain path.
+  program::Passes passes;
   // The most positions a sequence may reach (prompt + new tokens): config.json's
   // max_position_embeddings; 0 when unchecked (inference.allow_long_context, dynamic NTK rope,
   // which extends the context by design, or no such key).

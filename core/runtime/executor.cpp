@@ -233,6 +233,10 @@ void Executor::run_instr(const Instr& instr) {
     case Code::kLinear:
       backend_->linear(in(0), *weights_[instr.weight], bias, out);
       break;
+    case Code::kLinearActivation:
+      backend_->linear_activation(graph_.ops[instr.op].activation, in(0), *weights_[instr.weight],
+                                  bias, out);
+      break;
     case Code::kGather:
       backend_->gather_columns(in(0), instr.cols, out);
       break;

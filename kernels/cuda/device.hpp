@@ -1,5 +1,5 @@
 // Device-side helpers shared by the kernel sources (.cu only): dtype conversion, dispatch from
-// the runtime DType to a template parameter, vector packs and block reductions.
+// the runtime DType to a template parameter, activations, vector packs and block reductions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -33,6 +33,25 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// The activations follow the operation order of kernels/cpu (torch's fp32 kernels); the precise
+// expf/erff/tanhf, not the fast intrinsics. The constants are kernels/cpu's, rounded to float.
+__device__ __forceinline__ float activate(tpe_activation act, float v) {
+  constexpr float kInvSqrt2 = 0.70710678118654752440f;     // 1 / sqrt(2)
+  constexpr float kSqrt2OverPi = 0.79788456080286535588f;  // sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  switch (act) {
+    case TPE_ACT_SILU:
+      return v / (1.0f + expf(-v));
+    case TPE_ACT_GELU:
+      return 0.5f * v * (1.0f + erff(v * kInvSqrt2));
+    case TPE_ACT_GELU_TANH:
+      return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + kKappa * (v * v * v))));
+    case TPE_ACT_RELU:
+      return v < 0.0f ? 0.0f : v;  // NaN passes through, as in torch
+  }
+  return v;
 }
 
 template <class T>

@@ -5,6 +5,7 @@
 namespace tpe::cuda {
 namespace {
 
+using detail::activate;
 using detail::from_float;
 using detail::Pack;
 using detail::to_float;
@@ -17,25 +18,6 @@ __global__ void convert_kernel(const S* src, D* dst, int64_t n) {
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += stride) {
     dst[i] = from_float<D>(to_float(src[i]));
   }
-}
-
-// The activations follow the operation order of kernels/cpu (torch's fp32 kernels); the precise
-// expf/erff/tanhf, not the fast intrinsics. The constants are kernels/cpu's, rounded to float.
-__device__ float activate(tpe_activation act, float v) {
-  constexpr float kInvSqrt2 = 0.70710678118654752440f;     // 1 / sqrt(2)
-  constexpr float kSqrt2OverPi = 0.79788456080286535588f;  // sqrt(2 / pi)
-  constexpr float kKappa = 0.044715f;
-  switch (act) {
-    case TPE_ACT_SILU:
-      return v / (1.0f + expf(-v));
-    case TPE_ACT_GELU:
-      return 0.5f * v * (1.0f + erff(v * kInvSqrt2));
-    case TPE_ACT_GELU_TANH:
-      return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + kKappa * (v * v * v))));
-    case TPE_ACT_RELU:
-      return v < 0.0f ? 0.0f : v;  // NaN passes through, as in torch
-  }
-  return v;
 }
 
 struct AddOp {

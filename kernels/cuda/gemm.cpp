@@ -3,7 +3,11 @@
 // [in, out] matrix with leading dimension `in` (so op(A) = transpose) and x is [in, tokens]: the
 // "TN" layout, the one cuBLASLt serves best. Compute is fp32 for every input type (for fp32 the
 // plain CUBLAS_COMPUTE_32F, never TF32), and the bias, whose type cuBLASLt takes to be the output
-// type, is added in the epilogue before the single rounding to the model dtype.
+// type, is added in the epilogue before the single rounding to the model dtype. So is an
+// activation (the fused path's linear_activation) where cuBLASLt's epilogue computes it: its
+// GELU is the tanh approximation, and it has ReLU; the others (exact GELU, SiLU) run as the
+// activation kernel over y afterwards, on the rounded product as the plain path does. The GEMV
+// kernel below applies every activation in its own epilogue.
 //
 // Decode products go to the GEMV kernel of gemv.cu instead where it beat cuBLASLt on an H200:
 // f16/bf16 with 1 or 2 tokens, f32 with up to 8 (README.md has the timings).
@@ -17,7 +21,9 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 #include <tuple>
+#include <utility>
 
 #include "core/common/error.hpp"
 #include "kernels/cuda/check.hpp"
@@ -29,7 +35,7 @@ namespace detail {
 // cuBLASLt (f16/bf16 with 1 or 2 tokens, f32 with up to 8); returns false, enqueuing nothing,
 // otherwise.
 bool gemv(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out, const void* bias,
-          DType dtype, void* y, cudaStream_t stream);
+          const tpe_activation* act, DType dtype, void* y, cudaStream_t stream);
 }  // namespace detail
 
 namespace {
@@ -57,6 +63,22 @@ cudaDataType_t cuda_type(DType dtype) {
       return CUDA_R_16BF;
   }
   fail("cuda::Gemm: unknown dtype");
+}
+
+// The epilogue that adds the bias (if any) and applies act (if any and cuBLASLt has it), and
+// whether it applies act.
+std::pair<cublasLtEpilogue_t, bool> epilogue_for(bool bias, std::optional<tpe_activation> act) {
+  if (act == TPE_ACT_GELU_TANH) {
+    return {bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU, true};
+  }
+  if (act == TPE_ACT_RELU)
+    return {bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU, true};
+  return {bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, false};
+}
+
+bool adds_bias(cublasLtEpilogue_t epilogue) {
+  return epilogue == CUBLASLT_EPILOGUE_BIAS || epilogue == CUBLASLT_EPILOGUE_GELU_BIAS ||
+         epilogue == CUBLASLT_EPILOGUE_RELU_BIAS;
 }
 
 // The largest power of two up to 256 dividing the address. cuBLASLt assumes 256-byte aligned
@@ -94,11 +116,11 @@ struct Gemm::Impl {
     int64_t in;
     int64_t out;
     DType dtype;
-    bool bias;
+    cublasLtEpilogue_t epilogue;
     uint32_t alignment;
     bool operator<(const Key& o) const {
-      return std::tie(tokens, in, out, dtype, bias, alignment) <
-             std::tie(o.tokens, o.in, o.out, o.dtype, o.bias, o.alignment);
+      return std::tie(tokens, in, out, dtype, epilogue, alignment) <
+             std::tie(o.tokens, o.in, o.out, o.dtype, o.epilogue, o.alignment);
     }
   };
   // Descriptors and the chosen algorithm, made once per key.
@@ -128,8 +150,8 @@ const Gemm::Impl::Plan& Gemm::Impl::plan(const Key& key, const void* bias) {
   p.desc.reset(desc);
   set_attribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, cublasOperation_t{CUBLAS_OP_T});
   set_attribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, cublasOperation_t{CUBLAS_OP_N});
-  if (key.bias) {
-    set_attribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, cublasLtEpilogue_t{CUBLASLT_EPILOGUE_BIAS});
+  set_attribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, key.epilogue);
+  if (adds_bias(key.epilogue)) {
     set_attribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(type));
     // The heuristic reads the bias pointer's alignment off its value.
     set_attribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
@@ -153,9 +175,10 @@ const Gemm::Impl::Plan& Gemm::Impl::plan(const Key& key, const void* bias) {
       handle, desc, p.w_layout.get(), p.x_layout.get(), p.y_layout.get(), p.y_layout.get(),
       raw_pref, 1, &result, &found);
   if (status != CUBLAS_STATUS_SUCCESS || found == 0) {
-    fail("cuda::Gemm: cuBLASLt has no algorithm for tokens {} in {} out {} {}{} ({})", key.tokens,
-         key.in, key.out, dtype_name(key.dtype), key.bias ? " with bias" : "",
-         cublasLtGetStatusString(status));
+    fail(
+        "cuda::Gemm: cuBLASLt has no algorithm for tokens {} in {} out {} {} with epilogue {} ({})",
+        key.tokens, key.in, key.out, dtype_name(key.dtype), static_cast<int>(key.epilogue),
+        cublasLtGetStatusString(status));
   }
   p.algo = result.algo;
   return plans.emplace(key, std::move(p)).first->second;
@@ -184,14 +207,19 @@ Gemm::~Gemm() {
 }
 
 void Gemm::linear(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
-                  const void* bias, DType dtype, void* y, cudaStream_t stream) {
+                  const void* bias, DType dtype, void* y, cudaStream_t stream,
+                  std::optional<tpe_activation> act) {
   TPE_CUDA_REQUIRE(tokens >= 0 && in >= 0 && out >= 0, "Gemm::linear", "negative size");
   if (tokens == 0 || out == 0) return;
   TPE_CUDA_REQUIRE(in > 0, "Gemm::linear", "in must be positive");
-  if (impl_->use_gemv && detail::gemv(x, tokens, in, w, out, bias, dtype, y, stream)) return;
+  if (impl_->use_gemv &&
+      detail::gemv(x, tokens, in, w, out, bias, act ? &*act : nullptr, dtype, y, stream)) {
+    return;
+  }
   uint32_t alignment = std::min({alignment_of(x), alignment_of(w), alignment_of(y)});
   if (bias != nullptr) alignment = std::min(alignment, alignment_of(bias));
-  const Impl::Key key{tokens, in, out, dtype, bias != nullptr, alignment};
+  const auto [epilogue, applies_act] = epilogue_for(bias != nullptr, act);
+  const Impl::Key key{tokens, in, out, dtype, epilogue, alignment};
   const Impl::Plan& p = impl_->plan(key, bias);
   if (bias != nullptr) set_attribute(p.desc.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
   const float alpha = 1.0f;
@@ -199,6 +227,7 @@ void Gemm::linear(const void* x, int64_t tokens, int64_t in, const void* w, int6
   TPE_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, p.desc.get(), &alpha, w, p.w_layout.get(), x,
                                   p.x_layout.get(), &beta, y, p.y_layout.get(), y, p.y_layout.get(),
                                   &p.algo, impl_->workspace, impl_->workspace_bytes, stream));
+  if (act && !applies_act) activation(*act, y, tokens * out, dtype, stream);
 }
 
 }  // namespace tpe::cuda

@@ -15,7 +15,8 @@
 // cost a block barrier before the first W load and, at 8 tokens × 11008 features, most of the
 // shared memory of an SM. Products accumulate in fp32 registers (acc[row][token], with several
 // partial sums per row at one or two tokens to shorten the FMA chains), are summed over the warp
-// with shuffles, and lane r * kT + t adds the bias and stores y[t, row0 + r], rounded once.
+// with shuffles, and lane r * kT + t adds the bias, applies the activation if one is asked for
+// (the fused path's linear_activation) and stores y[t, row0 + r], rounded once.
 //
 // Token counts are compiled for 1, 2, 4 and 8 (3 runs as 4, 5 to 7 as 8: the extra token slots
 // read the last real token's x and their sums are never stored). The 16-byte path needs `in` to
@@ -35,6 +36,8 @@ constexpr int kWarps = kThreads / 32;
 // f32 up to 8 tokens and for f16/bf16 up to kHalfMaxTokens; cuBLASLt beats both kernels here for
 // f16/bf16 from 3 tokens on.
 constexpr int64_t kHalfMaxTokens = 2;
+// The kernel's act argument: a tpe_activation, or this for none.
+constexpr int kNoActivation = -1;
 
 // A pack through the read-only (non-coherent) cache path: x, read by every warp.
 template <class P>
@@ -96,7 +99,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[kR][kT][kS], const Pack<
 template <class T, int kV, int kT, int kR, int kU>
 __global__ void __launch_bounds__(kThreads, 4)
     gemv_kernel(const T* __restrict__ x, int tokens, int64_t in, int n, const T* __restrict__ w,
-                int64_t out, const T* __restrict__ bias, T* __restrict__ y) {
+                int64_t out, const T* __restrict__ bias, int act, T* __restrict__ y) {
   static_assert(kR * kT <= 32, "one lane stores each (row, token)");
   constexpr int kS = kT == 1 ? 4 : kT == 2 ? 2 : 1;  // partial sums per (row, token)
   using P = Pack<T, kV>;
@@ -156,6 +159,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int64_t row = row0 + r;
       if (lane == r * kT + t && row < out && t < tokens) {
         if (bias != nullptr) v += to_float(bias[row]);
+        if (act != kNoActivation) v = activate(static_cast<tpe_activation>(act), v);
         y[int64_t{t} * out + row] = from_float<T>(v);
       }
     }
@@ -164,12 +168,12 @@ __global__ void __launch_bounds__(kThreads, 4)
 
 template <class T, int kV, int kT, int kR, int kU>
 void launch(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out, const void* bias,
-            void* y, cudaStream_t stream) {
+            int act, void* y, cudaStream_t stream) {
   constexpr int64_t kRowsPerBlock = int64_t{kWarps} * kR;
   const auto blocks = static_cast<unsigned>((out + kRowsPerBlock - 1) / kRowsPerBlock);
   gemv_kernel<T, kV, kT, kR, kU><<<blocks, kThreads, 0, stream>>>(
       static_cast<const T*>(x), static_cast<int>(tokens), in, static_cast<int>(in / kV),
-      static_cast<const T*>(w), out, static_cast<const T*>(bias), static_cast<T*>(y));
+      static_cast<const T*>(w), out, static_cast<const T*>(bias), act, static_cast<T*>(y));
   TPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -178,17 +182,19 @@ void launch(const void* x, int64_t tokens, int64_t in, const void* w, int64_t ou
 // twice W's) and 8 loads of W in flight, under the 128 registers that 4 blocks per SM allow.
 template <class T, int kV>
 void launch_tokens(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
-                   const void* bias, void* y, cudaStream_t stream) {
-  if (tokens == 1) return launch<T, kV, 1, 2, 4>(x, tokens, in, w, out, bias, y, stream);
-  if (tokens == 2) return launch<T, kV, 2, 2, 4>(x, tokens, in, w, out, bias, y, stream);
-  if (tokens <= 4) return launch<T, kV, 4, 4, 2>(x, tokens, in, w, out, bias, y, stream);
-  return launch<T, kV, 8, 4, 2>(x, tokens, in, w, out, bias, y, stream);
+                   const void* bias, int act, void* y, cudaStream_t stream) {
+  if (tokens == 1) return launch<T, kV, 1, 2, 4>(x, tokens, in, w, out, bias, act, y, stream);
+  if (tokens == 2) return launch<T, kV, 2, 2, 4>(x, tokens, in, w, out, bias, act, y, stream);
+  if (tokens <= 4) return launch<T, kV, 4, 4, 2>(x, tokens, in, w, out, bias, act, y, stream);
+  return launch<T, kV, 8, 4, 2>(x, tokens, in, w, out, bias, act, y, stream);
 }
 
 // forced: run the kernel even where Gemm::linear leaves the product to cuBLASLt (f16/bf16 above
 // kHalfMaxTokens tokens), for the tests and the benchmark.
 bool gemv_with(bool forced, const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
-               const void* bias, DType dtype, void* y, cudaStream_t stream) {
+               const void* bias, const tpe_activation* activation, DType dtype, void* y,
+               cudaStream_t stream) {
+  const int act = activation != nullptr ? static_cast<int>(*activation) : kNoActivation;
   constexpr int64_t kMaxTokens = 8;
   if (tokens < 1 || tokens > kMaxTokens || in < 1 || out < 1 || in > INT_MAX) return false;
   // Grid size: (out / rows per block) blocks must fit in gridDim.x.
@@ -205,7 +211,7 @@ bool gemv_with(bool forced, const void* x, int64_t tokens, int64_t in, const voi
             done = false;  // cuBLASLt is faster there
             return;
           }
-          launch_tokens<T, kV>(x, tokens, in, w, out, bias, y, stream);
+          launch_tokens<T, kV>(x, tokens, in, w, out, bias, act, y, stream);
         },
         x, w);
   });
@@ -216,17 +222,18 @@ bool gemv_with(bool forced, const void* x, int64_t tokens, int64_t in, const voi
 
 // Declared in gemm.cpp. Enqueues the product with the CUDA-core kernel and returns true when it
 // qualifies (f32 with 1 to 8 tokens, f16/bf16 with 1 or 2; in and out below 2^31); returns false,
-// enqueuing nothing, otherwise.
+// enqueuing nothing, otherwise. act: applied to the sum with the bias (nullptr: none).
 bool gemv(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out, const void* bias,
-          DType dtype, void* y, cudaStream_t stream) {
-  return gemv_with(false, x, tokens, in, w, out, bias, dtype, y, stream);
+          const tpe_activation* act, DType dtype, void* y, cudaStream_t stream) {
+  return gemv_with(false, x, tokens, in, w, out, bias, act, dtype, y, stream);
 }
 
 // For the tests and the benchmark (declared there): the kernel on every product it can take, also
 // those Gemm::linear leaves to cuBLASLt.
 bool gemv_forced(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
-                 const void* bias, DType dtype, void* y, cudaStream_t stream) {
-  return gemv_with(true, x, tokens, in, w, out, bias, dtype, y, stream);
+                 const void* bias, DType dtype, void* y, cudaStream_t stream,
+                 const tpe_activation* act) {
+  return gemv_with(true, x, tokens, in, w, out, bias, act, dtype, y, stream);
 }
 
 }  // namespace tpe::cuda::detail

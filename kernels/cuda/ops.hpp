@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 
 #include <tpengine/policy.h>
 
@@ -136,9 +137,10 @@ void copy_heads(const void* src, int64_t src_ld, int64_t src_head, void* dst, in
 // (cudaHostAllocMapped), to non-zero: what the host queues meanwhile then runs back to back.
 void wait_for_host(const volatile int* flag, cudaStream_t stream);
 
-// Matrix products through cuBLASLt, one instance per device: y[tokens, out] = x[tokens, in] ·
-// w[out, in]^T (+ bias[out]), fp32 accumulation, bias added in the epilogue. The algorithm is
-// chosen once per (tokens, in, out, dtype, bias) and cached.
+// Matrix products through cuBLASLt, one instance per device: y[tokens, out] = act(x[tokens, in] ·
+// w[out, in]^T (+ bias[out])), fp32 accumulation, bias (and act, where the epilogue has it: the
+// tanh GELU, ReLU; gemm.cpp says more) added in the epilogue. The algorithm is chosen once per
+// (tokens, in, out, dtype, epilogue, alignment) and cached.
 class Gemm {
  public:
   explicit Gemm(size_t workspace_bytes = size_t{32} << 20);
@@ -147,7 +149,8 @@ class Gemm {
   Gemm& operator=(const Gemm&) = delete;
 
   void linear(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
-              const void* bias, DType dtype, void* y, cudaStream_t stream);
+              const void* bias, DType dtype, void* y, cudaStream_t stream,
+              std::optional<tpe_activation> act = std::nullopt);
 
  private:
   struct Impl;

@@ -25,7 +25,8 @@ namespace tpe::cuda::detail {
 // kernels/cuda/gemv.cu: the small-token kernel on every product it can take, also those
 // Gemm::linear leaves to cuBLASLt; false, nothing enqueued, where it does not apply.
 bool gemv_forced(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
-                 const void* bias, DType dtype, void* y, cudaStream_t stream);
+                 const void* bias, DType dtype, void* y, cudaStream_t stream,
+                 const tpe_activation* act = nullptr);
 }  // namespace tpe::cuda::detail
 
 namespace {
@@ -190,6 +191,41 @@ std::vector<double> bench_gemm(cudaStream_t stream, const std::vector<Runner>& r
     times.push_back(us);
   }
   return times;
+}
+
+// The fused path's linear_activation against the plain pair it replaces, on GPT-NeoX-20B's MLP up
+// projection (6144 -> 24576, bias, tanh GELU) in bf16: the product with the bias in its epilogue
+// then the activation kernel, and the product with bias and GELU in the epilogue.
+void bench_linear_activation(cudaStream_t stream, tpe::cuda::Gemm& gemm) {
+  const DType dtype = DType::kBF16;
+  const int64_t in = 6144, out = 24576;
+  const auto ws = weight_copies(stream, dtype, in, out);
+  for (const int64_t tokens : {int64_t{1}, int64_t{8}, int64_t{32}, int64_t{2048}}) {
+    Buffer x(static_cast<size_t>(tokens * in) * 2);
+    Buffer y(static_cast<size_t>(tokens * out) * 2);
+    Buffer b(static_cast<size_t>(out) * 2);
+    fill_random(x.p, dtype, static_cast<size_t>(tokens * in), 21, stream);
+    fill_random(b.p, dtype, static_cast<size_t>(out), 22, stream);
+    const auto w = [&](int i) { return ws[static_cast<size_t>(i) % ws.size()]->p; };
+    const double pair = time_us(stream, [&](int i) {
+      gemm.linear(x.p, tokens, in, w(i), out, b.p, dtype, y.p, stream);
+      tpe::cuda::activation(TPE_ACT_GELU_TANH, y.p, tokens * out, dtype, stream);
+    });
+    const double fused = time_us(stream, [&](int i) {
+      gemm.linear(x.p, tokens, in, w(i), out, b.p, dtype, y.p, stream, TPE_ACT_GELU_TANH);
+    });
+    const double tflops = 2.0 * static_cast<double>(tokens * in * out) / 1e12;
+    const double w_bytes = static_cast<double>(in * out) * 2;
+    char what[160];
+    std::snprintf(what, sizeof what,
+                  "linear+gelu_tanh pair  tokens %4lld 6144->24576 (%.0f TFLOP/s)",
+                  static_cast<long long>(tokens), tflops / (pair * 1e-6));
+    report(what, pair, w_bytes);
+    std::snprintf(what, sizeof what,
+                  "linear_activation      tokens %4lld 6144->24576 (%.0f TFLOP/s)",
+                  static_cast<long long>(tokens), tflops / (fused * 1e-6));
+    report(what, fused, w_bytes);
+  }
 }
 
 // Gemm::linear (gemv.cu's kernel for f16/bf16 at 1 or 2 tokens and f32 up to 8, cuBLASLt
@@ -487,6 +523,7 @@ int main() {
       bench_gemm_candidates(stream, 4096, out);
     }
     bench_gemm_candidates(stream, 11008, 4096);
+    bench_linear_activation(stream, gemm);
     bench_kernels(stream);
     print_gemv_table(rows);
     CK(cudaStreamDestroy(stream));

@@ -35,7 +35,8 @@ namespace detail {
 // kernels/cuda/gemv.cu: the small-token kernel on every product it can take, also those
 // Gemm::linear leaves to cuBLASLt; false, nothing enqueued, where it does not apply.
 bool gemv_forced(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
-                 const void* bias, DType dtype, void* y, cudaStream_t stream);
+                 const void* bias, DType dtype, void* y, cudaStream_t stream,
+                 const tpe_activation* act = nullptr);
 }  // namespace detail
 
 // Names the dtype in test names and failure messages (found by googletest through ADL).
@@ -1210,6 +1211,48 @@ TEST_P(CudaOpTest, GemmShapesWithAndWithoutBias) {
         expect_close(tag("gemm tokens " + std::to_string(tokens) + " in " + std::to_string(s.in) +
                          " out " + std::to_string(s.out) + (with_bias ? " bias" : "")),
                      dtype(), d_y.download(), ref);
+      }
+    }
+  }
+}
+
+// The fused path's linear_activation: the activation applied to the fp32 product plus bias
+// (cuBLASLt's epilogue for the tanh GELU and ReLU, the GEMV kernel's at 1 and 2 tokens and f32's
+// up to 8, the activation kernel after cuBLASLt for the others), against the CPU's linear then
+// activation in fp32. The outputs are mostly within |x| < 3, where the tanh GELU and the exact
+// one differ by up to 4.7e-4: f32's tolerance tells them apart, so an epilogue computing the
+// other GELU fails. Plans are cached per epilogue: the same shape runs with every activation.
+TEST_P(CudaOpTest, GemmAppliesTheActivation) {
+  Rng rng(17);
+  Gemm gemm;
+  struct Shape {
+    int64_t in;
+    int64_t out;
+  };
+  for (const Shape s : {Shape{67, 33}, Shape{256, 96}}) {
+    const std::vector<float> w = rng.values(static_cast<size_t>(s.out * s.in), dtype());
+    const std::vector<float> bias = rng.values(static_cast<size_t>(s.out), dtype());
+    const DeviceTensor d_w(w, dtype());
+    const DeviceTensor d_bias(bias, dtype());
+    for (const int64_t tokens : {int64_t{1}, int64_t{2}, int64_t{5}, int64_t{129}}) {
+      const std::vector<float> x = rng.values(static_cast<size_t>(tokens * s.in), dtype());
+      const DeviceTensor d_x(x, dtype());
+      for (const tpe_activation act :
+           {TPE_ACT_SILU, TPE_ACT_GELU, TPE_ACT_GELU_TANH, TPE_ACT_RELU}) {
+        for (const bool with_bias : {false, true}) {
+          DeviceTensor d_y(static_cast<size_t>(tokens * s.out), dtype());
+          gemm.linear(d_x.get(), tokens, s.in, d_w.get(), s.out, with_bias ? d_bias.get() : nullptr,
+                      dtype(), d_y.get(), stream_, act);
+          sync();
+          std::vector<float> ref(static_cast<size_t>(tokens * s.out));
+          cpu::linear(x.data(), tokens, s.in, w.data(), s.out, with_bias ? bias.data() : nullptr,
+                      ref.data());
+          cpu::activation(act, ref.data(), static_cast<int64_t>(ref.size()));
+          expect_close(tag("gemm+act " + std::to_string(act) + " tokens " + std::to_string(tokens) +
+                           " in " + std::to_string(s.in) + " out " + std::to_string(s.out) +
+                           (with_bias ? " bias" : "")),
+                       dtype(), d_y.download(), ref);
+        }
       }
     }
   }

@@ -105,8 +105,8 @@ TEST_P(GpuFixture, FusedMatchesPlain) {
     runtime::Engine plain(runtime::prepare(run), /*quiet=*/true);
     run.kernel_inject = true;
     runtime::Engine fused(runtime::prepare(run), /*quiet=*/true);
-    ASSERT_TRUE(fused.model().fused);
-    ASSERT_FALSE(plain.model().fused);
+    ASSERT_EQ(fused.model().passes, program::all_passes());
+    ASSERT_TRUE(plain.model().passes.none());
     runtime::GenerationParams params;
     params.max_new_tokens = 16;
     if (std::string(dtype) == "float32") {
@@ -243,9 +243,9 @@ TEST(GpuBench, MemorySplitAndStepProfile) {
   EXPECT_GE(memory[0].workspace, memory[0].planned_arena);
   EXPECT_LE(memory[0].workspace, memory[0].planned_arena * 11 / 10);
   EXPECT_EQ(memory[0].planned_arena,
-            program::rank_memory(m.graph, m.plan, m.limits, m.fused)[0].arena_bytes);
+            program::rank_memory(m.graph, m.plan, m.limits, m.passes)[0].arena_bytes);
   EXPECT_GT(memory[0].device_in_use, memory[0].weights + memory[0].kv_cache);
-  ASSERT_EQ(profile.times.size(), program::lower(m.graph, m.plan, 0, m.fused).instrs.size());
+  ASSERT_EQ(profile.times.size(), program::lower(m.graph, m.plan, 0, m.passes).instrs.size());
   double total = 0;
   int attention = 0;
   for (const runtime::StepTime& t : profile.times) {

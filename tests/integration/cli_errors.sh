@@ -72,6 +72,13 @@ case $case in
   unknown_model_type)
     python3 -c "import json,sys; p='$model/config.json'; c=json.load(open(p)); c['model_type']='martian'; c['architectures']=['MartianForCausalLM']; json.dump(c, open(p,'w'))"
     expect="config.json.*'martian'.*policies found: .*llama.*gpt_neox|config.json.*'martian'.*policies found: .*gpt_neox.*llama";;
+  fused_pass_unknown)
+    run+=(--kernel-inject true --fused-passes merge_linears,fuse_everything)
+    expect="inference.fused_passes: no pass named 'fuse_everything' \\(the passes: merge_linears, linear_activation, gated_activation, add_norm, rotary_attention\\)";;
+  fused_passes_without_fused_path)
+    printf '[model]\npath = "model"\n[inference]\nfused_passes = ["add_norm"]\n' > "$work/run.toml"
+    run=(generate --config "$work/run.toml" --prompt-ids 1,2 -n 2 --quiet)
+    expect="inference.fused_passes chooses passes of the fused path, which kernel_inject = \"auto\" \\(on the cpu\\) turns off";;
   unknown_toml_key)
     printf '[model]\npath = "model"\n[parallel]\ntp = 2\n' > "$work/run.toml"
     run=(generate --config "$work/run.toml" --prompt-ids 1,2 -n 2 --quiet)

@@ -67,7 +67,8 @@ TEST(MemoryPlan, LiveValuesNeverShareBytes) {
       const runtime::Model model = runtime::prepare(cpu_run(fixture, tp));
       for (int rank = 0; rank < tp; ++rank) {
         for (const bool fuse : {false, true}) {
-          program::Program p = program::lower(model.graph, model.plan, rank, fuse);
+          program::Program p = program::lower(model.graph, model.plan, rank,
+                                              fuse ? program::all_passes() : program::Passes());
           expect_live_values_disjoint(
               p, limits,
               fmt::format("{} tp {} rank {}{}", fixture, tp, rank, fuse ? " fused" : ""));
@@ -81,7 +82,9 @@ TEST(MemoryPlan, LiveValuesNeverShareBytes) {
 // product feeding one gated activation, and no activation of its own; the rank loads exactly
 // the plain program's weight elements (the merged slices replace their parts, nothing twice).
 // A fused projection whose parts are already views (Falcon's, NeoX's query_key_value) is left
-// as it is, so Falcon's parallel block keeps its qkv and MLP products apart. Every norm that
+// as it is, so Falcon's parallel block keeps its qkv and MLP products apart; their MLP up
+// projection takes the activation into its epilogue (no activation instruction is left in any
+// of the four). Every norm that
 // reads a residual sum is one instruction with its add at TP 1 (Llama: both norms of every layer
 // but the first's input norm, plus the final norm); at TP > 1 the sum is made on the partial
 // values and all-reduced, so the norm reads the all-reduce and stays. No rotary is left outside
@@ -90,20 +93,22 @@ TEST(FusedProgram, MergesProjectionsAndGatesTheMlp) {
   struct Expect {
     const char* fixture;
     int linears_per_layer;  // plain's count in parentheses below
+    int linear_activations_per_layer;
     int gated_per_layer;
     int add_norms_per_layer;  // the layers' norms and the final one, less those of no sum
   };
-  for (const Expect& e : {Expect{"llama_gqa", 4, 1, 2},         // (7: q k v o gate up down)
-                          Expect{"qwen2_bias", 4, 1, 2},        // (7, q/k/v biases merged too)
-                          Expect{"falcon_mqa", 4, 0, 1},        // (4: qkv dense h_to_4h 4h_to_h)
-                          Expect{"neox_parallel", 4, 0, 1}}) {  // nothing shares an input
+  for (const Expect& e : {Expect{"llama_gqa", 4, 0, 1, 2},         // (7: q k v o gate up down)
+                          Expect{"qwen2_bias", 4, 0, 1, 2},        // (7, q/k/v biases merged too)
+                          Expect{"falcon_mqa", 3, 1, 0, 1},        // (4: qkv dense h_to_4h 4h_to_h)
+                          Expect{"neox_parallel", 3, 1, 0, 1}}) {  // nothing shares an input
     for (int tp = 1; tp <= 4; ++tp) {
       const runtime::Model model = runtime::prepare(cpu_run(e.fixture, tp));
       const int layers = static_cast<int>(model.graph.blocks.size());
       for (int rank = 0; rank < tp; ++rank) {
         SCOPED_TRACE(testing::Message() << e.fixture << " tp " << tp << " rank " << rank);
         const program::Program plain = program::lower(model.graph, model.plan, rank);
-        const program::Program fused = program::lower(model.graph, model.plan, rank, true);
+        const program::Program fused =
+            program::lower(model.graph, model.plan, rank, program::all_passes());
         const auto count = [&](const program::Program& p, program::Code code) {
           int n = 0;
           for (const auto& i : p.instrs) {
@@ -118,10 +123,10 @@ TEST(FusedProgram, MergesProjectionsAndGatesTheMlp) {
           return n;
         };
         EXPECT_EQ(count(fused, program::Code::kLinear), e.linears_per_layer * layers);
+        EXPECT_EQ(count(fused, program::Code::kLinearActivation),
+                  e.linear_activations_per_layer * layers);
         EXPECT_EQ(count(fused, program::Code::kGatedActivation), e.gated_per_layer * layers);
-        if (e.gated_per_layer > 0) {
-          EXPECT_EQ(count(fused, program::Code::kActivation), 0);
-        }
+        EXPECT_EQ(count(fused, program::Code::kActivation), 0);
         EXPECT_EQ(elements(fused), elements(plain));
         // The first layer's input norm reads the embedding, no sum.
         const int add_norms = tp == 1 ? e.add_norms_per_layer * layers : 0;
@@ -132,6 +137,72 @@ TEST(FusedProgram, MergesProjectionsAndGatesTheMlp) {
         EXPECT_GT(count(plain, program::Code::kRotary), 0);
       }
     }
+  }
+}
+
+// Each pass can be left out for a measurement, and then its rewrite is not made while the
+// others still are: the instructions it would have replaced are the plain program's. The run
+// config's names reach the programs (inference.fused_passes).
+TEST(FusedProgram, EachPassCanBeLeftOut) {
+  using program::Code;
+  using program::Pass;
+  const auto count = [](const program::Program& p, Code code) {
+    return std::count_if(p.instrs.begin(), p.instrs.end(),
+                         [code](const program::Instr& i) { return i.code == code; });
+  };
+  for (const char* fixture : {"llama_gqa", "neox_parallel"}) {
+    const runtime::Model model = runtime::prepare(cpu_run(fixture, 1));
+    const program::Program plain = program::lower(model.graph, model.plan, 0);
+    const program::Program all = program::lower(model.graph, model.plan, 0, program::all_passes());
+    for (size_t pass = 0; pass < program::kPassNames.size(); ++pass) {
+      SCOPED_TRACE(testing::Message() << fixture << " without " << program::kPassNames[pass]);
+      const program::Program p =
+          program::lower(model.graph, model.plan, 0, program::all_passes().reset(pass));
+      switch (static_cast<Pass>(pass)) {
+        case Pass::kMergeLinears:
+          EXPECT_EQ(count(p, Code::kLinear) + count(p, Code::kLinearActivation),
+                    count(plain, Code::kLinear));
+          EXPECT_EQ(count(p, Code::kGatedActivation), 0);  // it needs the merged views
+          break;
+        case Pass::kLinearActivation:
+          EXPECT_EQ(count(p, Code::kLinearActivation), 0);
+          EXPECT_EQ(count(p, Code::kActivation) + count(p, Code::kGatedActivation),
+                    count(plain, Code::kActivation));
+          break;
+        case Pass::kGatedActivation:
+          EXPECT_EQ(count(p, Code::kGatedActivation), 0);
+          EXPECT_EQ(count(p, Code::kMul), count(plain, Code::kMul));
+          break;
+        case Pass::kAddNorm:
+          EXPECT_EQ(count(p, Code::kAddNorm), 0);
+          EXPECT_EQ(count(p, Code::kNorm), count(plain, Code::kNorm));
+          break;
+        case Pass::kRotaryAttention:
+          EXPECT_EQ(count(p, Code::kRotary), count(plain, Code::kRotary));
+          break;
+      }
+      // What the other passes make is made as with all of them (unmerged, Llama's gate
+      // projection takes its activation into the epilogue instead).
+      const Pass left_out = static_cast<Pass>(pass);
+      const std::pair<Code, std::vector<Pass>> made_by[] = {
+          {Code::kLinearActivation, {Pass::kMergeLinears, Pass::kLinearActivation}},
+          {Code::kGatedActivation, {Pass::kMergeLinears, Pass::kGatedActivation}},
+          {Code::kAddNorm, {Pass::kAddNorm}}};
+      for (const auto& [code, passes] : made_by) {
+        if (std::find(passes.begin(), passes.end(), left_out) != passes.end()) continue;
+        EXPECT_EQ(count(p, code), count(all, code)) << program::code_name(code);
+      }
+    }
+    config::RunConfig run = cpu_run(fixture, 1);
+    run.kernel_inject = true;
+    run.fused_passes = {"rotary_attention", "add_norm"};
+    EXPECT_EQ(runtime::prepare(run).passes, program::Passes()
+                                                .set(static_cast<size_t>(Pass::kAddNorm))
+                                                .set(static_cast<size_t>(Pass::kRotaryAttention)));
+    run.fused_passes.reset();
+    EXPECT_EQ(runtime::prepare(run).passes, program::all_passes());
+    run.kernel_inject = false;
+    EXPECT_EQ(runtime::prepare(run).passes, program::Passes());
   }
 }
 

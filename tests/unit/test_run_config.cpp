@@ -167,7 +167,13 @@ TEST(RunConfig, WrongTypes) {
                {"cfg.toml:2: key 'inference.kernel_inject' must be true, false or \"auto\", not a "
                 "string"});
   EXPECT_FALSE(parse("[inference]\nkernel_inject = \"auto\"\n").kernel_inject.has_value());
-  EXPECT_EQ(parse("[inference]\nkernel_inject = false\n").kernel_inject, std::optional<bool>(false));
+  EXPECT_EQ(parse("[inference]\nkernel_inject = false\n").kernel_inject,
+            std::optional<bool>(false));
+  EXPECT_FALSE(parse("[inference]\n").fused_passes.has_value());  // all of them
+  EXPECT_EQ(parse("[inference]\nfused_passes = [\"add_norm\", \"x\"]\n").fused_passes,
+            std::optional<std::vector<std::string>>({"add_norm", "x"}));  // the engine checks names
+  expect_error("[inference]\nfused_passes = \"add_norm\"\n",
+               {"cfg.toml:2: key 'inference.fused_passes' must be an array, not a string"});
   expect_error("[generation]\ntemperature = \"hot\"\n",
                {"cfg.toml:2: key 'generation.temperature' must be a number, not a string"});
   expect_error("[generation]\ndo_sample = 1979-05-27\n",

@@ -48,6 +48,7 @@ struct CommonFlags {
   std::string dtype;
   std::string device;
   std::optional<std::string> kernel_inject;
+  std::optional<std::vector<std::string>> fused_passes;
   std::optional<int64_t> prefill_chunk, max_batch;
   bool no_cuda_graph = false;
   bool allow_long_context = false;
@@ -68,6 +69,9 @@ struct CommonFlags {
       app.add_option("--kernel-inject", kernel_inject,
                      "fused kernels (true), plain (false), or auto: fused on cuda (default)")
           ->check(CLI::IsMember({"true", "false", "auto"}));
+      app.add_option("--fused-passes", fused_passes,
+                     "the fused path's passes to run, comma-separated (default: all)")
+          ->delimiter(',');
       app.add_flag("--no-cuda-graph", no_cuda_graph,
                    "run every decode step op by op instead of replaying a CUDA graph");
       app.add_flag("-q,--quiet", quiet, "no progress or log lines");
@@ -92,6 +96,7 @@ struct CommonFlags {
       run.kernel_inject =
           *kernel_inject == "auto" ? std::nullopt : std::optional<bool>(*kernel_inject == "true");
     }
+    if (fused_passes) run.fused_passes = *fused_passes;
     if (prefill_chunk) run.prefill_chunk = *prefill_chunk;
     if (max_batch) run.max_batch = *max_batch;
     if (no_cuda_graph) run.cuda_graph = false;
@@ -568,7 +573,7 @@ int run_plan(const CommonFlags& common, int64_t batch, int64_t seq_len) {
   options.batch = batch;
   options.seq_len = seq_len;
   options.limits = model.limits;
-  options.fuse = model.fused;
+  options.passes = model.passes;
   fmt::print("{}", tpe::program::format_plan(model.graph, model.plan, options));
   return 0;
 }
