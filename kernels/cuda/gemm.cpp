@@ -35,7 +35,7 @@ namespace detail {
 // cuBLASLt (f16/bf16 with 1 or 2 tokens, f32 with up to 8); returns false, enqueuing nothing,
 // otherwise.
 bool gemv(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out, const void* bias,
-          const tpe_activation* act, DType dtype, void* y, cudaStream_t stream);
+          std::optional<tpe_activation> act, DType dtype, void* y, cudaStream_t stream);
 }  // namespace detail
 
 namespace {
@@ -213,7 +213,7 @@ void Gemm::linear(const void* x, int64_t tokens, int64_t in, const void* w, int6
   if (tokens == 0 || out == 0) return;
   TPE_CUDA_REQUIRE(in > 0, "Gemm::linear", "in must be positive");
   if (impl_->use_gemv &&
-      detail::gemv(x, tokens, in, w, out, bias, act ? &*act : nullptr, dtype, y, stream)) {
+      detail::gemv(x, tokens, in, w, out, bias, act, dtype, y, stream)) {
     return;
   }
   uint32_t alignment = std::min({alignment_of(x), alignment_of(w), alignment_of(y)});

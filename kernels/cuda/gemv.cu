@@ -24,6 +24,7 @@
 // runs with one-element loads. y and bias are accessed one element at a time and need no
 // alignment.
 #include <climits>
+#include <optional>
 
 #include "kernels/cuda/device.hpp"
 
@@ -192,9 +193,9 @@ void launch_tokens(const void* x, int64_t tokens, int64_t in, const void* w, int
 // forced: run the kernel even where Gemm::linear leaves the product to cuBLASLt (f16/bf16 above
 // kHalfMaxTokens tokens), for the tests and the benchmark.
 bool gemv_with(bool forced, const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
-               const void* bias, const tpe_activation* activation, DType dtype, void* y,
+               const void* bias, std::optional<tpe_activation> activation, DType dtype, void* y,
                cudaStream_t stream) {
-  const int act = activation != nullptr ? static_cast<int>(*activation) : kNoActivation;
+  const int act = activation ? static_cast<int>(*activation) : kNoActivation;
   constexpr int64_t kMaxTokens = 8;
   if (tokens < 1 || tokens > kMaxTokens || in < 1 || out < 1 || in > INT_MAX) return false;
   // Grid size: (out / rows per block) blocks must fit in gridDim.x.
@@ -222,18 +223,17 @@ bool gemv_with(bool forced, const void* x, int64_t tokens, int64_t in, const voi
 
 // Declared in gemm.cpp. Enqueues the product with the CUDA-core kernel and returns true when it
 // qualifies (f32 with 1 to 8 tokens, f16/bf16 with 1 or 2; in and out below 2^31); returns false,
-// enqueuing nothing, otherwise. act: applied to the sum with the bias (nullptr: none).
+// enqueuing nothing, otherwise. act: applied to the sum with the bias (none when empty).
 bool gemv(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out, const void* bias,
-          const tpe_activation* act, DType dtype, void* y, cudaStream_t stream) {
+          std::optional<tpe_activation> act, DType dtype, void* y, cudaStream_t stream) {
   return gemv_with(false, x, tokens, in, w, out, bias, act, dtype, y, stream);
 }
 
 // For the tests and the benchmark (declared there): the kernel on every product it can take, also
 // those Gemm::linear leaves to cuBLASLt.
 bool gemv_forced(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
-                 const void* bias, DType dtype, void* y, cudaStream_t stream,
-                 const tpe_activation* act) {
-  return gemv_with(true, x, tokens, in, w, out, bias, act, dtype, y, stream);
+                 const void* bias, DType dtype, void* y, cudaStream_t stream) {
+  return gemv_with(true, x, tokens, in, w, out, bias, std::nullopt, dtype, y, stream);
 }
 
 }  // namespace tpe::cuda::detail

@@ -25,8 +25,7 @@ namespace tpe::cuda::detail {
 // kernels/cuda/gemv.cu: the small-token kernel on every product it can take, also those
 // Gemm::linear leaves to cuBLASLt; false, nothing enqueued, where it does not apply.
 bool gemv_forced(const void* x, int64_t tokens, int64_t in, const void* w, int64_t out,
-                 const void* bias, DType dtype, void* y, cudaStream_t stream,
-                 const tpe_activation* act = nullptr);
+                 const void* bias, DType dtype, void* y, cudaStream_t stream);
 }  // namespace tpe::cuda::detail
 
 namespace {
