@@ -86,7 +86,17 @@ def build_llama_bench(src, build_dir, cuda, timeout):
 
 def write_gguf(src, shape, path):
     """An F16 GGUF of a Llama-architecture shape (bench_peers.SHAPES) with random weights (norms
-    F32, as llama.cpp's converter writes them) and a placeholder vocabulary of the shape's size."""
+    F32, as llama.cpp's converter writes them) and a placeholder vocabulary of the shape's size.
+    A file that an earlier call finished for the same shape (path + ".shape.json" says which) is
+    kept: a 7B one is 13.5 GB to write."""
+    marker = path + ".shape.json"
+    if os.path.exists(path) and os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == shape:
+                log(f"{path}: kept (written before for this shape)")
+                return
+    if os.path.exists(marker):
+        os.remove(marker)
     sys.path.insert(0, os.path.join(src, "gguf-py"))
     import gguf
     import numpy as np
@@ -147,6 +157,8 @@ def write_gguf(src, shape, path):
         values = np.ones(n, np.float32) if dtype == np.float32 else np.resize(block, n)
         w.write_tensor_data(values.reshape(dims))
     w.close()
+    with open(marker, "w") as f:
+        json.dump(shape, f)
     log(f"{path}: {os.path.getsize(path) / 1e9:.2f} GB")
 
 
