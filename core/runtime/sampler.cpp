@@ -13,8 +13,6 @@
 namespace tpe {
 namespace {
 
-constexpr float kFiltered = -std::numeric_limits<float>::infinity();
-
 void check(std::span<const float> logits, const SamplingParams& params) {
   if (logits.empty()) throw std::invalid_argument("sampler: empty logits");
   if (!(params.repetition_penalty > 0.0)) {
@@ -47,56 +45,76 @@ int64_t argmax(std::span<const float> logits) {
   return std::max_element(logits.begin(), logits.end()) - logits.begin();
 }
 
+// top-k and top-p select the most likely tokens without sorting the vocabulary (a sort of 32k
+// ids took 8 ms per row, longer than a decode step on a GPU): each candidate is one 64-bit key,
+// its logit's bits made to order as unsigned integers above the complement of its id, so that a
+// larger key is a larger logit or, among equal logits, the lower id; selection and the sort of
+// the few selected run over contiguous keys.
+uint64_t rank_key(float logit, uint32_t id) {
+  const uint32_t bits = std::bit_cast<uint32_t>(logit);
+  const uint32_t ordered = (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+  return uint64_t{ordered} << 32 | (0xffffffffu - id);
+}
+
+uint32_t id_of(uint64_t key) { return 0xffffffffu - static_cast<uint32_t>(key); }
+
 // Ties with the k-th largest logit survive, as with transformers' `scores < topk[-1]`.
-void apply_top_k(std::span<float> logits, int64_t top_k) {
-  const auto k = static_cast<size_t>(std::min<int64_t>(top_k, std::ssize(logits)));
-  std::vector<float> sorted(logits.begin(), logits.end());
-  std::nth_element(sorted.begin(), sorted.begin() + static_cast<ptrdiff_t>(k - 1), sorted.end(),
-                   std::greater<>());
-  const float kth = sorted[k - 1];
-  for (float& l : logits) {
-    if (l < kth) l = kFiltered;
-  }
+void apply_top_k(std::span<const float> logits, int64_t top_k, std::vector<uint64_t>& keys) {
+  const auto k = static_cast<ptrdiff_t>(std::min<int64_t>(top_k, std::ssize(keys)));
+  std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<>());
+  const float kth = logits[id_of(keys[static_cast<size_t>(k - 1)])];
+  std::erase_if(keys, [&](uint64_t key) { return logits[id_of(key)] < kth; });
 }
 
-// transformers: sort ascending, softmax, cumulative sum in fp32; drop the tokens whose
-// cumulative probability is <= 1 - top_p, never the highest one. torch's sort orders ties
-// arbitrarily; here the lower id ranks higher among equals, so a tiny top_p keeps the token
-// greedy decoding would pick.
-void apply_top_p(std::span<float> logits, double top_p) {
-  std::vector<size_t> order(logits.size());
-  std::iota(order.begin(), order.end(), size_t{0});
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return logits[a] < logits[b] || (logits[a] == logits[b] && a > b);
-  });
-  const float max_logit = logits[order.back()];
-  float sum = 0.0f;
-  for (const float l : logits) sum += std::exp(l - max_logit);
-  const auto threshold = static_cast<float>(1.0 - top_p);
-  float cumulative = 0.0f;
-  for (size_t r = 0; r + 1 < order.size(); ++r) {
-    float& l = logits[order[r]];
-    cumulative += std::exp(l - max_logit) / sum;
-    if (cumulative > threshold) break;
-    l = kFiltered;
-  }
-}
-
-// Inverse CDF over unnormalized softmax weights, with a uniform built from raw engine bits so
-// that a seed gives the same tokens with any standard library.
-int64_t draw(std::span<const float> logits, std::mt19937_64& rng) {
-  const float max_logit = *std::max_element(logits.begin(), logits.end());
-  std::vector<double> cdf(logits.size());
+// transformers drops the tokens whose cumulative probability, summed from the least likely up,
+// is <= 1 - top_p, never the most likely one: what stays is the shortest run of the most likely
+// tokens whose probabilities add up to at least top_p (fp32 weights summed in double here;
+// transformers' fp32 scan on the GPU rounds differently, so a token on the boundary may go either
+// way in either). Among equal logits the lower id ranks higher, so a tiny top_p keeps the token
+// greedy decoding would pick. The most likely are found by selection over growing prefixes.
+void apply_top_p(std::span<const float> logits, double top_p, std::vector<uint64_t>& keys) {
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (const uint64_t key : keys) max_logit = std::max(max_logit, logits[id_of(key)]);
   double total = 0.0;
-  for (size_t i = 0; i < logits.size(); ++i) {
-    total += std::exp(double{logits[i]} - max_logit);
+  for (const uint64_t key : keys) total += std::exp(logits[id_of(key)] - max_logit);
+  const double need = top_p * total;
+  for (size_t m = std::min<size_t>(keys.size(), 64);; m = std::min(keys.size(), m * 8)) {
+    const auto end = keys.begin() + static_cast<ptrdiff_t>(m);
+    std::nth_element(keys.begin(), end - 1, keys.end(), std::greater<>());
+    std::sort(keys.begin(), end, std::greater<>());
+    double head = 0.0;
+    for (size_t i = 0; i < m; ++i) {
+      head += std::exp(logits[id_of(keys[i])] - max_logit);
+      if (head >= need || i + 1 == keys.size()) {
+        keys.resize(i + 1);
+        return;
+      }
+    }
+  }
+}
+
+// Inverse CDF over the tokens' unnormalized softmax weights (fp32, as transformers' softmax;
+// summed in double) in id order, ids[i] giving the i-th token (all of them when ids is empty),
+// with a uniform built from raw engine bits so that a seed gives the same tokens with any
+// standard library.
+int64_t draw(std::span<const float> logits, std::span<const uint32_t> ids, std::mt19937_64& rng,
+             std::vector<double>& cdf) {
+  const size_t n = ids.empty() ? logits.size() : ids.size();
+  const auto logit = [&](size_t i) { return ids.empty() ? logits[i] : logits[ids[i]]; };
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (size_t i = 0; i < n; ++i) max_logit = std::max(max_logit, logit(i));
+  cdf.resize(n);
+  double total = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    total += std::exp(logit(i) - max_logit);
     cdf[i] = total;
   }
   const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53;
-  const auto it = std::upper_bound(cdf.begin(), cdf.end(), u * total);
-  if (it != cdf.end()) return it - cdf.begin();
+  auto it = std::upper_bound(cdf.begin(), cdf.end(), u * total);
   // u * total rounded up to total: take the last token that has any weight.
-  return std::lower_bound(cdf.begin(), cdf.end(), total) - cdf.begin();
+  if (it == cdf.end()) it = std::lower_bound(cdf.begin(), cdf.end(), total);
+  const auto i = static_cast<size_t>(it - cdf.begin());
+  return ids.empty() ? static_cast<int64_t>(i) : ids[i];
 }
 
 }  // namespace
@@ -112,9 +130,17 @@ int64_t Sampler::sample(std::span<float> logits, std::span<const int64_t> histor
     const auto t = static_cast<float>(params.temperature);
     for (float& l : logits) l /= t;
   }
-  if (params.top_k > 0) apply_top_k(logits, params.top_k);
-  if (params.top_p < 1.0) apply_top_p(logits, params.top_p);
-  return draw(logits, rng_);
+  kept_.clear();
+  if (params.top_k > 0 || params.top_p < 1.0) {
+    keys_.resize(logits.size());
+    for (size_t i = 0; i < logits.size(); ++i)
+      keys_[i] = rank_key(logits[i], static_cast<uint32_t>(i));
+    if (params.top_k > 0) apply_top_k(logits, params.top_k, keys_);
+    if (params.top_p < 1.0) apply_top_p(logits, params.top_p, keys_);
+    for (const uint64_t key : keys_) kept_.push_back(id_of(key));
+    std::sort(kept_.begin(), kept_.end());
+  }
+  return draw(logits, kept_, rng_, cdf_);
 }
 
 TokenLogprob token_logprob(std::span<const float> logits, int64_t id, int64_t k) {

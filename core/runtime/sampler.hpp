@@ -22,12 +22,17 @@ struct SamplingParams {
 class Sampler {
  public:
   explicit Sampler(uint64_t seed) : rng_(seed) {}
-  // logits is modified in place; history: the sequence's prompt and generated tokens.
+  // logits is modified in place (repetition penalty, temperature); history: the sequence's prompt
+  // and generated tokens.
   int64_t sample(std::span<float> logits, std::span<const int64_t> history,
                  const SamplingParams& params);
 
  private:
   std::mt19937_64 rng_;
+  // Scratch reused from row to row (a vocabulary's worth each).
+  std::vector<uint64_t> keys_;
+  std::vector<uint32_t> kept_;
+  std::vector<double> cdf_;
 };
 
 // A chosen token's log-probability under the model (log-softmax of the raw logits, before the

@@ -177,6 +177,23 @@ TEST(Sampler, TopPFilteredTokensAreNeverDrawn) {
                     {0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0}, draws);
 }
 
+// A nucleus of thousands of tokens, past the first prefixes the selection looks at: 4096 equal
+// logits and top_p 0.5 keep exactly the 2048 lowest ids (equal logits rank by id), each as
+// likely as the others.
+TEST(Sampler, TopPOverALargeVocabulary) {
+  Sampler sampler(5);
+  const std::vector<float> logits(4096, 0.25f);
+  std::vector<int> count(logits.size(), 0);
+  const int draws = 40000;
+  for (int i = 0; i < draws; ++i)
+    ++count[static_cast<size_t>(Sample(sampler, logits, Sampling(0.9, 0, 0.5)))];
+  for (size_t id = 2048; id < count.size(); ++id)
+    ASSERT_EQ(count[id], 0) << "filtered token " << id;
+  int last_quarter = 0;  // ids 1536..2047: a quarter of the nucleus
+  for (size_t id = 1536; id < 2048; ++id) last_quarter += count[id];
+  EXPECT_NEAR(last_quarter / double{draws}, 0.25, 5 * std::sqrt(0.25 * 0.75 / draws));
+}
+
 // The whole chain, as generate(do_sample=True, repetition_penalty=1.3, temperature=0.8,
 // top_k=6, top_p=0.8) orders it:
 //   chain = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3),
