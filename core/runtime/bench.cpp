@@ -78,8 +78,10 @@ BenchResult run_bench(Engine& engine, const BenchOptions& o) {
   for (auto& p : prompts) {
     for (int64_t i = 0; i < o.prompt_len; ++i) p.push_back(token(rng));
   }
-  GenerationParams params;  // greedy; no stop tokens, so every run makes new_tokens tokens
+  GenerationParams params;  // no stop tokens, so every run makes new_tokens tokens
   params.max_new_tokens = o.new_tokens;
+  params.sampling = o.sampling;
+  params.seed = o.seed;
 
   engine.reset_memory_peak();
   for (int i = 0; i < o.warmup; ++i) run_once(engine, prompts, params);

@@ -79,6 +79,9 @@ case $case in
     printf '[model]\npath = "model"\n[inference]\nfused_passes = ["add_norm"]\n' > "$work/run.toml"
     run=(generate --config "$work/run.toml" --prompt-ids 1,2 -n 2 --quiet)
     expect="inference.fused_passes chooses passes of the fused path, which kernel_inject = \"auto\" \\(on the cpu\\) turns off";;
+  bench_sampling_without_do_sample)
+    run=(bench --model "$model" --random-weights --top-p 0.9 --quiet)
+    expect="bench: --temperature, --top-k and --top-p apply with --do-sample true";;
   unknown_toml_key)
     printf '[model]\npath = "model"\n[parallel]\ntp = 2\n' > "$work/run.toml"
     run=(generate --config "$work/run.toml" --prompt-ids 1,2 -n 2 --quiet)

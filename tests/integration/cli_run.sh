@@ -120,6 +120,24 @@ PY
     echo "$out"
     grep -Eq "^model_type 'llama': toy \(.*failing_build/libtoy.so, config policy.search_paths\) wins over llama \(.*libtpengine_policy_llama.so, built-in\)" <<<"$out"
     grep -Eq "\(model_type 'llama'\): toy from .*failing_build/libtoy.so" <<<"$out";;
+  bench_sampled)
+    # Sampled decoding: the settings are the run's (echoed, and in the header line), and a step
+    # with every row through the host sampler is timed like a greedy one.
+    out=$("$tpengine" bench --model "$fixtures/llama_mha" --random-weights --batch 3 \
+          --prompt-len 8 --new-tokens 6 --repeat 1 --do-sample true --temperature 0.7 --top-k 40 \
+          --top-p 0.9 --json)
+    python3 - "$out" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["sampling"] == {"do_sample": True, "temperature": 0.7, "top_k": 40, "top_p": 0.9}, r
+assert r["runs"][0]["decode_tokens_per_s"] > 0 and r["runs"][0]["tpot_ms"]["mean"] > 0, r
+PY
+    out=$("$tpengine" bench --model "$fixtures/llama_mha" --random-weights --prompt-len 4 \
+          --new-tokens 3 --repeat 1 --do-sample true --top-p 0.5 --quiet)
+    grep -q "3 new tokens sampled (temperature 1, top-k 0, top-p 0.5)" <<<"$out"
+    out=$("$tpengine" bench --model "$fixtures/llama_mha" --random-weights --prompt-len 4 \
+          --new-tokens 3 --repeat 1 --quiet)
+    grep -q "3 new tokens greedy" <<<"$out";;
   bench_json)
     out=$("$tpengine" bench --model "$fixtures/neox_parallel" --random-weights --tp 2 --batch 2,3 \
           --prompt-len 16 --new-tokens 8 --repeat 2 --profile --json)

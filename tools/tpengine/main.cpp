@@ -416,6 +416,20 @@ int run_detokenize(const std::string& model, const std::vector<std::string>& ids
   return 0;
 }
 
+// bench's sampling flags: greedy unless --do-sample true; the other flags alone are an error
+// (a benchmark that silently measured greedy decoding would mislead).
+tpe::SamplingParams bench_sampling_params(const tpe::config::GenerationSettings& flags) {
+  tpe::SamplingParams p;
+  p.do_sample = flags.do_sample.value_or(false);
+  if (!p.do_sample && (flags.temperature || flags.top_k || flags.top_p)) {
+    tpe::fail("bench: --temperature, --top-k and --top-p apply with --do-sample true");
+  }
+  p.temperature = flags.temperature.value_or(1.0);
+  p.top_k = flags.top_k.value_or(0);
+  p.top_p = flags.top_p.value_or(1.0);
+  return p;
+}
+
 int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
               const std::vector<int64_t>& batches, bool random_weights, bool json) {
   RunConfig run = common.resolve();
@@ -492,6 +506,11 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
                                 {"new_tokens", options.new_tokens},
                                 {"warmup", options.warmup},
                                 {"repeat", options.repeat},
+                                {"sampling",
+                                 {{"do_sample", options.sampling.do_sample},
+                                  {"temperature", options.sampling.temperature},
+                                  {"top_k", options.sampling.top_k},
+                                  {"top_p", options.sampling.top_p}}},
                                 {"load_s", engine.load_seconds()},
                                 {"load_gbs", load_gbs},
                                 {"host_peak_rss_bytes_after_load", load_peak_rss},
@@ -502,12 +521,17 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
     return 0;
   }
   fmt::print(
-      "{} ({}), TP {}, {} {}{}{}: prompt {} (passes of up to {} tokens), {} new tokens, {} "
+      "{} ({}), TP {}, {} {}{}{}: prompt {} (passes of up to {} tokens), {} new tokens {}, {} "
       "repeat(s)\n",
       run.model_path.string(), policy, engine.world(), run.device, dtype,
       random_weights ? ", random weights" : "",
       run.device == "cuda" ? (run.cuda_graph ? ", CUDA graph" : ", no CUDA graph") : "",
-      options.prompt_len, run.prefill_chunk, options.new_tokens, options.repeat);
+      options.prompt_len, run.prefill_chunk, options.new_tokens,
+      options.sampling.do_sample ? fmt::format("sampled (temperature {}, top-k {}, top-p {})",
+                                               options.sampling.temperature, options.sampling.top_k,
+                                               options.sampling.top_p)
+                                 : std::string("greedy"),
+      options.repeat);
   fmt::print("  load          {:.2f} s, {:.2f} GB/s of weights; host peak RSS {:.1f} MiB\n",
              engine.load_seconds(), load_gbs, mib(load_peak_rss));
   fmt::print("  bandwidth     {:.1f} GB/s device copy, measured now\n", copy_gbs);
@@ -826,6 +850,15 @@ int main(int argc, char** argv) {
   bench->add_flag("--json", bench_json, "print the results as JSON");
   bench->add_flag("--profile", bench_options.profile,
                   "also time one decode step op by op (its ops queued ahead of the device)");
+  tpe::config::GenerationSettings bench_sampling;
+  bench->add_option("--do-sample", bench_sampling.do_sample,
+                    "sample each token (true) instead of greedy decoding (false, the default)");
+  bench->add_option("--temperature", bench_sampling.temperature, "with --do-sample true")
+      ->check(number_in("temperature", 0, HUGE_VAL, false));
+  bench->add_option("--top-k", bench_sampling.top_k, "with --do-sample true")
+      ->check(non_negative("top_k"));
+  bench->add_option("--top-p", bench_sampling.top_p, "with --do-sample true")
+      ->check(number_in("top_p", 0, 1, true));
 
   CLI::App* policies = app.add_subcommand("policies", "list policy plugins and which one wins");
   policies_flags.add_to(*policies, false);
@@ -886,6 +919,7 @@ int main(int argc, char** argv) {
     if (*detokenize) status = run_detokenize(tok_model, detok_ids, skip_special);
     if (*plan) status = run_plan(plan_flags, batch, seq_len);
     if (*bench) {
+      bench_options.sampling = bench_sampling_params(bench_sampling);
       status = run_bench(bench_flags, bench_options, bench_batches, random_weights, bench_json);
     }
     if (*policies) status = run_policies(policies_flags);
