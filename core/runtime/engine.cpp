@@ -322,6 +322,35 @@ struct Engine::Ranks {
 
 namespace {
 
+// fn(0), ..., fn(n - 1) on up to one thread per core (rows of logits to sample: each row's work
+// is its own, and a vocabulary of 32k-256k takes a core 0.3-5 ms, which a batch would otherwise
+// add up while the device waits); the first exception is rethrown after all have finished.
+void for_each_row(size_t n, const std::function<void(size_t)>& fn) {
+  const size_t threads = std::min<size_t>(n, std::max(1u, std::thread::hardware_concurrency()));
+  if (threads <= 1) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<size_t> next{0};
+  std::exception_ptr first;
+  std::mutex mutex;
+  const auto work = [&] {
+    for (size_t i = next++; i < n; i = next++) {
+      try {
+        fn(i);
+      } catch (...) {
+        std::lock_guard lock(mutex);
+        if (!first) first = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& t : pool) t.join();
+  if (first) std::rethrow_exception(first);
+}
+
 // Names the policy when the graph it built reads tensors the checkpoint lacks: the usual cause is
 // a policy written for another revision of the architecture. Rank 0 reads every tensor some rank
 // reads (a row-parallel bias is rank 0's alone). Then every shape against the graph's, before
@@ -633,7 +662,10 @@ std::vector<std::vector<int64_t>> Engine::generate(
     check_cache_fits(ranks_->executors, static_cast<int64_t>(n),
                      max_prompt + params.max_new_tokens);
   }
-  Sampler sampler(params.seed);
+  // One generator per sequence (the first seeded with the seed itself), so that rows can be
+  // sampled at once on several threads and still give the same tokens for a seed.
+  std::vector<Sampler> samplers;
+  for (size_t i = 0; i < n; ++i) samplers.emplace_back(params.seed + i * 0x9E3779B97F4A7C15ull);
   // Plain greedy decoding needs only each row's largest logit: the backend picks it where the
   // logits are (Backend::argmax_rows), and only the chosen ids reach the host.
   const bool pick_on_device = !params.sampling.do_sample &&
@@ -667,21 +699,21 @@ std::vector<std::vector<int64_t>> Engine::generate(
       } else if (executor.rank() == 0 && step > 0 && pick_on_device) {
         for (size_t j = 0; j < live.size(); ++j) next[j] = picked[j] < 0 ? kNotFinite : picked[j];
       } else if (executor.rank() == 0) {
-        std::vector<float> raw;
-        for (size_t j = 0; j < live.size(); ++j) {
+        for_each_row(live.size(), [&](size_t j) {
           const size_t seq = static_cast<size_t>(live[j]);
           const std::span<float> row{logits.row(static_cast<int64_t>(j)),
                                      static_cast<size_t>(logits.cols())};
           if (!all_finite(row)) {
             next[j] = kNotFinite;
-            continue;
+            return;
           }
+          std::vector<float> raw;
           if (logprobs != nullptr) raw.assign(row.begin(), row.end());  // sample changes row
-          next[j] = sampler.sample(row, history[seq], params.sampling);
+          next[j] = samplers[seq].sample(row, history[seq], params.sampling);
           if (logprobs != nullptr) {
             (*logprobs)[seq].push_back(token_logprob(raw, next[j], params.top_logprobs));
           }
-        }
+        });
       }
       executor.broadcast(next);
       if (!next.empty() && next[0] == kInterrupted) break;
