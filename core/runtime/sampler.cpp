@@ -71,24 +71,43 @@ void apply_top_k(std::span<const float> logits, int64_t top_k, std::vector<uint6
 // tokens whose probabilities add up to at least top_p (fp32 weights summed in double here;
 // transformers' fp32 scan on the GPU rounds differently, so a token on the boundary may go either
 // way in either). Among equal logits the lower id ranks higher, so a tiny top_p keeps the token
-// greedy decoding would pick. The most likely are found by selection over growing prefixes.
+// greedy decoding would pick.
 void apply_top_p(std::span<const float> logits, double top_p, std::vector<uint64_t>& keys) {
   float max_logit = -std::numeric_limits<float>::infinity();
   for (const uint64_t key : keys) max_logit = std::max(max_logit, logits[id_of(key)]);
   double total = 0.0;
   for (const uint64_t key : keys) total += std::exp(logits[id_of(key)] - max_logit);
+  const auto weight = [&](uint64_t key) { return std::exp(logits[id_of(key)] - max_logit); };
+  // Weighted quickselect: keys[0, lo) are kept (their mass is `kept`), the cut lies in [lo, hi).
+  // Each round splits the range at a pivot and keeps to the side holding the cut, so a flat
+  // distribution (a nucleus of most of the vocabulary) costs a few passes, not a sort.
   const double need = top_p * total;
-  for (size_t m = std::min<size_t>(keys.size(), 64);; m = std::min(keys.size(), m * 8)) {
-    const auto end = keys.begin() + static_cast<ptrdiff_t>(m);
-    std::nth_element(keys.begin(), end - 1, keys.end(), std::greater<>());
-    std::sort(keys.begin(), end, std::greater<>());
-    double head = 0.0;
-    for (size_t i = 0; i < m; ++i) {
-      head += std::exp(logits[id_of(keys[i])] - max_logit);
-      if (head >= need || i + 1 == keys.size()) {
-        keys.resize(i + 1);
-        return;
-      }
+  double kept = 0.0;
+  size_t lo = 0;
+  size_t hi = keys.size();
+  while (hi - lo > 64) {
+    const uint64_t a = keys[lo], b = keys[lo + (hi - lo) / 2], c = keys[hi - 1];
+    const uint64_t pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));  // median
+    const auto mid = static_cast<size_t>(std::partition(keys.begin() + static_cast<ptrdiff_t>(lo),
+                                                        keys.begin() + static_cast<ptrdiff_t>(hi),
+                                                        [&](uint64_t key) { return key > pivot; }) -
+                                         keys.begin());
+    double upper = 0.0;
+    for (size_t i = lo; i < mid; ++i) upper += weight(keys[i]);
+    if (kept + upper >= need) {
+      hi = mid;  // the cut is above the pivot (mid > lo: the mass there is positive)
+    } else {
+      kept += upper;
+      lo = mid;  // everything above the pivot stays; keys are distinct, so the pivot is in here
+    }
+  }
+  std::sort(keys.begin() + static_cast<ptrdiff_t>(lo), keys.begin() + static_cast<ptrdiff_t>(hi),
+            std::greater<>());
+  for (size_t i = lo; i < hi; ++i) {
+    kept += weight(keys[i]);
+    if (kept >= need || i + 1 == hi) {
+      keys.resize(i + 1);
+      return;
     }
   }
 }
@@ -137,8 +156,13 @@ int64_t Sampler::sample(std::span<float> logits, std::span<const int64_t> histor
       keys_[i] = rank_key(logits[i], static_cast<uint32_t>(i));
     if (params.top_k > 0) apply_top_k(logits, params.top_k, keys_);
     if (params.top_p < 1.0) apply_top_p(logits, params.top_p, keys_);
-    for (const uint64_t key : keys_) kept_.push_back(id_of(key));
-    std::sort(kept_.begin(), kept_.end());
+    // The kept ids in ascending order by a pass over a mask (a nucleus may be most of the
+    // vocabulary: no sort).
+    mask_.assign(logits.size(), 0);
+    for (const uint64_t key : keys_) mask_[id_of(key)] = 1;
+    for (uint32_t id = 0; id < mask_.size(); ++id) {
+      if (mask_[id] != 0) kept_.push_back(id);
+    }
   }
   return draw(logits, kept_, rng_, cdf_);
 }

@@ -32,6 +32,7 @@ class Sampler {
   // Scratch reused from row to row (a vocabulary's worth each).
   std::vector<uint64_t> keys_;
   std::vector<uint32_t> kept_;
+  std::vector<uint8_t> mask_;
   std::vector<double> cdf_;
 };
 
