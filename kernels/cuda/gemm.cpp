@@ -212,8 +212,7 @@ void Gemm::linear(const void* x, int64_t tokens, int64_t in, const void* w, int6
   TPE_CUDA_REQUIRE(tokens >= 0 && in >= 0 && out >= 0, "Gemm::linear", "negative size");
   if (tokens == 0 || out == 0) return;
   TPE_CUDA_REQUIRE(in > 0, "Gemm::linear", "in must be positive");
-  if (impl_->use_gemv &&
-      detail::gemv(x, tokens, in, w, out, bias, act, dtype, y, stream)) {
+  if (impl_->use_gemv && detail::gemv(x, tokens, in, w, out, bias, act, dtype, y, stream)) {
     return;
   }
   uint32_t alignment = std::min({alignment_of(x), alignment_of(w), alignment_of(y)});
