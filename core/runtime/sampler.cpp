@@ -75,9 +75,9 @@ void apply_top_k(std::span<const float> logits, int64_t top_k, std::vector<uint6
 void apply_top_p(std::span<const float> logits, double top_p, std::vector<uint64_t>& keys) {
   float max_logit = -std::numeric_limits<float>::infinity();
   for (const uint64_t key : keys) max_logit = std::max(max_logit, logits[id_of(key)]);
-  double total = 0.0;
-  for (const uint64_t key : keys) total += std::exp(logits[id_of(key)] - max_logit);
   const auto weight = [&](uint64_t key) { return std::exp(logits[id_of(key)] - max_logit); };
+  double total = 0.0;
+  for (const uint64_t key : keys) total += weight(key);
   // Weighted quickselect: keys[0, lo) are kept (their mass is `kept`), the cut lies in [lo, hi).
   // Each round splits the range at a pivot and keeps to the side holding the cut, so a flat
   // distribution (a nucleus of most of the vocabulary) costs a few passes, not a sort.
@@ -149,22 +149,28 @@ int64_t Sampler::sample(std::span<float> logits, std::span<const int64_t> histor
     const auto t = static_cast<float>(params.temperature);
     for (float& l : logits) l /= t;
   }
-  kept_.clear();
+  // A vocabulary's worth of scratch per thread, not per sampler (a generation has a sampler per
+  // sequence, and its rows are sampled on several threads).
+  thread_local std::vector<uint64_t> keys;
+  thread_local std::vector<uint32_t> kept;
+  thread_local std::vector<uint8_t> mask;
+  thread_local std::vector<double> cdf;
+  kept.clear();
   if (params.top_k > 0 || params.top_p < 1.0) {
-    keys_.resize(logits.size());
+    keys.resize(logits.size());
     for (size_t i = 0; i < logits.size(); ++i)
-      keys_[i] = rank_key(logits[i], static_cast<uint32_t>(i));
-    if (params.top_k > 0) apply_top_k(logits, params.top_k, keys_);
-    if (params.top_p < 1.0) apply_top_p(logits, params.top_p, keys_);
+      keys[i] = rank_key(logits[i], static_cast<uint32_t>(i));
+    if (params.top_k > 0) apply_top_k(logits, params.top_k, keys);
+    if (params.top_p < 1.0) apply_top_p(logits, params.top_p, keys);
     // The kept ids in ascending order by a pass over a mask (a nucleus may be most of the
     // vocabulary: no sort).
-    mask_.assign(logits.size(), 0);
-    for (const uint64_t key : keys_) mask_[id_of(key)] = 1;
-    for (uint32_t id = 0; id < mask_.size(); ++id) {
-      if (mask_[id] != 0) kept_.push_back(id);
+    mask.assign(logits.size(), 0);
+    for (const uint64_t key : keys) mask[id_of(key)] = 1;
+    for (uint32_t id = 0; id < mask.size(); ++id) {
+      if (mask[id] != 0) kept.push_back(id);
     }
   }
-  return draw(logits, kept_, rng_, cdf_);
+  return draw(logits, kept, rng_, cdf);
 }
 
 TokenLogprob token_logprob(std::span<const float> logits, int64_t id, int64_t k) {

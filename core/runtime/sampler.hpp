@@ -29,11 +29,6 @@ class Sampler {
 
  private:
   std::mt19937_64 rng_;
-  // Scratch reused from row to row (a vocabulary's worth each).
-  std::vector<uint64_t> keys_;
-  std::vector<uint32_t> kept_;
-  std::vector<uint8_t> mask_;
-  std::vector<double> cdf_;
 };
 
 // A chosen token's log-probability under the model (log-softmax of the raw logits, before the

@@ -194,6 +194,23 @@ TEST(Sampler, TopPOverALargeVocabulary) {
   EXPECT_NEAR(last_quarter / double{draws}, 0.25, 5 * std::sqrt(0.25 * 0.75 / draws));
 }
 
+// Two levels: 1024 tokens of logit 1 and 3072 of logit 0; top_p 0.75 needs 1615.59 of the
+// total weight 2154.13 (weights 1 and e^-1): the high tokens and the first 1609 low ones, ids
+// 0..2632 (numpy: cumsum of the fp32 weights first reaches 0.75 * total at index 2632).
+TEST(Sampler, TopPCutsInsideALevel) {
+  Sampler sampler(6);
+  std::vector<float> logits(4096, 0.0f);
+  std::fill(logits.begin(), logits.begin() + 1024, 1.0f);
+  std::vector<int> count(logits.size(), 0);
+  for (int i = 0; i < 40000; ++i)
+    ++count[static_cast<size_t>(Sample(sampler, logits, Sampling(1.0, 0, 0.75)))];
+  for (size_t id = 2633; id < count.size(); ++id)
+    ASSERT_EQ(count[id], 0) << "filtered token " << id;
+  int edge = 0;  // ids 2600..2632, each drawn with probability e^-1 / 1615.9
+  for (size_t id = 2600; id < 2633; ++id) edge += count[id];
+  EXPECT_GT(edge, 150);
+}
+
 // The whole chain, as generate(do_sample=True, repetition_penalty=1.3, temperature=0.8,
 // top_k=6, top_p=0.8) orders it:
 //   chain = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3),
