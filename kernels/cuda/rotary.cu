@@ -40,12 +40,13 @@ __global__ void rotary_kernel(T* x, int64_t ld, int64_t n_heads, int64_t head_di
 }
 
 // Per token, items in turn: q's rotary pairs (rotated in place); per key head, its rotary pairs
-// (rotated into the cache) then its features past rotary_dim (copied); the values, copied in
-// units of kV elements. Indices within a token fit in int (the grid's y extent bounds them).
+// (rotated into the cache) then its features past rotary_dim (copied in units of tail_unit
+// elements: kV when that tail is aligned to it, else 1); the values, copied in units of kV
+// elements. Indices within a token fit in int (the grid's y extent bounds them).
 template <class T, int kV>
 __global__ void rope_kv_append_kernel(T* q, int64_t q_ld, int n_q, const T* k, int64_t k_ld,
                                       const T* v, int64_t v_ld, int n_kv, int head_dim, int half,
-                                      const int32_t* slots, const int32_t* positions,
+                                      int tail_unit, const int32_t* slots, const int32_t* positions,
                                       const int32_t* table, const float* inv_freq, T* k_cache,
                                       T* v_cache, int64_t max_len) {
   const int64_t t = blockIdx.x;
@@ -60,19 +61,25 @@ __global__ void rope_kv_append_kernel(T* q, int64_t q_ld, int n_q, const T* k, i
   item -= n_q * half;
   const int width = n_kv * head_dim;
   const int64_t row = (int64_t{slots[t]} * max_len + positions[t]) * width;
-  const int per_head = head_dim - half;  // a head's pairs and the features past rotary_dim
+  // A head's pairs, then the units of its features past rotary_dim.
+  const int per_head = half + (head_dim - 2 * half) / tail_unit;
+  using P = detail::Pack<T, kV>;
   if (item < n_kv * per_head) {
     const int head = item / per_head * head_dim;
     const int j = item % per_head;
     if (j < half) {
       rotate_pair(k + t * k_ld + head, k_cache + row + head, j, half, pos, freq);
+      return;
+    }
+    const int64_t at = head + 2 * half + int64_t{j - half} * tail_unit;
+    if (kV > 1 && tail_unit == kV) {
+      *reinterpret_cast<P*>(k_cache + row + at) = *reinterpret_cast<const P*>(k + t * k_ld + at);
     } else {
-      k_cache[row + head + half + j] = k[t * k_ld + head + half + j];
+      k_cache[row + at] = k[t * k_ld + at];
     }
     return;
   }
   item -= n_kv * per_head;
-  using P = detail::Pack<T, kV>;
   if (item < width / kV) {
     reinterpret_cast<P*>(v_cache + row)[item] = reinterpret_cast<const P*>(v + t * v_ld)[item];
   }
@@ -100,7 +107,15 @@ void rope_kv_append(void* q, int64_t q_ld, int64_t n_q, const void* k, int64_t k
         v_ld % detail::kVecWidth<T> == 0 ? width : 1,
         [&](auto unit) {
           constexpr int kV = decltype(unit)::value;
-          const int64_t items = n_q * half + n_kv * (head_dim - half) + width / kV;
+          // The key features past rotary_dim move kV at a time when they are aligned to it
+          // (GPT-NeoX: 72 of 96; one element per thread made the fused kernel slower than the pair
+          // it fuses).
+          const bool tail_packs = kV > 1 && rotary_dim % kV == 0 && head_dim % kV == 0 &&
+                                  k_ld % kV == 0 && detail::aligned_to(k, 16) &&
+                                  detail::aligned_to(k_cache, 16);
+          const int64_t tail_unit = tail_packs ? kV : 1;
+          const int64_t items =
+              n_q * half + n_kv * (half + (head_dim - 2 * half) / tail_unit) + width / kV;
           const int64_t blocks_per_token = (items + kThreads - 1) / kThreads;
           TPE_CUDA_REQUIRE(tokens <= int64_t{0x7fffffff} && blocks_per_token <= 65535,
                            "rope_kv_append", "more tokens or heads than one grid can hold");
@@ -109,7 +124,8 @@ void rope_kv_append(void* q, int64_t q_ld, int64_t n_q, const void* k, int64_t k
           rope_kv_append_kernel<T, kV><<<grid, kThreads, 0, stream>>>(
               static_cast<T*>(q), q_ld, static_cast<int>(n_q), static_cast<const T*>(k), k_ld, tv,
               v_ld, static_cast<int>(n_kv), static_cast<int>(head_dim), static_cast<int>(half),
-              slots, positions, table, inv_freq, static_cast<T*>(k_cache), tv_cache, max_len);
+              static_cast<int>(tail_unit), slots, positions, table, inv_freq,
+              static_cast<T*>(k_cache), tv_cache, max_len);
           TPE_CUDA_CHECK_LAUNCH();
         },
         tv, tv_cache);

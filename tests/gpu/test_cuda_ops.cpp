@@ -709,7 +709,9 @@ TEST_P(CudaOpTest, RotaryTwoTablesAndPartial) {
 // The fused path's rotary + KV append equals rotary of q and of k, then kv_append, bit for bit:
 // q rotated in place, the cache rows of the pass's tokens holding rotated k and v (and nothing
 // else written), k itself as it was. q, k and v are views of one fused qkv buffer, as the program
-// hands them; MHA, GQA, MQA, a partial rotary and two rotary tables.
+// hands them; MHA, GQA, MQA, two rotary tables, and partial rotaries whose pass-through key
+// features are copied in packs (GPT-NeoX's 24 of 96, Phi-2's 32 of 80) or one by one (34 of 66, and
+// 20 of 80, where the values still move in packs).
 TEST_P(CudaOpTest, RopeKvAppendIsRotaryThenAppendBitForBit) {
   Rng rng(42);
   struct Case {
@@ -725,8 +727,9 @@ TEST_P(CudaOpTest, RopeKvAppendIsRotaryThenAppendBitForBit) {
   }
   const DeviceBuffer d_slots = upload_raw(slot_of), d_pos = upload_raw(pos_of),
                      d_which = upload_raw(which);
-  for (const Case c : {Case{4, 4, 128, 128}, Case{8, 2, 64, 64}, Case{6, 1, 64, 64},
-                       Case{5, 5, 80, 32}, Case{4, 2, 96, 96}, Case{2, 1, 66, 34}}) {
+  for (const Case c :
+       {Case{4, 4, 128, 128}, Case{8, 2, 64, 64}, Case{6, 1, 64, 64}, Case{5, 5, 80, 32},
+        Case{4, 2, 96, 96}, Case{2, 1, 66, 34}, Case{8, 8, 96, 24}, Case{4, 2, 80, 20}}) {
     std::vector<float> freq = inv_freq_table(10000.0, c.rotary_dim, 1.0);
     const std::vector<float> table1 = inv_freq_table(1e6, c.rotary_dim, 4.0);
     freq.insert(freq.end(), table1.begin(), table1.end());
