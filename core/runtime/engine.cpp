@@ -277,12 +277,14 @@ Model prepare(const config::RunConfig& run) {
 GenerationParams resolve_generation(const config::GenerationSettings& s,
                                     const config::GenerationDefaults& d) {
   GenerationParams p;
-  p.sampling.do_sample = s.do_sample.value_or(d.do_sample.value_or(false));
-  p.sampling.temperature = s.temperature.value_or(d.temperature.value_or(1.0));
-  p.sampling.top_k = s.top_k.value_or(d.top_k.value_or(0));
-  p.sampling.top_p = s.top_p.value_or(d.top_p.value_or(1.0));
-  p.sampling.repetition_penalty = s.repetition_penalty.value_or(d.repetition_penalty.value_or(1.0));
-  p.max_new_tokens = s.max_new_tokens.value_or(d.max_new_tokens.value_or(32));
+  SamplingParams& o = p.sampling;  // transformers' defaults until a setting says otherwise
+  o.do_sample = s.do_sample.value_or(d.do_sample.value_or(o.do_sample));
+  o.temperature = s.temperature.value_or(d.temperature.value_or(o.temperature));
+  o.top_k = s.top_k.value_or(d.top_k.value_or(o.top_k));
+  o.top_p = s.top_p.value_or(d.top_p.value_or(o.top_p));
+  o.repetition_penalty =
+      s.repetition_penalty.value_or(d.repetition_penalty.value_or(o.repetition_penalty));
+  p.max_new_tokens = s.max_new_tokens.value_or(d.max_new_tokens.value_or(p.max_new_tokens));
   p.seed = s.seed.value_or(0);
   if (!s.ignore_eos.value_or(false)) {
     p.stop_token_ids = s.stop_token_ids.value_or(d.eos_token_ids);

@@ -11,10 +11,12 @@
 
 namespace tpe {
 
+// The defaults are transformers' for a key that neither the user nor generation_config.json sets
+// (GenerationConfig._get_default_generation_params): sampling keeps the 50 most likely tokens.
 struct SamplingParams {
   bool do_sample = false;
   double temperature = 1.0;         // > 0
-  int64_t top_k = 0;                // 0 = off
+  int64_t top_k = 50;               // 0 = off
   double top_p = 1.0;               // in (0, 1]; 1 = off
   double repetition_penalty = 1.0;  // 1 = off
 };

@@ -134,7 +134,7 @@ assert r["runs"][0]["decode_tokens_per_s"] > 0 and r["runs"][0]["tpot_ms"]["mean
 PY
     out=$("$tpengine" bench --model "$fixtures/llama_mha" --random-weights --prompt-len 4 \
           --new-tokens 3 --repeat 1 --do-sample true --top-p 0.5 --quiet)
-    grep -q "3 new tokens sampled (temperature 1, top-k 0, top-p 0.5)" <<<"$out"
+    grep -q "3 new tokens sampled (temperature 1, top-k 50, top-p 0.5)" <<<"$out"
     out=$("$tpengine" bench --model "$fixtures/llama_mha" --random-weights --prompt-len 4 \
           --new-tokens 3 --repeat 1 --quiet)
     grep -q "3 new tokens greedy" <<<"$out";;

@@ -6,11 +6,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <set>
 #include <vector>
 
 #include "core/backend/cpu_backend.hpp"
+#include "core/runtime/engine.hpp"
 #include "core/runtime/sampler.hpp"
 
 namespace {
@@ -225,6 +227,34 @@ TEST(Sampler, PipelineMatchesTransformers) {
   const int draws = 100000;
   ExpectFrequencies(Frequencies(logits, params, {2, 4, 2, 9}, draws),
                     {0.253078014, 0, 0.265542477, 0, 0, 0.345916629, 0, 0, 0.135462895, 0}, draws);
+}
+
+// A key that neither the run nor generation_config.json sets takes transformers' default
+// (5.23: GenerationConfig._get_default_generation_params() gives temperature 1.0, top_k 50,
+// top_p 1.0, repetition_penalty 1.0, do_sample False): a model whose generation_config.json says
+// only do_sample and temperature samples from its 50 most likely tokens, as generate() does. The
+// run's settings win over the model's, and top_k = 0 turns the filter off.
+TEST(Sampler, UnsetKeysTakeTransformersDefaults) {
+  tpe::config::GenerationDefaults model;
+  model.do_sample = true;
+  model.temperature = 4.0;  // flat enough that every id would be drawn without the filter
+  const tpe::SamplingParams p = tpe::runtime::resolve_generation({}, model).sampling;
+  EXPECT_EQ(p.top_k, 50);
+  EXPECT_EQ(p.top_p, 1.0);
+  EXPECT_EQ(p.repetition_penalty, 1.0);
+  std::vector<float> logits(80);
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = -0.01f * static_cast<float>(i);
+  const int draws = 20000;
+  const std::vector<double> freq = Frequencies(logits, p, {}, draws);
+  for (size_t id = 50; id < freq.size(); ++id) ASSERT_EQ(freq[id], 0) << "filtered token " << id;
+  EXPECT_GT(freq[49], 0);
+  EXPECT_FALSE(tpe::runtime::resolve_generation({}, {}).sampling.do_sample);
+
+  tpe::config::GenerationSettings run;
+  run.top_k = 0;
+  model.top_k = 40;
+  EXPECT_EQ(tpe::runtime::resolve_generation(run, model).sampling.top_k, 0);
+  EXPECT_EQ(tpe::runtime::resolve_generation({}, model).sampling.top_k, 40);
 }
 
 TEST(Sampler, RejectsInvalidSettings) {

@@ -424,9 +424,9 @@ tpe::SamplingParams bench_sampling_params(const tpe::config::GenerationSettings&
   if (!p.do_sample && (flags.temperature || flags.top_k || flags.top_p)) {
     tpe::fail("bench: --temperature, --top-k and --top-p apply with --do-sample true");
   }
-  p.temperature = flags.temperature.value_or(1.0);
-  p.top_k = flags.top_k.value_or(0);
-  p.top_p = flags.top_p.value_or(1.0);
+  p.temperature = flags.temperature.value_or(p.temperature);
+  p.top_k = flags.top_k.value_or(p.top_k);
+  p.top_p = flags.top_p.value_or(p.top_p);
   return p;
 }
 
@@ -855,7 +855,7 @@ int main(int argc, char** argv) {
                     "sample each token (true) instead of greedy decoding (false, the default)");
   bench->add_option("--temperature", bench_sampling.temperature, "with --do-sample true")
       ->check(number_in("temperature", 0, HUGE_VAL, false));
-  bench->add_option("--top-k", bench_sampling.top_k, "with --do-sample true")
+  bench->add_option("--top-k", bench_sampling.top_k, "with --do-sample true (default 50; 0: off)")
       ->check(non_negative("top_k"));
   bench->add_option("--top-p", bench_sampling.top_p, "with --do-sample true")
       ->check(number_in("top_p", 0, 1, true));
