@@ -1,6 +1,10 @@
 #include "core/backend/backend.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+
+#include "core/common/error.hpp"
 
 namespace tpe::backend {
 
@@ -49,6 +53,31 @@ std::vector<int64_t> Backend::argmax_rows(const Buffer& x) {
     if (finite) best[static_cast<size_t>(r)] = arg;
   }
   return best;
+}
+
+TopRows Backend::top_rows(const Buffer& x, int64_t k) {
+  TPE_CHECK(k > 0 && x.cols > 0, "top_rows: no candidates asked for, or no columns");
+  const Tensor host = to_host(x);
+  TopRows top;
+  top.k = std::min(k, host.cols());
+  const auto rows = static_cast<size_t>(host.rows()), width = static_cast<size_t>(top.k);
+  top.values.resize(rows * width);
+  top.ids.resize(rows * width);
+  top.finite.resize(rows);
+  std::vector<int32_t> order(static_cast<size_t>(host.cols()));
+  for (size_t r = 0; r < rows; ++r) {
+    const float* row = host.row(static_cast<int64_t>(r));
+    top.finite[r] = std::all_of(row, row + host.cols(), [](float v) { return std::isfinite(v); });
+    std::iota(order.begin(), order.end(), 0);
+    if (top.finite[r] == 0) continue;  // NaN orders nothing; the row is refused anyway
+    std::nth_element(order.begin(), order.begin() + (top.k - 1), order.end(),
+                     [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+    for (size_t i = 0; i < width; ++i) {
+      top.ids[r * width + i] = order[i];
+      top.values[r * width + i] = row[order[i]];
+    }
+  }
+  return top;
 }
 
 }  // namespace tpe::backend

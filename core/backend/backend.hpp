@@ -62,6 +62,21 @@ struct RopeSpec {
   int64_t head_dim = 0;
 };
 
+// Sampling's candidates (Backend::top_rows): per row, its k largest values and their columns in
+// no order, and whether the row is finite.
+struct TopRows {
+  int64_t k = 0;
+  std::vector<float> values;    // [rows, k]
+  std::vector<int32_t> ids;     // [rows, k]
+  std::vector<uint8_t> finite;  // [rows]: 0 where the row holds a NaN or an infinity
+  std::span<const float> values_of(size_t row) const {
+    return {values.data() + row * static_cast<size_t>(k), static_cast<size_t>(k)};
+  }
+  std::span<const int32_t> ids_of(size_t row) const {
+    return {ids.data() + row * static_cast<size_t>(k), static_cast<size_t>(k)};
+  }
+};
+
 // A rank-local matrix [rows, cols] in the backend's memory and element type. A view (ld > cols)
 // is some columns of a wider buffer: a part of a fused projection's output. Only rotary,
 // attention and copy take views; the program gives every other instruction whole buffers.
@@ -203,6 +218,10 @@ class Backend {
   // Per row of x, the index of its largest value (the first among equals), or -1 where the row
   // holds a NaN or an infinity: greedy decoding's choice without the logits leaving the device.
   virtual std::vector<int64_t> argmax_rows(const Buffer& x);
+  // Per row of x, its min(k, cols) largest values and their columns (among values equal to the
+  // smallest of them, any), and whether it is finite: what sampling with top-k needs of the
+  // logits, chosen where they are.
+  virtual TopRows top_rows(const Buffer& x, int64_t k);
 
   // ---- collectives over the tensor-parallel group ----
   virtual void all_reduce(Buffer& x) = 0;

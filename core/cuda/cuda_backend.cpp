@@ -713,6 +713,31 @@ std::vector<int64_t> CudaBackend::argmax_rows(const Buffer& x) {
   return best;
 }
 
+TopRows CudaBackend::top_rows(const Buffer& x, int64_t k) {
+  TPE_CHECK(k > 0 && x.cols > 0, "top_rows: no candidates asked for, or no columns");
+  TPE_CHECK(x.stride() == x.cols, "top_rows: the logits are a view, not whole rows");
+  TopRows top;
+  top.k = std::min(k, x.cols);
+  const auto rows = static_cast<size_t>(x.rows), n = rows * static_cast<size_t>(top.k);
+  top.values.resize(n);
+  top.ids.resize(n);
+  top.finite.resize(rows);
+  // One allocation and one copy back: the values, the ids, then the flags.
+  const size_t bytes = n * (sizeof(float) + sizeof(int32_t)) + rows;
+  auto scratch = pool_->get(std::max<size_t>(bytes, 1), pool_);
+  auto* base = static_cast<char*>(scratch.get());
+  cuda::top_rows(x.data, x.rows, x.cols, top.k, dtype_, reinterpret_cast<float*>(base),
+                 reinterpret_cast<int32_t*>(base + n * sizeof(float)),
+                 reinterpret_cast<uint8_t*>(base + n * (sizeof(float) + sizeof(int32_t))), stream_);
+  std::vector<char> host(bytes);
+  TPE_CUDA_CHECK(cudaMemcpyAsync(host.data(), base, bytes, cudaMemcpyDeviceToHost, stream_));
+  sync("sampling's candidates");
+  std::memcpy(top.values.data(), host.data(), n * sizeof(float));
+  std::memcpy(top.ids.data(), host.data() + n * sizeof(float), n * sizeof(int32_t));
+  std::memcpy(top.finite.data(), host.data() + n * (sizeof(float) + sizeof(int32_t)), rows);
+  return top;
+}
+
 namespace {
 
 ncclDataType_t nccl_dtype(cuda::DType dtype) {

@@ -85,6 +85,7 @@ class CudaBackend final : public Backend {
   void copy(const Buffer& src, Buffer& dst) override;
   void select_rows(const Buffer& x, Buffer& out) override;
   std::vector<int64_t> argmax_rows(const Buffer& x) override;
+  TopRows top_rows(const Buffer& x, int64_t k) override;
   void all_reduce(Buffer& x) override;
   void broadcast(std::vector<int64_t>& values) override;
   void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;

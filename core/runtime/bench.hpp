@@ -20,7 +20,7 @@ struct BenchOptions {
   int repeat = 3;
   uint64_t seed = 0;        // of the random prompts, and of the sampler's draws
   bool profile = false;     // also time the prompt's first pass and the middle decode step op by op
-  SamplingParams sampling;  // greedy unless do_sample (then every row goes to the host sampler)
+  SamplingParams sampling;  // greedy unless do_sample (then rows go through the host sampler)
 };
 
 // The steps of a profiled forward pass with the same label (the same op in every layer), summed.

@@ -13,6 +13,7 @@
 #include <fstream>
 #include <functional>
 #include <mutex>
+#include <numeric>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -664,14 +665,18 @@ std::vector<std::vector<int64_t>> Engine::generate(
     check_cache_fits(ranks_->executors, static_cast<int64_t>(n),
                      max_prompt + params.max_new_tokens);
   }
-  // One generator per sequence (the first seeded with the seed itself), so that rows can be
-  // sampled at once on several threads and still give the same tokens for a seed.
   std::vector<Sampler> samplers;
-  for (size_t i = 0; i < n; ++i) samplers.emplace_back(params.seed + i * 0x9E3779B97F4A7C15ull);
+  for (size_t i = 0; i < n; ++i) samplers.emplace_back(sequence_seed(params.seed, i));
   // Plain greedy decoding needs only each row's largest logit: the backend picks it where the
   // logits are (Backend::argmax_rows), and only the chosen ids reach the host.
   const bool pick_on_device = !params.sampling.do_sample &&
                               params.sampling.repetition_penalty == 1.0 && logprobs == nullptr;
+  // Sampling with a top-k filter (transformers' default keeps 50) needs only each row's largest
+  // logits: the backend picks kCandidates of them where the logits are, and a row they cannot
+  // decide (Sampler::sample_top) takes its whole logits after all.
+  constexpr int64_t kCandidates = 64;
+  const bool pick_candidates = params.sampling.do_sample && params.sampling.top_k > 0 &&
+                               params.sampling.repetition_penalty == 1.0 && logprobs == nullptr;
   ranks_->run([&](int r) {
     Executor& executor = *ranks_->executors[r];
     executor.reset_cache(static_cast<int>(n), max_prompt + params.max_new_tokens);
@@ -692,16 +697,33 @@ std::vector<std::vector<int64_t>> Engine::generate(
     };
     if (profile_prompt) keep_timing();
     std::vector<int64_t> picked;  // the device's choices for the rows (pick_on_device, step > 0)
+    backend::TopRows top;         // the rows' candidates (pick_candidates, step > 0)
     for (int64_t step = 0;; ++step) {
       // Rank 0 samples; every rank takes its choice so all caches stay identical.
       std::vector<int64_t> next(live.size());
       constexpr int64_t kNotFinite = -1, kInterrupted = -2;  // rank 0's verdicts, broadcast
+      constexpr int64_t kWholeRow = -3;  // the candidates could not decide: sample the row
       if (executor.rank() == 0 && params.interrupt != nullptr && params.interrupt->load() != 0) {
         std::fill(next.begin(), next.end(), kInterrupted);
       } else if (executor.rank() == 0 && step > 0 && pick_on_device) {
         for (size_t j = 0; j < live.size(); ++j) next[j] = picked[j] < 0 ? kNotFinite : picked[j];
       } else if (executor.rank() == 0) {
-        for_each_row(live.size(), [&](size_t j) {
+        std::vector<size_t> whole(live.size());  // the rows to sample over all their logits
+        std::iota(whole.begin(), whole.end(), size_t{0});
+        if (step > 0 && pick_candidates) {
+          const int64_t vocab = executor.program().vocab_size;
+          for_each_row(live.size(), [&](size_t j) {
+            next[j] = top.finite[j] == 0
+                          ? kNotFinite
+                          : samplers[static_cast<size_t>(live[j])]
+                                .sample_top(top.values_of(j), top.ids_of(j), vocab, params.sampling)
+                                .value_or(kWholeRow);
+          });
+          std::erase_if(whole, [&](size_t j) { return next[j] != kWholeRow; });
+          if (!whole.empty()) logits = executor.logits();
+        }
+        for_each_row(whole.size(), [&](size_t i) {
+          const size_t j = whole[i];
           const size_t seq = static_cast<size_t>(live[j]);
           const std::span<float> row{logits.row(static_cast<int64_t>(j)),
                                      static_cast<size_t>(logits.cols())};
@@ -748,6 +770,8 @@ std::vector<std::vector<int64_t>> Engine::generate(
       if (timed) timing.tokens = static_cast<int64_t>(following.tokens.size());
       if (pick_on_device) {
         picked = executor.forward_greedy(following, timed ? &timing.times : nullptr);
+      } else if (pick_candidates) {
+        top = executor.forward_top(following, kCandidates, timed ? &timing.times : nullptr);
       } else {
         logits = executor.forward(following, timed ? &timing.times : nullptr);
       }

@@ -89,6 +89,11 @@ struct GenerationParams {
   const std::atomic<int>* interrupt = nullptr;
 };
 
+// The seed of sequence i's generator in a generation (the first takes the seed itself): one
+// generator per sequence, so that rows can be sampled at once on several threads and still give
+// the same tokens for a seed.
+inline uint64_t sequence_seed(uint64_t seed, size_t i) { return seed + i * 0x9E3779B97F4A7C15ull; }
+
 // The user's settings over the model's generation_config.json defaults.
 GenerationParams resolve_generation(const config::GenerationSettings& settings,
                                     const config::GenerationDefaults& defaults);

@@ -133,8 +133,19 @@ void Executor::check_ids(const Batch& batch) const {
 
 Tensor Executor::forward(const Batch& batch, std::vector<StepTime>* profile) {
   pass(batch, profile);
-  if (batch.logit_rows.empty()) return Tensor({0, program_.vocab_size});
+  return logits();
+}
+
+Tensor Executor::logits() {
+  if (views_[program_.logits].rows == 0) return Tensor({0, program_.vocab_size});
   return backend_->to_host(views_[program_.logits]);
+}
+
+backend::TopRows Executor::forward_top(const Batch& batch, int64_t k,
+                                       std::vector<StepTime>* profile) {
+  pass(batch, profile);
+  if (batch.logit_rows.empty()) return {};
+  return backend_->top_rows(views_[program_.logits], k);
 }
 
 std::vector<int64_t> Executor::forward_greedy(const Batch& batch, std::vector<StepTime>* profile) {

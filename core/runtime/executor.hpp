@@ -51,6 +51,13 @@ class Executor {
   // decoding without copying them to the host.
   std::vector<int64_t> forward_greedy(const backend::Batch& batch,
                                       std::vector<StepTime>* profile = nullptr);
+  // Runs one pass and returns sampling's candidates: per logit row, its k largest logits and
+  // their ids (Backend::top_rows), chosen where the logits are. logits() then still has the whole
+  // rows, until the next pass.
+  backend::TopRows forward_top(const backend::Batch& batch, int64_t k,
+                               std::vector<StepTime>* profile = nullptr);
+  // The last pass's logits [its logit rows, vocab] on the host.
+  Tensor logits();
 
   const program::Program& program() const { return program_; }
   int64_t weight_bytes() const;

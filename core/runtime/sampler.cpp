@@ -8,6 +8,7 @@
 #include <limits>
 #include <numeric>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 namespace tpe {
@@ -145,6 +146,44 @@ int64_t Sampler::sample(std::span<float> logits, std::span<const int64_t> histor
     apply_repetition_penalty(logits, history, params.repetition_penalty);
   }
   if (!params.do_sample) return argmax(logits);
+  return draw_filtered(logits, params);
+}
+
+std::optional<int64_t> Sampler::sample_top(std::span<const float> values,
+                                           std::span<const int32_t> ids, int64_t vocab,
+                                           const SamplingParams& params) {
+  check(values, params);
+  const auto n = static_cast<int64_t>(values.size());
+  if (!params.do_sample || params.repetition_penalty != 1.0 || ids.size() != values.size() ||
+      n > vocab) {
+    return std::nullopt;
+  }
+  thread_local std::vector<std::pair<int32_t, float>> by_id;
+  by_id.clear();
+  for (size_t i = 0; i < values.size(); ++i) by_id.emplace_back(ids[i], values[i]);
+  if (n < vocab) {
+    // Every logit left out is at most the candidates' smallest; after the temperature (which
+    // keeps the order but may make neighbours equal) the top_k-th largest must stay above it, so
+    // that top-k drops all of them, and the candidates equal to the smallest too.
+    if (params.top_k <= 0 || params.top_k >= n) return std::nullopt;
+    thread_local std::vector<float> sorted;
+    sorted.assign(values.begin(), values.end());
+    std::nth_element(sorted.begin(), sorted.begin() + (params.top_k - 1), sorted.end(),
+                     std::greater<>());
+    const float t = static_cast<float>(params.temperature);
+    const float kth = sorted[static_cast<size_t>(params.top_k - 1)];
+    const float least = *std::min_element(sorted.begin(), sorted.end());
+    if (!(params.temperature == 1.0 ? kth > least : kth / t > least / t)) return std::nullopt;
+  }
+  // In id order, so that equal logits rank and add up as they do over the whole row.
+  std::sort(by_id.begin(), by_id.end());
+  thread_local std::vector<float> compact;
+  compact.clear();
+  for (const auto& [id, value] : by_id) compact.push_back(value);
+  return by_id[static_cast<size_t>(draw_filtered(compact, params))].first;
+}
+
+int64_t Sampler::draw_filtered(std::span<float> logits, const SamplingParams& params) {
   if (params.temperature != 1.0) {
     const auto t = static_cast<float>(params.temperature);
     for (float& l : logits) l /= t;

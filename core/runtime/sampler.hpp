@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <span>
 #include <utility>
@@ -28,8 +29,19 @@ class Sampler {
   // and generated tokens.
   int64_t sample(std::span<float> logits, std::span<const int64_t> history,
                  const SamplingParams& params);
+  // The token sample() would draw from a whole row of `vocab` logits, given only the row's
+  // largest: `values` and their `ids`, in any order, every logit left out being at most their
+  // smallest (the LM head's candidates, Backend::top_rows). nullopt, with the generator untouched,
+  // where they cannot decide it: not sampling, a repetition penalty, no top-k filter or one that
+  // keeps as many tokens as there are candidates, or logits equal to the top_k-th largest that may
+  // go on outside the candidates.
+  std::optional<int64_t> sample_top(std::span<const float> values, std::span<const int32_t> ids,
+                                    int64_t vocab, const SamplingParams& params);
 
  private:
+  // Temperature, top-k, top-p and the draw over logits (changed in place): an index into them.
+  int64_t draw_filtered(std::span<float> logits, const SamplingParams& params);
+
   std::mt19937_64 rng_;
 };
 

@@ -75,6 +75,12 @@ void rope_kv_append(void* q, int64_t q_ld, int64_t n_q, const void* k, int64_t k
 void argmax_rows(const void* x, int64_t rows, int64_t cols, DType dtype, int64_t* out,
                  cudaStream_t stream);
 
+// The k largest of each row r of x [rows, cols] (0 < k <= cols): values[r * k + i] and their
+// columns ids[r * k + i], in no order (among values equal to the k-th largest, any of them), and
+// finite[r] = 0 where the row holds a NaN or an infinity, else 1: sampling's candidates.
+void top_rows(const void* x, int64_t rows, int64_t cols, int64_t k, DType dtype, float* values,
+              int32_t* ids, uint8_t* finite, cudaStream_t stream);
+
 // KV cache: k_cache, v_cache are [slots, max_len, kv_width]. Writes token t's k and v rows at
 // (slots[t], positions[t]); k_ld, v_ld: elements between the inputs' rows (0: kv_width).
 void kv_append(const void* k, const void* v, int64_t tokens, int64_t kv_width, const int32_t* slots,

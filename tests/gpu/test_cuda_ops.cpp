@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -808,6 +809,60 @@ TEST_P(CudaOpTest, ArgmaxRowsFirstOfEqualsAndNonFinite) {
     std::vector<int64_t> out(rows);
     CK(cudaMemcpy(out.data(), d_out.get(), out.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
     EXPECT_EQ(out, expected) << tag("argmax_rows cols " + std::to_string(cols));
+  }
+}
+
+// Sampling's candidates on the device: each row's k largest values with their columns, against
+// a sort of the row (by value: among values equal to the k-th largest any may be chosen), over
+// smooth rows and rows of few levels whose ties cross the k-th (and hold -0 beside +0), rows
+// narrower than k and as wide as BLOOM's vocabulary; a row with a NaN, +Inf or -Inf flagged.
+TEST_P(CudaOpTest, TopRowsTheLargestValuesAndTheirColumns) {
+  Rng rng(44);
+  const int64_t k_asked = 64;
+  for (const int64_t cols : {int64_t{7}, int64_t{64}, int64_t{1000}, int64_t{250880}}) {
+    const int64_t rows = 6, k = std::min(k_asked, cols);
+    std::vector<float> x = rng.values(static_cast<size_t>(rows * cols), dtype(), -6, 6);
+    for (int64_t r = 0; r < rows; r += 2) {  // few levels: ties across the k-th largest
+      for (int64_t c = 0; c < cols; ++c) x[r * cols + c] = std::round(x[r * cols + c]) * 0.5f;
+    }
+    x[2 * cols] = -0.0f;
+    const float nan = std::nanf(""), inf = std::numeric_limits<float>::infinity();
+    x[1 * cols + cols - 1] = nan;
+    x[3 * cols] = inf;
+    x[5 * cols + cols / 2] = -inf;
+    const DeviceTensor d_x(x, dtype());
+    const auto n = static_cast<size_t>(rows * k);
+    DeviceBuffer d_values(n * sizeof(float)), d_ids(n * sizeof(int32_t)),
+        d_finite(static_cast<size_t>(rows));
+    top_rows(d_x.get(), rows, cols, k, dtype(), d_values.as<float>(), d_ids.as<int32_t>(),
+             d_finite.as<uint8_t>(), stream_);
+    sync();
+    std::vector<float> values(n);
+    std::vector<int32_t> ids(n);
+    std::vector<uint8_t> finite(static_cast<size_t>(rows));
+    CK(cudaMemcpy(values.data(), d_values.get(), n * sizeof(float), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(ids.data(), d_ids.get(), n * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(finite.data(), d_finite.get(), finite.size(), cudaMemcpyDeviceToHost));
+    const std::string what = tag("top_rows cols " + std::to_string(cols));
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<float> row(x.begin() + r * cols, x.begin() + (r + 1) * cols);
+      const bool row_finite =
+          std::all_of(row.begin(), row.end(), [](float v) { return std::isfinite(v); });
+      EXPECT_EQ(finite[r] != 0, row_finite) << what << " row " << r;
+      if (!row_finite) continue;
+      std::set<int32_t> seen;
+      std::vector<float> got;
+      for (int64_t i = 0; i < k; ++i) {
+        const int32_t id = ids[r * k + i];
+        ASSERT_TRUE(id >= 0 && id < cols) << what << " row " << r << ": column " << id;
+        EXPECT_TRUE(seen.insert(id).second) << what << " row " << r << ": column " << id;
+        EXPECT_EQ(values[r * k + i], row[id]) << what << " row " << r << ": column " << id;
+        got.push_back(values[r * k + i]);
+      }
+      std::sort(row.begin(), row.end(), std::greater<>());
+      std::sort(got.begin(), got.end(), std::greater<>());
+      EXPECT_EQ(got, std::vector<float>(row.begin(), row.begin() + k)) << what << " row " << r;
+    }
   }
 }
 

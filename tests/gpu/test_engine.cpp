@@ -117,6 +117,24 @@ TEST_P(GpuFixture, FusedMatchesPlain) {
   }
 }
 
+// Sampling with a top-k filter draws among each row's 64 largest logits, chosen on the device
+// (top_rows); asking for log-probabilities sends the whole rows to the host sampler instead, over
+// the same logits: the tokens must be the same, bf16 and fp32, with top_k 5 (the candidates
+// decide) and 100 (more than they hold: rows sampled whole), decode steps replayed as graphs.
+TEST_P(GpuFixture, TopKSamplingFromDeviceCandidatesEqualsWholeRows) {
+  const Reference ref = load_reference(GetParam());
+  for (const char* dtype : {"float32", "bfloat16"}) {
+    runtime::Engine engine = make_engine(GetParam(), 1, dtype);
+    for (const int64_t top_k : {int64_t{5}, int64_t{100}}) {
+      SCOPED_TRACE(std::string(dtype) + " top_k " + std::to_string(top_k));
+      const runtime::GenerationParams params = top_k_sampling(top_k, 12);
+      std::vector<std::vector<TokenLogprob>> logprobs;
+      const auto whole = engine.generate(ref.prompts, params, {}, nullptr, &logprobs);
+      EXPECT_EQ(engine.generate(ref.prompts, params), whole);
+    }
+  }
+}
+
 TEST_P(GpuFixture, GraphReplayEqualsOpByOp) {
   const Reference ref = load_reference(GetParam());
   runtime::GenerationParams params;

@@ -14,6 +14,7 @@
 
 #include "core/common/tensor.hpp"
 #include "core/io/safetensors.hpp"
+#include "core/runtime/engine.hpp"
 
 namespace tpe::test {
 
@@ -75,6 +76,19 @@ inline float logits_error(const std::vector<Tensor>& got, const std::vector<Tens
     worst = std::max(worst, max_diff / max_ref);
   }
   return worst;
+}
+
+// Sampled generation with a top-k filter (and top-p, a temperature and a seed), for the tests of
+// sampling's candidates (Backend::top_rows).
+inline runtime::GenerationParams top_k_sampling(int64_t top_k, int64_t new_tokens) {
+  runtime::GenerationParams params;
+  params.max_new_tokens = new_tokens;
+  params.sampling.do_sample = true;
+  params.sampling.temperature = 0.8;
+  params.sampling.top_k = top_k;
+  params.sampling.top_p = 0.9;
+  params.seed = 4321;
+  return params;
 }
 
 }  // namespace tpe::test

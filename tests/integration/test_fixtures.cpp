@@ -142,6 +142,19 @@ TEST(Generation, StopTokenEndsTheSequenceAndIsKept) {
   EXPECT_EQ(out[1], std::vector<int64_t>(g1.begin(), g1.begin() + stop1));
 }
 
+// The tokens generate() should give for a prompt, recomputed from scratch: at every step the
+// whole sequence's logits (prompt_logits), and the sampler over the last row.
+std::vector<int64_t> from_scratch(runtime::Engine& engine, std::vector<int64_t> sequence,
+                                  const runtime::GenerationParams& params, Sampler& sampler) {
+  for (int64_t step = 0; step < params.max_new_tokens; ++step) {
+    const Tensor logits = engine.prompt_logits({sequence})[0];
+    std::vector<float> last(logits.row(logits.rows() - 1),
+                            logits.row(logits.rows() - 1) + logits.cols());
+    sequence.push_back(sampler.sample(last, sequence, params.sampling));
+  }
+  return {sequence.end() - params.max_new_tokens, sequence.end()};
+}
+
 // Plain greedy decoding picks its tokens where the logits are (Backend::argmax_rows); with a
 // repetition penalty it must not: each token is the sampler's greedy choice over the penalised
 // logits of the whole sequence so far, recomputed here from scratch by prompt_logits (fused
@@ -158,18 +171,33 @@ TEST(Generation, GreedyWithARepetitionPenaltyUsesTheSampler) {
     Sampler sampler(0);
     bool changed = false;
     for (size_t p = 0; p < ref.prompts.size(); ++p) {
-      std::vector<int64_t> sequence = ref.prompts[p];
-      for (int64_t step = 0; step < params.max_new_tokens; ++step) {
-        const Tensor logits = engine.prompt_logits({sequence})[0];
-        std::vector<float> last(logits.row(logits.rows() - 1),
-                                logits.row(logits.rows() - 1) + logits.cols());
-        sequence.push_back(sampler.sample(last, sequence, params.sampling));
-      }
-      const std::vector<int64_t> expected(sequence.end() - params.max_new_tokens, sequence.end());
+      const std::vector<int64_t> expected = from_scratch(engine, ref.prompts[p], params, sampler);
       EXPECT_EQ(out[p], expected) << "prompt " << p << " tp " << tp;
       changed = changed || !std::equal(expected.begin(), expected.end(), ref.greedy[p].begin());
     }
     EXPECT_TRUE(changed) << "the penalty changed no token: a weaker test than it claims";
+  }
+}
+
+// Sampling with a top-k filter takes each row's 64 largest logits from the backend
+// (Backend::top_rows) and draws among them (Sampler::sample_top): the tokens must be those the
+// sampler draws from the whole rows, recomputed here from scratch by prompt_logits with the same
+// per-sequence generators (fused program, TP 1 and 2). top_k 100 of the fixture's 128-token
+// vocabulary is more than the candidates hold, so those rows are sampled whole after all.
+TEST(Generation, TopKSamplingFromCandidatesIsTheWholeRowsDraw) {
+  const Reference ref = load_reference("llama_gqa");
+  for (const int64_t top_k : {int64_t{5}, int64_t{100}}) {
+    const runtime::GenerationParams params = top_k_sampling(top_k, 8);
+    for (int tp : {1, 2}) {
+      runtime::Engine engine = make_engine({"llama_gqa", tp, false, true});
+      const auto out = engine.generate(ref.prompts, params);
+      ASSERT_EQ(out.size(), ref.prompts.size());
+      for (size_t p = 0; p < ref.prompts.size(); ++p) {
+        Sampler sampler(runtime::sequence_seed(params.seed, p));
+        EXPECT_EQ(out[p], from_scratch(engine, ref.prompts[p], params, sampler))
+            << "prompt " << p << " tp " << tp << " top_k " << top_k;
+      }
+    }
   }
 }
 

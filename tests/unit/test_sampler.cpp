@@ -297,4 +297,110 @@ TEST(ArgmaxRows, TheSamplersGreedyChoiceAndNonFiniteRowsRefused) {
   }
 }
 
+// Sampling's candidates (Backend::top_rows): each row's k largest values with their columns,
+// checked against a sort of the row; among values equal to the k-th largest any may be chosen,
+// so the check is by value: the multiset of candidate values is the sort's first k. Rows of few
+// levels (ties across the k-th), a row narrower than k, and non-finite rows flagged.
+TEST(TopRows, TheLargestValuesAndTheirColumns) {
+  tpe::comm::ThreadGroup group(1);
+  tpe::backend::CpuBackend cpu(0, group);
+  const int64_t rows = 5, cols = 300, k = 64;
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> level(-20, 20);
+  std::vector<float> values(rows * cols);
+  for (float& v : values) v = 0.25f * static_cast<float>(level(rng));
+  values[3 * cols + 7] = std::nanf("");
+  values[4 * cols + 299] = -INFINITY;
+  tpe::backend::Buffer x = cpu.alloc(rows, cols);
+  std::copy(values.begin(), values.end(), static_cast<float*>(x.data));
+  const tpe::backend::TopRows top = cpu.top_rows(x, k);
+  ASSERT_EQ(top.k, k);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<float> row(values.begin() + r * cols, values.begin() + (r + 1) * cols);
+    EXPECT_EQ(top.finite[r] != 0, tpe::all_finite(row)) << "row " << r;
+    if (!tpe::all_finite(row)) continue;
+    std::set<int32_t> seen;
+    std::vector<float> got;
+    for (size_t i = 0; i < static_cast<size_t>(k); ++i) {
+      const int32_t id = top.ids_of(r)[i];
+      ASSERT_TRUE(id >= 0 && id < cols);
+      EXPECT_TRUE(seen.insert(id).second) << "column " << id << " twice";
+      EXPECT_EQ(top.values_of(r)[i], row[id]);
+      got.push_back(top.values_of(r)[i]);
+    }
+    std::sort(row.begin(), row.end(), std::greater<>());
+    std::sort(got.begin(), got.end(), std::greater<>());
+    EXPECT_EQ(got, std::vector<float>(row.begin(), row.begin() + k)) << "row " << r;
+  }
+  tpe::backend::Buffer narrow = cpu.alloc(2, 5);
+  std::fill_n(static_cast<float*>(narrow.data), 10, 1.0f);
+  const tpe::backend::TopRows all = cpu.top_rows(narrow, k);
+  ASSERT_EQ(all.k, 5);
+  std::vector<int32_t> ids(all.ids_of(1).begin(), all.ids_of(1).end());
+  std::sort(ids.begin(), ids.end());
+  EXPECT_EQ(ids, (std::vector<int32_t>{0, 1, 2, 3, 4}));
+}
+
+// The token drawn from a row's 64 largest logits is the token the whole row gives, draw by draw
+// with the same generator, under every filter setting; where the candidates cannot decide
+// (logits tied with the top_k-th largest may go on past them; the temperature can make
+// neighbours tie) sample_top says so without touching its generator, and the row is sampled
+// whole. Rows of a 1000-token vocabulary: smooth ones, and ones of few levels whose ties reach
+// past the candidates. Both outcomes must occur, or the test shows less than it claims.
+TEST(Sampler, TheTopCandidatesDrawWhatTheWholeRowDraws) {
+  tpe::comm::ThreadGroup group(1);
+  tpe::backend::CpuBackend cpu(0, group);
+  const int64_t vocab = 1000, k = 64;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  int decided = 0, undecided = 0;
+  for (const SamplingParams& params :
+       {Sampling(1.0, 50), Sampling(0.7, 50, 0.9), Sampling(1.3, 5, 0.5), Sampling(1.0, 63),
+        Sampling(0.5, 1)}) {
+    Sampler whole(77), top(77);
+    for (int row_i = 0; row_i < 60; ++row_i) {
+      std::vector<float> row(vocab);
+      const bool levels = row_i % 3 == 0;
+      for (float& v : row) v = levels ? std::round(normal(rng)) : normal(rng);
+      tpe::backend::Buffer x = cpu.alloc(1, vocab);
+      std::copy(row.begin(), row.end(), static_cast<float*>(x.data));
+      const tpe::backend::TopRows cand = cpu.top_rows(x, k);
+      const int64_t expected = Sample(whole, row, params);
+      const std::optional<int64_t> got =
+          top.sample_top(cand.values_of(0), cand.ids_of(0), vocab, params);
+      if (got) {
+        ++decided;
+        EXPECT_EQ(*got, expected) << "row " << row_i << " top_k " << params.top_k;
+      } else {
+        ++undecided;
+        EXPECT_EQ(Sample(top, row, params), expected) << "the generator moved on nullopt";
+      }
+    }
+  }
+  EXPECT_GT(decided, 100);
+  EXPECT_GT(undecided, 5);
+}
+
+TEST(Sampler, TopCandidatesDecideOnlyATopKDraw) {
+  Sampler sampler(3);
+  const std::vector<float> values = {3.0f, 2.0f, 1.0f, 0.5f};
+  const std::vector<int32_t> ids = {9, 4, 7, 1};
+  EXPECT_FALSE(sampler.sample_top(values, ids, 100, Sampling(1.0, 0)));  // no top-k filter
+  EXPECT_FALSE(sampler.sample_top(values, ids, 100, Sampling(1.0, 4)));  // keeps them all
+  SamplingParams greedy;
+  EXPECT_FALSE(sampler.sample_top(values, ids, 100, greedy));
+  SamplingParams penalty = Sampling(1.0, 2);
+  penalty.repetition_penalty = 1.2;
+  EXPECT_FALSE(sampler.sample_top(values, ids, 100, penalty));
+  const std::vector<float> tied = {3.0f, 2.0f, 2.0f, 2.0f};
+  EXPECT_FALSE(sampler.sample_top(tied, ids, 100, Sampling(1.0, 2)));  // 2.0 may go on past them
+  const std::optional<int64_t> one = sampler.sample_top(values, ids, 100, Sampling(1.0, 1));
+  ASSERT_TRUE(one);
+  EXPECT_EQ(*one, 9);
+  // The whole row (as many candidates as the vocabulary): any setting decides.
+  const std::optional<int64_t> any = sampler.sample_top(values, ids, 4, Sampling(1.0, 0, 0.01));
+  ASSERT_TRUE(any);
+  EXPECT_EQ(*any, 9);
+}
+
 }  // namespace
