@@ -3,7 +3,8 @@
 docs/benchmarks.md (shared/design/BENCHMARKS.md says what and how).
 
 For a model shape (a config.json written here), on the same GPUs and the same batch sizes, prompt
-length and number of new tokens, greedy, never stopping early:
+length and number of new tokens, greedy (or, with --do-sample, sampled with transformers'
+defaults: temperature 1, top-k 50), never stopping early:
   - Hugging Face transformers eager `generate` on one GPU (--peers eager), and the same model with
     attn_implementation="sdpa" (--peers sdpa);
   - transformers with its own tensor parallelism, `from_pretrained(tp_plan="auto")` under
@@ -12,7 +13,9 @@ length and number of new tokens, greedy, never stopping early:
     real load time (from the page cache: the file was just written);
   - `tpengine bench --random-weights --json` at every TP size, first (and, with --no-graph-too,
     again with --no-cuda-graph: every decode step op by op, to show what the CUDA graph buys;
-    with --plain-too, again with --kernel-inject false: the plain kernels beside the fused);
+    with --plain-too, again with --kernel-inject false: the plain kernels beside the fused; with
+    --peer-all-reduce-too, at TP > 1 again with --all-reduce auto: the one-shot all-reduce over
+    peer memory beside NCCL);
   - llama.cpp's llama-bench (--peers llamacpp --llama-cpp SRC), built from SRC (a llama.cpp
     source folder, or the archive `tools/llama_cpp_peer.py pack` makes) with CUDA, or an existing
     build given by --llama-bench (SRC still gives gguf-py, which writes the model), on an F16 GGUF
@@ -24,8 +27,8 @@ TTFT) / (N - 1). Needs torch and transformers (tpengine itself does not).
 
 usage: tools/bench_peers.py --shape llama-2-7b --tpengine build/tools/tpengine --device cuda
                             --dtype bfloat16 [--tp 1 2 4] [--batch 1 8] [--peers eager tp llamacpp]
-                            [--profile] [--no-graph-too] [--plain-too] [--workdir DIR]
-                            [--json-out FILE]
+                            [--profile] [--no-graph-too] [--plain-too] [--peer-all-reduce-too]
+                            [--do-sample] [--workdir DIR] [--json-out FILE]
 """
 import argparse
 import datetime
@@ -98,15 +101,21 @@ def run_logged(cmd, what, timeout):
     return done
 
 
-def run_tpengine(args, model_dir, tp, checkpoint, load_only=False, graph=True, fused=None):
+def run_tpengine(args, model_dir, tp, checkpoint, load_only=False, graph=True, fused=None,
+                 all_reduce=None):
     """tpengine bench's JSON; load_only: the shortest run, for its load figures; fused: the
-    kernel_inject setting (None: tpengine's default, fused on GPUs)."""
+    kernel_inject setting (None: tpengine's default, fused on GPUs); all_reduce: the
+    inference.all_reduce setting (None: the default)."""
     cmd = [args.tpengine, "bench", "--model", model_dir, "--json", "--tp", str(tp),
            "--device", "cuda" if args.device.startswith("cuda") else "cpu", "--dtype", args.dtype]
     if not graph:
         cmd.append("--no-cuda-graph")
     if fused is not None:
         cmd += ["--kernel-inject", "true" if fused else "false"]
+    if all_reduce is not None:
+        cmd += ["--all-reduce", all_reduce]
+    if args.do_sample and not load_only:
+        cmd += ["--do-sample", "true"]
     if load_only:
         cmd += ["--batch", "1", "--prompt-len", "1", "--new-tokens", "2", "--repeat", "1",
                 "--warmup", "0"]
@@ -136,7 +145,8 @@ def time_generate(model, args, batch, device, repeat):
             sync()
             start = time.perf_counter()
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                out = model.generate(ids, attention_mask=mask, do_sample=args.do_sample,
+                                     top_k=50, temperature=1.0, top_p=1.0, max_new_tokens=n,
                                      min_new_tokens=n, eos_token_id=None, pad_token_id=0)
             sync()
             runs.append(time.perf_counter() - start)
@@ -193,6 +203,8 @@ def run_hf_tp(args, model_dir, tp):
            "--batch", *map(str, args.batch), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--peer-repeat", str(args.peer_repeat),
            "--shape", args.shape, "--tpengine", args.tpengine, "--device", args.device]
+    if args.do_sample:
+        cmd.append("--do-sample")
     if not run_logged(cmd, f"transformers TP {tp}", args.timeout):
         return None
     with open(out) as f:
@@ -246,6 +258,10 @@ def main():
                         help="also run tpengine with every decode step op by op (no CUDA graph)")
     parser.add_argument("--plain-too", action="store_true",
                         help="also run tpengine with kernel_inject = false (the plain kernels)")
+    parser.add_argument("--peer-all-reduce-too", action="store_true",
+                        help="at TP > 1, tpengine again with --all-reduce auto")
+    parser.add_argument("--do-sample", action="store_true",
+                        help="sampled decoding with transformers' defaults (top-k 50), all engines")
     parser.add_argument("--workdir", help="where config.json and the checkpoint go (default: a "
                         "temporary directory, removed afterwards)")
     parser.add_argument("--json-out", help="also write every figure here, as it is measured")
@@ -264,13 +280,14 @@ def main():
             json.dump(SHAPES[args.shape], f)
         hf_tp_sizes = [tp for tp in args.tp if tp > 1] if "tp" in args.peers else []
         save = bool(hf_tp_sizes)
-        ours, no_graph, plain, single, hf_tp, llama = {}, {}, {}, {}, {}, {}
+        ours, no_graph, plain, peer, single, hf_tp, llama = {}, {}, {}, {}, {}, {}, {}
 
         def record():
             if args.json_out:
                 with open(args.json_out, "w") as f:
                     json.dump({"shape": args.shape, "tpengine": ours,
                                "tpengine_no_cuda_graph": no_graph, "tpengine_plain": plain,
+                               "tpengine_all_reduce_auto": peer,
                                "transformers": single, "hf_tp": hf_tp, "llama_cpp": llama},
                               f, indent=1)
 
@@ -283,6 +300,9 @@ def main():
                 record()
             if args.plain_too:
                 plain[tp] = run_tpengine(args, model_dir, tp, checkpoint=False, fused=False)
+                record()
+            if args.peer_all_reduce_too and tp > 1:
+                peer[tp] = run_tpengine(args, model_dir, tp, checkpoint=False, all_reduce="auto")
                 record()
         if "eager" in args.peers or "sdpa" in args.peers or save:
             single = run_single(args, model_dir, save)
@@ -304,7 +324,7 @@ def main():
     finally:
         if not args.workdir:
             shutil.rmtree(model_dir, ignore_errors=True)
-    print_tables(args, ours, no_graph, plain, single, hf_tp, llama)
+    print_tables(args, ours, no_graph, plain, peer, single, hf_tp, llama)
 
 
 def run_llama_cpp(args, model_dir):
@@ -338,7 +358,7 @@ def run_llama_cpp(args, model_dir):
         lambda cmd, what: run_logged(cmd, what, args.timeout))
 
 
-def print_tables(args, ours, no_graph, plain, single, hf_tp, llama):
+def print_tables(args, ours, no_graph, plain, peer, single, hf_tp, llama):
     try:  # only the transformers peers need them
         import torch
         import transformers
@@ -346,8 +366,9 @@ def print_tables(args, ours, no_graph, plain, single, hf_tp, llama):
         gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
     except ImportError:
         versions, gpu = "no torch", ""
+    decoding = "sampled (top-k 50)" if args.do_sample else "greedy"
     print(f"### {args.shape}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new "
-          f"tokens, {args.device} {gpu}")
+          f"tokens {decoding}, {args.device} {gpu}")
     print()
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; tpengine commit {commit()}; {versions}. tpengine: random "
@@ -375,6 +396,8 @@ def print_tables(args, ours, no_graph, plain, single, hf_tp, llama):
                     variants.append(("tpengine, no CUDA graph", no_graph[tp]))
                 if plain.get(tp):
                     variants.append(("tpengine, kernel_inject = false", plain[tp]))
+                if peer.get(tp):
+                    variants.append(("tpengine, all_reduce = auto", peer[tp]))
                 for name, v in variants:
                     run = v["runs"][i]
                     print(f"| {name} | {tp} | {batch} | {run['ttft_ms']:.1f} | "

@@ -162,6 +162,9 @@ class Backend {
   // The memory bandwidth the weights are read at, from a large copy (bytes read + written per
   // second, GB/s): the roofline a decode step is measured against.
   virtual double copy_bandwidth_gbs() = 0;
+  // Called by every rank at once when its weights are loaded: sets up what the collectives need
+  // beyond the communicator. Returns how the all-reduce runs, for the log (empty: the default).
+  virtual std::string connect() { return {}; }
 
   // ---- one forward pass ----
   // Sizes the per-pass inputs once, for passes of up to max_tokens tokens and max_logit_rows

@@ -233,6 +233,10 @@ class Parser {
              [this, &config](const auto& node, const auto& key) {
                config.cuda_graph = boolean(node, key);
              }},
+            {"all_reduce",
+             [this, &config](const auto& node, const auto& key) {
+               config.all_reduce = one_of(node, key, {"auto", "nccl"});
+             }},
             {"allow_long_context", [this, &config](const auto& node, const auto& key) {
                config.allow_long_context = boolean(node, key);
              }}};

@@ -49,6 +49,9 @@ struct RunConfig {
   int64_t max_batch = 32;
   // cuda: record the decode step once per batch size and replay it (a CUDA graph).
   bool cuda_graph = true;
+  // cuda, TP > 1: "auto" sums small messages (decode's) with the one-shot all-reduce over peer
+  // memory where every rank can address every other's, NCCL otherwise; "nccl": NCCL always.
+  std::string all_reduce = "nccl";
   // Run sequences past the model's max_position_embeddings (refused by default).
   bool allow_long_context = false;
   // [policy]

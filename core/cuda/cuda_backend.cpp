@@ -14,6 +14,8 @@
 #include <mutex>
 #include <thread>
 
+#include <unistd.h>
+
 #include "core/common/error.hpp"
 #include "kernels/cpu/ops.hpp"
 #include "kernels/cuda/check.hpp"
@@ -248,14 +250,34 @@ class CudaBackend::Stager {
   size_t next_ = 0;
 };
 
+// The one-shot all-reduce's largest message: a decode step's hidden states up to batch 64 at a
+// width of 8192 in 16 bits. Larger ones (prompts) go to NCCL, whose ring reads each byte once.
+constexpr int64_t kPeerCapacity = int64_t{1} << 20;
+
+struct CudaBackend::Peers {
+  void* region = nullptr;         // this rank's (flags, counters, staging)
+  std::vector<void*> opened;      // other processes' regions, mapped through CUDA IPC
+  volatile int* abort = nullptr;  // pinned and mapped: the kernels' way out of a wait
+  cuda::PeerGroup group{};
+  Peers() = default;
+  Peers(const Peers&) = delete;
+  Peers& operator=(const Peers&) = delete;
+  ~Peers() {
+    for (void* p : opened) cudaIpcCloseMemHandle(p);
+    if (region != nullptr) cudaFree(region);
+    if (abort != nullptr) cudaFreeHost(const_cast<int*>(abort));
+  }
+};
+
 CudaBackend::CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* nccl,
-                         comm::ThreadGroup& group)
+                         comm::ThreadGroup& group, bool peer_all_reduce)
     : rank_(rank),
       device_(device),
       dtype_(dtype),
       nccl_(nccl),
       comm_(nccl != nullptr ? nccl->comm(rank) : nullptr),
       group_(group),
+      peer_all_reduce_(peer_all_reduce),
       pool_(std::make_shared<Pool>(device, tally_)) {
   bind_thread();
   TPE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -264,6 +286,7 @@ CudaBackend::CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* ncc
 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
+  if (peers_) *peers_->abort = 1;  // a kernel still waiting for a rank that failed gives up
   release_queue();
   stager_.reset();
   for (cudaEvent_t e : marks_) cudaEventDestroy(e);
@@ -273,6 +296,7 @@ CudaBackend::~CudaBackend() {
   columns_.clear();
   if (inputs_host_ != nullptr) cudaFreeHost(inputs_host_);
   cudaStreamDestroy(stream_);
+  peers_.reset();
 }
 
 void CudaBackend::bind_thread() { TPE_CUDA_CHECK(cudaSetDevice(device_)); }
@@ -303,6 +327,7 @@ void CudaBackend::sync(const char* what) {
       reason = fmt::format("no progress for {:.0f} s (TPENGINE_NCCL_TIMEOUT)", waited);
     }
     if (!reason.empty()) {
+      if (peers_) *peers_->abort = 1;
       if (nccl_ != nullptr) nccl_->abort(rank_);
       comm_ = nullptr;
       fail("GPU {}: gave up waiting for {}: {}", device_, what, reason);
@@ -754,10 +779,118 @@ ncclDataType_t nccl_dtype(cuda::DType dtype) {
 
 }  // namespace
 
+std::vector<char> CudaBackend::all_gather_bytes(const void* data, size_t size, int world) {
+  auto staging = pool_->get((static_cast<size_t>(world) + 1) * size, pool_);
+  char* mine = static_cast<char*>(staging.get());
+  TPE_CUDA_CHECK(cudaMemcpyAsync(mine, data, size, cudaMemcpyHostToDevice, stream_));
+  TPE_NCCL_CHECK(ncclAllGather(mine, mine + size, size, ncclUint8, comm_, stream_));
+  std::vector<char> all(static_cast<size_t>(world) * size);
+  TPE_CUDA_CHECK(
+      cudaMemcpyAsync(all.data(), mine + size, all.size(), cudaMemcpyDeviceToHost, stream_));
+  sync("the ranks' exchange of peer-memory addresses");
+  return all;
+}
+
+std::string CudaBackend::connect() {
+  if (nccl_ == nullptr) return {};
+  if (!peer_all_reduce_) return "NCCL";
+  bind_thread();
+  const std::string why = connect_peers();
+  if (!why.empty()) return fmt::format("NCCL (no one-shot over peer memory: {})", why);
+  return fmt::format("one-shot over peer memory up to {} KiB, NCCL above", kPeerCapacity >> 10);
+}
+
+std::string CudaBackend::connect_peers() {
+  int world = 0;
+  TPE_NCCL_CHECK(ncclCommCount(comm_, &world));
+  if (world > cuda::kPeerMaxRanks) return fmt::format("more than {} ranks", cuda::kPeerMaxRanks);
+  auto peers = std::make_unique<Peers>();
+  const size_t bytes = cuda::peer_region_bytes(kPeerCapacity);
+  TPE_CUDA_CHECK(cudaMalloc(&peers->region, bytes));
+  // Zeroed ahead of the exchange on this stream, so before any rank learns the address.
+  TPE_CUDA_CHECK(cudaMemsetAsync(peers->region, 0, bytes, stream_));
+  // What the other ranks need to address this rank's region: in this process, its device and
+  // address (peer access); in another process on this host, a CUDA IPC handle.
+  struct Card {
+    char host[64];
+    int32_t pid;
+    int32_t device;
+    uint64_t address;
+    int32_t exported;
+    cudaIpcMemHandle_t handle;
+  };
+  Card mine{};
+  gethostname(mine.host, sizeof(mine.host) - 1);
+  mine.pid = static_cast<int32_t>(getpid());
+  mine.device = device_;
+  mine.address = reinterpret_cast<uintptr_t>(peers->region);
+  mine.exported = cudaIpcGetMemHandle(&mine.handle, peers->region) == cudaSuccess ? 1 : 0;
+  cudaGetLastError();  // a failed export is an answer, not an error
+  const std::vector<char> gathered = all_gather_bytes(&mine, sizeof(Card), world);
+  std::vector<Card> cards(static_cast<size_t>(world));
+  std::memcpy(cards.data(), gathered.data(), gathered.size());
+  std::string why;
+  std::vector<void*> regions(static_cast<size_t>(world), peers->region);
+  for (int s = 0; s < world && why.empty(); ++s) {
+    const Card& card = cards[s];
+    if (s == rank_) continue;
+    if (std::strncmp(card.host, mine.host, sizeof(mine.host)) != 0) {
+      why = fmt::format("rank {} runs on another host", s);
+    } else if (card.pid == mine.pid) {
+      int can = 0;
+      TPE_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, device_, card.device));
+      const cudaError_t enabled =
+          can != 0 ? cudaDeviceEnablePeerAccess(card.device, 0) : cudaSuccess;
+      cudaGetLastError();  // cudaErrorPeerAccessAlreadyEnabled is sticky until read
+      if (can == 0 || (enabled != cudaSuccess && enabled != cudaErrorPeerAccessAlreadyEnabled)) {
+        why = fmt::format("GPU {} cannot address GPU {}'s memory", device_, card.device);
+      }
+      regions[s] = reinterpret_cast<void*>(card.address);
+    } else if (card.exported == 0) {
+      why = fmt::format("rank {} could not export its memory (CUDA IPC)", s);
+    } else {
+      void* mapped = nullptr;
+      const cudaError_t opened =
+          cudaIpcOpenMemHandle(&mapped, card.handle, cudaIpcMemLazyEnablePeerAccess);
+      cudaGetLastError();
+      if (opened != cudaSuccess) {
+        why = fmt::format("rank {}'s memory cannot be mapped on GPU {}: {}", s, device_,
+                          cudaGetErrorString(opened));
+      } else {
+        peers->opened.push_back(mapped);
+        regions[s] = mapped;
+      }
+    }
+  }
+  // Every rank must take the same path, or one would wait in a kernel for ranks in NCCL.
+  const int32_t ok = why.empty() ? 1 : 0;
+  const std::vector<char> oks = all_gather_bytes(&ok, sizeof(ok), world);
+  for (int s = 0; s < world && why.empty(); ++s) {
+    int32_t theirs = 0;
+    std::memcpy(&theirs, oks.data() + s * sizeof(int32_t), sizeof(theirs));
+    if (theirs == 0) why = fmt::format("rank {} cannot address every rank's memory", s);
+  }
+  if (!why.empty()) return why;
+  int* abort = nullptr;
+  TPE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&abort), sizeof(int), cudaHostAllocMapped));
+  peers->abort = abort;
+  *abort = 0;
+  int* abort_device = nullptr;
+  TPE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_device), abort, 0));
+  peers->group = cuda::peer_group(regions.data(), world, rank_, kPeerCapacity, abort_device);
+  peers_ = std::move(peers);
+  return {};
+}
+
 void CudaBackend::all_reduce(Buffer& x) {
   if (nccl_ == nullptr) return;  // a single rank holds the whole sum
   if (comm_ == nullptr)
     fail("GPU {}: the NCCL communicator was aborted after an earlier failure", device_);
+  const int64_t count = x.rows * x.cols;
+  if (peers_ && count * static_cast<int64_t>(cuda::dtype_size(dtype_)) <= kPeerCapacity) {
+    cuda::peer_all_reduce(x.data, count, dtype_, peers_->group, stream_);
+    return;
+  }
   TPE_NCCL_CHECK(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.rows * x.cols),
                                nccl_dtype(dtype_), ncclSum, comm_, stream_));
 }

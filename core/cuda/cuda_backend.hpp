@@ -47,8 +47,10 @@ class CudaBackend final : public Backend {
  public:
   // Rank `rank` on GPU `device`; nccl is null for a single rank. group is the host-side group of
   // this process's ranks: when one fails, a wait on this device gives up (and aborts the
-  // communicator) instead of hanging.
-  CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* nccl, comm::ThreadGroup& group);
+  // communicator) instead of hanging. peer_all_reduce: connect() sets up the one-shot all-reduce
+  // over peer memory for small messages where every rank can address every other's memory.
+  CudaBackend(int rank, int device, cuda::DType dtype, NcclGroup* nccl, comm::ThreadGroup& group,
+              bool peer_all_reduce = false);
   ~CudaBackend() override;
 
   void bind_thread() override;
@@ -59,6 +61,7 @@ class CudaBackend final : public Backend {
   MemoryUse memory_use() override;
   Tensor to_host(const Buffer& x) override;
   double copy_bandwidth_gbs() override;
+  std::string connect() override;
 
   void reserve_inputs(int64_t max_tokens, int64_t max_logit_rows,
                       std::vector<RopeSpec> ropes) override;
@@ -101,6 +104,11 @@ class CudaBackend final : public Backend {
  private:
   class Pool;
   class Stager;
+  struct Peers;
+  // The one-shot all-reduce's regions, mapped on every rank; the reason it cannot run if not.
+  std::string connect_peers();
+  // Every rank's `size` bytes, in rank order (an NCCL all-gather).
+  std::vector<char> all_gather_bytes(const void* data, size_t size, int world);
   // Waits for the stream; a NCCL error, another rank's failure or TPENGINE_NCCL_TIMEOUT seconds
   // (default 600) of no progress aborts the communicator and throws, naming the cause.
   void sync(const char* what);
@@ -124,6 +132,8 @@ class CudaBackend final : public Backend {
   NcclGroup* nccl_;
   ncclComm_t comm_;
   comm::ThreadGroup& group_;
+  bool peer_all_reduce_;
+  std::unique_ptr<Peers> peers_;  // set by connect() when the one-shot all-reduce runs
   cudaStream_t stream_ = nullptr;
   std::shared_ptr<Pool> pool_;
   std::unique_ptr<Stager> stager_;  // while weights are loading

@@ -270,6 +270,7 @@ Model prepare(const config::RunConfig& run) {
                dtype,
                limits,
                run.cuda_graph,
+               run.all_reduce == "auto",
                fused_passes(run),
                max_positions,
                learned_positions};
@@ -579,6 +580,7 @@ Engine::Engine(Model model, bool quiet, std::optional<uint64_t> random_weights_s
                  ranks_->executors.size(), load_seconds_,
                  static_cast<double>(loaded) / std::max(load_seconds_, 1e-9) / 1e9,
                  static_cast<double>(weight_bytes()[0]) / (1 << 20));
+    if (!collectives().empty()) spdlog::info("all-reduce: {}", collectives());
   }
 }
 
@@ -605,7 +607,8 @@ std::unique_ptr<backend::Backend> Engine::make_backend(int local, [[maybe_unused
       }
     }
     return std::make_unique<backend::CudaBackend>(rank, device, backend::cuda_dtype(model_.dtype),
-                                                  ranks_->nccl.get(), ranks_->group);
+                                                  ranks_->nccl.get(), ranks_->group,
+                                                  model_.peer_all_reduce);
   }
 #endif
   // Each rank thread gets its share of the cores for matrix products.
@@ -792,6 +795,8 @@ double Engine::copy_bandwidth_gbs() {
 int64_t Engine::all_reduce_count() const { return ranks_->group.all_reduce_count(); }
 
 int64_t Engine::replays() const { return ranks_->executors.front()->replays(); }
+
+const std::string& Engine::collectives() const { return ranks_->executors.front()->collectives(); }
 
 std::vector<Engine::RankMemory> Engine::memory() {
   std::vector<RankMemory> out(ranks_->executors.size());

@@ -42,7 +42,8 @@ struct Model {
   std::string dtype;  // resolved: "float32" | "float16" | "bfloat16"
   // The largest pass each rank's memory plan is sized for: a prompt chunk or a decode batch.
   program::Limits limits;
-  bool replay = true;  // record decode steps and replay them where the backend can
+  bool replay = true;            // record decode steps and replay them where the backend can
+  bool peer_all_reduce = false;  // inference.all_reduce = "auto" (CUDA, TP > 1)
   // The fused path's rewrite passes each rank's program gets (kernel_inject, "auto": on CUDA;
   // inference.fused_passes, default all); none: the plain path.
   program::Passes passes;
@@ -134,6 +135,9 @@ class Engine {
   int64_t all_reduce_count() const;
   // Decode steps rank 0 replayed from a recording (a CUDA graph) so far.
   int64_t replays() const;
+  // How this process's first rank runs the all-reduce ("NCCL", "one-shot over peer memory ...");
+  // empty for a single rank.
+  const std::string& collectives() const;
   // Weight bytes each rank holds (fp32 on the CPU backend).
   std::vector<int64_t> weight_bytes() const;
   // Device memory of each of this process's ranks: weights, the KV cache now allocated, the most

@@ -81,6 +81,7 @@ void Executor::load(const WeightReader& reader, const std::function<void()>& on_
                  value.ld};
   }
   backend_->reserve_inputs(program_.limits.tokens, program_.limits.logit_rows, program_.ropes);
+  collectives_ = backend_->connect();
 }
 
 int64_t Executor::weight_bytes() const {

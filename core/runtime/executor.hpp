@@ -66,6 +66,8 @@ class Executor {
   int rank() const { return program_.rank; }
   // Decode steps replayed from a recording so far.
   int64_t replays() const { return replays_; }
+  // How the all-reduce runs (Backend::connect), once loaded; empty: the backend's default.
+  const std::string& collectives() const { return collectives_; }
   // Rank 0's values to every rank.
   void broadcast(std::vector<int64_t>& values) { backend_->broadcast(values); }
   double copy_bandwidth_gbs();
@@ -89,6 +91,7 @@ class Executor {
   std::map<int, bool> recorded_;
   uint64_t recorded_generation_ = 0;
   int64_t replays_ = 0;
+  std::string collectives_;
 };
 
 }  // namespace tpe::runtime

@@ -81,6 +81,32 @@ void argmax_rows(const void* x, int64_t rows, int64_t cols, DType dtype, int64_t
 void top_rows(const void* x, int64_t rows, int64_t cols, int64_t k, DType dtype, float* values,
               int32_t* ids, uint8_t* finite, cudaStream_t stream);
 
+// The one-shot all-reduce over peer memory, for small messages (a decode step's): every rank of
+// a group calls peer_all_reduce with the same count, in the same order; each sums every rank's
+// x in rank order in fp32, so all hold the same bits. A rank's region (peer_region_bytes,
+// zeroed before the first call) holds the barrier's flags, its call counters and a staging
+// buffer of two halves of `capacity` bytes; every rank must be able to address every region
+// (peer access or CUDA IPC). Graph-safe: the counters live in device memory. The kernels of all
+// ranks must run at once (they wait for each other); a nonzero *abort (host-mapped) ends the
+// wait, leaving x undefined.
+inline constexpr int kPeerMaxRanks = 8;
+inline constexpr int kPeerBlocks = 16;
+struct PeerGroup {
+  void* staging[kPeerMaxRanks];    // each rank's, as this rank addresses it
+  uint32_t* flags[kPeerMaxRanks];  // each rank's barrier flags
+  uint32_t* counters;              // this rank's calls so far, per block
+  const volatile int* abort;
+  int64_t capacity;  // bytes of one staging half: the largest message
+  int world;
+  int rank;
+};
+size_t peer_region_bytes(int64_t capacity);
+// regions[s]: rank s's region, as this rank addresses it.
+PeerGroup peer_group(void* const* regions, int world, int rank, int64_t capacity,
+                     const volatile int* abort);
+void peer_all_reduce(void* x, int64_t count, DType dtype, const PeerGroup& group,
+                     cudaStream_t stream);
+
 // KV cache: k_cache, v_cache are [slots, max_len, kv_width]. Writes token t's k and v rows at
 // (slots[t], positions[t]); k_ld, v_ld: elements between the inputs' rows (0: kv_width).
 void kv_append(const void* k, const void* v, int64_t tokens, int64_t kv_width, const int32_t* slots,

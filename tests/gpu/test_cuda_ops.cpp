@@ -10,8 +10,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
-#include <set>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -19,8 +19,10 @@
 #include <limits>
 #include <ostream>
 #include <random>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -1486,6 +1488,152 @@ TEST_P(CudaOpTest, GemvUnalignedOperands) {
       }
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The one-shot all-reduce over peer memory, its ranks simulated on one GPU: every rank's region
+// and message on this device, every rank's kernels on a stream of its own, running at once as
+// they would on their GPUs.
+
+class PeerRanks {
+ public:
+  PeerRanks(int world, int64_t capacity) : world_(world) {
+    for (int r = 0; r < world; ++r) {
+      regions_.emplace_back(peer_region_bytes(capacity));
+      CK(cudaMemset(regions_.back().get(), 0, regions_.back().bytes()));
+      cudaStream_t stream = nullptr;
+      CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      streams_.push_back(stream);
+    }
+    int* abort = nullptr;
+    CK(cudaHostAlloc(reinterpret_cast<void**>(&abort), sizeof(int), cudaHostAllocMapped));
+    abort_ = abort;
+    *abort_ = 0;
+    int* abort_device = nullptr;
+    CK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_device), abort, 0));
+    std::vector<void*> bases;
+    for (const DeviceBuffer& region : regions_) bases.push_back(region.get());
+    for (int r = 0; r < world; ++r) {
+      groups_.push_back(peer_group(bases.data(), world, r, capacity, abort_device));
+    }
+  }
+  PeerRanks(const PeerRanks&) = delete;
+  PeerRanks& operator=(const PeerRanks&) = delete;
+  ~PeerRanks() {
+    *abort_ = 1;  // a failed test must not leave a kernel waiting
+    for (cudaStream_t s : streams_) {
+      cudaStreamSynchronize(s);
+      cudaStreamDestroy(s);
+    }
+    cudaFreeHost(const_cast<int*>(abort_));
+  }
+  int world() const { return world_; }
+  const PeerGroup& group(int r) const { return groups_[r]; }
+  cudaStream_t stream(int r) const { return streams_[r]; }
+  volatile int* abort() const { return abort_; }
+  void sync() const {
+    for (cudaStream_t s : streams_) CK(cudaStreamSynchronize(s));
+  }
+
+ private:
+  int world_;
+  std::vector<DeviceBuffer> regions_;
+  std::vector<cudaStream_t> streams_;
+  std::vector<PeerGroup> groups_;
+  volatile int* abort_ = nullptr;
+};
+
+// Every rank ends with the sum of all ranks' messages taken in rank order in fp32 and rounded
+// once: the same bits on every rank (a rank that summed in its own order, or rounded partial
+// sums, would differ from the others). Calls of changing sizes follow each other (a whole pack
+// short of nothing, fewer elements than blocks, a tail past the packs, the whole capacity, an
+// unaligned message), so the staging halves alternate and every block's call count must agree
+// across ranks; then the same calls recorded as a graph per rank and replayed, which the
+// counters in device memory must keep apart.
+TEST_P(CudaOpTest, PeerAllReduceSumsEveryRankInRankOrder) {
+  Rng rng(45);
+  const int64_t capacity = 64 << 10;
+  const auto esize = static_cast<int64_t>(dtype_size(dtype()));
+  const std::vector<int64_t> counts = {8, 3, 4099, capacity / esize, 1000, 17};
+  for (const int world : {2, 3, 4, 8}) {
+    PeerRanks ranks(world, capacity);
+    std::vector<DeviceTensor> x, pristine;
+    std::vector<std::vector<float>> inputs;
+    for (int r = 0; r < world; ++r) {
+      inputs.push_back(rng.values(static_cast<size_t>(capacity / esize), dtype(), -4, 4));
+      x.emplace_back(inputs.back(), dtype());
+      pristine.emplace_back(inputs.back(), dtype());
+    }
+    // One call: from the pristine inputs (aligned, or shifted by one element), then the sum.
+    auto enqueue = [&](int r, int64_t count, bool unaligned) {
+      void* dst = unaligned ? x[r].unaligned() : x[r].get();
+      CK(cudaMemcpyAsync(dst, pristine[r].get(), static_cast<size_t>(count * esize),
+                         cudaMemcpyDeviceToDevice, ranks.stream(r)));
+      peer_all_reduce(dst, count, dtype(), ranks.group(r), ranks.stream(r));
+    };
+    auto check = [&](int64_t count, bool unaligned, const std::string& how) {
+      std::vector<float> expected(static_cast<size_t>(count));
+      for (int64_t i = 0; i < count; ++i) {
+        float acc = 0.0f;
+        for (int s = 0; s < world; ++s) acc += inputs[s][i];
+        expected[i] = round_to(acc, dtype());
+      }
+      for (int r = 0; r < world; ++r) {
+        std::vector<float> got = x[r].download(unaligned ? x[r].unaligned() : nullptr);
+        got.resize(static_cast<size_t>(count));
+        expect_exact(tag(how + " world " + std::to_string(world) + " rank " + std::to_string(r) +
+                         " count " + std::to_string(count)),
+                     dtype(), got, expected);
+      }
+    };
+    for (int round = 0; round < 2; ++round) {
+      for (const int64_t count : counts) {
+        for (int r = 0; r < world; ++r) enqueue(r, count, false);
+        ranks.sync();
+        check(count, false, "eager");
+      }
+      for (int r = 0; r < world; ++r) enqueue(r, 999, true);
+      ranks.sync();
+      check(999, true, "eager unaligned");
+    }
+    // Recorded: three calls per graph, the last one's result checked after every replay.
+    std::vector<cudaGraphExec_t> graphs(static_cast<size_t>(world));
+    for (int r = 0; r < world; ++r) {
+      CK(cudaStreamBeginCapture(ranks.stream(r), cudaStreamCaptureModeThreadLocal));
+      for (const int64_t count : {int64_t{4099}, int64_t{8}, int64_t{1000}}) {
+        enqueue(r, count, false);
+      }
+      cudaGraph_t graph = nullptr;
+      CK(cudaStreamEndCapture(ranks.stream(r), &graph));
+      CK(cudaGraphInstantiate(&graphs[r], graph, 0));
+      CK(cudaGraphDestroy(graph));
+    }
+    for (int replay = 0; replay < 3; ++replay) {
+      for (int r = 0; r < world; ++r) CK(cudaGraphLaunch(graphs[r], ranks.stream(r)));
+      ranks.sync();
+      check(1000, false, "replay " + std::to_string(replay));
+    }
+    for (cudaGraphExec_t g : graphs) CK(cudaGraphExecDestroy(g));
+  }
+}
+
+// A rank whose peers never come waits until the host sets abort, then returns: a failed rank
+// does not leave the others' kernels spinning forever.
+TEST_P(CudaOpTest, PeerAllReduceGivesUpWhenAborted) {
+  PeerRanks ranks(2, 4096);
+  const DeviceTensor x(std::vector<float>(256, 1.0f), dtype());
+  peer_all_reduce(x.get(), 256, dtype(), ranks.group(0), ranks.stream(0));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(cudaStreamQuery(ranks.stream(0)), cudaErrorNotReady) << "it did not wait for rank 1";
+  *ranks.abort() = 1;
+  const auto start = std::chrono::steady_clock::now();
+  while (cudaStreamQuery(ranks.stream(0)) == cudaErrorNotReady &&
+         std::chrono::steady_clock::now() - start < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(cudaStreamQuery(ranks.stream(0)), cudaSuccess) << "still waiting 10 s after abort";
+  EXPECT_THROW(peer_all_reduce(x.get(), 4096, dtype(), ranks.group(0), ranks.stream(0)),
+               tpe::Error);  // past the capacity
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -70,21 +70,29 @@ TEST_P(GpuFixture, HalfPrecisionKeepsTheFirstEightGreedyTokens) {
   }
 }
 
-// TP = tp against TP = 1 in one process: fp32 within 1e-4, bf16 within 3e-2 of the largest logit,
-// and in fp32 transformers' 16 greedy tokens.
+// TP = tp against TP = 1 in one process, the all-reduce by NCCL and then by the one-shot kernel
+// over peer memory (inference.all_reduce = "auto"; decode steps replayed as graphs): fp32 within
+// 1e-4, bf16 within 3e-2 of the largest logit, and in fp32 transformers' 16 greedy tokens.
 void expect_tp_equals_one(const std::string& fixture, int tp) {
   const Reference ref = load_reference(fixture);
   runtime::GenerationParams params;
   params.max_new_tokens = 16;
   for (const char* dtype : {"float32", "bfloat16"}) {
     runtime::Engine one = make_engine(fixture, 1, dtype);
-    runtime::Engine many = make_engine(fixture, tp, dtype);
     const float tolerance = std::string(dtype) == "float32" ? 1e-4f : 3e-2f;
-    EXPECT_LE(logits_error(many.prompt_logits(ref.prompts), one.prompt_logits(ref.prompts)),
-              tolerance)
-        << dtype;
-    if (std::string(dtype) == "float32") {
-      EXPECT_EQ(many.generate(ref.prompts, params), ref.greedy);
+    for (const std::string all_reduce : {"nccl", "auto"}) {
+      config::RunConfig run = cuda_run(fixture, tp, dtype);
+      run.all_reduce = all_reduce;
+      runtime::Engine many(runtime::prepare(run), /*quiet=*/true);
+      if (all_reduce == "auto" && many.collectives().rfind("one-shot", 0) != 0) {
+        GTEST_SKIP() << "the one-shot all-reduce cannot run here: " << many.collectives();
+      }
+      EXPECT_LE(logits_error(many.prompt_logits(ref.prompts), one.prompt_logits(ref.prompts)),
+                tolerance)
+          << dtype << " " << many.collectives();
+      if (std::string(dtype) == "float32") {
+        EXPECT_EQ(many.generate(ref.prompts, params), ref.greedy) << many.collectives();
+      }
     }
   }
 }

@@ -45,6 +45,7 @@ kernel_inject = true
 prefill_chunk = 512
 max_batch = 4
 cuda_graph = false
+all_reduce = "auto"
 
 [generation]
 max_new_tokens = 32
@@ -76,6 +77,7 @@ TEST(RunConfig, ReadsEveryKey) {
   EXPECT_EQ(config.prefill_chunk, 512);
   EXPECT_EQ(config.max_batch, 4);
   EXPECT_FALSE(config.cuda_graph);
+  EXPECT_EQ(config.all_reduce, "auto");
   const auto& g = config.generation;
   EXPECT_EQ(g.max_new_tokens, 32);
   EXPECT_EQ(g.do_sample, true);
@@ -105,6 +107,7 @@ TEST(RunConfig, EmptyFileGivesDefaults) {
   EXPECT_EQ(config.prefill_chunk, 2048);
   EXPECT_EQ(config.max_batch, 32);
   EXPECT_TRUE(config.cuda_graph);
+  EXPECT_EQ(config.all_reduce, "nccl");
   EXPECT_FALSE(config.policy_name.has_value());
   EXPECT_TRUE(config.policy_search_paths.empty());
   EXPECT_FALSE(config.injection_policy.has_value());
@@ -223,6 +226,8 @@ TEST(RunConfig, ValuesOutOfRange) {
                 "got 'fp16'"});
   expect_error("[inference]\ndevice = \"tpu\"\n",
                {"cfg.toml:2: key 'inference.device' must be one of cpu, cuda, got 'tpu'"});
+  expect_error("[inference]\nall_reduce = \"nvls\"\n",
+               {"cfg.toml:2: key 'inference.all_reduce' must be one of auto, nccl, got 'nvls'"});
   expect_error("[model]\npath = \"\"\n", {"cfg.toml:2: key 'model.path' must not be empty"});
   expect_error("[policy]\nname = \"\"\n", {"cfg.toml:2: key 'policy.name' must not be empty"});
 }

@@ -51,6 +51,7 @@ struct CommonFlags {
   std::optional<std::vector<std::string>> fused_passes;
   std::optional<int64_t> prefill_chunk, max_batch;
   bool no_cuda_graph = false;
+  std::string all_reduce;
   bool allow_long_context = false;
   std::string policy;
   std::vector<std::string> policy_paths;
@@ -74,6 +75,10 @@ struct CommonFlags {
           ->delimiter(',');
       app.add_flag("--no-cuda-graph", no_cuda_graph,
                    "run every decode step op by op instead of replaying a CUDA graph");
+      app.add_option("--all-reduce", all_reduce,
+                     "cuda, TP > 1: auto (one-shot over peer memory for small messages) or nccl "
+                     "(default)")
+          ->check(CLI::IsMember({"auto", "nccl"}));
       app.add_flag("-q,--quiet", quiet, "no progress or log lines");
       app.add_flag("--allow-long-context", allow_long_context,
                    "run sequences past the model's max_position_embeddings");
@@ -100,6 +105,7 @@ struct CommonFlags {
     if (prefill_chunk) run.prefill_chunk = *prefill_chunk;
     if (max_batch) run.max_batch = *max_batch;
     if (no_cuda_graph) run.cuda_graph = false;
+    if (!all_reduce.empty()) run.all_reduce = all_reduce;
     if (allow_long_context) run.allow_long_context = true;
     if (!policy.empty()) run.policy_name = policy;
     for (const std::string& p : policy_paths) run.policy_search_paths.emplace_back(p);
@@ -501,6 +507,7 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
                                 {"tp", engine.world()},
                                 {"random_weights", random_weights},
                                 {"cuda_graph", run.cuda_graph && run.device == "cuda"},
+                                {"all_reduce", run.all_reduce},
                                 {"prefill_chunk", run.prefill_chunk},
                                 {"prompt_len", options.prompt_len},
                                 {"new_tokens", options.new_tokens},
