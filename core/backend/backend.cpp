@@ -55,6 +55,12 @@ std::vector<int64_t> Backend::argmax_rows(const Buffer& x) {
   return best;
 }
 
+void Backend::all_reduce_norm(tpe_norm_kind kind, Buffer& x, const Buffer& w, const Buffer* b,
+                              float eps, Buffer& y) {
+  all_reduce(x);
+  norm(kind, x, w, b, eps, y);
+}
+
 TopRows Backend::top_rows(const Buffer& x, int64_t k) {
   TPE_CHECK(k > 0 && x.cols > 0, "top_rows: no candidates asked for, or no columns");
   const Tensor host = to_host(x);

@@ -228,6 +228,10 @@ class Backend {
 
   // ---- collectives over the tensor-parallel group ----
   virtual void all_reduce(Buffer& x) = 0;
+  // all_reduce(x), then y = norm(x): the fused path's pair at TP > 1, one kernel where the
+  // backend has one.
+  virtual void all_reduce_norm(tpe_norm_kind kind, Buffer& x, const Buffer& w, const Buffer* b,
+                               float eps, Buffer& y);
   // Rank 0's values to every rank (the sampled tokens).
   virtual void broadcast(std::vector<int64_t>& values) = 0;
   // Every rank's [rows, vocab[r].size()] slice of the logits into full [rows, vocab].

@@ -895,6 +895,18 @@ void CudaBackend::all_reduce(Buffer& x) {
                                nccl_dtype(dtype_), ncclSum, comm_, stream_));
 }
 
+void CudaBackend::all_reduce_norm(tpe_norm_kind kind, Buffer& x, const Buffer& w, const Buffer* b,
+                                  float eps, Buffer& y) {
+  if (peers_ && comm_ != nullptr &&
+      x.rows * x.cols * static_cast<int64_t>(cuda::dtype_size(dtype_)) <= kPeerCapacity) {
+    cuda::peer_all_reduce_norm(kind, x.data, x.rows, x.cols, w.data,
+                               b != nullptr ? b->data : nullptr, eps, dtype_, y.data, peers_->group,
+                               stream_);
+    return;
+  }
+  Backend::all_reduce_norm(kind, x, w, b, eps, y);
+}
+
 void CudaBackend::broadcast(std::vector<int64_t>& values) {
   if (nccl_ == nullptr) return;
   if (comm_ == nullptr) {

@@ -90,6 +90,8 @@ class CudaBackend final : public Backend {
   std::vector<int64_t> argmax_rows(const Buffer& x) override;
   TopRows top_rows(const Buffer& x, int64_t k) override;
   void all_reduce(Buffer& x) override;
+  void all_reduce_norm(tpe_norm_kind kind, Buffer& x, const Buffer& w, const Buffer* b, float eps,
+                       Buffer& y) override;
   void broadcast(std::vector<int64_t>& values) override;
   void gather_vocab(const Buffer& local, const std::vector<Range>& vocab, Buffer& full) override;
   bool can_replay() const override { return true; }

@@ -51,6 +51,8 @@ const char* code_name(Code code) {
       return "all_reduce";
     case Code::kAddNorm:
       return "add_norm";
+    case Code::kAllReduceNorm:
+      return "all_reduce_norm";
     case Code::kLinearActivation:
       return "linear_activation";
     case Code::kGatedActivation:

@@ -79,6 +79,7 @@ enum class Code {
   kLinearActivation,  // out = act(in[0] · weight^T (+ bias)); `op` is the activation
   kGatedActivation,   // out = act(in[0]) * in[1], both views of one fused projection
   kAddNorm,           // sum = in[0] + in[1] (rounded), then out = norm(sum) * weight (+ bias)
+  kAllReduceNorm,     // in[0] summed over ranks in place, then out = norm(in[0]) * weight (+ bias)
 };
 const char* code_name(Code code);
 

@@ -79,6 +79,7 @@ class Lowering final : public ops::Lowering {
     if (on(Pass::kGatedActivation)) gate_activations();
     if (on(Pass::kAddNorm)) add_norms();
     if (on(Pass::kRotaryAttention)) rotary_into_attention();
+    if (on(Pass::kAllReduceNorm)) all_reduce_norms();
     if (passes_.any()) drop_unused_weights();
     compact_views();
     alias_in_place();
@@ -303,6 +304,32 @@ class Lowering final : public ops::Lowering {
       add.weight = norm.weight;
       add.bias = norm.bias;
       add.label = "add+" + instr_label(g_, norm);
+      gone[n] = true;
+    }
+    erase_instrs(gone);
+  }
+
+  // At TP > 1 the residual sum is made on the partial values and all-reduced, and the next norm
+  // reads the all-reduce: one instruction sums in place and normalises (the CUDA backend's
+  // one-shot all-reduce does both in one kernel). Of two norms reading one all-reduce (GPT-NeoX's
+  // parallel block) the first is fused, and the second reads the sum as before.
+  void all_reduce_norms() {
+    const std::vector<int> producer = producers();
+    std::vector<bool> gone(p_.instrs.size(), false);
+    for (size_t n = 0; n < p_.instrs.size(); ++n) {
+      const Instr& norm = p_.instrs[n];
+      if (norm.code != Code::kNorm) continue;
+      const int a = producer[norm.in[0]];
+      if (a < 0 || p_.instrs[a].code != Code::kAllReduce || p_.values[norm.in[0]].ld != 0) {
+        continue;
+      }
+      Instr& reduce = p_.instrs[a];
+      reduce.code = Code::kAllReduceNorm;
+      reduce.out = norm.out;
+      reduce.op = norm.op;  // the norm's kind and eps
+      reduce.weight = norm.weight;
+      reduce.bias = norm.bias;
+      reduce.label = "all_reduce+" + instr_label(g_, norm);
       gone[n] = true;
     }
     erase_instrs(gone);

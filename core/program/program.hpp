@@ -69,10 +69,19 @@ struct Program {
 //   linear_activation  a linear's bias and activation applied in its epilogue;
 //   gated_activation   act(gate) * up of one merged projection as one instruction;
 //   add_norm           a residual add and the norm reading its sum as one instruction;
-//   rotary_attention   rotary of q and k moved into attention (with the KV append).
-enum class Pass { kMergeLinears, kLinearActivation, kGatedActivation, kAddNorm, kRotaryAttention };
-inline constexpr std::array<const char*, 5> kPassNames = {
-    "merge_linears", "linear_activation", "gated_activation", "add_norm", "rotary_attention"};
+//   rotary_attention   rotary of q and k moved into attention (with the KV append);
+//   all_reduce_norm    at TP > 1, an all-reduce and a norm reading its sum as one instruction.
+enum class Pass {
+  kMergeLinears,
+  kLinearActivation,
+  kGatedActivation,
+  kAddNorm,
+  kRotaryAttention,
+  kAllReduceNorm
+};
+inline constexpr std::array<const char*, 6> kPassNames = {"merge_linears",    "linear_activation",
+                                                          "gated_activation", "add_norm",
+                                                          "rotary_attention", "all_reduce_norm"};
 // Which passes run, indexed by Pass; none is the plain path.
 using Passes = std::bitset<kPassNames.size()>;
 inline Passes all_passes() { return Passes().set(); }

@@ -2,7 +2,9 @@
 // width and the pointers allow. The row is read again for the output pass; it is still in L1/L2.
 // With a residual, the row normalised is x + residual rounded to the dtype, which is also
 // written out (the fused path's add + norm): each thread reads back only the packs it wrote.
-#include "kernels/cuda/device.hpp"
+// Fused with the one-shot all-reduce (peer.cuh), the row normalised is the sum of every rank's
+// row, written back to x as the all-reduce alone writes it.
+#include "kernels/cuda/peer.cuh"
 
 namespace tpe::cuda {
 namespace {
@@ -40,15 +42,45 @@ struct RowInput {
   __device__ P again(int64_t i) const { return r == nullptr ? x[i] : sum[i]; }
 };
 
+// One row of the all-reduce fused with the norm: the sum of every rank's staged row in rank
+// order (fp32, rounded once: peer_all_reduce's bits), stored into x's row.
 template <class T, int kW>
-__global__ void rms_norm_kernel(const T* x, const T* residual, T* sum, int64_t width, const T* w,
-                                float eps, T* y) {
+struct PeerRowInput {
   using P = Pack<T, kW>;
-  __shared__ float scratch[32];
+  const P* staged[kPeerMaxRanks];
+  int world;
+  P* sum;
+
+  __device__ PeerRowInput(const PeerGroup& g, uint32_t call, int64_t row, int64_t width, T* x)
+      : world(g.world), sum(reinterpret_cast<P*>(x + row * width)) {
+    for (int s = 0; s < g.world; ++s) {
+      staged[s] = reinterpret_cast<const P*>(detail::peer_staging<T>(g, s, call) + row * width);
+    }
+  }
+  __device__ P first(int64_t i) const {
+    float acc[kW] = {};
+    for (int s = 0; s < world; ++s) {
+      const P v = staged[s][i];
+#pragma unroll
+      for (int k = 0; k < kW; ++k) acc[k] += to_float(v.v[k]);
+    }
+    P p;
+#pragma unroll
+    for (int k = 0; k < kW; ++k) p.v[k] = from_float<T>(acc[k]);
+    sum[i] = p;
+    return p;
+  }
+  __device__ P again(int64_t i) const { return sum[i]; }
+};
+
+// The norms of one row (y_row) by the whole block, from any row input.
+template <class T, int kW, class Input>
+__device__ void rms_norm_row(const Input& xr, int64_t width, const T* w, float eps, T* y_row,
+                             float* scratch) {
+  using P = Pack<T, kW>;
   const int64_t packs = width / kW;
-  const RowInput<T, kW> xr(x, residual, sum, width);
   const auto* wp = reinterpret_cast<const P*>(w);
-  auto* yr = reinterpret_cast<P*>(y + int64_t{blockIdx.x} * width);
+  auto* yr = reinterpret_cast<P*>(y_row);
   float sum_sq = 0.0f;
   for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
     const P p = xr.first(i);
@@ -69,18 +101,24 @@ __global__ void rms_norm_kernel(const T* x, const T* residual, T* sum, int64_t w
   }
 }
 
+template <class T, int kW>
+__global__ void rms_norm_kernel(const T* x, const T* residual, T* sum, int64_t width, const T* w,
+                                float eps, T* y) {
+  __shared__ float scratch[32];
+  rms_norm_row<T, kW>(RowInput<T, kW>(x, residual, sum, width), width, w, eps,
+                      y + int64_t{blockIdx.x} * width, scratch);
+}
+
 // Two passes over the row (mean, then the centred sum of squares) rather than one pass of sum
 // and sum of squares: no cancellation when the mean is large against the spread.
-template <class T, int kW>
-__global__ void layer_norm_kernel(const T* x, const T* residual, T* sum, int64_t width, const T* w,
-                                  const T* b, float eps, T* y) {
+template <class T, int kW, class Input>
+__device__ void layer_norm_row(const Input& xr, int64_t width, const T* w, const T* b, float eps,
+                               T* y_row, float* scratch) {
   using P = Pack<T, kW>;
-  __shared__ float scratch[32];
   const int64_t packs = width / kW;
-  const RowInput<T, kW> xr(x, residual, sum, width);
   const auto* wp = reinterpret_cast<const P*>(w);
   const auto* bp = reinterpret_cast<const P*>(b);
-  auto* yr = reinterpret_cast<P*>(y + int64_t{blockIdx.x} * width);
+  auto* yr = reinterpret_cast<P*>(y_row);
   float total = 0.0f;
   for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
     const P p = xr.first(i);
@@ -112,6 +150,43 @@ __global__ void layer_norm_kernel(const T* x, const T* residual, T* sum, int64_t
     }
     yr[i] = py;
   }
+}
+
+template <class T, int kW>
+__global__ void layer_norm_kernel(const T* x, const T* residual, T* sum, int64_t width, const T* w,
+                                  const T* b, float eps, T* y) {
+  __shared__ float scratch[32];
+  layer_norm_row<T, kW>(RowInput<T, kW>(x, residual, sum, width), width, w, b, eps,
+                        y + int64_t{blockIdx.x} * width, scratch);
+}
+
+// The all-reduce of x [rows, width] and the norm of its sum, on a fixed grid of kPeerBlocks
+// blocks: block b stages rows b, b + kPeerBlocks, ..., meets block b of every rank, then sums
+// and normalises those rows as the one-shot all-reduce and the norm kernel would (the same block
+// size, so the same reductions: the same bits).
+template <class T, int kW, bool kRms>
+__global__ void peer_all_reduce_norm_kernel(T* x, int64_t rows, int64_t width, const T* w,
+                                            const T* b, float eps, T* y, PeerGroup g) {
+  using P = Pack<T, kW>;
+  __shared__ float scratch[32];
+  const uint32_t call = detail::peer_call(g);
+  const int64_t packs = width / kW;
+  T* mine = detail::peer_staging<T>(g, g.rank, call);
+  for (int64_t r = blockIdx.x; r < rows; r += kPeerBlocks) {
+    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+      reinterpret_cast<P*>(mine + r * width)[i] = reinterpret_cast<const P*>(x + r * width)[i];
+    }
+  }
+  detail::peer_barrier(g, call);
+  for (int64_t r = blockIdx.x; r < rows; r += kPeerBlocks) {
+    const PeerRowInput<T, kW> in(g, call, r, width, x);
+    if constexpr (kRms) {
+      rms_norm_row<T, kW>(in, width, w, eps, y + r * width, scratch);
+    } else {
+      layer_norm_row<T, kW>(in, width, w, b, eps, y + r * width, scratch);
+    }
+  }
+  detail::peer_done(g, call);
 }
 
 // A multiple of 32 threads (the reductions need whole warps), at most 256, about one pack each.
@@ -176,6 +251,35 @@ void layer_norm(const void* x, int64_t tokens, int64_t width, const void* w, con
           TPE_CUDA_CHECK_LAUNCH();
         },
         tx, tr, ts, tw, tb, ty);
+  });
+}
+
+void peer_all_reduce_norm(tpe_norm_kind kind, void* x, int64_t rows, int64_t width, const void* w,
+                          const void* b, float eps, DType dtype, void* y, const PeerGroup& group,
+                          cudaStream_t stream) {
+  TPE_CUDA_REQUIRE(rows >= 0 && width >= 0, "peer_all_reduce_norm", "negative size");
+  TPE_CUDA_REQUIRE(rows * width * static_cast<int64_t>(dtype_size(dtype)) <= group.capacity,
+                   "peer_all_reduce_norm", "the message is larger than the staging capacity");
+  TPE_CUDA_REQUIRE(kind == TPE_NORM_RMS || kind == TPE_NORM_LAYER, "peer_all_reduce_norm",
+                   "unknown norm kind");
+  if (rows == 0 || width == 0) return;
+  detail::dispatch(dtype, "peer_all_reduce_norm", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    auto* tx = static_cast<T*>(x);
+    const auto* tw = static_cast<const T*>(w);
+    const auto* tb = static_cast<const T*>(b);
+    auto* ty = static_cast<T*>(y);
+    detail::dispatch_width<T>(
+        width,
+        [&](auto vec) {
+          constexpr int kW = decltype(vec)::value;
+          const auto kernel = kind == TPE_NORM_RMS ? peer_all_reduce_norm_kernel<T, kW, true>
+                                                   : peer_all_reduce_norm_kernel<T, kW, false>;
+          kernel<<<kPeerBlocks, norm_threads(width / kW), 0, stream>>>(tx, rows, width, tw, tb, eps,
+                                                                       ty, group);
+          TPE_CUDA_CHECK_LAUNCH();
+        },
+        tx, tw, tb, ty);
   });
 }
 

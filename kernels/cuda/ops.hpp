@@ -106,6 +106,11 @@ PeerGroup peer_group(void* const* regions, int world, int rank, int64_t capacity
                      const volatile int* abort);
 void peer_all_reduce(void* x, int64_t count, DType dtype, const PeerGroup& group,
                      cudaStream_t stream);
+// peer_all_reduce of x [rows, width], then y = norm(x) (rms_norm or layer_norm of the sum, as
+// those kernels compute it; b may be null): the bits of the two calls, in one kernel.
+void peer_all_reduce_norm(tpe_norm_kind kind, void* x, int64_t rows, int64_t width, const void* w,
+                          const void* b, float eps, DType dtype, void* y, const PeerGroup& group,
+                          cudaStream_t stream);
 
 // KV cache: k_cache, v_cache are [slots, max_len, kv_width]. Writes token t's k and v rows at
 // (slots[t], positions[t]); k_ld, v_ld: elements between the inputs' rows (0: kv_width).

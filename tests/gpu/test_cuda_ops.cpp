@@ -1636,6 +1636,73 @@ TEST_P(CudaOpTest, PeerAllReduceGivesUpWhenAborted) {
                tpe::Error);  // past the capacity
 }
 
+// The all-reduce fused with the norm that reads it writes what the one-shot all-reduce and then
+// the norm kernel write, bit for bit, on every rank: x (the sum) and y (its norm). RMSNorm, and
+// LayerNorm with and without a bias; one row (decode at batch 1), 3, and 40 (more rows than
+// blocks); rows of 4096 elements and of 100 (no whole number of 16-byte packs). The two kernels'
+// calls interleave on the same ranks, as a program makes them, so both must keep the blocks'
+// call counts in step.
+TEST_P(CudaOpTest, PeerAllReduceNormIsAllReduceThenNormBitForBit) {
+  Rng rng(46);
+  const int64_t capacity = 1 << 20;
+  const auto esize = static_cast<int64_t>(dtype_size(dtype()));
+  const float eps = 1e-5f;
+  for (const int world : {2, 4}) {
+    PeerRanks ranks(world, capacity);
+    for (const auto& [kind, biased] :
+         {std::pair{TPE_NORM_RMS, false}, std::pair{TPE_NORM_LAYER, true},
+          std::pair{TPE_NORM_LAYER, false}}) {
+      for (const int64_t width : {int64_t{4096}, int64_t{100}}) {
+        for (const int64_t rows : {int64_t{1}, int64_t{3}, int64_t{40}}) {
+          const auto n = static_cast<size_t>(rows * width);
+          const DeviceTensor w(rng.values(static_cast<size_t>(width), dtype(), 0.5f, 1.5f),
+                               dtype());
+          const DeviceTensor b(rng.values(static_cast<size_t>(width), dtype()), dtype());
+          std::vector<DeviceTensor> pristine, x_pair, y_pair, x_fused, y_fused;
+          for (int r = 0; r < world; ++r) {
+            pristine.emplace_back(rng.values(n, dtype(), -2, 2), dtype());
+            x_pair.emplace_back(n, dtype());
+            y_pair.emplace_back(n, dtype());
+            x_fused.emplace_back(n, dtype());
+            y_fused.emplace_back(n, dtype());
+          }
+          for (int r = 0; r < world; ++r) {
+            const cudaStream_t st = ranks.stream(r);
+            const size_t bytes = n * static_cast<size_t>(esize);
+            CK(cudaMemcpyAsync(x_pair[r].get(), pristine[r].get(), bytes, cudaMemcpyDeviceToDevice,
+                               st));
+            peer_all_reduce(x_pair[r].get(), rows * width, dtype(), ranks.group(r), st);
+            if (kind == TPE_NORM_RMS) {
+              rms_norm(x_pair[r].get(), rows, width, w.get(), eps, dtype(), y_pair[r].get(), st);
+            } else {
+              layer_norm(x_pair[r].get(), rows, width, w.get(), biased ? b.get() : nullptr, eps,
+                         dtype(), y_pair[r].get(), st);
+            }
+            CK(cudaMemcpyAsync(x_fused[r].get(), pristine[r].get(), bytes, cudaMemcpyDeviceToDevice,
+                               st));
+            peer_all_reduce_norm(kind, x_fused[r].get(), rows, width, w.get(),
+                                 biased ? b.get() : nullptr, eps, dtype(), y_fused[r].get(),
+                                 ranks.group(r), st);
+          }
+          ranks.sync();
+          const std::string what = std::string(kind == TPE_NORM_RMS ? "rms" : "layer") +
+                                   (biased ? "+bias" : "") + " world " + std::to_string(world) +
+                                   " rows " + std::to_string(rows) + " width " +
+                                   std::to_string(width);
+          for (int r = 0; r < world; ++r) {
+            expect_exact(tag("all_reduce_norm sum " + what), dtype(), x_fused[r].download(),
+                         x_pair[r].download());
+            expect_exact(tag("all_reduce_norm norm " + what), dtype(), y_fused[r].download(),
+                         y_pair[r].download());
+          }
+          expect_exact(tag("all_reduce_norm ranks agree " + what), dtype(), y_fused[0].download(),
+                       y_fused[world - 1].download());
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sizes of zero and bad arguments
 

@@ -74,7 +74,7 @@ case $case in
     expect="config.json.*'martian'.*policies found: .*llama.*gpt_neox|config.json.*'martian'.*policies found: .*gpt_neox.*llama";;
   fused_pass_unknown)
     run+=(--kernel-inject true --fused-passes merge_linears,fuse_everything)
-    expect="inference.fused_passes: no pass named 'fuse_everything' \\(the passes: merge_linears, linear_activation, gated_activation, add_norm, rotary_attention\\)";;
+    expect="inference.fused_passes: no pass named 'fuse_everything' \\(the passes: merge_linears, linear_activation, gated_activation, add_norm, rotary_attention, all_reduce_norm\\)";;
   fused_passes_without_fused_path)
     printf '[model]\npath = "model"\n[inference]\nfused_passes = ["add_norm"]\n' > "$work/run.toml"
     run=(generate --config "$work/run.toml" --prompt-ids 1,2 -n 2 --quiet)

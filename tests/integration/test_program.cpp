@@ -87,20 +87,22 @@ TEST(MemoryPlan, LiveValuesNeverShareBytes) {
 // of the four). Every norm that
 // reads a residual sum is one instruction with its add at TP 1 (Llama: both norms of every layer
 // but the first's input norm, plus the final norm); at TP > 1 the sum is made on the partial
-// values and all-reduced, so the norm reads the all-reduce and stays. No rotary is left outside
-// attention.
+// values and all-reduced, so the norm is one instruction with the all-reduce instead (Llama:
+// every norm; Falcon and GPT-NeoX, whose parallel blocks read one all-reduce with one norm or
+// two: one per layer, plus the final norm). No rotary is left outside attention.
 TEST(FusedProgram, MergesProjectionsAndGatesTheMlp) {
   struct Expect {
     const char* fixture;
     int linears_per_layer;  // plain's count in parentheses below
     int linear_activations_per_layer;
     int gated_per_layer;
-    int add_norms_per_layer;  // the layers' norms and the final one, less those of no sum
+    int add_norms_per_layer;         // the layers' norms and the final one, less those of no sum
+    int all_reduce_norms_per_layer;  // TP > 1, and the final norm
   };
-  for (const Expect& e : {Expect{"llama_gqa", 4, 0, 1, 2},         // (7: q k v o gate up down)
-                          Expect{"qwen2_bias", 4, 0, 1, 2},        // (7, q/k/v biases merged too)
-                          Expect{"falcon_mqa", 3, 1, 0, 1},        // (4: qkv dense h_to_4h 4h_to_h)
-                          Expect{"neox_parallel", 3, 1, 0, 1}}) {  // nothing shares an input
+  for (const Expect& e : {Expect{"llama_gqa", 4, 0, 1, 2, 2},   // (7: q k v o gate up down)
+                          Expect{"qwen2_bias", 4, 0, 1, 2, 2},  // (7, q/k/v biases merged too)
+                          Expect{"falcon_mqa", 3, 1, 0, 1, 1},  // (4: qkv dense h_to_4h 4h_to_h)
+                          Expect{"neox_parallel", 3, 1, 0, 1, 1}}) {  // nothing shares an input
     for (int tp = 1; tp <= 4; ++tp) {
       const runtime::Model model = runtime::prepare(cpu_run(e.fixture, tp));
       const int layers = static_cast<int>(model.graph.blocks.size());
@@ -130,9 +132,13 @@ TEST(FusedProgram, MergesProjectionsAndGatesTheMlp) {
         EXPECT_EQ(elements(fused), elements(plain));
         // The first layer's input norm reads the embedding, no sum.
         const int add_norms = tp == 1 ? e.add_norms_per_layer * layers : 0;
+        const int all_reduce_norms = tp == 1 ? 0 : e.all_reduce_norms_per_layer * layers + 1;
         EXPECT_EQ(count(fused, program::Code::kAddNorm), add_norms);
-        EXPECT_EQ(count(fused, program::Code::kNorm) + add_norms,
+        EXPECT_EQ(count(fused, program::Code::kAllReduceNorm), all_reduce_norms);
+        EXPECT_EQ(count(fused, program::Code::kNorm) + add_norms + all_reduce_norms,
                   count(plain, program::Code::kNorm));
+        EXPECT_EQ(count(fused, program::Code::kAllReduce) + all_reduce_norms,
+                  count(plain, program::Code::kAllReduce));
         EXPECT_EQ(count(fused, program::Code::kRotary), 0);
         EXPECT_GT(count(plain, program::Code::kRotary), 0);
       }
@@ -150,12 +156,14 @@ TEST(FusedProgram, EachPassCanBeLeftOut) {
     return std::count_if(p.instrs.begin(), p.instrs.end(),
                          [code](const program::Instr& i) { return i.code == code; });
   };
-  for (const char* fixture : {"llama_gqa", "neox_parallel"}) {
-    const runtime::Model model = runtime::prepare(cpu_run(fixture, 1));
+  for (const auto& [fixture, tp] : {std::pair{"llama_gqa", 1}, std::pair{"neox_parallel", 1},
+                                    std::pair{"llama_gqa", 2}, std::pair{"neox_parallel", 2}}) {
+    const runtime::Model model = runtime::prepare(cpu_run(fixture, tp));
     const program::Program plain = program::lower(model.graph, model.plan, 0);
     const program::Program all = program::lower(model.graph, model.plan, 0, program::all_passes());
     for (size_t pass = 0; pass < program::kPassNames.size(); ++pass) {
-      SCOPED_TRACE(testing::Message() << fixture << " without " << program::kPassNames[pass]);
+      SCOPED_TRACE(testing::Message()
+                   << fixture << " tp " << tp << " without " << program::kPassNames[pass]);
       const program::Program p =
           program::lower(model.graph, model.plan, 0, program::all_passes().reset(pass));
       switch (static_cast<Pass>(pass)) {
@@ -175,10 +183,16 @@ TEST(FusedProgram, EachPassCanBeLeftOut) {
           break;
         case Pass::kAddNorm:
           EXPECT_EQ(count(p, Code::kAddNorm), 0);
-          EXPECT_EQ(count(p, Code::kNorm), count(plain, Code::kNorm));
+          EXPECT_EQ(count(p, Code::kNorm) + count(p, Code::kAllReduceNorm),
+                    count(plain, Code::kNorm));
           break;
         case Pass::kRotaryAttention:
           EXPECT_EQ(count(p, Code::kRotary), count(plain, Code::kRotary));
+          break;
+        case Pass::kAllReduceNorm:
+          EXPECT_EQ(count(p, Code::kAllReduceNorm), 0);
+          EXPECT_EQ(count(p, Code::kAllReduce), count(plain, Code::kAllReduce));
+          EXPECT_EQ(count(p, Code::kNorm) + count(p, Code::kAddNorm), count(plain, Code::kNorm));
           break;
       }
       // What the other passes make is made as with all of them (unmerged, Llama's gate
@@ -187,13 +201,17 @@ TEST(FusedProgram, EachPassCanBeLeftOut) {
       const std::pair<Code, std::vector<Pass>> made_by[] = {
           {Code::kLinearActivation, {Pass::kMergeLinears, Pass::kLinearActivation}},
           {Code::kGatedActivation, {Pass::kMergeLinears, Pass::kGatedActivation}},
-          {Code::kAddNorm, {Pass::kAddNorm}}};
+          {Code::kAddNorm, {Pass::kAddNorm}},
+          {Code::kAllReduceNorm, {Pass::kAllReduceNorm}}};
       for (const auto& [code, passes] : made_by) {
         if (std::find(passes.begin(), passes.end(), left_out) != passes.end()) continue;
         EXPECT_EQ(count(p, code), count(all, code)) << program::code_name(code);
       }
     }
-    config::RunConfig run = cpu_run(fixture, 1);
+    if (tp == 2) {
+      EXPECT_GT(count(all, Code::kAllReduceNorm), 0);
+    }
+    config::RunConfig run = cpu_run(fixture, tp);
     run.kernel_inject = true;
     run.fused_passes = {"rotary_attention", "add_norm"};
     EXPECT_EQ(runtime::prepare(run).passes, program::Passes()
