@@ -1,6 +1,7 @@
 // The CUDA backend: one GPU per rank, weights and activations in the model's dtype (fp32, fp16
 // or bf16) on the device, kernels/cuda for every op and cuBLASLt for matrix products, NCCL for
-// the all-reduce and the logits' all-gather.
+// the all-reduce (or, inference.all_reduce = "auto", the one-shot kernel over peer memory for
+// small messages) and the logits' all-gather.
 #pragma once
 
 #include <nccl.h>

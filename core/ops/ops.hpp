@@ -79,7 +79,7 @@ enum class Code {
   kLinearActivation,  // out = act(in[0] · weight^T (+ bias)); `op` is the activation
   kGatedActivation,   // out = act(in[0]) * in[1], both views of one fused projection
   kAddNorm,           // sum = in[0] + in[1] (rounded), then out = norm(sum) * weight (+ bias)
-  kAllReduceNorm,     // in[0] summed over ranks in place, then out = norm(in[0]) * weight (+ bias)
+  kAllReduceNorm,     // in[0] (= sum) all-reduced in place, then out = norm(sum) * weight (+ bias)
 };
 const char* code_name(Code code);
 
@@ -124,7 +124,7 @@ struct Instr {
   int weight = -1, bias = -1;                // Program::weights
   int cache = -1;                            // Program::cache_layers
   int rope = -1;                             // Program::ropes (kAttention: fused path's rotary)
-  int sum = -1;                              // kAddNorm: the value the sum is written to
+  int sum = -1;                              // kAddNorm, kAllReduceNorm: the sum's value
   IndexSet cols;                             // kGather
   backend::AttentionShape attention;         // kAttention
   backend::Ids ids = backend::Ids::kTokens;  // kEmbedding: which ids it looks up

@@ -77,9 +77,9 @@ class Lowering final : public ops::Lowering {
     if (on(Pass::kMergeLinears)) merge_linears();
     if (on(Pass::kLinearActivation)) linear_activations();
     if (on(Pass::kGatedActivation)) gate_activations();
-    if (on(Pass::kAddNorm)) add_norms();
+    if (on(Pass::kAddNorm)) norms_into(Code::kAdd, Code::kAddNorm, "add");
     if (on(Pass::kRotaryAttention)) rotary_into_attention();
-    if (on(Pass::kAllReduceNorm)) all_reduce_norms();
+    if (on(Pass::kAllReduceNorm)) norms_into(Code::kAllReduce, Code::kAllReduceNorm, "all_reduce");
     if (passes_.any()) drop_unused_weights();
     compact_views();
     alias_in_place();
@@ -285,51 +285,28 @@ class Lowering final : public ops::Lowering {
     return viewed;
   }
 
-  // A residual add whose sum a norm reads (the next sublayer's input norm) becomes one
-  // instruction at the add's place writing both the sum (still read by the next residual add)
-  // and the norm: the sum is not read back from memory, and one kernel instead of two.
-  void add_norms() {
+  // A norm joins the instruction that makes its input whole, which then writes the norm too and
+  // still the sum, at `sum` (read again by the next residual add): a residual add (the add's
+  // output; the sum is not read back from memory) or, at TP > 1, where the residual sum is made on
+  // the partial values, the all-reduce (in place; the CUDA backend's one-shot all-reduce does both
+  // in one kernel). Of two norms reading one sum (GPT-NeoX's parallel block) the first joins, and
+  // the second reads the sum as before.
+  void norms_into(Code producer_code, Code fused, const char* name) {
     const std::vector<int> producer = producers();
     std::vector<bool> gone(p_.instrs.size(), false);
     for (size_t n = 0; n < p_.instrs.size(); ++n) {
       const Instr& norm = p_.instrs[n];
       if (norm.code != Code::kNorm) continue;
       const int a = producer[norm.in[0]];
-      if (a < 0 || p_.instrs[a].code != Code::kAdd || p_.values[norm.in[0]].ld != 0) continue;
-      Instr& add = p_.instrs[a];
-      add.code = Code::kAddNorm;
-      add.sum = add.out;
-      add.out = norm.out;
-      add.op = norm.op;  // the norm's kind and eps
-      add.weight = norm.weight;
-      add.bias = norm.bias;
-      add.label = "add+" + instr_label(g_, norm);
-      gone[n] = true;
-    }
-    erase_instrs(gone);
-  }
-
-  // At TP > 1 the residual sum is made on the partial values and all-reduced, and the next norm
-  // reads the all-reduce: one instruction sums in place and normalises (the CUDA backend's
-  // one-shot all-reduce does both in one kernel). Of two norms reading one all-reduce (GPT-NeoX's
-  // parallel block) the first is fused, and the second reads the sum as before.
-  void all_reduce_norms() {
-    const std::vector<int> producer = producers();
-    std::vector<bool> gone(p_.instrs.size(), false);
-    for (size_t n = 0; n < p_.instrs.size(); ++n) {
-      const Instr& norm = p_.instrs[n];
-      if (norm.code != Code::kNorm) continue;
-      const int a = producer[norm.in[0]];
-      if (a < 0 || p_.instrs[a].code != Code::kAllReduce || p_.values[norm.in[0]].ld != 0) {
-        continue;
-      }
-      Instr& reduce = p_.instrs[a];
-      reduce.code = Code::kAllReduceNorm;
-      reduce.out = norm.out;
-      reduce.op = norm.op;  // the norm's kind and eps
-      reduce.weight = norm.weight;
-      reduce.bias = norm.bias;
-      reduce.label = "all_reduce+" + instr_label(g_, norm);
+      if (a < 0 || p_.instrs[a].code != producer_code || p_.values[norm.in[0]].ld != 0) continue;
+      Instr& first = p_.instrs[a];
+      first.code = fused;
+      first.sum = first.out;
+      first.out = norm.out;
+      first.op = norm.op;  // the norm's kind and eps
+      first.weight = norm.weight;
+      first.bias = norm.bias;
+      first.label = std::string(name) + "+" + instr_label(g_, norm);
       gone[n] = true;
     }
     erase_instrs(gone);

@@ -297,7 +297,7 @@ void Executor::run_instr(const Instr& instr) {
       break;
     case Code::kAllReduceNorm: {
       const graph::Op& op = graph_.ops[instr.op];
-      backend_->all_reduce_norm(op.norm_kind, views_[instr.in[0]], *weights_[instr.weight], bias,
+      backend_->all_reduce_norm(op.norm_kind, views_[instr.sum], *weights_[instr.weight], bias,
                                 static_cast<float>(op.eps), out);
       break;
     }

@@ -202,38 +202,13 @@ void check_norm_args(const char* op, int64_t tokens, int64_t width, const void* 
   TPE_CUDA_REQUIRE(tokens <= int64_t{0x7fffffff}, op, "more rows than one grid can hold");
 }
 
-}  // namespace
-
-void rms_norm(const void* x, int64_t tokens, int64_t width, const void* w, float eps, DType dtype,
-              void* y, cudaStream_t stream, const void* residual, void* sum) {
-  check_norm_args("rms_norm", tokens, width, residual, sum);
-  if (tokens == 0 || width == 0) return;
-  detail::dispatch(dtype, "rms_norm", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const auto* tx = static_cast<const T*>(x);
-    const auto* tr = static_cast<const T*>(residual);
-    auto* ts = static_cast<T*>(sum);
-    const auto* tw = static_cast<const T*>(w);
-    auto* ty = static_cast<T*>(y);
-    detail::dispatch_width<T>(
-        width,
-        [&](auto vec) {
-          constexpr int kW = decltype(vec)::value;
-          rms_norm_kernel<T, kW>
-              <<<static_cast<unsigned>(tokens), norm_threads(width / kW), 0, stream>>>(
-                  tx, tr, ts, width, tw, eps, ty);
-          TPE_CUDA_CHECK_LAUNCH();
-        },
-        tx, tr, ts, tw, ty);
-  });
-}
-
-void layer_norm(const void* x, int64_t tokens, int64_t width, const void* w, const void* b,
-                float eps, DType dtype, void* y, cudaStream_t stream, const void* residual,
-                void* sum) {
-  check_norm_args("layer_norm", tokens, width, residual, sum);
-  if (tokens == 0 || width == 0) return;
-  detail::dispatch(dtype, "layer_norm", [&](auto tag) {
+// Calls launch(kW, x, residual, sum, w, b, y) with the pointers typed for `dtype` and kW the
+// pack width the row width and every pointer allow (null pointers allow any), then checks the
+// launch.
+template <class F>
+void launch_norm(const char* op, DType dtype, int64_t width, const void* x, const void* residual,
+                 void* sum, const void* w, const void* b, void* y, F&& launch) {
+  detail::dispatch(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto* tx = static_cast<const T*>(x);
     const auto* tr = static_cast<const T*>(residual);
@@ -244,14 +219,42 @@ void layer_norm(const void* x, int64_t tokens, int64_t width, const void* w, con
     detail::dispatch_width<T>(
         width,
         [&](auto vec) {
-          constexpr int kW = decltype(vec)::value;
-          layer_norm_kernel<T, kW>
-              <<<static_cast<unsigned>(tokens), norm_threads(width / kW), 0, stream>>>(
-                  tx, tr, ts, width, tw, tb, eps, ty);
+          launch(vec, tx, tr, ts, tw, tb, ty);
           TPE_CUDA_CHECK_LAUNCH();
         },
         tx, tr, ts, tw, tb, ty);
   });
+}
+
+}  // namespace
+
+void rms_norm(const void* x, int64_t tokens, int64_t width, const void* w, float eps, DType dtype,
+              void* y, cudaStream_t stream, const void* residual, void* sum) {
+  check_norm_args("rms_norm", tokens, width, residual, sum);
+  if (tokens == 0 || width == 0) return;
+  launch_norm("rms_norm", dtype, width, x, residual, sum, w, nullptr, y,
+              [&](auto vec, auto tx, auto tr, auto ts, auto tw, auto, auto ty) {
+                constexpr int kW = decltype(vec)::value;
+                using T = std::remove_pointer_t<decltype(ts)>;
+                rms_norm_kernel<T, kW>
+                    <<<static_cast<unsigned>(tokens), norm_threads(width / kW), 0, stream>>>(
+                        tx, tr, ts, width, tw, eps, ty);
+              });
+}
+
+void layer_norm(const void* x, int64_t tokens, int64_t width, const void* w, const void* b,
+                float eps, DType dtype, void* y, cudaStream_t stream, const void* residual,
+                void* sum) {
+  check_norm_args("layer_norm", tokens, width, residual, sum);
+  if (tokens == 0 || width == 0) return;
+  launch_norm("layer_norm", dtype, width, x, residual, sum, w, b, y,
+              [&](auto vec, auto tx, auto tr, auto ts, auto tw, auto tb, auto ty) {
+                constexpr int kW = decltype(vec)::value;
+                using T = std::remove_pointer_t<decltype(ts)>;
+                layer_norm_kernel<T, kW>
+                    <<<static_cast<unsigned>(tokens), norm_threads(width / kW), 0, stream>>>(
+                        tx, tr, ts, width, tw, tb, eps, ty);
+              });
 }
 
 void peer_all_reduce_norm(tpe_norm_kind kind, void* x, int64_t rows, int64_t width, const void* w,
@@ -263,24 +266,17 @@ void peer_all_reduce_norm(tpe_norm_kind kind, void* x, int64_t rows, int64_t wid
   TPE_CUDA_REQUIRE(kind == TPE_NORM_RMS || kind == TPE_NORM_LAYER, "peer_all_reduce_norm",
                    "unknown norm kind");
   if (rows == 0 || width == 0) return;
-  detail::dispatch(dtype, "peer_all_reduce_norm", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    auto* tx = static_cast<T*>(x);
-    const auto* tw = static_cast<const T*>(w);
-    const auto* tb = static_cast<const T*>(b);
-    auto* ty = static_cast<T*>(y);
-    detail::dispatch_width<T>(
-        width,
-        [&](auto vec) {
-          constexpr int kW = decltype(vec)::value;
-          const auto kernel = kind == TPE_NORM_RMS ? peer_all_reduce_norm_kernel<T, kW, true>
-                                                   : peer_all_reduce_norm_kernel<T, kW, false>;
-          kernel<<<kPeerBlocks, norm_threads(width / kW), 0, stream>>>(tx, rows, width, tw, tb, eps,
-                                                                       ty, group);
-          TPE_CUDA_CHECK_LAUNCH();
-        },
-        tx, tw, tb, ty);
-  });
+  // x is summed in place: it goes in as the sum.
+  launch_norm("peer_all_reduce_norm", dtype, width, nullptr, nullptr, x, w, b, y,
+              [&](auto vec, auto, auto, auto tx, auto tw, auto tb, auto ty) {
+                constexpr int kW = decltype(vec)::value;
+                using T = std::remove_pointer_t<decltype(tx)>;
+                const auto kernel = kind == TPE_NORM_RMS
+                                        ? peer_all_reduce_norm_kernel<T, kW, true>
+                                        : peer_all_reduce_norm_kernel<T, kW, false>;
+                kernel<<<kPeerBlocks, norm_threads(width / kW), 0, stream>>>(tx, rows, width, tw,
+                                                                             tb, eps, ty, group);
+              });
 }
 
 }  // namespace tpe::cuda
