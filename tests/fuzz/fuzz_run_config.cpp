@@ -19,6 +19,7 @@ void check(bool ok) {
 void check_ranges(const tpe::config::RunConfig& config) {
   const auto& g = config.generation;
   check(config.tp_size >= 1 && config.tp_size <= 1024);
+  check(config.all_reduce == "auto" || config.all_reduce == "nccl");
   check(!g.max_new_tokens || *g.max_new_tokens >= 0);
   check(!g.temperature || (std::isfinite(*g.temperature) && *g.temperature > 0));
   check(!g.top_k || *g.top_k >= 0);
