@@ -507,7 +507,7 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
                                 {"tp", engine.world()},
                                 {"random_weights", random_weights},
                                 {"cuda_graph", run.cuda_graph && run.device == "cuda"},
-                                {"all_reduce", run.all_reduce},
+                                {"all_reduce", engine.collectives()},
                                 {"prefill_chunk", run.prefill_chunk},
                                 {"prompt_len", options.prompt_len},
                                 {"new_tokens", options.new_tokens},
@@ -542,6 +542,7 @@ int run_bench(const CommonFlags& common, tpe::runtime::BenchOptions options,
   fmt::print("  load          {:.2f} s, {:.2f} GB/s of weights; host peak RSS {:.1f} MiB\n",
              engine.load_seconds(), load_gbs, mib(load_peak_rss));
   fmt::print("  bandwidth     {:.1f} GB/s device copy, measured now\n", copy_gbs);
+  if (!engine.collectives().empty()) fmt::print("  all-reduce    {}\n", engine.collectives());
   for (const tpe::runtime::BenchResult& r : results) {
     fmt::print("batch {}\n", r.batch);
     fmt::print("  TTFT          {:.2f} ms\n", r.ttft_ms);
