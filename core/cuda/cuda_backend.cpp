@@ -882,13 +882,17 @@ std::string CudaBackend::connect_peers() {
   return {};
 }
 
+bool CudaBackend::one_shot_takes(const Buffer& x) const {
+  return peers_ &&
+         x.rows * x.cols * static_cast<int64_t>(cuda::dtype_size(dtype_)) <= kPeerCapacity;
+}
+
 void CudaBackend::all_reduce(Buffer& x) {
   if (nccl_ == nullptr) return;  // a single rank holds the whole sum
   if (comm_ == nullptr)
     fail("GPU {}: the NCCL communicator was aborted after an earlier failure", device_);
-  const int64_t count = x.rows * x.cols;
-  if (peers_ && count * static_cast<int64_t>(cuda::dtype_size(dtype_)) <= kPeerCapacity) {
-    cuda::peer_all_reduce(x.data, count, dtype_, peers_->group, stream_);
+  if (one_shot_takes(x)) {
+    cuda::peer_all_reduce(x.data, x.rows * x.cols, dtype_, peers_->group, stream_);
     return;
   }
   TPE_NCCL_CHECK(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.rows * x.cols),
@@ -897,8 +901,7 @@ void CudaBackend::all_reduce(Buffer& x) {
 
 void CudaBackend::all_reduce_norm(tpe_norm_kind kind, Buffer& x, const Buffer& w, const Buffer* b,
                                   float eps, Buffer& y) {
-  if (peers_ && comm_ != nullptr &&
-      x.rows * x.cols * static_cast<int64_t>(cuda::dtype_size(dtype_)) <= kPeerCapacity) {
+  if (comm_ != nullptr && one_shot_takes(x)) {
     cuda::peer_all_reduce_norm(kind, x.data, x.rows, x.cols, w.data,
                                b != nullptr ? b->data : nullptr, eps, dtype_, y.data, peers_->group,
                                stream_);

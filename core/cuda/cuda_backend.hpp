@@ -112,6 +112,8 @@ class CudaBackend final : public Backend {
   std::string connect_peers();
   // Every rank's `size` bytes, in rank order (an NCCL all-gather).
   std::vector<char> all_gather_bytes(const void* data, size_t size, int world);
+  // Whether the one-shot all-reduce is connected and x fits its staging.
+  bool one_shot_takes(const Buffer& x) const;
   // Waits for the stream; a NCCL error, another rank's failure or TPENGINE_NCCL_TIMEOUT seconds
   // (default 600) of no progress aborts the communicator and throws, naming the cause.
   void sync(const char* what);
