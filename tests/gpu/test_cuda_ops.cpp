@@ -1493,7 +1493,11 @@ TEST_P(CudaOpTest, GemvUnalignedOperands) {
 // ---------------------------------------------------------------------------------------------
 // The one-shot all-reduce over peer memory, its ranks simulated on one GPU: every rank's region
 // and message on this device, every rank's kernels on a stream of its own, running at once as
-// they would on their GPUs.
+// they would on their GPUs. A test enqueues each kernel on every rank before the next kernel on
+// any (PeerRanks::each): CUDA loads a kernel at its first launch, and loading may wait for the
+// device to drain, which it never does while one rank's kernel waits for a rank whose kernel is
+// not launched yet (here all ranks share the device; on real GPUs each rank's load waits only
+// for its own device).
 
 class PeerRanks {
  public:
@@ -1528,6 +1532,11 @@ class PeerRanks {
     cudaFreeHost(const_cast<int*>(abort_));
   }
   int world() const { return world_; }
+  // f(r, stream of r) for every rank.
+  template <class F>
+  void each(F&& f) const {
+    for (int r = 0; r < world_; ++r) f(r, streams_[r]);
+  }
   const PeerGroup& group(int r) const { return groups_[r]; }
   cudaStream_t stream(int r) const { return streams_[r]; }
   volatile int* abort() const { return abort_; }
@@ -1564,12 +1573,19 @@ TEST_P(CudaOpTest, PeerAllReduceSumsEveryRankInRankOrder) {
       x.emplace_back(inputs.back(), dtype());
       pristine.emplace_back(inputs.back(), dtype());
     }
-    // One call: from the pristine inputs (aligned, or shifted by one element), then the sum.
-    auto enqueue = [&](int r, int64_t count, bool unaligned) {
-      void* dst = unaligned ? x[r].unaligned() : x[r].get();
-      CK(cudaMemcpyAsync(dst, pristine[r].get(), static_cast<size_t>(count * esize),
-                         cudaMemcpyDeviceToDevice, ranks.stream(r)));
-      peer_all_reduce(dst, count, dtype(), ranks.group(r), ranks.stream(r));
+    // One call on every rank: from the pristine inputs (aligned, or shifted by one element),
+    // then the sum.
+    auto load = [&](int r, cudaStream_t st, int64_t count, bool unaligned) {
+      CK(cudaMemcpyAsync(unaligned ? x[r].unaligned() : x[r].get(), pristine[r].get(),
+                         static_cast<size_t>(count * esize), cudaMemcpyDeviceToDevice, st));
+    };
+    auto sum = [&](int r, cudaStream_t st, int64_t count, bool unaligned) {
+      peer_all_reduce(unaligned ? x[r].unaligned() : x[r].get(), count, dtype(), ranks.group(r),
+                      st);
+    };
+    auto enqueue = [&](int64_t count, bool unaligned) {
+      ranks.each([&](int r, cudaStream_t st) { load(r, st, count, unaligned); });
+      ranks.each([&](int r, cudaStream_t st) { sum(r, st, count, unaligned); });
     };
     auto check = [&](int64_t count, bool unaligned, const std::string& how) {
       std::vector<float> expected(static_cast<size_t>(count));
@@ -1588,28 +1604,29 @@ TEST_P(CudaOpTest, PeerAllReduceSumsEveryRankInRankOrder) {
     };
     for (int round = 0; round < 2; ++round) {
       for (const int64_t count : counts) {
-        for (int r = 0; r < world; ++r) enqueue(r, count, false);
+        enqueue(count, false);
         ranks.sync();
         check(count, false, "eager");
       }
-      for (int r = 0; r < world; ++r) enqueue(r, 999, true);
+      enqueue(999, true);
       ranks.sync();
       check(999, true, "eager unaligned");
     }
     // Recorded: three calls per graph, the last one's result checked after every replay.
     std::vector<cudaGraphExec_t> graphs(static_cast<size_t>(world));
-    for (int r = 0; r < world; ++r) {
-      CK(cudaStreamBeginCapture(ranks.stream(r), cudaStreamCaptureModeThreadLocal));
+    ranks.each([&](int r, cudaStream_t st) {
+      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
       for (const int64_t count : {int64_t{4099}, int64_t{8}, int64_t{1000}}) {
-        enqueue(r, count, false);
+        load(r, st, count, false);
+        sum(r, st, count, false);
       }
       cudaGraph_t graph = nullptr;
-      CK(cudaStreamEndCapture(ranks.stream(r), &graph));
+      CK(cudaStreamEndCapture(st, &graph));
       CK(cudaGraphInstantiate(&graphs[r], graph, 0));
       CK(cudaGraphDestroy(graph));
-    }
+    });
     for (int replay = 0; replay < 3; ++replay) {
-      for (int r = 0; r < world; ++r) CK(cudaGraphLaunch(graphs[r], ranks.stream(r)));
+      ranks.each([&](int r, cudaStream_t st) { CK(cudaGraphLaunch(graphs[r], st)); });
       ranks.sync();
       check(1000, false, "replay " + std::to_string(replay));
     }
@@ -1666,24 +1683,29 @@ TEST_P(CudaOpTest, PeerAllReduceNormIsAllReduceThenNormBitForBit) {
             x_fused.emplace_back(n, dtype());
             y_fused.emplace_back(n, dtype());
           }
-          for (int r = 0; r < world; ++r) {
-            const cudaStream_t st = ranks.stream(r);
-            const size_t bytes = n * static_cast<size_t>(esize);
+          const size_t bytes = n * static_cast<size_t>(esize);
+          const void* bias = biased ? b.get() : nullptr;
+          ranks.each([&](int r, cudaStream_t st) {
             CK(cudaMemcpyAsync(x_pair[r].get(), pristine[r].get(), bytes, cudaMemcpyDeviceToDevice,
                                st));
+            CK(cudaMemcpyAsync(x_fused[r].get(), pristine[r].get(), bytes, cudaMemcpyDeviceToDevice,
+                               st));
+          });
+          ranks.each([&](int r, cudaStream_t st) {
             peer_all_reduce(x_pair[r].get(), rows * width, dtype(), ranks.group(r), st);
+          });
+          ranks.each([&](int r, cudaStream_t st) {
             if (kind == TPE_NORM_RMS) {
               rms_norm(x_pair[r].get(), rows, width, w.get(), eps, dtype(), y_pair[r].get(), st);
             } else {
-              layer_norm(x_pair[r].get(), rows, width, w.get(), biased ? b.get() : nullptr, eps,
-                         dtype(), y_pair[r].get(), st);
+              layer_norm(x_pair[r].get(), rows, width, w.get(), bias, eps, dtype(), y_pair[r].get(),
+                         st);
             }
-            CK(cudaMemcpyAsync(x_fused[r].get(), pristine[r].get(), bytes, cudaMemcpyDeviceToDevice,
-                               st));
-            peer_all_reduce_norm(kind, x_fused[r].get(), rows, width, w.get(),
-                                 biased ? b.get() : nullptr, eps, dtype(), y_fused[r].get(),
-                                 ranks.group(r), st);
-          }
+          });
+          ranks.each([&](int r, cudaStream_t st) {
+            peer_all_reduce_norm(kind, x_fused[r].get(), rows, width, w.get(), bias, eps, dtype(),
+                                 y_fused[r].get(), ranks.group(r), st);
+          });
           ranks.sync();
           const std::string what = std::string(kind == TPE_NORM_RMS ? "rms" : "layer") +
                                    (biased ? "+bias" : "") + " world " + std::to_string(world) +
