@@ -714,14 +714,17 @@ std::vector<std::vector<int64_t>> Engine::generate(
         std::vector<size_t> whole(live.size());  // the rows to sample over all their logits
         std::iota(whole.begin(), whole.end(), size_t{0});
         if (step > 0 && pick_candidates) {
+          // A row's candidates take a microsecond or two: on this thread. Threads started for
+          // them cost more than the rows (7B at batch 32 on an H200: 7.10 ms a step with them,
+          // 5.59 without; greedy 5.31).
           const int64_t vocab = executor.program().vocab_size;
-          for_each_row(live.size(), [&](size_t j) {
+          for (size_t j = 0; j < live.size(); ++j) {
             next[j] = top.finite[j] == 0
                           ? kNotFinite
                           : samplers[static_cast<size_t>(live[j])]
                                 .sample_top(top.values_of(j), top.ids_of(j), vocab, params.sampling)
                                 .value_or(kWholeRow);
-          });
+          }
           std::erase_if(whole, [&](size_t j) { return next[j] != kWholeRow; });
           if (!whole.empty()) logits = executor.logits();
         }
