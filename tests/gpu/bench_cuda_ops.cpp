@@ -20,6 +20,9 @@
 #include <vector>
 
 #include "kernels/cuda/ops.hpp"
+#ifdef TPE_BENCH_FLASHINFER_DECODE
+#include "tests/gpu/flashinfer_decode.hpp"
+#endif
 
 namespace tpe::cuda::detail {
 // kernels/cuda/gemv.cu: the small-token kernel on every product it can take, also those
@@ -67,6 +70,18 @@ void fill_random(void* dst, DType dtype, size_t n, uint64_t seed, cudaStream_t s
   tpe::cuda::convert(staging.p, DType::kF32, dst, dtype, static_cast<int64_t>(n), stream);
   CK(cudaStreamSynchronize(stream));
 }
+
+#ifdef TPE_BENCH_FLASHINFER_DECODE
+// n values of `dtype` on the device, as floats on the host.
+std::vector<float> download_f32(const void* src, DType dtype, size_t n, cudaStream_t stream) {
+  Buffer staging(n * sizeof(float));
+  tpe::cuda::convert(src, dtype, staging.p, DType::kF32, static_cast<int64_t>(n), stream);
+  std::vector<float> host(n);
+  CK(cudaMemcpyAsync(host.data(), staging.p, n * sizeof(float), cudaMemcpyDeviceToHost, stream));
+  CK(cudaStreamSynchronize(stream));
+  return host;
+}
+#endif
 
 // Median over `samples` of the mean microseconds per call of `batch` calls of launch(i).
 template <class F>
@@ -401,6 +416,35 @@ void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx
                 static_cast<long long>(hd));
   if (new_tokens == 1) {
     report(what, us, 2.0 * static_cast<double>(cache * es));
+#ifdef TPE_BENCH_FLASHINFER_DECODE
+    // FlashInfer's batch decode on the same caches, after checking it computes what ours does.
+    if (dtype == DType::kBF16 && hd == 128 && ctx % 16 == 0) {
+      const tpe::bench::FlashInferDecode fi(seqs, ctx, n_q, n_kv, scale, stream);
+      Buffer fi_out(static_cast<size_t>(tokens * n_q * hd) * es);
+      call(0);
+      fi.run(q.p, k[0]->p, v[0]->p, fi_out.p, stream);
+      const auto n = static_cast<size_t>(tokens * n_q * hd);
+      const std::vector<float> ours = download_f32(out.p, dtype, n, stream);
+      const std::vector<float> theirs = download_f32(fi_out.p, dtype, n, stream);
+      float diff = 0.0f;
+      float largest = 0.0f;
+      for (size_t i = 0; i < n; ++i) {
+        diff = std::max(diff, std::abs(ours[i] - theirs[i]));
+        largest = std::max(largest, std::abs(ours[i]));
+      }
+      const double fi_us = time_graph_us(
+          stream,
+          [&](int i) {
+            fi.run(q.p, k[static_cast<size_t>(i % copies)]->p,
+                   v[static_cast<size_t>(i % copies)]->p, fi_out.p, stream);
+          },
+          20);
+      char row[160];
+      std::snprintf(row, sizeof row, "  flashinfer decode (%s; max |diff| %.1e of %.2f)",
+                    fi.plan().c_str(), static_cast<double>(diff), static_cast<double>(largest));
+      report(row, fi_us, 2.0 * static_cast<double>(cache * es));
+    }
+#endif
     return;
   }
   // Query i (of new_tokens, at ctx - new_tokens + i) sees ctx - new_tokens + i + 1 keys.
