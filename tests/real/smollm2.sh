@@ -11,10 +11,14 @@ tpengine=$1 tests=$2 device=${3:-cpu}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 if [ "$device" = cuda ]; then
   nvidia-smi -L >/dev/null 2>&1 || { echo "SKIP: no CUDA device"; exit 77; }
-  TPE_SMOLLM2_GGUF=$("$root/tools/fetch-smollm2.sh") "$tests" --gtest_filter='RealSmolLm2Cuda.*'
+fi
+# The model on a line of its own: a fetch that fails stops the script with its message (in a
+# command's environment prefix its failure would go unnoticed).
+model=$("$root/tools/fetch-smollm2.sh")
+if [ "$device" = cuda ]; then
+  TPE_SMOLLM2_GGUF=$model "$tests" --gtest_filter='RealSmolLm2Cuda.*'
   exit
 fi
-model=$("$root/tools/fetch-smollm2.sh")
 TPE_SMOLLM2_GGUF=$model "$tests" --gtest_filter='-RealSmolLm2Cuda.*'
 out=$("$tpengine" generate --model "$model" --tp 2 --prompt "The capital of France is" \
   --max-new-tokens 16)
