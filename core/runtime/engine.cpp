@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <exception>
 #include <fstream>
@@ -15,6 +16,7 @@
 #include <mutex>
 #include <numeric>
 #include <thread>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -326,34 +328,85 @@ struct Engine::Ranks {
 
 namespace {
 
-// fn(0), ..., fn(n - 1) on up to one thread per core (rows of logits to sample: each row's work
-// is its own, and a vocabulary of 32k-256k takes a core 0.3-5 ms, which a batch would otherwise
-// add up while the device waits); the first exception is rethrown after all have finished.
-void for_each_row(size_t n, const std::function<void(size_t)>& fn) {
-  const size_t threads = std::min<size_t>(n, std::max(1u, std::thread::hardware_concurrency()));
-  if (threads <= 1) {
-    for (size_t i = 0; i < n; ++i) fn(i);
-    return;
+// fn(0), ..., fn(n - 1) on a fixed set of threads, the caller's among them (rows of logits to
+// sample: each row's work is its own, and a vocabulary of 32k-256k takes a core 0.3-5 ms, which a
+// batch would otherwise add up while the device waits). The threads start once, for a
+// generation: started for every step they cost about 1 ms a step at batch 32 (an H200's host).
+// The first exception a row throws is rethrown after all rows have finished.
+class RowPool {
+ public:
+  explicit RowPool(size_t threads) {
+    for (size_t t = 1; t < threads; ++t) workers_.emplace_back([this] { serve(); });
   }
-  std::atomic<size_t> next{0};
-  std::exception_ptr first;
-  std::mutex mutex;
-  const auto work = [&] {
-    for (size_t i = next++; i < n; i = next++) {
+  RowPool(const RowPool&) = delete;
+  RowPool& operator=(const RowPool&) = delete;
+  ~RowPool() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (std::thread& t : workers_) t.join();
+  }
+
+  void run(size_t n, const std::function<void(size_t)>& fn) {
+    if (workers_.empty() || n <= 1) {
+      for (size_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    {
+      std::lock_guard lock(mutex_);
+      fn_ = &fn;
+      n_ = n;
+      next_ = 0;
+      busy_ = workers_.size();
+      ++round_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock lock(mutex_);
+    idle_.wait(lock, [&] { return busy_ == 0; });  // every worker has left this round's rows
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+ private:
+  void work() {
+    for (size_t i = next_++; i < n_; i = next_++) {
       try {
-        fn(i);
+        (*fn_)(i);
       } catch (...) {
-        std::lock_guard lock(mutex);
-        if (!first) first = std::current_exception();
+        std::lock_guard lock(mutex_);
+        if (!error_) error_ = std::current_exception();
       }
     }
-  };
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
-  work();
-  for (std::thread& t : pool) t.join();
-  if (first) std::rethrow_exception(first);
-}
+  }
+  void serve() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock lock(mutex_);
+        wake_.wait(lock, [&] { return stop_ || round_ != seen; });
+        if (stop_) return;
+        seen = round_;
+      }
+      work();
+      std::lock_guard lock(mutex_);
+      if (--busy_ == 0) idle_.notify_one();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;  // a round has begun, or the pool ends
+  std::condition_variable idle_;  // the last worker has finished its round
+  const std::function<void(size_t)>* fn_ = nullptr;
+  size_t n_ = 0;
+  std::atomic<size_t> next_{0};
+  uint64_t round_ = 0;
+  size_t busy_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+  std::vector<std::thread> workers_;
+};
 
 // Names the policy when the graph it built reads tensors the checkpoint lacks: the usual cause is
 // a policy written for another revision of the architecture. Rank 0 reads every tensor some rank
@@ -683,6 +736,11 @@ std::vector<std::vector<int64_t>> Engine::generate(
   ranks_->run([&](int r) {
     Executor& executor = *ranks_->executors[r];
     executor.reset_cache(static_cast<int>(n), max_prompt + params.max_new_tokens);
+    // Rank 0 samples whole rows on up to a core each (greedy on the device: only the prompts'
+    // last rows, on this thread).
+    RowPool rows(executor.rank() == 0 && !pick_on_device
+                     ? std::min<size_t>(n, std::max(1u, std::thread::hardware_concurrency()))
+                     : 1);
     std::vector<std::vector<int64_t>> history = prompts;
     std::vector<int> live(n);  // the sequences still generating, in the order of their rows
     for (size_t i = 0; i < n; ++i) live[i] = static_cast<int>(i);
@@ -714,9 +772,9 @@ std::vector<std::vector<int64_t>> Engine::generate(
         std::vector<size_t> whole(live.size());  // the rows to sample over all their logits
         std::iota(whole.begin(), whole.end(), size_t{0});
         if (step > 0 && pick_candidates) {
-          // A row's candidates take a microsecond or two: on this thread. Threads started for
-          // them cost more than the rows (7B at batch 32 on an H200: 7.10 ms a step with them,
-          // 5.59 without; greedy 5.31).
+          // A row's candidates take a microsecond or two: on this thread, as handing them to
+          // other threads costs more than the rows (7B at batch 32 on an H200, threads started
+          // each step: 7.10 ms a step; here 5.59; greedy 5.31).
           const int64_t vocab = executor.program().vocab_size;
           for (size_t j = 0; j < live.size(); ++j) {
             next[j] = top.finite[j] == 0
@@ -728,7 +786,7 @@ std::vector<std::vector<int64_t>> Engine::generate(
           std::erase_if(whole, [&](size_t j) { return next[j] != kWholeRow; });
           if (!whole.empty()) logits = executor.logits();
         }
-        for_each_row(whole.size(), [&](size_t i) {
+        rows.run(whole.size(), [&](size_t i) {
           const size_t j = whole[i];
           const size_t seq = static_cast<size_t>(live[j]);
           const std::span<float> row{logits.row(static_cast<int64_t>(j)),
