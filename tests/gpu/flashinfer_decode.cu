@@ -81,6 +81,34 @@ struct FlashInferDecode::Impl {
   }
 };
 
+namespace {
+
+// The partial results of a split plan.
+struct Scratch {
+  nv_bfloat16* v = nullptr;
+  float* s = nullptr;
+};
+
+// What either plan hands either kernel's params: its tables in int_ws, its grid, and with a split
+// KV the mask of the grid's live rows and the scratch of the partial results.
+template <class Params, class Info>
+Scratch take_plan(Params& p, const Info& info, void* int_ws, void* float_ws) {
+  p.request_indices = GetPtrFromBaseOffset<int32_t>(int_ws, info.request_indices_offset);
+  p.kv_tile_indices = GetPtrFromBaseOffset<int32_t>(int_ws, info.kv_tile_indices_offset);
+  p.o_indptr = GetPtrFromBaseOffset<int32_t>(int_ws, info.o_indptr_offset);
+  p.kv_chunk_size_ptr = GetPtrFromBaseOffset<int32_t>(int_ws, info.kv_chunk_size_ptr_offset);
+  p.padded_batch_size = static_cast<uint32_t>(info.padded_batch_size);
+  Scratch tmp;
+  if (info.split_kv) {
+    tmp.v = GetPtrFromBaseOffset<nv_bfloat16>(float_ws, info.v_offset);
+    tmp.s = GetPtrFromBaseOffset<float>(float_ws, info.s_offset);
+    p.block_valid_mask = GetPtrFromBaseOffset<bool>(int_ws, info.block_valid_mask_offset);
+  }
+  return tmp;
+}
+
+}  // namespace
+
 FlashInferDecode::FlashInferDecode(int64_t seqs, int64_t ctx, int64_t n_q, int64_t n_kv,
                                    float scale, bool tensor_cores, cudaStream_t stream)
     : impl_(std::make_unique<Impl>()) {
@@ -155,26 +183,17 @@ void FlashInferDecode::run(const void* q, const void* k_cache, const void* v_cac
                     static_cast<nv_bfloat16*>(out), nullptr, nullptr, n_q, q_stride_n, q_stride_h,
                     /*window_left=*/-1, /*logits_soft_cap=*/0.0f, m.scale, /*rope_scale=*/1.0f,
                     /*rope_theta=*/1e4f);
-    p.request_indices = GetPtrFromBaseOffset<int32_t>(m.int_ws, info.request_indices_offset);
     p.qo_tile_indices = GetPtrFromBaseOffset<int32_t>(m.int_ws, info.qo_tile_indices_offset);
-    p.kv_tile_indices = GetPtrFromBaseOffset<int32_t>(m.int_ws, info.kv_tile_indices_offset);
-    p.o_indptr = GetPtrFromBaseOffset<int32_t>(m.int_ws, info.o_indptr_offset);
-    p.kv_chunk_size_ptr = GetPtrFromBaseOffset<int32_t>(m.int_ws, info.kv_chunk_size_ptr_offset);
-    nv_bfloat16* tmp_v = nullptr;
-    float* tmp_s = nullptr;
     if (info.split_kv) {
       p.merge_indptr = GetPtrFromBaseOffset<int32_t>(m.int_ws, info.merge_indptr_offset);
-      tmp_v = GetPtrFromBaseOffset<nv_bfloat16>(m.float_ws, info.v_offset);
-      tmp_s = GetPtrFromBaseOffset<float>(m.float_ws, info.s_offset);
-      p.block_valid_mask = GetPtrFromBaseOffset<bool>(m.int_ws, info.block_valid_mask_offset);
     }
-    p.padded_batch_size = static_cast<uint32_t>(info.padded_batch_size);
+    const Scratch tmp = take_plan(p, info, m.int_ws, m.float_ws);
     p.max_total_num_rows = static_cast<uint32_t>(info.total_num_rows);
     p.total_num_rows = GetPtrFromBaseOffset<uint32_t>(m.int_ws, info.total_num_rows_offset);
     check(flashinfer::BatchPrefillWithPagedKVCacheDispatched<
               /*SAME_KV_STRIDES=*/true, kQTile, kHeadDim, kHeadDim, kNoRope,
               /*USE_FP16_QK_REDUCTION=*/false, flashinfer::MaskMode::kNone,
-              /*USE_TOKEN_HEAD_SF=*/false, Variant>(p, tmp_v, tmp_s, /*enable_pdl=*/false, stream),
+              /*USE_TOKEN_HEAD_SF=*/false, Variant>(p, tmp.v, tmp.s, /*enable_pdl=*/false, stream),
           "run");
     return;
   }
@@ -182,20 +201,9 @@ void FlashInferDecode::run(const void* q, const void* k_cache, const void* v_cac
   DecodeParams p(bf16(q), nullptr, m.kv(k_cache, v_cache), static_cast<nv_bfloat16*>(out), nullptr,
                  nullptr, n_q, q_stride_n, q_stride_h, /*window_left=*/-1,
                  /*logits_soft_cap=*/0.0f, m.scale, /*rope_scale=*/1.0f, /*rope_theta=*/1e4f);
-  p.request_indices = GetPtrFromBaseOffset<int32_t>(m.int_ws, info.request_indices_offset);
-  p.kv_tile_indices = GetPtrFromBaseOffset<int32_t>(m.int_ws, info.kv_tile_indices_offset);
-  p.o_indptr = GetPtrFromBaseOffset<int32_t>(m.int_ws, info.o_indptr_offset);
-  p.kv_chunk_size_ptr = GetPtrFromBaseOffset<int32_t>(m.int_ws, info.kv_chunk_size_ptr_offset);
-  nv_bfloat16* tmp_v = nullptr;
-  float* tmp_s = nullptr;
-  if (info.split_kv) {
-    tmp_v = GetPtrFromBaseOffset<nv_bfloat16>(m.float_ws, info.v_offset);
-    tmp_s = GetPtrFromBaseOffset<float>(m.float_ws, info.s_offset);
-    p.block_valid_mask = GetPtrFromBaseOffset<bool>(m.int_ws, info.block_valid_mask_offset);
-  }
-  p.padded_batch_size = static_cast<uint32_t>(info.padded_batch_size);
+  const Scratch tmp = take_plan(p, info, m.int_ws, m.float_ws);
   check(flashinfer::BatchDecodeWithPagedKVCacheDispatched<kHeadDim, kNoRope, Variant>(
-            p, tmp_v, tmp_s, /*enable_pdl=*/false, stream),
+            p, tmp.v, tmp.s, /*enable_pdl=*/false, stream),
         "run");
 }
 
