@@ -728,10 +728,14 @@ std::vector<std::vector<int64_t>> Engine::generate(
   const bool pick_on_device = !params.sampling.do_sample &&
                               params.sampling.repetition_penalty == 1.0 && logprobs == nullptr;
   // Sampling with a top-k filter (transformers' default keeps 50) needs only each row's largest
-  // logits: the backend picks kCandidates of them where the logits are, and a row they cannot
-  // decide (Sampler::sample_top) takes its whole logits after all.
-  constexpr int64_t kCandidates = 64;
-  const bool pick_candidates = params.sampling.do_sample && params.sampling.top_k > 0 &&
+  // logits: the backend picks twice top_k of them (at least 64) where the logits are, and a row
+  // they cannot decide (Sampler::sample_top: logits equal to the top_k-th largest reaching the
+  // smallest candidate) takes its whole logits after all; the room past top_k makes that rare
+  // with 16-bit logits. Past top_k 128 the rows go whole (sorting more candidates on one thread
+  // would cost what the copy saves).
+  const int64_t top_k = params.sampling.top_k;
+  const int64_t candidates = std::max<int64_t>(64, 2 * top_k);
+  const bool pick_candidates = params.sampling.do_sample && top_k > 0 && top_k <= 128 &&
                                params.sampling.repetition_penalty == 1.0 && logprobs == nullptr;
   ranks_->run([&](int r) {
     Executor& executor = *ranks_->executors[r];
@@ -835,7 +839,7 @@ std::vector<std::vector<int64_t>> Engine::generate(
       if (pick_on_device) {
         picked = executor.forward_greedy(following, timed ? &timing.times : nullptr);
       } else if (pick_candidates) {
-        top = executor.forward_top(following, kCandidates, timed ? &timing.times : nullptr);
+        top = executor.forward_top(following, candidates, timed ? &timing.times : nullptr);
       } else {
         logits = executor.forward(following, timed ? &timing.times : nullptr);
       }

@@ -820,8 +820,12 @@ TEST_P(CudaOpTest, ArgmaxRowsFirstOfEqualsAndNonFinite) {
 // narrower than k and as wide as BLOOM's vocabulary; a row with a NaN, +Inf or -Inf flagged.
 TEST_P(CudaOpTest, TopRowsTheLargestValuesAndTheirColumns) {
   Rng rng(44);
-  const int64_t k_asked = 64;
-  for (const int64_t cols : {int64_t{7}, int64_t{64}, int64_t{1000}, int64_t{250880}}) {
+  for (const auto& [cols, k_asked] : {std::pair<int64_t, int64_t>{7, 64},
+                                      {64, 64},
+                                      {1000, 64},
+                                      {1000, 256},
+                                      {250880, 64},
+                                      {250880, 256}}) {
     const int64_t rows = 6, k = std::min(k_asked, cols);
     std::vector<float> x = rng.values(static_cast<size_t>(rows * cols), dtype(), -6, 6);
     for (int64_t r = 0; r < rows; r += 2) {  // few levels: ties across the k-th largest
@@ -845,7 +849,8 @@ TEST_P(CudaOpTest, TopRowsTheLargestValuesAndTheirColumns) {
     CK(cudaMemcpy(values.data(), d_values.get(), n * sizeof(float), cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(ids.data(), d_ids.get(), n * sizeof(int32_t), cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(finite.data(), d_finite.get(), finite.size(), cudaMemcpyDeviceToHost));
-    const std::string what = tag("top_rows cols " + std::to_string(cols));
+    const std::string what =
+        tag("top_rows cols " + std::to_string(cols) + " k " + std::to_string(k));
     for (int64_t r = 0; r < rows; ++r) {
       std::vector<float> row(x.begin() + r * cols, x.begin() + (r + 1) * cols);
       const bool row_finite =

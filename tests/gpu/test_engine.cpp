@@ -125,15 +125,16 @@ TEST_P(GpuFixture, FusedMatchesPlain) {
   }
 }
 
-// Sampling with a top-k filter draws among each row's 64 largest logits, chosen on the device
-// (top_rows); asking for log-probabilities sends the whole rows to the host sampler instead, over
-// the same logits: the tokens must be the same, bf16 and fp32, with top_k 5 (the candidates
-// decide) and 100 (more than they hold: rows sampled whole), decode steps replayed as graphs.
+// Sampling with a top-k filter draws among each row's largest logits (twice top_k, at least 64),
+// chosen on the device (top_rows); asking for log-probabilities sends the whole rows to the host
+// sampler instead, over the same logits: the tokens must be the same, bf16 and fp32, with top_k 5
+// (64 candidates), 40 (80) and 100 (200: most or all of a fixture's vocabulary), decode steps
+// replayed as graphs.
 TEST_P(GpuFixture, TopKSamplingFromDeviceCandidatesEqualsWholeRows) {
   const Reference ref = load_reference(GetParam());
   for (const char* dtype : {"float32", "bfloat16"}) {
     runtime::Engine engine = make_engine(GetParam(), 1, dtype);
-    for (const int64_t top_k : {int64_t{5}, int64_t{100}}) {
+    for (const int64_t top_k : {int64_t{5}, int64_t{40}, int64_t{100}}) {
       SCOPED_TRACE(std::string(dtype) + " top_k " + std::to_string(top_k));
       const runtime::GenerationParams params = top_k_sampling(top_k, 12);
       std::vector<std::vector<TokenLogprob>> logprobs;
