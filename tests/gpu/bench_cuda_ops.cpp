@@ -347,9 +347,11 @@ void bench_gemm_candidates(cudaStream_t stream, int64_t in, int64_t out) {
 // n_kv of head_dim `hd`: on the split-KV kernel (the splits it picks) or, prefill, the tensor-core
 // prefill kernel one sequence at a time. The caches rotate among copies spanning 512 MB, so that
 // decode reads memory, not L2. Decode reports the K and V bytes per second; prefill the causal
-// FLOP/s: 4 * hd * n_q * (the query-key pairs the mask keeps).
+// FLOP/s: 4 * hd * n_q * (the query-key pairs the mask keeps). `splits` 0: the kernel's own
+// choice (attention_splits); else that many.
 void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx,
-                     int64_t new_tokens, int64_t n_q, int64_t n_kv, int64_t hd, bool prefill) {
+                     int64_t new_tokens, int64_t n_q, int64_t n_kv, int64_t hd, bool prefill,
+                     int splits = 0) {
   const size_t es = tpe::cuda::dtype_size(dtype);
   const size_t cache = static_cast<size_t>(seqs * ctx * n_kv * hd);
   const int64_t tokens = seqs * new_tokens;
@@ -382,8 +384,10 @@ void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   constexpr int64_t kScratch = int64_t{4} << 20;
   Buffer scratch(static_cast<size_t>(kScratch) * 4);
-  const int splits =
-      tpe::cuda::attention_splits(tokens, n_q, hd, ctx, n_kv, n_q / n_kv, dtype, kScratch);
+  const bool own_splits = splits == 0;
+  if (own_splits) {
+    splits = tpe::cuda::attention_splits(tokens, n_q, hd, ctx, n_kv, n_q / n_kv, dtype, kScratch);
+  }
   // Heads other than 64, 128 and 256 wide run padded (the copies are part of the time).
   Buffer padded(
       std::max<size_t>(1, tpe::cuda::prefill_attention_scratch_bytes(
@@ -409,17 +413,18 @@ void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx
   // Decode calls are timed as a replayed graph (what a decode step is), prompts call by call.
   const double us = new_tokens > 1 ? time_us(stream, call, 3, 5) : time_graph_us(stream, call, 20);
   char what[160];
-  std::snprintf(what, sizeof what, "attention %s %-4s %lld x %lld keys, %lld new, %lld/%lld h%lld",
-                prefill ? "prefill" : "split-kv", dtype_name(dtype), static_cast<long long>(seqs),
-                static_cast<long long>(ctx), static_cast<long long>(new_tokens),
-                static_cast<long long>(n_q), static_cast<long long>(n_kv),
-                static_cast<long long>(hd));
+  std::snprintf(
+      what, sizeof what, "attention %s %-4s %lld x %lld keys, %lld new, %lld/%lld h%lld%s%s",
+      prefill ? "prefill" : "split-kv", dtype_name(dtype), static_cast<long long>(seqs),
+      static_cast<long long>(ctx), static_cast<long long>(new_tokens), static_cast<long long>(n_q),
+      static_cast<long long>(n_kv), static_cast<long long>(hd), prefill ? "" : ", splits ",
+      prefill ? "" : std::to_string(splits).c_str());
   if (new_tokens == 1) {
     report(what, us, 2.0 * static_cast<double>(cache * es));
 #ifdef TPE_BENCH_FLASHINFER_DECODE
     // FlashInfer's batch decode on the same caches, both ways its wrapper runs it, after
     // checking that it computes what ours does.
-    if (dtype == DType::kBF16 && hd == 128 && ctx % 16 == 0) {
+    if (own_splits && dtype == DType::kBF16 && hd == 128 && ctx % 16 == 0) {
       const auto n = static_cast<size_t>(tokens * n_q * hd);
       call(0);
       const std::vector<float> ours = download_f32(out.p, dtype, n, stream);
@@ -489,6 +494,13 @@ void bench_kernels(cudaStream_t stream) {
   for (const int64_t seqs : {int64_t{1}, int64_t{8}, int64_t{32}}) {
     bench_attention(stream, DType::kBF16, seqs, 4096, 1, 32, 32, 128, false);
     bench_attention(stream, DType::kBF16, seqs, 4096, 1, 32, 8, 128, false);
+  }
+  // A decode step after a short prompt (128 + 128 tokens: a cache of 256), where each layer's
+  // attention is latency, not bytes: the split count the kernel picks beside 1, 2 and 4.
+  for (const int64_t n_kv : {int64_t{32}, int64_t{8}}) {
+    for (const int splits : {0, 1, 2, 4}) {
+      bench_attention(stream, DType::kBF16, 1, 256, 1, 32, n_kv, 128, false, splits);
+    }
   }
   bench_attention(stream, DType::kF32, 16, 4096, 1, 32, 8, 128, false);
   bench_attention(stream, DType::kBF16, 16, 4096, 1, 32, 8, 80, false);  // 16-byte loads
