@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
 #include <exception>
 #include <fstream>
@@ -31,6 +30,7 @@
 #include "core/program/report.hpp"
 #include "core/runtime/executor.hpp"
 #include "core/runtime/random_weights.hpp"
+#include "core/runtime/row_pool.hpp"
 #include "kernels/cpu/ops.hpp"
 #if TPE_HAVE_CUDA
 #include "core/cuda/cuda_backend.hpp"
@@ -327,86 +327,6 @@ struct Engine::Ranks {
 };
 
 namespace {
-
-// fn(0), ..., fn(n - 1) on a fixed set of threads, the caller's among them (rows of logits to
-// sample: each row's work is its own, and a vocabulary of 32k-256k takes a core 0.3-5 ms, which a
-// batch would otherwise add up while the device waits). The threads start once, for a
-// generation: started for every step they cost about 1 ms a step at batch 32 (an H200's host).
-// The first exception a row throws is rethrown after all rows have finished.
-class RowPool {
- public:
-  explicit RowPool(size_t threads) {
-    for (size_t t = 1; t < threads; ++t) workers_.emplace_back([this] { serve(); });
-  }
-  RowPool(const RowPool&) = delete;
-  RowPool& operator=(const RowPool&) = delete;
-  ~RowPool() {
-    {
-      std::lock_guard lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (std::thread& t : workers_) t.join();
-  }
-
-  void run(size_t n, const std::function<void(size_t)>& fn) {
-    if (workers_.empty() || n <= 1) {
-      for (size_t i = 0; i < n; ++i) fn(i);
-      return;
-    }
-    {
-      std::lock_guard lock(mutex_);
-      fn_ = &fn;
-      n_ = n;
-      next_ = 0;
-      busy_ = workers_.size();
-      ++round_;
-    }
-    wake_.notify_all();
-    work();
-    std::unique_lock lock(mutex_);
-    idle_.wait(lock, [&] { return busy_ == 0; });  // every worker has left this round's rows
-    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
-  }
-
- private:
-  void work() {
-    for (size_t i = next_++; i < n_; i = next_++) {
-      try {
-        (*fn_)(i);
-      } catch (...) {
-        std::lock_guard lock(mutex_);
-        if (!error_) error_ = std::current_exception();
-      }
-    }
-  }
-  void serve() {
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock lock(mutex_);
-        wake_.wait(lock, [&] { return stop_ || round_ != seen; });
-        if (stop_) return;
-        seen = round_;
-      }
-      work();
-      std::lock_guard lock(mutex_);
-      if (--busy_ == 0) idle_.notify_one();
-    }
-  }
-
-  std::mutex mutex_;
-  std::condition_variable wake_;  // a round has begun, or the pool ends
-  std::condition_variable idle_;  // the last worker has finished its round
-  const std::function<void(size_t)>* fn_ = nullptr;
-  size_t n_ = 0;
-  std::atomic<size_t> next_{0};
-  uint64_t round_ = 0;
-  size_t busy_ = 0;
-  bool stop_ = false;
-  std::exception_ptr error_;
-  std::vector<std::thread> workers_;
-};
 
 // Names the policy when the graph it built reads tensors the checkpoint lacks: the usual cause is
 // a policy written for another revision of the architecture. Rank 0 reads every tensor some rank
