@@ -15,8 +15,9 @@ namespace tpe::runtime {
 // fn(0), ..., fn(n - 1) on a fixed set of threads, the caller's among them: the rows of logits a
 // generation samples on the host, whose work is each its own (a vocabulary of 32k-256k takes a
 // core 0.3-5 ms, which a batch would otherwise add up while the device waits). The threads start
-// once, for a generation: started for every step they cost about 1 ms a step at batch 32 (an
-// H200's host). The first exception a row throws is rethrown after every row has run.
+// once, for a generation: started for every step they cost about 1.5 ms a step at batch 32 (7B
+// top-k sampling on an H200's host, 7.10 against 5.59 ms). The first exception a row throws is
+// rethrown after every row has run.
 class RowPool {
  public:
   explicit RowPool(size_t threads);  // threads - 1 workers; 0 or 1: run() on the caller alone
