@@ -40,7 +40,12 @@ constexpr int kUnroll = 4;    // keys a lane group loads per step
 constexpr int kMaxHeads = 4;  // q heads of one kv head a block holds in registers
 constexpr int kMaxHeadDim = 512;
 constexpr int kMaxSplits = 64;
-constexpr int64_t kMinSplitKeys = 128;  // fewer keys per split (at full cache) is not worth it
+// Fewer keys per split (at a full cache) are not worth a block: split_kernel's blocks serve up to
+// 4 q heads, mma_kernel's a whole group, so its splits are longer. At a 256-position cache (a step
+// after a 128-token prompt), one H100: MHA (CUDA cores) 2 splits 11.1 us, 4 splits 9.3 us;
+// GQA 4 (tensor cores) 1 split 5.9 us, 2 6.6, 4 6.3 (docs/benchmarks.md).
+constexpr int64_t kMinSplitKeys = 64;
+constexpr int64_t kMinMmaSplitKeys = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Args {
@@ -622,13 +627,15 @@ int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_
   if (tokens <= 0 || n_q <= 0) return 1;
   static const int sms = sm_count();
   const int64_t heads_per_kv = std::min(group, n_q);
-  const int64_t rows = on_tensor_cores(dtype, head_dim, group) ? kMmaRows : kMaxHeads;
+  const bool mma = on_tensor_cores(dtype, head_dim, group);
+  const int64_t rows = mma ? kMmaRows : kMaxHeads;
+  const int64_t min_keys = mma ? kMinMmaSplitKeys : kMinSplitKeys;
   const int64_t head_blocks = (heads_per_kv + rows - 1) / rows;
   const int64_t blocks = tokens * std::min(n_kv, n_q) * head_blocks;
-  // Enough blocks for about four per multiprocessor, splits of at least kMinSplitKeys keys of a
-  // full cache, and partial results that fit the scratch.
+  // Enough blocks for about four per multiprocessor, splits of at least min_keys keys of a full
+  // cache, and partial results that fit the scratch.
   int64_t splits = (4 * int64_t{sms} + blocks - 1) / blocks;
-  splits = std::min<int64_t>(splits, (max_len + kMinSplitKeys - 1) / kMinSplitKeys);
+  splits = std::min<int64_t>(splits, (max_len + min_keys - 1) / min_keys);
   splits = std::min<int64_t>(splits, kMaxSplits);
   while (splits > 1 &&
          attention_scratch_floats(tokens, n_q, head_dim, static_cast<int>(splits)) > scratch_floats)
