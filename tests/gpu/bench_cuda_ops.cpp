@@ -497,8 +497,11 @@ void bench_kernels(cudaStream_t stream) {
   }
   // Batch 8 with grouped heads, where FlashInfer's decode reads faster (2026-12-05, H100): the
   // heuristic's split count beside fewer and more.
-  for (const int splits : {2, 4, 16}) {
+  for (const int splits : {2, 6, 9, 16}) {
     bench_attention(stream, DType::kBF16, 8, 4096, 1, 32, 8, 128, false, splits);
+  }
+  for (const int splits : {0, 5}) {  // 16 sequences: 2 splits (256 blocks) against 5 (640)
+    bench_attention(stream, DType::kBF16, 16, 4096, 1, 32, 8, 128, false, splits);
   }
   // A decode step after a short prompt (128 + 128 tokens: a cache of 256), where each layer's
   // attention is latency, not bytes: the split count the kernel picks beside 1, 2 and 4.
