@@ -648,13 +648,14 @@ std::vector<std::vector<int64_t>> Engine::generate(
   const bool pick_on_device = !params.sampling.do_sample &&
                               params.sampling.repetition_penalty == 1.0 && logprobs == nullptr;
   // Sampling with a top-k filter (transformers' default keeps 50) needs only each row's largest
-  // logits: the backend picks twice top_k of them (at least 64) where the logits are, and a row
-  // they cannot decide (Sampler::sample_top: logits equal to the top_k-th largest reaching the
-  // smallest candidate) takes its whole logits after all; the room past top_k makes that rare
-  // with 16-bit logits. Past top_k 128 the rows go whole (sorting more candidates on one thread
-  // would cost what the copy saves).
+  // logits: the backend picks top_k and a quarter more of them (at least 64) where the logits are,
+  // and a row they cannot decide (Sampler::sample_top: logits equal to the top_k-th largest
+  // reaching the smallest candidate) takes its whole logits after all; the room past top_k makes
+  // that rare with 16-bit logits. Twice top_k cost more (one H100, 7B, top_k 50, batch 32: 100
+  // candidates 0.45 ms a step over greedy, 64 none measurable). Past top_k 128 the rows go whole
+  // (sorting more candidates on one thread would cost what the copy saves).
   const int64_t top_k = params.sampling.top_k;
-  const int64_t candidates = std::max<int64_t>(64, 2 * top_k);
+  const int64_t candidates = std::max<int64_t>(64, top_k + top_k / 4);
   const bool pick_candidates = params.sampling.do_sample && top_k > 0 && top_k <= 128 &&
                                params.sampling.repetition_penalty == 1.0 && logprobs == nullptr;
   ranks_->run([&](int r) {

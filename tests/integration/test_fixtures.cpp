@@ -179,11 +179,11 @@ TEST(Generation, GreedyWithARepetitionPenaltyUsesTheSampler) {
   }
 }
 
-// Sampling with a top-k filter takes each row's largest logits from the backend (twice top_k,
-// at least 64: Backend::top_rows) and draws among them (Sampler::sample_top): the tokens must be
-// those the sampler draws from the whole rows, recomputed here from scratch by prompt_logits with
-// the same per-sequence generators (fused program, TP 1 and 2). Of the fixture's 128-token
-// vocabulary top_k 5 takes 64 candidates, 40 takes 80, and 100 all of them.
+// Sampling with a top-k filter takes each row's largest logits from the backend (top_k and
+// a quarter, at least 64: Backend::top_rows) and draws among them (Sampler::sample_top): the tokens
+// must be those the sampler draws from the whole rows, recomputed here from scratch by
+// prompt_logits with the same per-sequence generators (fused program, TP 1 and 2). Of the fixture's
+// 128-token vocabulary top_k 5 and 40 take 64 candidates, 100 takes 125.
 TEST(Generation, TopKSamplingFromCandidatesIsTheWholeRowsDraw) {
   const Reference ref = load_reference("llama_gqa");
   for (const int64_t top_k : {int64_t{5}, int64_t{40}, int64_t{100}}) {
