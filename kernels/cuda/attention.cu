@@ -637,8 +637,8 @@ int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_
   // multiprocessor), as many splits as keep the blocks at two per multiprocessor where that
   // makes two or more: a second, mostly empty wave costs more than the longer splits. One H100,
   // GQA 4, batch 8 x 4096 keys: 4 splits (256 blocks) 59.0 us, 9 (576) 64.6, 16 63.7, 2 74.9.
-  int64_t splits = (4 * int64_t{sms} + blocks - 1) / blocks;
-  if (mma && 2 * int64_t{sms} / blocks >= 2) splits = 2 * int64_t{sms} / blocks;
+  const int64_t two_per_sm = 2 * int64_t{sms} / blocks;
+  int64_t splits = mma && two_per_sm >= 2 ? two_per_sm : (4 * int64_t{sms} + blocks - 1) / blocks;
   splits = std::min<int64_t>(splits, (max_len + min_keys - 1) / min_keys);
   splits = std::min<int64_t>(splits, kMaxSplits);
   while (splits > 1 &&

@@ -496,7 +496,7 @@ void bench_kernels(cudaStream_t stream) {
     bench_attention(stream, DType::kBF16, seqs, 4096, 1, 32, 8, 128, false);
   }
   // Batch 8 with grouped heads, where FlashInfer's decode reads faster (2026-12-05, H100): the
-  // heuristic's split count beside fewer and more.
+  // heuristic's split count (the row above) beside fewer and more.
   for (const int splits : {2, 6, 9, 16}) {
     bench_attention(stream, DType::kBF16, 8, 4096, 1, 32, 8, 128, false, splits);
   }

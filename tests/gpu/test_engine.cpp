@@ -128,7 +128,7 @@ TEST_P(GpuFixture, FusedMatchesPlain) {
 // Sampling with a top-k filter draws among each row's largest logits (top_k and a quarter, at least
 // 64), chosen on the device (top_rows); asking for log-probabilities sends the whole rows to the
 // host sampler instead, over the same logits: the tokens must be the same, bf16 and fp32, with
-// top_k 5 (64 candidates), 40 (80) and 100 (200: most or all of a fixture's vocabulary), decode
+// top_k 5 and 40 (64 candidates) and 100 (125: most or all of a fixture's vocabulary), decode
 // steps replayed as graphs.
 TEST_P(GpuFixture, TopKSamplingFromDeviceCandidatesEqualsWholeRows) {
   const Reference ref = load_reference(GetParam());
