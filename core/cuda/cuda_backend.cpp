@@ -572,19 +572,30 @@ int CudaBackend::attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim,
                                   int64_t n_kv, int64_t group) {
   // At most 16 MiB of partial results; big passes need no splits to fill the device.
   constexpr int64_t kMaxScratchFloats = int64_t{4} << 20;
-  const int64_t have = attention_scratch_.cols * attention_scratch_.rows *
-                       static_cast<int64_t>(cuda::dtype_size(dtype_)) / 4;
+  const auto e = static_cast<int64_t>(cuda::dtype_size(dtype_));
+  const auto words = [e](const Buffer& b) { return b.rows * b.cols * e / 4; };
+  const int64_t counters = cuda::attention_counter_words(tokens, n_q, n_kv, group);
   int splits = cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, dtype_,
                                       kMaxScratchFloats);
   const int64_t need = cuda::attention_scratch_floats(tokens, n_q, head_dim, splits);
-  if (need <= have) return splits;
+  const int64_t need_counters = splits > 1 ? counters : 0;
+  if (need <= words(attention_scratch_) && need_counters <= words(attention_counters_)) {
+    return splits;
+  }
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   TPE_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
   if (capture != cudaStreamCaptureStatusNone) {  // recording: no allocation, use what there is
-    return cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, dtype_, have);
+    if (counters > words(attention_counters_)) return 1;
+    return cuda::attention_splits(tokens, n_q, head_dim, max_len, n_kv, group, dtype_,
+                                  words(attention_scratch_));
   }
   forget_recordings();
-  attention_scratch_ = alloc(1, need * 4 / static_cast<int64_t>(cuda::dtype_size(dtype_)));
+  if (need > words(attention_scratch_)) attention_scratch_ = alloc(1, need * 4 / e);
+  if (need_counters > words(attention_counters_)) {
+    attention_counters_ = alloc(1, need_counters * 4 / e);
+    TPE_CUDA_CHECK(cudaMemsetAsync(attention_counters_.data, 0,
+                                   static_cast<size_t>(need_counters) * 4, stream_));
+  }
   return splits;
 }
 
@@ -651,7 +662,9 @@ void CudaBackend::attend(const Buffer& q, int64_t n_kv, KvLayer& cache, const At
                     cache.v.data, cache.max_len, n_kv, a.first_q, a.group, a.first_kv, a.scale,
                     a.window, dtype_,
                     static_cast<char*>(out.data) + static_cast<size_t>(first * out.cols) * e,
-                    stream_, q.stride(), splits, static_cast<float*>(attention_scratch_.data),
+                    stream_, q.stride(), splits,
+                    {static_cast<float*>(attention_scratch_.data),
+                     static_cast<uint32_t*>(attention_counters_.data)},
                     {a.alibi_max_bias, a.alibi_scale, a.alibi_heads});
   };
   // Sequences with many new tokens (prompts, their chunks) go to the tensor-core prefill kernel

@@ -121,11 +121,12 @@ class CudaBackend final : public Backend {
   void hold_queue();
   void release_queue();
   void record_mark();
-  // The split count for an attention call of these shapes, growing the scratch for its partial
-  // results when not recording (recorded steps are forgotten: they refer to the old scratch).
   // Attention over the cache (the pass's keys and values already appended); n_kv local heads.
   void attend(const Buffer& q, int64_t n_kv, KvLayer& cache, const AttentionShape& shape,
               Buffer& out);
+  // The split count for an attention call of these shapes, growing the scratch for its partial
+  // results and its counters when not recording (recorded steps are forgotten: they refer to the
+  // old scratch); while recording, what the scratch holds.
   int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_len, int64_t n_kv,
                        int64_t group);
   // Whether prefill_scratch_ holds `bytes`, grown (at least doubled) when not recording.
@@ -161,6 +162,7 @@ class CudaBackend final : public Backend {
   std::vector<const float*> rope_tables_;      // per rotary parameter set
   Buffer gather_scratch_;                      // the logits' all-gather
   Buffer attention_scratch_;                   // split-KV attention's partial results (fp32)
+  Buffer attention_counters_;                  // and its blocks done (zeroed once, left zero)
   Buffer prefill_scratch_;                     // padded heads of tensor-core prefill, if any
   std::vector<Batch::Segment> segments_;       // the pass's, for prefill attention per sequence
   std::map<const IndexSet*, Buffer> columns_;  // gather lists, by the program's sets

@@ -18,9 +18,11 @@
 // shared memory.
 //
 // With one split a block writes the normalised output; with several it writes each split's
-// normalised output and log-sum-exp to the scratch, and merge_splits_kernel combines them. The
-// split count depends only on the shapes (never on the lengths, which are read on the device), so
-// a recorded decode step replays with any context.
+// normalised output and log-sum-exp to the scratch and counts itself done; the last block of a
+// (token, heads) group to finish merges the group's splits (merge_if_last) and resets the count,
+// so one kernel does it all and a recorded call replays. The split count depends only on the
+// shapes (never on the lengths, which are read on the device), so a recorded decode step replays
+// with any context.
 #include <cmath>
 #include <numeric>
 
@@ -124,12 +126,65 @@ __device__ __forceinline__ BlockWork block_work(const Args& a, const int32_t* po
   return w;
 }
 
+// Called by every thread of a block once its split's partial results (rows h0 .. h0 + nh of
+// token t) are written: the block that completes its (token t, blockIdx.z) group, counted in
+// `counters`, weights the group's splits by their share of the softmax into out and sets the
+// count back to zero. Merging in the last block instead of a second kernel saves the launch and
+// the wait for it: one H100, a step's attention at batch 1 over 4096 keys spent 4.4 us (MHA) and
+// 5.8 us (GQA 4) of 31.6 and 15.9 in the merge kernel (docs/benchmarks.md).
+template <class T, int kRows>
+__device__ __forceinline__ void merge_if_last(const Args& a, const float* partial,
+                                              uint32_t* counters, int64_t t, int64_t h0, int nh,
+                                              T* out) {
+  __shared__ float weight[kRows][kMaxSplits];
+  __shared__ bool last;
+  const int tid = static_cast<int>(threadIdx.x);
+  __threadfence();  // this thread's partial results, before the count says they are there
+  __syncthreads();
+  if (tid == 0) {
+    uint32_t* count = counters + t * gridDim.z + blockIdx.z;
+    last = atomicAdd(count, 1u) == gridDim.y - 1;
+    if (last) *count = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // Each row's weights, a warp per row: the splits' log-sum-exps (two per lane) against their
+  // maximum, normalised. Every token sees itself, so some split has keys and the maximum is
+  // finite; an empty split's -inf weighs 0. The loads go to L2 (__ldcg), where the other blocks
+  // wrote.
+  const int lane = tid % 32;
+  const float* lse = partial + a.tokens * a.n_q * a.splits * a.head_dim;
+  for (int row = tid / 32; row < nh; row += kWarps) {
+    const float* row_lse = lse + (t * a.n_q + h0 + row) * a.splits;
+    const float x0 = lane < a.splits ? __ldcg(row_lse + lane) : -INFINITY;
+    const float x1 = lane + 32 < a.splits ? __ldcg(row_lse + lane + 32) : -INFINITY;
+    const float mx = detail::warp_reduce(fmaxf(x0, x1), detail::MaxOp{});
+    const float w0 = exp2f(x0 - mx);
+    const float w1 = exp2f(x1 - mx);
+    const float inv_total = 1.0f / detail::warp_reduce(w0 + w1, detail::SumOp{});
+    if (lane < a.splits) weight[row][lane] = w0 * inv_total;
+    if (lane + 32 < a.splits) weight[row][lane + 32] = w1 * inv_total;
+  }
+  __syncthreads();
+  for (int64_t i = tid; i < nh * a.head_dim; i += kThreads) {
+    const int row = static_cast<int>(i / a.head_dim);
+    const int64_t d = i % a.head_dim;
+    const int64_t out_row = t * a.n_q + h0 + row;
+    const float* o = partial + out_row * a.splits * a.head_dim + d;
+    float sum = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < a.splits; ++s) sum += __ldcg(o + s * a.head_dim) * weight[row][s];
+    out[out_row * a.head_dim + d] = from_float<T>(sum);
+  }
+}
+
 // kW: elements per pack; kPacks: packs per lane at most; kHeads: q heads per block at most.
 template <class T, int kW, int kPacks, int kHeads>
 __global__ void __launch_bounds__(kThreads)
     split_kernel(const T* q, const int32_t* slots, const int32_t* positions,
                  const T* __restrict__ k_cache, const T* __restrict__ v_cache, Args a, T* out,
-                 float* partial) {
+                 float* partial, uint32_t* counters) {
   using P = Pack<T, kW>;
   __shared__ float merge_acc[kWarps][kMaxHeadDim];
   __shared__ float merge_m[kWarps];
@@ -297,6 +352,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // merge_* are reused by the next head
   }
+  if (a.splits > 1) merge_if_last<T, kHeads>(a, partial, counters, t, h0, nh, out);
 }
 
 // ---- On tensor cores (bf16 and f16; head dims 64, 96 and 128) --------------------------------
@@ -361,7 +417,7 @@ template <class T, int kHd>
 __global__ void __launch_bounds__(kThreads)
     mma_kernel(const T* q, const int32_t* slots, const int32_t* positions,
                const T* __restrict__ k_cache, const T* __restrict__ v_cache, Args a, T* out,
-               float* partial) {
+               float* partial, uint32_t* counters) {
   constexpr int kChunks = kHd / 32;  // 16-byte chunks per lane and row
   constexpr int kTiles = kHd / 8;    // n-tiles of O = P V
   // Rows padded by 4 floats: lanes of one c (rows r = 0..7) store to different banks.
@@ -547,44 +603,7 @@ __global__ void __launch_bounds__(kThreads)
     partial[a.tokens * a.n_q * a.splits * kHd + (t * a.n_q + h0 + tid) * a.splits + split] =
         total > 0.0f ? row_max + log2f(total) : -INFINITY;
   }
-}
-
-// One block per (token, q head): the splits' outputs weighted by their share of the softmax. The
-// partial outputs are split-major rows of head_dim floats, their log-sum-exps after all of them.
-// Latency, not bandwidth, is what this costs (a decode step's few rows): the first warp reads
-// every split's log-sum-exp at once, then each thread's loads over the splits are independent.
-template <class T>
-__global__ void __launch_bounds__(kThreads)
-    merge_splits_kernel(const float* partial, int64_t rows, int64_t head_dim, int splits, T* out) {
-  __shared__ float weight[kMaxSplits];
-  __shared__ float inv_total;
-  const int64_t row = blockIdx.x;  // token * n_q + head
-  const int tid = static_cast<int>(threadIdx.x);
-  if (tid < 32) {
-    const float* lse = partial + rows * splits * head_dim + row * splits;
-    const float a = tid < splits ? lse[tid] : -INFINITY;
-    const float b = tid + 32 < splits ? lse[tid + 32] : -INFINITY;
-    float mx = fmaxf(a, b);
-    for (int offset = 16; offset > 0; offset /= 2)
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
-    // Every token sees at least itself, so some split has keys and mx is finite.
-    const float wa = exp2f(a - mx);  // 0 for an empty split (-inf)
-    const float wb = exp2f(b - mx);
-    if (tid < splits) weight[tid] = wa;
-    if (tid + 32 < splits) weight[tid + 32] = wb;
-    float total = wa + wb;
-    for (int offset = 16; offset > 0; offset /= 2)
-      total += __shfl_xor_sync(0xffffffffu, total, offset);
-    if (tid == 0) inv_total = 1.0f / total;
-  }
-  __syncthreads();
-  const float* o = partial + row * splits * head_dim;
-  for (int64_t d = tid; d < head_dim; d += kThreads) {
-    float sum = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) sum += o[s * head_dim + d] * weight[s];
-    out[row * head_dim + d] = from_float<T>(sum * inv_total);
-  }
+  if (a.splits > 1) merge_if_last<T, kMmaRows>(a, partial, counters, t, h0, nh, out);
 }
 
 // Whether the tensor-core kernel takes these shapes: 16-bit types, its head dims, and q heads
@@ -608,12 +627,57 @@ int sm_count() {
   return count;
 }
 
-template <class T, int kW, int kPacks, int kHeads>
-void launch(dim3 grid, const T* q, const int32_t* slots, const int32_t* positions, const T* k,
-            const T* v, const Args& a, T* out, float* partial, cudaStream_t stream) {
-  split_kernel<T, kW, kPacks, kHeads>
-      <<<grid, kThreads, 0, stream>>>(q, slots, positions, k, v, a, out, partial);
-  TPE_CUDA_CHECK_LAUNCH();
+template <class T>
+using Kernel = void (*)(const T*, const int32_t*, const int32_t*, const T*, const T*, Args, T*,
+                        float*, uint32_t*);
+
+// Blocks of kKernel one multiprocessor holds at once (its registers and shared memory decide);
+// asked once, like the multiprocessor count: one kind of device per process.
+template <auto kKernel>
+int blocks_per_sm() {
+  static const int blocks = [] {
+    int n = 0;
+    TPE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0));
+    return n;
+  }();
+  return blocks;
+}
+
+// The kernel for a call: which one, the q heads one of its blocks serves, and its occupancy.
+template <class T>
+struct Choice {
+  Kernel<T> kernel;
+  int rows;
+  int (*per_sm)();
+};
+
+template <auto kKernel, class T>
+Choice<T> choice(int rows) {
+  return {kKernel, rows, blocks_per_sm<kKernel>};
+}
+
+// The one place that picks the kernel, for attention and for attention_splits' occupancy: on
+// tensor cores (mma), else split_kernel with 16-byte packs (vec: rows and pointers allow them) or
+// single elements; sets a's lanes and packs for it.
+template <class T>
+Choice<T> choose(int64_t head_dim, int64_t heads_per_kv, bool mma, bool vec, Args& a) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (mma) {
+      if (head_dim == 64) return choice<mma_kernel<T, 64>, T>(kMmaRows);
+      if (head_dim == 96) return choice<mma_kernel<T, 96>, T>(kMmaRows);
+      return choice<mma_kernel<T, 128>, T>(kMmaRows);
+    }
+  }
+  constexpr int kW = detail::kVecWidth<T>;
+  a.packs = static_cast<int>(vec ? head_dim / kW : head_dim);
+  a.lanes = 1;
+  while (a.lanes < 32 && a.lanes < a.packs) a.lanes *= 2;
+  // Wide rows per lane (heads over 256 elements, or rows without 16-byte alignment) take one q
+  // head per block: a group's heads in registers would spill.
+  if (!vec) return choice<split_kernel<T, 1, 16, 1>, T>(1);  // rare: correct, not fast
+  if (a.packs > a.lanes) return choice<split_kernel<T, kW, 4, 1>, T>(1);
+  if (heads_per_kv == 1) return choice<split_kernel<T, kW, 1, 1>, T>(1);
+  return choice<split_kernel<T, kW, 1, kMaxHeads>, T>(kMaxHeads);
 }
 
 }  // namespace
@@ -622,23 +686,35 @@ int64_t attention_scratch_floats(int64_t tokens, int64_t n_q, int64_t head_dim, 
   return splits > 1 ? tokens * n_q * splits * (head_dim + 1) : 0;
 }
 
+int64_t attention_counter_words(int64_t tokens, int64_t n_q, int64_t n_kv, int64_t group) {
+  return tokens * n_kv * std::min(group, n_q);
+}
+
 int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_len, int64_t n_kv,
                      int64_t group, DType dtype, int64_t scratch_floats) {
   if (tokens <= 0 || n_q <= 0) return 1;
   static const int sms = sm_count();
   const int64_t heads_per_kv = std::min(group, n_q);
   const bool mma = on_tensor_cores(dtype, head_dim, group);
-  const int64_t rows = mma ? kMmaRows : kMaxHeads;
-  const int64_t min_keys = mma ? kMinMmaSplitKeys : kMinSplitKeys;
+  int64_t rows = 1;
+  int64_t per_sm = 1;
+  detail::dispatch(dtype, "attention_splits", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    Args a{};
+    const Choice<T> c =
+        choose<T>(head_dim, heads_per_kv, mma, head_dim % detail::kVecWidth<T> == 0, a);
+    rows = c.rows;
+    per_sm = c.per_sm();
+  });
   const int64_t head_blocks = (heads_per_kv + rows - 1) / rows;
   const int64_t blocks = tokens * std::min(n_kv, n_q) * head_blocks;
-  // Enough blocks for about four per multiprocessor, splits of at least min_keys keys of a full
-  // cache, and partial results that fit the scratch. On tensor cores (three blocks fit a
-  // multiprocessor), as many splits as keep the blocks at two per multiprocessor where that
-  // makes two or more: a second, mostly empty wave costs more than the longer splits. One H100,
-  // GQA 4, batch 8 x 4096 keys: 4 splits (256 blocks) 59.0 us, 9 (576) 64.6, 16 63.7, 2 74.9.
-  const int64_t two_per_sm = 2 * int64_t{sms} / blocks;
-  int64_t splits = mma && two_per_sm >= 2 ? two_per_sm : (4 * int64_t{sms} + blocks - 1) / blocks;
+  // As many splits as one wave of resident blocks holds: a second, mostly empty wave costs more
+  // than longer splits. One H100 (4 blocks of split_kernel, 3 of mma_kernel fit a
+  // multiprocessor), 4096 keys: MHA batch 8, 2 splits (512 blocks) 182 us against 3's 210; batch
+  // 1, 16 splits 30.7 us against 17's 31.6; GQA 4 batch 8, 6 splits 56.3 us against 4's 59.0.
+  // Splits of at least min_keys keys of a full cache, and partial results that fit the scratch.
+  const int64_t min_keys = mma ? kMinMmaSplitKeys : kMinSplitKeys;
+  int64_t splits = std::max<int64_t>(1, per_sm * sms / blocks);
   splits = std::min<int64_t>(splits, (max_len + min_keys - 1) / min_keys);
   splits = std::min<int64_t>(splits, kMaxSplits);
   while (splits > 1 &&
@@ -651,7 +727,7 @@ void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, con
                const int32_t* positions, const void* k_cache, const void* v_cache, int64_t max_len,
                int64_t n_kv, int64_t first_q, int64_t group, int64_t first_kv, float scale,
                int64_t window, DType dtype, void* out, cudaStream_t stream, int64_t q_ld,
-               int splits, float* scratch, const Alibi& alibi) {
+               int splits, const AttentionScratch& scratch, const Alibi& alibi) {
   TPE_CUDA_REQUIRE(tokens >= 0 && n_q >= 0 && max_len >= 0 && window >= 0, "attention",
                    "negative size");
   if (q_ld == 0) q_ld = n_q * head_dim;
@@ -660,8 +736,10 @@ void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, con
                    "head_dim must be in 1..512");
   TPE_CUDA_REQUIRE(group > 0 && n_kv > 0 && first_q >= 0, "attention",
                    "group and n_kv must be positive, first_q not negative");
-  TPE_CUDA_REQUIRE(splits >= 1 && splits <= kMaxSplits && (splits == 1 || scratch != nullptr),
-                   "attention", "splits must be in 1..64, and need scratch when more than 1");
+  TPE_CUDA_REQUIRE(splits >= 1 && splits <= kMaxSplits &&
+                       (splits == 1 || (scratch.partial != nullptr && scratch.counters != nullptr)),
+                   "attention",
+                   "splits must be in 1..64, and need scratch and counters when more than 1");
   if (tokens == 0 || n_q == 0) return;
   // Every local q head must map to a local kv head.
   TPE_CUDA_REQUIRE(first_q / group - first_kv >= 0 && (first_q + n_q - 1) / group - first_kv < n_kv,
@@ -686,65 +764,20 @@ void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, con
     const auto* tk = static_cast<const T*>(k_cache);
     const auto* tv = static_cast<const T*>(v_cache);
     auto* tout = static_cast<T*>(out);
-    const auto grid = [&](int heads) {
-      args.head_blocks = static_cast<int>((heads_per_kv + heads - 1) / heads);
-      return dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(splits),
-                  static_cast<unsigned>(n_kv * args.head_blocks));
-    };
-    bool mma = false;
-    if constexpr (!std::is_same_v<T, float>) {
-      mma = on_tensor_cores(dtype, head_dim, group) && mma_aligned(q_ld, q, k_cache, v_cache, out);
-      if (mma) {
-        const auto run = [&](auto hd_tag) {
-          mma_kernel<T, decltype(hd_tag)::value><<<grid(kMmaRows), kThreads, 0, stream>>>(
-              tq, slots, positions, tk, tv, args, tout, scratch);
-          TPE_CUDA_CHECK_LAUNCH();
-        };
-        if (head_dim == 64) {
-          run(std::integral_constant<int, 64>{});
-        } else if (head_dim == 96) {
-          run(std::integral_constant<int, 96>{});
-        } else {
-          run(std::integral_constant<int, 128>{});
-        }
-      }
-    }
-    if (!mma) {
-      // Every row (of q, the caches, out) starts a multiple of head_dim elements in.
-      detail::dispatch_width<T>(
-          std::gcd(head_dim, q_ld),
-          [&](auto width) {
-            constexpr int kW = decltype(width)::value;
-            args.packs = static_cast<int>(head_dim / kW);
-            args.lanes = 1;
-            while (args.lanes < 32 && args.lanes < args.packs) args.lanes *= 2;
-            const int per_lane = (args.packs + args.lanes - 1) / args.lanes;
-            auto run = [&](auto packs_tag, auto heads_tag) {
-              constexpr int kPacks = decltype(packs_tag)::value;
-              constexpr int kHeads = decltype(heads_tag)::value;
-              launch<T, kW, kPacks, kHeads>(grid(kHeads), tq, slots, positions, tk, tv, args, tout,
-                                            scratch, stream);
-            };
-            // Wide rows per lane (heads over 256 elements, or rows without 16-byte alignment)
-            // take one q head per block: a group's heads in registers would spill.
-            using One = std::integral_constant<int, 1>;
-            if constexpr (kW == 1) {
-              run(std::integral_constant<int, 16>{}, One{});  // rare: correct, not fast
-            } else if (per_lane > 1) {
-              run(std::integral_constant<int, 4>{}, One{});
-            } else if (heads_per_kv == 1) {
-              run(One{}, One{});
-            } else {
-              run(One{}, std::integral_constant<int, kMaxHeads>{});
-            }
-          },
-          tq, tk, tv, tout);
-    }
-    if (splits > 1) {
-      merge_splits_kernel<T><<<static_cast<unsigned>(tokens * n_q), kThreads, 0, stream>>>(
-          scratch, tokens * n_q, head_dim, splits, tout);
-      TPE_CUDA_CHECK_LAUNCH();
-    }
+    // Every row (of q, the caches, out) starts a multiple of head_dim elements in.
+    bool vec = false;
+    detail::dispatch_width<T>(
+        std::gcd(head_dim, q_ld), [&](auto width) { vec = decltype(width)::value > 1; }, tq, tk, tv,
+        tout);
+    const bool mma =
+        on_tensor_cores(dtype, head_dim, group) && mma_aligned(q_ld, q, k_cache, v_cache, out);
+    const Choice<T> c = choose<T>(head_dim, heads_per_kv, mma, vec, args);
+    args.head_blocks = static_cast<int>((heads_per_kv + c.rows - 1) / c.rows);
+    const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(splits),
+                    static_cast<unsigned>(n_kv * args.head_blocks));
+    c.kernel<<<grid, kThreads, 0, stream>>>(tq, slots, positions, tk, tv, args, tout,
+                                            scratch.partial, scratch.counters);
+    TPE_CUDA_CHECK_LAUNCH();
   });
 }
 

@@ -124,9 +124,9 @@ void kv_append(const void* k, const void* v, int64_t tokens, int64_t kv_width, c
 // (first_q + h) / group - first_kv. Softmax in fp32 with the max subtracted.
 // out: [tokens, n_q * head_dim]; q_ld: elements between q's rows (0: n_q * head_dim).
 // The keys of each token in `splits` parts (attention_splits) whose partial results go to
-// `scratch` (attention_scratch_floats floats) and are merged by a second kernel; on tensor cores
-// for 16-bit q heads that share a kv head (head dims 64, 96, 128), else on CUDA cores. Reads
-// positions and slots on the device only, so a recorded call replays for any lengths.
+// `scratch` and are merged by the block that finishes last; on tensor cores for 16-bit q heads
+// that share a kv head (head dims 64, 96, 128), else on CUDA cores. Reads positions and slots on
+// the device only, so a recorded call replays for any lengths.
 // ALiBi (max_bias 0: none): local q head h adds alibi_slope(first_q + h, n_heads, max_bias) *
 // scale * (j - positions[t]) to its scaled score of key j (kernels/alibi.hpp).
 struct Alibi {
@@ -134,16 +134,25 @@ struct Alibi {
   float scale = 1;
   int64_t n_heads = 0;
 };
+// Where more than one split keeps its partial results (attention_scratch_floats floats) and
+// counts the blocks done (attention_counter_words words: zero before a call, left zero by it, so
+// the caller zeroes them once when it allocates them).
+struct AttentionScratch {
+  float* partial = nullptr;
+  uint32_t* counters = nullptr;
+};
 void attention(const void* q, int64_t tokens, int64_t n_q, int64_t head_dim, const int32_t* slots,
                const int32_t* positions, const void* k_cache, const void* v_cache, int64_t max_len,
                int64_t n_kv, int64_t first_q, int64_t group, int64_t first_kv, float scale,
                int64_t window, DType dtype, void* out, cudaStream_t stream, int64_t q_ld = 0,
-               int splits = 1, float* scratch = nullptr, const Alibi& alibi = {});
+               int splits = 1, const AttentionScratch& scratch = {}, const Alibi& alibi = {});
 // The split count attention uses best for these shapes on the current device, given a scratch of
-// scratch_floats floats: enough blocks to fill the device, never more partial results than fit.
+// scratch_floats floats: the blocks one wave of the device holds, never more partial results than
+// fit.
 int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_len, int64_t n_kv,
                      int64_t group, DType dtype, int64_t scratch_floats);
 int64_t attention_scratch_floats(int64_t tokens, int64_t n_q, int64_t head_dim, int splits);
+int64_t attention_counter_words(int64_t tokens, int64_t n_q, int64_t n_kv, int64_t group);
 
 // Causal attention of one sequence's `count` new tokens, at positions start_pos.. of cache slot
 // `slot` (already appended), on tensor cores: FlashInfer's Hopper prefill kernel (a TMA and

@@ -384,6 +384,10 @@ void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   constexpr int64_t kScratch = int64_t{4} << 20;
   Buffer scratch(static_cast<size_t>(kScratch) * 4);
+  const auto counter_bytes =
+      static_cast<size_t>(tpe::cuda::attention_counter_words(tokens, n_q, n_kv, n_q / n_kv)) * 4;
+  Buffer counters(counter_bytes);
+  CK(cudaMemset(counters.p, 0, counter_bytes));
   const bool own_splits = splits == 0;
   if (own_splits) {
     splits = tpe::cuda::attention_splits(tokens, n_q, hd, ctx, n_kv, n_q / n_kv, dtype, kScratch);
@@ -408,7 +412,7 @@ void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx
     tpe::cuda::attention(q.p, tokens, n_q, hd, static_cast<const int32_t*>(d_slots.p),
                          static_cast<const int32_t*>(d_positions.p), kc, vc, ctx, n_kv, 0,
                          n_q / n_kv, 0, scale, 0, dtype, out.p, stream, 0, splits,
-                         static_cast<float*>(scratch.p));
+                         {static_cast<float*>(scratch.p), static_cast<uint32_t*>(counters.p)});
   };
   // Decode calls are timed as a replayed graph (what a decode step is), prompts call by call.
   const double us = new_tokens > 1 ? time_us(stream, call, 3, 5) : time_graph_us(stream, call, 20);
@@ -495,12 +499,18 @@ void bench_kernels(cudaStream_t stream) {
     bench_attention(stream, DType::kBF16, seqs, 4096, 1, 32, 32, 128, false);
     bench_attention(stream, DType::kBF16, seqs, 4096, 1, 32, 8, 128, false);
   }
-  // Batch 8 with grouped heads, where FlashInfer's decode reads faster (2026-12-05, H100): the
-  // heuristic's split count (the row above) beside fewer and more.
-  for (const int splits : {2, 6, 9, 16}) {
+  // The split count the kernel picks (one wave of resident blocks; the rows above) beside its
+  // neighbours, 4096 keys: MHA batch 1 (16) and 8 (2), GQA 4 batch 8 (6) and 16 (3).
+  for (const int splits : {12, 24}) {
+    bench_attention(stream, DType::kBF16, 1, 4096, 1, 32, 32, 128, false, splits);
+  }
+  for (const int splits : {3, 4}) {
+    bench_attention(stream, DType::kBF16, 8, 4096, 1, 32, 32, 128, false, splits);
+  }
+  for (const int splits : {4, 9}) {
     bench_attention(stream, DType::kBF16, 8, 4096, 1, 32, 8, 128, false, splits);
   }
-  for (const int splits : {0, 5}) {  // 16 sequences: 2 splits (256 blocks) against 5 (640)
+  for (const int splits : {0, 2, 5}) {
     bench_attention(stream, DType::kBF16, 16, 4096, 1, 32, 8, 128, false, splits);
   }
   // A decode step after a short prompt (128 + 128 tokens: a cache of 256), where each layer's

@@ -1042,10 +1042,24 @@ void run_attention_case(const AttentionCase& c, DType dtype, cudaStream_t stream
                                               h.group, dtype, kScratch);
     const DeviceBuffer scratch(static_cast<size_t>(kScratch) * 4);
     ASSERT_LE(attention_scratch_floats(tokens, h.n_q, h.head_dim, splits), kScratch);
-    attention(q_in, tokens, h.n_q, h.head_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
-              d_k_cache.get(), d_v_cache.get(), c.cache.max_len, h.n_kv, h.first_q, h.group,
-              h.first_kv, scale, c.cache.window, dtype, d_out.get(), stream, ld, splits,
-              scratch.as<float>(), c.alibi);
+    const auto words = static_cast<size_t>(attention_counter_words(tokens, h.n_q, h.n_kv, h.group));
+    const DeviceBuffer counters = upload_raw(std::vector<uint32_t>(words, 0));
+    const auto call = [&] {
+      attention(q_in, tokens, h.n_q, h.head_dim, d_slots.as<int32_t>(), d_pos.as<int32_t>(),
+                d_k_cache.get(), d_v_cache.get(), c.cache.max_len, h.n_kv, h.first_q, h.group,
+                h.first_kv, scale, c.cache.window, dtype, d_out.get(), stream, ld, splits,
+                {scratch.as<float>(), counters.as<uint32_t>()}, c.alibi);
+    };
+    call();
+    CK(cudaStreamSynchronize(stream));
+    // The blocks' counts are back to zero, so that a second call (a replayed step) merges its
+    // splits again: into an output poisoned with NaN, checked below.
+    std::vector<uint32_t> left(words);
+    CK(cudaMemcpy(left.data(), counters.get(), words * 4, cudaMemcpyDeviceToHost));
+    EXPECT_EQ(static_cast<size_t>(std::count(left.begin(), left.end(), 0u)), words)
+        << label << ": counters left set, " << splits << " splits";
+    CK(cudaMemsetAsync(d_out.get(), 0xff, static_cast<size_t>(tokens * q_width) * e, stream));
+    call();
   }
   CK(cudaStreamSynchronize(stream));
 
