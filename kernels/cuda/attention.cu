@@ -421,7 +421,8 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kChunks = kHd / 32;  // 16-byte chunks per lane and row
   constexpr int kTiles = kHd / 8;    // n-tiles of O = P V
   // Rows padded by 4 floats: lanes of one c (rows r = 0..7) store to different banks.
-  __shared__ float s_o[kWarps][kMmaRows][kHd + 4];
+  // 8-byte aligned for its float2 stores (other shared variables may come first).
+  __shared__ alignas(16) float s_o[kWarps][kMmaRows][kHd + 4];
   __shared__ float s_m[kWarps][kMmaRows];
   __shared__ float s_l[kWarps][kMmaRows];
 
