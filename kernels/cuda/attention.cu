@@ -42,12 +42,10 @@ constexpr int kUnroll = 4;    // keys a lane group loads per step
 constexpr int kMaxHeads = 4;  // q heads of one kv head a block holds in registers
 constexpr int kMaxHeadDim = 512;
 constexpr int kMaxSplits = 64;
-// Fewer keys per split (at a full cache) are not worth a block: split_kernel's blocks serve up to
-// 4 q heads, mma_kernel's a whole group, so its splits are longer. At a 256-position cache (a step
-// after a 128-token prompt), one H100: MHA (CUDA cores) 2 splits 11.1 us, 4 splits 9.3 us;
-// GQA 4 (tensor cores) 1 split 5.9 us, 2 6.6, 4 6.3 (docs/benchmarks.md).
+// Fewer keys per split (at a full cache) are not worth a block: a block takes 64 keys a step.
+// One H100, GQA 4 (tensor cores) batch 1: at 512 keys 8 splits of 64 keys 8.9 us against 4 of
+// 128's 9.7; at 4096, 49 splits 13.4 us against 32's 16.4 (docs/benchmarks.md).
 constexpr int64_t kMinSplitKeys = 64;
-constexpr int64_t kMinMmaSplitKeys = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Args {
@@ -126,6 +124,39 @@ __device__ __forceinline__ BlockWork block_work(const Args& a, const int32_t* po
   return w;
 }
 
+// The last block's output: each thread kV dimensions of a row at a time, the splits' partial
+// results weighted and summed, sixteen loads in flight (they come from L2, where the other blocks
+// wrote; one H100, GQA 4 at batch 1, 4 splits of 256 keys: 6.9 us, against 9.5 with one load
+// after another).
+template <int kV, class T, int kRows>
+__device__ __forceinline__ void merge_out(const Args& a, const float* partial,
+                                          const float (&weight)[kRows][kMaxSplits], int64_t t,
+                                          int64_t h0, int nh, T* out) {
+  const int64_t per_row = a.head_dim / kV;
+  for (int64_t i = threadIdx.x; i < nh * per_row; i += kThreads) {
+    const int row = static_cast<int>(i / per_row);
+    const int64_t d = i % per_row * kV;
+    const int64_t out_row = t * a.n_q + h0 + row;
+    const float* o = partial + out_row * a.splits * a.head_dim + d;
+    float sum[kV] = {};
+#pragma unroll 16
+    for (int s = 0; s < a.splits; ++s) {
+      const float w = weight[row][s];
+      if constexpr (kV == 4) {
+        const float4 x = __ldcg(reinterpret_cast<const float4*>(o + s * a.head_dim));
+        sum[0] += x.x * w;
+        sum[1] += x.y * w;
+        sum[2] += x.z * w;
+        sum[3] += x.w * w;
+      } else {
+        sum[0] += __ldcg(o + s * a.head_dim) * w;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kV; ++e) out[out_row * a.head_dim + d + e] = from_float<T>(sum[e]);
+  }
+}
+
 // Called by every thread of a block once its split's partial results (rows h0 .. h0 + nh of
 // token t) are written: the block that completes its (token t, blockIdx.z) group, counted in
 // `counters`, weights the group's splits by their share of the softmax into out and sets the
@@ -167,15 +198,10 @@ __device__ __forceinline__ void merge_if_last(const Args& a, const float* partia
     if (lane + 32 < a.splits) weight[row][lane + 32] = w1 * inv_total;
   }
   __syncthreads();
-  for (int64_t i = tid; i < nh * a.head_dim; i += kThreads) {
-    const int row = static_cast<int>(i / a.head_dim);
-    const int64_t d = i % a.head_dim;
-    const int64_t out_row = t * a.n_q + h0 + row;
-    const float* o = partial + out_row * a.splits * a.head_dim + d;
-    float sum = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < a.splits; ++s) sum += __ldcg(o + s * a.head_dim) * weight[row][s];
-    out[out_row * a.head_dim + d] = from_float<T>(sum);
+  if (a.head_dim % 4 == 0 && reinterpret_cast<uintptr_t>(partial) % 16 == 0) {
+    merge_out<4, T, kRows>(a, partial, weight, t, h0, nh, out);
+  } else {
+    merge_out<1, T, kRows>(a, partial, weight, t, h0, nh, out);
   }
 }
 
@@ -712,11 +738,11 @@ int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_
   // As many splits as one wave of resident blocks holds: a second, mostly empty wave costs more
   // than longer splits. One H100 (4 blocks of split_kernel, 3 of mma_kernel fit a
   // multiprocessor), 4096 keys: MHA batch 8, 2 splits (512 blocks) 182 us against 3's 210; batch
-  // 1, 16 splits 30.7 us against 17's 31.6; GQA 4 batch 8, 6 splits 56.3 us against 4's 59.0.
-  // Splits of at least min_keys keys of a full cache, and partial results that fit the scratch.
-  const int64_t min_keys = mma ? kMinMmaSplitKeys : kMinSplitKeys;
+  // 1, 16 splits 29.4 us against 12's 32.1; GQA 4 batch 8, 6 splits 53.6 us against 4's 56.9.
+  // Splits of at least kMinSplitKeys keys of a full cache, and partial results that fit the
+  // scratch.
   int64_t splits = std::max<int64_t>(1, per_sm * sms / blocks);
-  splits = std::min<int64_t>(splits, (max_len + min_keys - 1) / min_keys);
+  splits = std::min<int64_t>(splits, (max_len + kMinSplitKeys - 1) / kMinSplitKeys);
   splits = std::min<int64_t>(splits, kMaxSplits);
   while (splits > 1 &&
          attention_scratch_floats(tokens, n_q, head_dim, static_cast<int>(splits)) > scratch_floats)

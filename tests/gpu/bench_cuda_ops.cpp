@@ -356,7 +356,7 @@ void bench_attention(cudaStream_t stream, DType dtype, int64_t seqs, int64_t ctx
   const size_t cache = static_cast<size_t>(seqs * ctx * n_kv * hd);
   const int64_t tokens = seqs * new_tokens;
   const int copies =
-      static_cast<int>(std::clamp<size_t>((size_t{512} << 20) / (2 * cache * es) + 1, 1, 64));
+      static_cast<int>(std::clamp<size_t>((size_t{512} << 20) / (2 * cache * es) + 1, 1, 1024));
   std::vector<std::unique_ptr<Buffer>> k;
   std::vector<std::unique_ptr<Buffer>> v;
   for (int c = 0; c < copies; ++c) {
@@ -519,6 +519,15 @@ void bench_kernels(cudaStream_t stream) {
     for (const int splits : {0, 1, 2, 4}) {
       bench_attention(stream, DType::kBF16, 1, 256, 1, 32, n_kv, 128, false, splits);
     }
+  }
+  // GQA 4 at batch 1 between those.
+  for (const int64_t ctx : {int64_t{512}, int64_t{1024}}) {
+    for (const int splits : {0, 1, 2, 4, 8, 16}) {
+      bench_attention(stream, DType::kBF16, 1, ctx, 1, 32, 8, 128, false, splits);
+    }
+  }
+  for (const int splits : {8, 16}) {
+    bench_attention(stream, DType::kBF16, 1, 4096, 1, 32, 8, 128, false, splits);
   }
   bench_attention(stream, DType::kF32, 16, 4096, 1, 32, 8, 128, false);
   bench_attention(stream, DType::kBF16, 16, 4096, 1, 32, 8, 80, false);  // 16-byte loads
