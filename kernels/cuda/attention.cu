@@ -44,7 +44,7 @@ constexpr int kMaxHeadDim = 512;
 constexpr int kMaxSplits = 64;
 // Fewer keys per split (at a full cache) are not worth a block: a block takes 64 keys a step.
 // One H100, GQA 4 (tensor cores) batch 1: at 512 keys 8 splits of 64 keys 8.9 us against 4 of
-// 128's 9.7; at 4096, 49 splits 13.4 us against 32's 16.4 (docs/benchmarks.md).
+// 128's 9.7; at 4096, 49 splits 13.4 us against 16's 14.7 (docs/benchmarks.md).
 constexpr int64_t kMinSplitKeys = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
