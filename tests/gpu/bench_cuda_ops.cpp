@@ -141,6 +141,30 @@ void bench_copy(cudaStream_t stream) {
   report("copy 1 GiB device to device (read + write)", us, 2.0 * static_cast<double>(bytes));
 }
 
+// The same copy at the size of one decode call's reads (`moved` bytes read + written), as the
+// call is timed: a replayed graph of 20 copies, rotating over 512 MB so that they come from
+// memory. What the 1 GiB figure leaves out at this size (a launch's ramp-up and drain) bounds
+// what any kernel reading those bytes can reach.
+void bench_copy_at(cudaStream_t stream, size_t moved) {
+  const size_t bytes = moved / 2;
+  const size_t copies = (size_t{512} << 20) / moved + 1;
+  Buffer a(bytes * copies);
+  Buffer b(bytes * copies);
+  CK(cudaMemset(a.p, 0x3c, bytes * copies));
+  const double us = time_graph_us(
+      stream,
+      [&](int i) {
+        const size_t at = static_cast<size_t>(i) % copies * bytes;
+        CK(cudaMemcpyAsync(static_cast<char*>(b.p) + at, static_cast<char*>(a.p) + at, bytes,
+                           cudaMemcpyDeviceToDevice, stream));
+      },
+      20);
+  char what[96];
+  std::snprintf(what, sizeof what, "copy %.1f MB moved (read + write), replayed graph",
+                static_cast<double>(moved) / 1e6);
+  report(what, us, static_cast<double>(moved));
+}
+
 // One way of computing the product: through a Gemm instance, or (gemm null) through
 // detail::gemv_forced.
 struct Runner {
@@ -495,6 +519,9 @@ void bench_kernels(cudaStream_t stream) {
   }
   // Decode: batch 1, 8 and 32 at position 4095, one new token each, Llama-2-7B's heads (32 q,
   // 32 kv) and a GQA shape (32 q, 8 kv; Llama-3-8B, Mistral); TB/s counts their K and V.
+  // Batch 1's bytes (K and V of 4096 keys: 16.8 MB GQA, 67.1 MB MHA), moved by a copy.
+  bench_copy_at(stream, size_t{2} * 4096 * 8 * 128 * 2);
+  bench_copy_at(stream, size_t{2} * 4096 * 32 * 128 * 2);
   for (const int64_t seqs : {int64_t{1}, int64_t{8}, int64_t{32}}) {
     bench_attention(stream, DType::kBF16, seqs, 4096, 1, 32, 32, 128, false);
     bench_attention(stream, DType::kBF16, seqs, 4096, 1, 32, 8, 128, false);
