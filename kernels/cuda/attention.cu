@@ -44,8 +44,10 @@ constexpr int kMaxHeadDim = 512;
 constexpr int kMaxSplits = 64;
 // Fewer keys per split (at a full cache) are not worth a block: a block takes 64 keys a step.
 // One H100, GQA 4 (tensor cores) batch 1: at 512 keys 8 splits of 64 keys 8.9 us against 4 of
-// 128's 9.7; at 4096, 49 splits 13.4 us against 16's 14.7 (docs/benchmarks.md).
+// 128's 9.7; at 4096, 32 splits of 128 keys 12.6 us against 16's 14.5 (docs/benchmarks.md).
 constexpr int64_t kMinSplitKeys = 64;
+// split_kernel's splits start at multiples of this many keys (its blocks' steps stay aligned).
+constexpr int64_t kSplitRound = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Args {
@@ -216,7 +218,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float merge_m[kWarps];
   __shared__ float merge_l[kWarps];
 
-  const BlockWork w = block_work(a, positions, kHeads, 32);
+  const BlockWork w = block_work(a, positions, kHeads, kSplitRound);
   if (w.nh == 0) return;
   const auto [t, split, kv, h0, nh, begin, end] = w;
 
@@ -396,6 +398,7 @@ __global__ void __launch_bounds__(kThreads)
 // FlashAttention-2). Warps keep their own softmax state and are merged through shared memory.
 constexpr int kMmaRows = 16;  // q heads per block
 constexpr int kMmaKeys = 16;  // keys per warp step
+constexpr int64_t kMmaRound = int64_t{kWarps} * kMmaKeys;  // keys a block takes per step
 
 template <class T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -452,8 +455,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float s_m[kWarps][kMmaRows];
   __shared__ float s_l[kWarps][kMmaRows];
 
-  constexpr int64_t kRound = int64_t{kWarps} * kMmaKeys;  // keys the block takes per step
-  const BlockWork w = block_work(a, positions, kMmaRows, kRound);
+  const BlockWork w = block_work(a, positions, kMmaRows, kMmaRound);
   if (w.nh == 0) return;
   const auto [t, split, kv, h0, nh, begin, end] = w;
 
@@ -492,7 +494,7 @@ __global__ void __launch_bounds__(kThreads)
                           r + 8 < nh ? slope_log2(a, h0 + r + 8) : 0.0f};
   const int64_t pos = positions[t];
 
-  for (int64_t k0 = begin + int64_t{warp} * kMmaKeys; k0 < end; k0 += kRound) {
+  for (int64_t k0 = begin + int64_t{warp} * kMmaKeys; k0 < end; k0 += kMmaRound) {
     uint4 kw[2][kChunks];
     uint4 vw[2][kChunks];
 #pragma unroll
@@ -747,6 +749,13 @@ int attention_splits(int64_t tokens, int64_t n_q, int64_t head_dim, int64_t max_
   while (splits > 1 &&
          attention_scratch_floats(tokens, n_q, head_dim, static_cast<int>(splits)) > scratch_floats)
     --splits;
+  // No split left empty at a full cache: splits start at multiples of the kernel's round, so 49
+  // splits of 4096 keys are 128 keys each and only 32 hold any. The empty ones still cost their
+  // blocks and the merge a longer row (one H100, GQA 4 at batch 1: 49 splits 13.25 us, the same
+  // work in 32 splits 12.56).
+  const int64_t round = mma ? kMmaRound : kSplitRound;
+  const int64_t split_keys = ((max_len + splits - 1) / splits + round - 1) / round * round;
+  splits = std::min<int64_t>(splits, (max_len + split_keys - 1) / split_keys);
   return static_cast<int>(std::max<int64_t>(splits, 1));
 }
 
