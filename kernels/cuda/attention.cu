@@ -398,7 +398,8 @@ __global__ void __launch_bounds__(kThreads)
 // FlashAttention-2). Warps keep their own softmax state and are merged through shared memory.
 constexpr int kMmaRows = 16;  // q heads per block
 constexpr int kMmaKeys = 16;  // keys per warp step
-constexpr int64_t kMmaRound = int64_t{kWarps} * kMmaKeys;  // keys a block takes per step
+// Keys a block takes per step: its splits start at multiples of this.
+constexpr int64_t kMmaRound = int64_t{kWarps} * kMmaKeys;
 
 template <class T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
